@@ -1,0 +1,56 @@
+"""Command line for training: a LightningCLI that wires data to model and scores the test split.
+
+- ``model.vocab`` comes from the data module's training captions; ``model.image_size``,
+  ``model.mean`` and ``model.std`` from its preprocessing, so the checkpoint carries them.
+- ``fit`` ends by testing the best checkpoint and writing ``test_metrics.json`` in the run
+  directory, whose path is printed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pytorch_lightning.cli import LightningCLI
+
+from captioning.data.datamodule import CaptionDataModule
+from captioning.lit_module import CaptionModule
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
+
+
+class CaptionCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="score the test split after fit")
+        parser.link_arguments("data.image_size", "model.image_size")
+        parser.link_arguments("data.mean", "model.mean")
+        parser.link_arguments("data.std", "model.std")
+        parser.link_arguments("data.vocab_tokens", "model.vocab", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        ckpt = trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_path", "") if ckpt else ""
+        if self.config.fit.test_after_fit and not trainer.interrupted:
+            trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
+        if trainer.is_global_zero:
+            run = Path(trainer.log_dir or ".").resolve()
+            print(f"\nrun directory: {run}")
+            if best:
+                print(f"best checkpoint: {Path(best).resolve()}")
+            if (run / "test_metrics.json").exists():
+                print(f"test metrics: {run / 'test_metrics.json'}")
+
+
+def main(args: list[str] | None = None) -> CaptionCLI:
+    """``python train.py`` alone = ``fit`` with ``configs/shapes.yaml``."""
+    args = sys.argv[1:] if args is None else list(args)
+    if not args:
+        args = ["fit", "--config", str(DEFAULT_CONFIG)]
+    return CaptionCLI(
+        CaptionModule,
+        CaptionDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"} if False else None,
+    )

@@ -1,0 +1,1 @@
+"""Datasets: records, readers, the synthetic shapes set, image loading and the DataModule."""

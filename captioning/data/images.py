@@ -1,0 +1,67 @@
+"""The one image loader, shared by training and inference.
+
+Whatever the file holds, the result is an 8-bit RGB image: EXIF orientation applied,
+transparency composited on white, 16-bit greyscale scaled (not clipped) to 8 bits, CMYK /
+greyscale / palette converted, frame 0 of animations. Every failure raises
+:class:`ImageLoadError` naming the file and the cause.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: images with more pixels than this are refused before decoding (decompression bombs)
+MAX_PIXELS = 89_478_485
+
+
+class ImageLoadError(ValueError):
+    """An image could not be loaded; the message names the file and the cause."""
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB PIL image, or raise :class:`ImageLoadError`."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageLoadError(f"{path}: is a directory, not an image")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError(f"{path}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
+            img.seek(0)  # animated images: first frame
+            img.load()
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{path}: cannot decode image ({e})") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Normalise any PIL mode to RGB (see module docstring)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img

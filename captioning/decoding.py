@@ -1,0 +1,129 @@
+"""Caption search over any :class:`~captioning.models.base.Decoder`: greedy and batched beam search.
+
+Search only calls ``init_state`` / ``step`` / ``reorder``; it never reaches into a decoder. Every
+hypothesis carries the attention map of each of its tokens, which is what the overlays show.
+Shape legend: B images, K beams, T tokens, N grid cells, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from captioning.models.base import Decoder
+from captioning.vocab import Vocabulary
+
+
+@dataclass
+class Hypothesis:
+    """A decoded caption: word ids (no <start>/<end>), total log-probability (length-normalised
+    when a length penalty is used) and attention (T,N) for each word."""
+
+    tokens: list[int]
+    score: float
+    attention: torch.Tensor
+
+
+@torch.no_grad()
+def greedy(decoder: Decoder, features: torch.Tensor, max_len: int = 20) -> list[Hypothesis]:
+    """Most likely word at each step, for B images at once: features (B,N,C) -> B hypotheses."""
+    b = features.size(0)
+    state = decoder.init_state(features)
+    tokens = torch.full((b,), Vocabulary.start_id, dtype=torch.long, device=features.device)
+    done = torch.zeros(b, dtype=torch.bool, device=features.device)
+    scores = torch.zeros(b, device=features.device)
+    out_tokens, out_attn = [], []
+    for _ in range(max_len):
+        logits, alpha, state = decoder.step(tokens, state, features)
+        logp = logits.float().log_softmax(-1)  # (B,V)
+        best, tokens = logp.max(-1)  # (B,)
+        scores = scores + torch.where(done, torch.zeros_like(best), best)
+        tokens = torch.where(done, torch.full_like(tokens, Vocabulary.pad_id), tokens)
+        out_tokens.append(tokens)
+        out_attn.append(alpha.float())
+        done = done | (tokens == Vocabulary.end_id)
+        if bool(done.all()):
+            break
+    seq = torch.stack(out_tokens, 1).cpu()  # (B,T)
+    attn = torch.stack(out_attn, 1).cpu()  # (B,T,N)
+    return [_finish(seq[i].tolist(), float(scores[i]), attn[i]) for i in range(b)]
+
+
+def _finish(ids: list[int], score: float, attention: torch.Tensor) -> Hypothesis:
+    """Cut a raw id sequence at <end> (exclusive) and keep the matching attention rows."""
+    n = ids.index(Vocabulary.end_id) if Vocabulary.end_id in ids else len(ids)
+    ids = [i for i in ids[:n] if i != Vocabulary.pad_id]
+    return Hypothesis(ids, score, attention[: len(ids)])
+
+
+@torch.no_grad()
+def beam_search(
+    decoder: Decoder,
+    features: torch.Tensor,
+    *,
+    beam_size: int = 3,
+    max_len: int = 20,
+    length_penalty: float = 0.0,
+    num_return: int = 1,
+) -> list[list[Hypothesis]]:
+    """Beam search over B images x K beams at once.
+
+    Finished beams stay in the beam with a frozen score (they can only be extended by <pad> at
+    no cost), so the search ends when every beam of every image has finished or at ``max_len``;
+    unfinished beams at ``max_len`` are returned as they are. With ``length_penalty`` alpha > 0,
+    final scores are divided by GNMT's ((5 + len) / 6) ** alpha.
+
+    Returns, per image, the ``num_return`` best hypotheses, best first.
+    """
+    b, n, c = features.shape
+    k = beam_size
+    device = features.device
+    feats = features.repeat_interleave(k, dim=0)  # (B,N,C) -> (B*K,N,C)
+    state = decoder.reorder(decoder.init_state(features), torch.arange(b, device=device).repeat_interleave(k))
+    tokens = torch.full((b * k,), Vocabulary.start_id, dtype=torch.long, device=device)
+    # only beam 0 is live at the start, so the K beams do not all pick the same first word
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    scores = scores.view(-1)  # (B*K,)
+    finished = torch.zeros(b * k, dtype=torch.bool, device=device)
+    history = torch.empty((b * k, 0), dtype=torch.long, device=device)  # (B*K,T)
+    attn_history = torch.empty((b * k, 0, n), device=device)  # (B*K,T,N)
+    for _ in range(max_len):
+        logits, alpha, state = decoder.step(tokens, state, feats)
+        logp = logits.float().log_softmax(-1)  # (B*K,V)
+        v = logp.size(-1)
+        # a finished beam continues only with <pad>, at no cost
+        frozen = torch.full_like(logp, float("-inf"))
+        frozen[:, Vocabulary.pad_id] = 0.0
+        logp = torch.where(finished.unsqueeze(1), frozen, logp)
+        cand = (scores.unsqueeze(1) + logp).view(b, k * v)  # (B,K*V)
+        top_scores, top_idx = cand.topk(k, dim=1)  # (B,K)
+        beam = torch.div(top_idx, v, rounding_mode="floor")  # (B,K) beam each candidate extends
+        word = top_idx % v  # (B,K)
+        src = (beam + torch.arange(b, device=device).unsqueeze(1) * k).view(-1)  # (B*K,) rows to keep
+        state = decoder.reorder(state, src)
+        history = torch.cat([history.index_select(0, src), word.view(-1, 1)], 1)
+        attn_history = torch.cat(
+            [attn_history.index_select(0, src), alpha.float().index_select(0, src).unsqueeze(1)], 1
+        )
+        scores = top_scores.view(-1)
+        # dead beams (-inf: fewer live candidates than K, e.g. K > V at the first step) count as finished
+        finished = finished.index_select(0, src) | (word.view(-1) == Vocabulary.end_id) | torch.isinf(scores)
+        tokens = word.view(-1)
+        if bool(finished.all()):
+            break
+    hist, attn, sc = history.cpu(), attn_history.cpu(), scores.view(b, k).cpu()
+    results = []
+    for i in range(b):
+        hyps = []
+        for j in range(k):
+            if sc[i, j] == float("-inf"):
+                continue
+            h = _finish(hist[i * k + j].tolist(), float(sc[i, j]), attn[i * k + j])
+            if length_penalty:
+                h.score /= ((5.0 + len(h.tokens) + 1) / 6.0) ** length_penalty
+            hyps.append(h)
+        hyps.sort(key=lambda h: -h.score)
+        results.append(hyps[:num_return])
+    return results

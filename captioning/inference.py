@@ -1,0 +1,134 @@
+"""Inference without Lightning: ``Captioner.from_checkpoint(path).caption(image)``.
+
+A checkpoint carries everything needed (``checkpoint["captioning"]``: vocabulary, model
+arguments, preprocessing, grid; ``checkpoint["state_dict"]``: weights). It is read with
+``torch.load(weights_only=True)``, so loading never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from captioning.data.images import load_image
+from captioning.data.transforms import EvalTransform
+from captioning.decoding import beam_search
+from captioning.models.net import CaptionNet
+from captioning.vocab import Vocabulary
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be used; the message names the file and the cause."""
+
+
+@dataclass
+class Caption:
+    """A generated caption with the attention map (T,h,w) of each of its T words."""
+
+    text: str
+    tokens: list[str]
+    score: float
+    attention: torch.Tensor
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (``weights_only=True``); errors name the file and the cause."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused: the file holds objects that are not plain tensors and containers, so it is "
+            f"untrusted and was not loaded ({str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({e})") from None
+    if not isinstance(ckpt, dict) or "captioning" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a captioning checkpoint (no 'captioning' metadata or weights)")
+    return ckpt
+
+
+def find_latest_checkpoint(root: str | Path = "runs") -> Path:
+    """The newest ``best*.ckpt`` under ``root`` (what ``python train.py`` writes)."""
+    root = Path(root)
+    found = sorted(root.glob("**/checkpoints/best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CheckpointError(f"{root}: no best checkpoint found; train one with `python train.py` or pass --ckpt")
+    return found[-1]
+
+
+class Captioner:
+    """Captions images with a trained model and returns each word's attention map."""
+
+    def __init__(
+        self,
+        net: CaptionNet,
+        vocab: Vocabulary,
+        image_size: int,
+        mean: list[float],
+        std: list[float],
+        grid: tuple[int, int],
+        beam_size: int = 3,
+        max_len: int = 24,
+        device: str | torch.device = "cpu",
+    ):
+        self.net = net.to(device).eval()
+        self.vocab = vocab
+        self.transform = EvalTransform(image_size, mean, std)
+        self.grid = tuple(grid)
+        self.beam_size, self.max_len = beam_size, max_len
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device | None = None, beam_size: int | None = None
+    ) -> Captioner:
+        """Rebuild the model from a checkpoint written by training (on any device, CPU by default)."""
+        device = torch.device(device or "cpu")
+        ckpt = read_checkpoint(path, map_location="cpu")
+        meta = ckpt["captioning"]
+        vocab = Vocabulary(meta["vocab"])
+        net = CaptionNet(len(vocab), **meta["model"])
+        state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights do not match the stored model configuration ({e})") from None
+        pre, search = meta["preprocess"], meta.get("search", {})
+        return cls(
+            net,
+            vocab,
+            pre["image_size"],
+            pre["mean"],
+            pre["std"],
+            tuple(meta["grid"]),
+            beam_size=beam_size or search.get("beam_size", 3),
+            max_len=search.get("max_len", 24),
+            device=device,
+        )
+
+    @torch.no_grad()
+    def caption(self, image: str | Path | Image.Image, beam_size: int | None = None) -> Caption:
+        """Caption one image (a path or a PIL image)."""
+        return self.caption_batch([image], beam_size)[0]
+
+    @torch.no_grad()
+    def caption_batch(self, images: list[str | Path | Image.Image], beam_size: int | None = None) -> list[Caption]:
+        """Caption several images in one batched search."""
+        pil = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
+        x = torch.stack([self.transform(im.convert("RGB")) for im in pil]).to(self.device)  # (B,3,H,W)
+        enc = self.net.encode(x)
+        hyps = beam_search(self.net.decoder, enc.features, beam_size=beam_size or self.beam_size, max_len=self.max_len)
+        h, w = enc.grid
+        out = []
+        for hyp in hyps:
+            best = hyp[0]
+            words = [self.vocab.tokens[i] for i in best.tokens]
+            out.append(Caption(" ".join(words), words, best.score, best.attention.reshape(-1, h, w)))  # (T,N)->(T,h,w)
+        return out

@@ -1,0 +1,221 @@
+"""LightningModule: teacher-forced training with the doubly stochastic attention loss, and free
+-running (no teacher forcing) validation and test with beam search.
+
+Loss (Xu et al. 2015, eq. 14): cross-entropy (optionally label-smoothed) over the caption words
+plus ``alpha_c * mean_n (1 - sum_t alpha_tn)^2``, which asks every grid cell to be looked at
+over the course of a caption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from captioning.decoding import beam_search
+from captioning.metrics import bleu4, shapes_scores
+from captioning.models.encoders import load_encoder_weights
+from captioning.models.net import CaptionNet
+from captioning.vocab import Vocabulary
+
+CHECKPOINT_FORMAT = 1
+
+_ARCH_KEYS = (
+    "encoder",
+    "encoder_stage",
+    "encoder_grid",
+    "encoder_channels",
+    "freeze_encoder",
+    "decoder",
+    "embed_dim",
+    "hidden_dim",
+    "attention_dim",
+    "attention",
+    "dropout",
+)
+
+
+class CaptionModule(pl.LightningModule):
+    """Trains a :class:`CaptionNet`.
+
+    Args:
+        vocab: token list (set from the data by the CLI).
+        encoder ... dropout: architecture, see :class:`CaptionNet`.
+        encoder_weights: pretrained encoder weights, a torchvision weights name or a local file;
+            loaded when fitting starts (not when a checkpoint is restored).
+        lr, encoder_lr, weight_decay, warmup_steps: AdamW with linear warmup then cosine decay;
+            ``encoder_lr`` (default ``lr``) for a fine-tuned encoder.
+        label_smoothing, alpha_c: loss terms (alpha_c weights the doubly stochastic term).
+        beam_size, max_decode_len, length_penalty: search used in validation and test.
+        image_size, mean, std: preprocessing, set from the data by the CLI, stored for inference.
+    """
+
+    def __init__(
+        self,
+        vocab: list[str] | None = None,
+        encoder: str = "small_cnn",
+        encoder_stage: int = 4,
+        encoder_grid: int | None = None,
+        encoder_channels: tuple[int, ...] = (32, 64, 128, 128),
+        freeze_encoder: bool = False,
+        encoder_weights: str | None = None,
+        decoder: str = "lstm",
+        embed_dim: int = 128,
+        hidden_dim: int = 256,
+        attention_dim: int = 128,
+        attention: str = "additive",
+        dropout: float = 0.3,
+        lr: float = 2e-3,
+        encoder_lr: float | None = None,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        label_smoothing: float = 0.0,
+        alpha_c: float = 1.0,
+        beam_size: int = 3,
+        max_decode_len: int = 24,
+        length_penalty: float = 0.0,
+        image_size: int = 64,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        if not vocab:
+            raise ValueError("model.vocab is empty: it is set from the data module's training captions")
+        self.save_hyperparameters()
+        self.vocab = Vocabulary(vocab)
+        self.arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items() if k in _ARCH_KEYS}
+        self.net = CaptionNet(len(self.vocab), **self.arch)
+        self.grid = self.net.grid_for(image_size)
+        self._eval_outputs: list[tuple[int, list[int], torch.Tensor]] = []
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.encoder_weights and not getattr(self, "_weights_loaded", False):
+            load_encoder_weights(self.net.encoder, self.hparams.encoder_weights)
+            self._weights_loaded = True
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        enc = [p for p in self.net.encoder.parameters() if p.requires_grad]
+        dec = list(self.net.decoder.parameters())
+        groups = [{"params": dec, "lr": hp.lr}]
+        if enc:
+            groups.append({"params": enc, "lr": hp.encoder_lr or hp.lr})
+        opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(hp.warmup_steps, total // 10)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- training ---------------------------------------------------------------------------
+
+    def loss(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B,3,H,W), tokens (B,L) with <start> ... <end> <pad>... -> (total loss, CE)."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B,T) each, T = L-1
+        logits, alpha = self.net(images, inputs)  # (B,T,V), (B,T,N)
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=Vocabulary.pad_id,
+            label_smoothing=self.hparams.label_smoothing,
+        )
+        mask = (targets != Vocabulary.pad_id).unsqueeze(-1).to(alpha.dtype)  # (B,T,1)
+        coverage = (alpha * mask).sum(1)  # (B,N): total attention each cell received
+        dsa = ((1.0 - coverage) ** 2).mean()
+        return ce + self.hparams.alpha_c * dsa, ce
+
+    def training_step(self, batch, batch_idx):
+        images, tokens = batch
+        loss, ce = self.loss(images, tokens)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.size(0))
+        self.log("train/ce", ce, batch_size=images.size(0))
+        return loss
+
+    # -- free-running evaluation ----------------------------------------------------------------
+
+    def _decode_batch(self, batch) -> None:
+        images, index = batch
+        features = self.net.encode(images).features
+        hyps = beam_search(
+            self.net.decoder,
+            features,
+            beam_size=self.hparams.beam_size,
+            max_len=self.hparams.max_decode_len,
+            length_penalty=self.hparams.length_penalty,
+        )
+        for i, h in zip(index.tolist(), hyps):
+            self._eval_outputs.append((i, h[0].tokens, h[0].attention))
+
+    def validation_step(self, batch, batch_idx):
+        self._decode_batch(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._decode_batch(batch)
+
+    def _score(self, split: str) -> tuple[dict[str, float], list[dict]]:
+        records = self.trainer.datamodule.records(split)
+        outputs = sorted(self._eval_outputs, key=lambda o: o[0])
+        self._eval_outputs = []
+        words = [self.vocab.decode(toks) for _, toks, _ in outputs]
+        refs = [records[i].tokens for i, _, _ in outputs]
+        metrics = {"bleu4": bleu4(refs, words)}
+        if outputs and all(records[i].objects is not None for i, _, _ in outputs):
+            from PIL import Image
+
+            sizes = []
+            for i, _, _ in outputs:
+                with Image.open(records[i].image_path) as im:
+                    sizes.append(im.size)
+            metrics.update(
+                shapes_scores(
+                    words, [a for _, _, a in outputs], self.grid, [records[i].objects for i, _, _ in outputs], sizes
+                )
+            )
+        captions = [{"image_id": records[i].image_id, "caption": " ".join(w)} for (i, _, _), w in zip(outputs, words)]
+        return metrics, captions
+
+    def on_validation_epoch_end(self) -> None:
+        metrics, _ = self._score("val")
+        for k, v in metrics.items():
+            self.log(f"val/{k}", v, prog_bar=k in ("bleu4", "object_accuracy"), sync_dist=False)
+
+    def on_test_epoch_end(self) -> None:
+        metrics, captions = self._score("test")
+        for k, v in metrics.items():
+            self.log(f"test/{k}", v)
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            run = Path(self.trainer.log_dir)
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (run / "test_captions.json").write_text(json.dumps(captions, indent=1) + "\n")
+
+    # -- checkpoints carry what inference needs ---------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["captioning"] = {
+            "format": CHECKPOINT_FORMAT,
+            "vocab": list(self.vocab.tokens),
+            "model": dict(self.arch),
+            "preprocess": {
+                "image_size": int(self.hparams.image_size),
+                "mean": [float(m) for m in self.hparams.mean],
+                "std": [float(s) for s in self.hparams.std],
+            },
+            "grid": list(self.grid),
+            "search": {"beam_size": int(self.hparams.beam_size), "max_len": int(self.hparams.max_decode_len)},
+        }

@@ -1,0 +1,1 @@
+"""Encoders, attention and decoders, all speaking the contracts of ``base.py``."""

@@ -1,0 +1,143 @@
+"""Image encoders: images (B,3,H,W) -> a grid of features (B,N,C).
+
+- :class:`SmallCNN`: a few strided convolutions, fast on a CPU; the default for the shapes set.
+  It appends two coordinate channels to its input (CoordConv, Liu et al. 2018) so that features
+  know where they are: captions say "left of", and the context vector alone (a weighted sum)
+  would otherwise lose the position.
+- :class:`TorchvisionEncoder`: a torchvision ResNet cut after a chosen stage, optionally pooled
+  to a fixed grid, frozen or fine-tuned.
+
+Constructors build the architecture only. Pretrained weights are loaded explicitly with
+:func:`load_encoder_weights` (a torchvision weights name, or a local state-dict file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from captioning.models.base import Encoder, EncoderOutput
+
+_RESNET_STAGE_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+    "resnet152": (256, 512, 1024, 2048),
+}
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallCNN(Encoder):
+    """Conv stack with total stride 8: a 64x64 image gives an 8x8 grid of ``channels[-1]`` features."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128, 128)):
+        super().__init__()
+        c0, c1, c2, c3 = channels
+        self.body = nn.Sequential(
+            _conv_bn(3 + 2, c0, 2),  # /2  (+2 coordinate channels)
+            _conv_bn(c0, c1, 2),  # /4
+            _conv_bn(c1, c2, 2),  # /8
+            _conv_bn(c2, c3, 1),
+        )
+        self.out_dim = c3
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        b, _, h, w = images.shape
+        ys = torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w, device=images.device, dtype=images.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+        x = self.body(torch.cat([images, xs, ys], dim=1))  # (B,5,H,W) -> (B,C,h,w)
+        gh, gw = x.shape[-2:]
+        return EncoderOutput(x.flatten(2).transpose(1, 2), (gh, gw))  # (B,C,h,w) -> (B,N,C)
+
+
+class TorchvisionEncoder(Encoder):
+    """A torchvision ResNet cut after ``stage`` (1-4), optionally adaptive-pooled to ``grid``.
+
+    ``freeze`` keeps the backbone's weights fixed and its BatchNorm in eval mode.
+    """
+
+    def __init__(self, arch: str = "resnet50", stage: int = 4, grid: int | None = None, freeze: bool = True):
+        super().__init__()
+        if arch not in _RESNET_STAGE_CHANNELS:
+            raise ValueError(f"encoder arch must be one of {sorted(_RESNET_STAGE_CHANNELS)}, got {arch!r}")
+        if stage not in (1, 2, 3, 4):
+            raise ValueError(f"encoder stage must be 1..4, got {stage}")
+        net = torchvision.models.get_model(arch, weights=None)
+        layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
+        self.arch = arch
+        self.body = nn.Sequential(*layers[: 4 + stage])
+        self.pool = nn.AdaptiveAvgPool2d(grid) if grid else nn.Identity()
+        self.out_dim = _RESNET_STAGE_CHANNELS[arch][stage - 1]
+        self.freeze = freeze
+        if freeze:
+            self.body.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TorchvisionEncoder:
+        super().train(mode)
+        if self.freeze:
+            self.body.eval()  # frozen BatchNorm must not update its running statistics
+        return self
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        x = self.pool(self.body(images))  # (B,3,H,W) -> (B,C,h,w)
+        gh, gw = x.shape[-2:]
+        return EncoderOutput(x.flatten(2).transpose(1, 2), (gh, gw))  # (B,N,C)
+
+
+def build_encoder(
+    name: str = "small_cnn",
+    stage: int = 4,
+    grid: int | None = None,
+    freeze: bool = False,
+    channels: tuple[int, ...] = (32, 64, 128, 128),
+) -> Encoder:
+    """``name``: "small_cnn" or a torchvision ResNet name ("resnet18" ... "resnet152")."""
+    if name == "small_cnn":
+        return SmallCNN(tuple(channels))
+    return TorchvisionEncoder(name, stage, grid, freeze)
+
+
+def load_encoder_weights(encoder: Encoder, weights: str) -> None:
+    """Load pretrained weights into a :class:`TorchvisionEncoder`.
+
+    ``weights`` is a local file (a state dict of the full torchvision model, loaded with
+    ``weights_only=True``) or a torchvision weights name such as ``"DEFAULT"`` or
+    ``"IMAGENET1K_V2"`` (fetched through torchvision's weights API, which downloads once into
+    the torch hub cache).
+    """
+    if not isinstance(encoder, TorchvisionEncoder):
+        raise ValueError(f"pretrained weights need a torchvision encoder, not {type(encoder).__name__}")
+    path = Path(weights)
+    if path.suffix in (".pt", ".pth", ".bin") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: encoder weights file not found")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot load encoder weights ({e})") from e
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    else:
+        enum = torchvision.models.get_model_weights(encoder.arch)
+        try:
+            spec = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+        except KeyError:
+            raise ValueError(f"unknown weights {weights!r} for {encoder.arch}: {[w.name for w in enum]}") from None
+        state = spec.get_state_dict(progress=True)
+    # torchvision's names ("conv1.weight", "layer1.0...") -> our Sequential's indices
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    mapped = {}
+    for k, v in state.items():
+        head, _, rest = k.partition(".")
+        if head in names and names.index(head) < len(encoder.body):
+            mapped[f"{names.index(head)}.{rest}"] = v
+    missing, _ = encoder.body.load_state_dict(mapped, strict=False)
+    if missing:
+        raise ValueError(f"{weights}: weights do not fit {encoder.arch}: missing {missing[:5]}")

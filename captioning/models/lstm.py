@@ -1,0 +1,74 @@
+"""Show-Attend-Tell LSTM decoder (Xu et al. 2015, "Show, Attend and Tell", soft attention).
+
+At each word: attend over the grid with the previous hidden state, gate the context with a
+sigmoid of that state (the paper's beta), feed [word embedding, gated context] to an LSTMCell,
+predict the next word from the new hidden state. The initial h and c come from the mean feature.
+The doubly stochastic regulariser lives in the training loss (it needs the padding mask).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from captioning.models.attention import build_attention
+from captioning.models.base import Decoder, DecoderState
+
+
+class LSTMDecoder(Decoder):
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_dim: int = 128,
+        hidden_dim: int = 256,
+        attention_dim: int = 128,
+        attention: str = "additive",
+        dropout: float = 0.3,
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.attention = build_attention(attention, feature_dim, hidden_dim, attention_dim)
+        self.init_h = nn.Linear(feature_dim, hidden_dim)
+        self.init_c = nn.Linear(feature_dim, hidden_dim)
+        self.gate = nn.Linear(hidden_dim, feature_dim)
+        self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    def init_state(self, features: torch.Tensor) -> DecoderState:
+        mean = features.mean(dim=1)  # (B,N,C) -> (B,C)
+        return {
+            "h": torch.tanh(self.init_h(mean)),  # (B,H)
+            "c": torch.tanh(self.init_c(mean)),  # (B,H)
+            "keys": self.attention.precompute(features),  # (B,N,A): once per image, not per word
+        }
+
+    def _advance(
+        self, tokens: torch.Tensor, state: DecoderState, features: torch.Tensor
+    ) -> tuple[torch.Tensor, DecoderState]:
+        """One LSTM step without the output layer: tokens (B,) -> attention (B,N), new state."""
+        h, c = state["h"], state["c"]
+        context, alpha = self.attention(features, state["keys"], h)  # (B,C), (B,N)
+        context = torch.sigmoid(self.gate(h)) * context
+        x = torch.cat([self.embed(tokens), context], dim=1)  # (B,E+C)
+        h, c = self.cell(x, (h, c))
+        return alpha, {"h": h, "c": c, "keys": state["keys"]}
+
+    def step(
+        self, tokens: torch.Tensor, state: DecoderState, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, DecoderState]:
+        alpha, state = self._advance(tokens, state, features)
+        return self.out(self.dropout(state["h"])), alpha, state  # (B,V), (B,N)
+
+    def forward(self, features: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.init_state(features)
+        hs, alphas = [], []
+        for t in range(tokens_in.size(1)):
+            alpha, state = self._advance(tokens_in[:, t], state, features)
+            hs.append(state["h"])
+            alphas.append(alpha)
+        # the output layer runs once over all steps, outside the sequential loop
+        logits = self.out(self.dropout(torch.stack(hs, 1)))  # (B,T,H) -> (B,T,V)
+        return logits, torch.stack(alphas, 1)  # (B,T,V), (B,T,N)

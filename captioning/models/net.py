@@ -1,0 +1,56 @@
+"""CaptionNet: an encoder and a decoder built from plain keyword arguments.
+
+The same arguments are stored in every checkpoint (``checkpoint["captioning"]["model"]``), so
+inference rebuilds the network without Lightning and without unpickling any code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from captioning.models.base import Decoder, Encoder, EncoderOutput
+from captioning.models.encoders import build_encoder
+from captioning.models.lstm import LSTMDecoder
+
+
+class CaptionNet(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        encoder: str = "small_cnn",
+        encoder_stage: int = 4,
+        encoder_grid: int | None = None,
+        encoder_channels: tuple[int, ...] = (32, 64, 128, 128),
+        freeze_encoder: bool = False,
+        decoder: str = "lstm",
+        embed_dim: int = 128,
+        hidden_dim: int = 256,
+        attention_dim: int = 128,
+        attention: str = "additive",
+        dropout: float = 0.3,
+    ):
+        super().__init__()
+        self.encoder: Encoder = build_encoder(encoder, encoder_stage, encoder_grid, freeze_encoder, encoder_channels)
+        if decoder != "lstm":
+            raise ValueError(f"decoder must be 'lstm', got {decoder!r}")
+        self.decoder: Decoder = LSTMDecoder(
+            vocab_size, self.encoder.out_dim, embed_dim, hidden_dim, attention_dim, attention, dropout
+        )
+
+    def encode(self, images: torch.Tensor) -> EncoderOutput:
+        return self.encoder(images)  # (B,3,H,W) -> (B,N,C), (h,w)
+
+    def forward(self, images: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced: images (B,3,H,W), tokens_in (B,T) -> logits (B,T,V), attention (B,T,N)."""
+        return self.decoder(self.encode(images).features, tokens_in)
+
+    @torch.no_grad()
+    def grid_for(self, image_size: int) -> tuple[int, int]:
+        """The (h,w) grid this encoder gives for ``image_size`` x ``image_size`` images."""
+        was_training = self.encoder.training
+        self.encoder.eval()
+        p = next(self.encoder.parameters())
+        grid = self.encoder(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).grid
+        self.encoder.train(was_training)
+        return tuple(int(g) for g in grid)

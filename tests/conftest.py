@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny generated shapes set and one tiny trained checkpoint per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def run_script(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts in a fresh interpreter (as a user would)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory) -> Path:
+    """A generated shapes set of 48/16/16 images; returns its Karpathy JSON."""
+    from captioning.data.synthetic import ShapesConfig, generate
+
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    return generate(root, ShapesConfig(num_train=48, num_val=16, num_test=16), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """`python train.py fit -c configs/tiny.yaml` in a scratch folder; returns that folder."""
+    work = tmp_path_factory.mktemp("run")
+    proc = run_script(str(ROOT / "train.py"), "fit", "-c", str(TINY), cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (work / "train_stdout.txt").write_text(proc.stdout)
+    return work
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_run: Path) -> Path:
+    found = sorted(tiny_run.glob("runs/tiny/*/checkpoints/best.ckpt"))
+    assert found, "training wrote no best.ckpt"
+    return found[-1]
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,74 @@
+"""Search: beam 1 == greedy, batch == one at a time, and the edge cases never crash."""
+
+import torch
+
+from captioning.decoding import beam_search, greedy
+from captioning.models.base import Decoder
+from captioning.models.lstm import LSTMDecoder
+from captioning.vocab import Vocabulary
+
+
+def _decoder(v=15):
+    torch.manual_seed(1)
+    return LSTMDecoder(v, 6, embed_dim=8, hidden_dim=16, attention_dim=8).eval()
+
+
+def test_beam_size_one_equals_greedy():
+    dec, feats = _decoder(), torch.randn(5, 9, 6)
+    g = greedy(dec, feats, max_len=10)
+    b = beam_search(dec, feats, beam_size=1, max_len=10)
+    for gh, bh in zip(g, b):
+        assert gh.tokens == bh[0].tokens
+        assert abs(gh.score - bh[0].score) < 1e-4
+        torch.testing.assert_close(gh.attention, bh[0].attention)
+
+
+def test_batch_equals_one_image_at_a_time():
+    dec, feats = _decoder(), torch.randn(4, 9, 6)
+    batched = beam_search(dec, feats, beam_size=3, max_len=10, num_return=3)
+    for i in range(4):
+        single = beam_search(dec, feats[i : i + 1], beam_size=3, max_len=10, num_return=3)[0]
+        assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
+        for s, b in zip(single, batched[i]):
+            assert abs(s.score - b.score) < 1e-4
+
+
+def test_beam_is_at_least_as_good_as_greedy_and_attention_is_aligned():
+    dec, feats = _decoder(), torch.randn(6, 9, 6)
+    for g, b in zip(greedy(dec, feats, max_len=10), beam_search(dec, feats, beam_size=4, max_len=10)):
+        assert b[0].score >= g.score - 1e-5
+        assert b[0].attention.shape == (len(b[0].tokens), 9)
+
+
+class _Scripted(Decoder):
+    """A decoder whose next-word distribution is fixed: for testing search edge cases."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+        self.vocab_size = logits.numel()
+
+    def init_state(self, features):
+        return {"dummy": features.new_zeros(features.size(0), 1)}
+
+    def step(self, tokens, state, features):
+        b, n, _ = features.shape
+        return self.logits.expand(b, -1), features.new_full((b, n), 1.0 / n), state
+
+
+def test_model_that_never_ends_stops_at_max_len():
+    logits = torch.full((6,), -10.0)
+    logits[4] = 0.0  # always word 4, never <end>
+    dec, feats = _Scripted(logits), torch.randn(2, 4, 3)
+    for h in beam_search(dec, feats, beam_size=3, max_len=7):
+        assert h[0].tokens == [4] * 7 and h[0].attention.shape == (7, 4)
+    assert greedy(dec, feats, max_len=7)[0].tokens == [4] * 7
+
+
+def test_all_beams_end_at_first_step_and_beam_wider_than_vocab():
+    logits = torch.full((5,), -10.0)
+    logits[Vocabulary.end_id] = 0.0
+    dec, feats = _Scripted(logits), torch.randn(2, 4, 3)
+    for hyps in beam_search(dec, feats, beam_size=12, max_len=5, num_return=12):
+        assert hyps[0].tokens == [] and hyps[0].attention.shape == (0, 4)
+        assert len(hyps) <= 5  # only as many live hypotheses as there are words

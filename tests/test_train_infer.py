@@ -1,0 +1,102 @@
+"""End to end: train.py on a tiny config -> checkpoint -> Captioner / infer.py."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from captioning.inference import Captioner, CheckpointError, read_checkpoint
+
+from conftest import ROOT, read_json, run_script
+
+
+def test_train_writes_checkpoints_metrics_and_prints_the_run_directory(tiny_run, tiny_ckpt):
+    run_dir = tiny_ckpt.parent.parent
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    metrics = read_json(run_dir / "test_metrics.json")
+    assert {"bleu4", "object_accuracy", "full_accuracy", "pointing_accuracy"} <= metrics.keys()
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("bleu4", "object_accuracy", "full_accuracy", "pointing_accuracy"))
+    assert (run_dir / "config.yaml").is_file()
+    assert f"run directory: {run_dir.resolve()}" in (tiny_run / "train_stdout.txt").read_text()
+
+
+def test_checkpoint_loads_weights_only_and_carries_what_inference_needs(tiny_ckpt):
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    meta = ckpt["captioning"]
+    assert meta["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert meta["preprocess"]["image_size"] == 64 and meta["grid"] == [8, 8]
+    assert meta["model"]["encoder"] == "small_cnn"
+
+
+def test_save_load_gives_the_same_caption_as_the_trained_module(tiny_ckpt, tiny_shapes):
+    from captioning.lit_module import CaptionModule
+
+    image = tiny_shapes.parent / "images" / "000000.png"
+    cap = Captioner.from_checkpoint(tiny_ckpt).caption(image)
+    module = CaptionModule.load_from_checkpoint(tiny_ckpt, map_location="cpu", weights_only=False).eval()
+    twin = Captioner(
+        module.net, module.vocab, 64, list(module.hparams.mean), list(module.hparams.std), module.grid, beam_size=2,
+        max_len=12,
+    )  # fmt: skip
+    again = twin.caption(image)
+    assert cap.tokens == again.tokens and abs(cap.score - again.score) < 1e-5
+    assert cap.attention.shape == (len(cap.tokens), 8, 8)
+    torch.testing.assert_close(cap.attention, again.attention)
+
+
+def test_batch_caption_equals_single(tiny_ckpt, tiny_shapes):
+    c = Captioner.from_checkpoint(tiny_ckpt)
+    paths = [tiny_shapes.parent / "images" / f"{i:06d}.png" for i in range(4)]
+    assert [x.text for x in c.caption_batch(paths)] == [c.caption(p).text for p in paths]
+
+
+def test_infer_writes_overlay_and_reports_bad_inputs(tiny_run, tiny_ckpt, tmp_path):
+    img = tmp_path / "scene.png"
+    Image.new("RGB", (64, 64), (230, 230, 230)).save(img)
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not a jpeg")
+    missing = tmp_path / "missing.png"
+    args = [str(img), str(bad), str(missing), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "o")]
+    proc = run_script(str(ROOT / "infer.py"), *args, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout.startswith(f"{img}: ")
+    overlay = tmp_path / "o" / "scene_attention.png"
+    assert overlay.is_file() and Image.open(overlay).size[0] > 224
+    assert f"{bad}: not an image" in proc.stderr and f"{missing}: no such file" in proc.stderr
+
+
+def test_infer_without_ckpt_uses_newest_run(tiny_run, tiny_shapes):
+    image = tiny_shapes.parent / "images" / "000001.png"
+    proc = run_script(str(ROOT / "infer.py"), str(image), cwd=tiny_run)
+    assert proc.returncode == 0, proc.stderr
+    assert (tiny_run / "000001_attention.png").is_file()
+
+
+def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path, tiny_ckpt):
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(tiny_ckpt.read_bytes()[:1000])
+    for path, cause in [(truncated, "truncated"), (tmp_path / "none.ckpt", "not found")]:
+        try:
+            read_checkpoint(path)
+        except CheckpointError as e:
+            assert str(path) in str(e) and cause in str(e)
+        else:
+            raise AssertionError("no error")
+
+
+def test_encoder_weights_from_a_local_file(tmp_path):
+    import torchvision
+
+    from captioning.models.encoders import TorchvisionEncoder, load_encoder_weights
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    enc = TorchvisionEncoder("resnet18", stage=3, grid=4, freeze=True)
+    load_encoder_weights(enc, str(path))
+    torch.testing.assert_close(enc.body[0].weight, ref.conv1.weight)
+    torch.testing.assert_close(enc.body[6][0].conv1.weight, ref.layer3[0].conv1.weight)
+    out = enc.eval()(torch.randn(1, 3, 64, 64))
+    assert out.features.shape == (1, 16, 256) and out.grid == (4, 4)
+    assert not any(p.requires_grad for p in enc.parameters())
