@@ -36,7 +36,7 @@ def greedy(decoder: Decoder, features: torch.Tensor, max_len: int = 20) -> list[
     out_tokens, out_attn = [], []
     for _ in range(max_len):
         logits, alpha, state = decoder.step(tokens, state, features)
-        logp = logits.float().log_softmax(-1)  # (B,V)
+        logp = _never_special(logits.float().log_softmax(-1))  # (B,V)
         best, tokens = logp.max(-1)  # (B,)
         scores = scores + torch.where(done, torch.zeros_like(best), best)
         tokens = torch.where(done, torch.full_like(tokens, Vocabulary.pad_id), tokens)
@@ -48,6 +48,13 @@ def greedy(decoder: Decoder, features: torch.Tensor, max_len: int = 20) -> list[
     seq = torch.stack(out_tokens, 1).cpu()  # (B,T)
     attn = torch.stack(out_attn, 1).cpu()  # (B,T,N)
     return [_finish(seq[i].tolist(), float(scores[i]), attn[i]) for i in range(b)]
+
+
+def _never_special(logp: torch.Tensor) -> torch.Tensor:
+    """A caption never contains <pad> or <start>: rule them out of the search."""
+    logp[:, Vocabulary.pad_id] = float("-inf")
+    logp[:, Vocabulary.start_id] = float("-inf")
+    return logp
 
 
 def _finish(ids: list[int], score: float, attention: torch.Tensor) -> Hypothesis:
@@ -91,7 +98,7 @@ def beam_search(
     attn_history = torch.empty((b * k, 0, n), device=device)  # (B*K,T,N)
     for _ in range(max_len):
         logits, alpha, state = decoder.step(tokens, state, feats)
-        logp = logits.float().log_softmax(-1)  # (B*K,V)
+        logp = _never_special(logits.float().log_softmax(-1))  # (B*K,V)
         v = logp.size(-1)
         # a finished beam continues only with <pad>, at no cost
         frozen = torch.full_like(logp, float("-inf"))

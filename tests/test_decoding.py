@@ -71,4 +71,5 @@ def test_all_beams_end_at_first_step_and_beam_wider_than_vocab():
     dec, feats = _Scripted(logits), torch.randn(2, 4, 3)
     for hyps in beam_search(dec, feats, beam_size=12, max_len=5, num_return=12):
         assert hyps[0].tokens == [] and hyps[0].attention.shape == (0, 4)
-        assert len(hyps) <= 5  # only as many live hypotheses as there are words
+        assert len({tuple(h.tokens) for h in hyps}) == len(hyps)  # no duplicate hypotheses
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)

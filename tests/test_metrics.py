@@ -24,17 +24,17 @@ def test_bleu4_is_one_for_an_exact_reference_and_lower_otherwise():
 
 def test_pointing_counts_hits_on_the_named_objects():
     # 8x8 grid on 64x64 px: cell 0 centre (4,4) inside the circle; cell 63 centre (60,60) inside the square
-    good = _attention([0] * 4 + [0] * 6 + [63])
+    good = _attention([0] * 11 + [63])
     assert pointing_hits(CAP, good, (8, 8), OBJ, (64, 64)) == (2, 2)
-    bad = _attention([63] * 4 + [0] * 7)
+    bad = _attention([63] * 4 + [0] * 8)
     assert pointing_hits(CAP, bad, (8, 8), OBJ, (64, 64)) == (0, 2)
 
 
 def test_pointing_allows_half_a_cell_and_skips_ambiguous_nouns():
     # cell 18 = row 2, col 2: centre (20,20), 5 px outside the circle box but within half a cell (4 px)? no: 20 > 15+4
-    assert pointing_hits(CAP, _attention([18] * 11), (8, 8), OBJ, (64, 64))[0] == 0
+    assert pointing_hits(CAP, _attention([18] * 12), (8, 8), OBJ, (64, 64))[0] == 0
     # cell 9 = centre (12,12), inside [0-4, 15+4]
-    assert pointing_hits(CAP, _attention([9] * 4 + [63] * 7), (8, 8), OBJ, (64, 64)) == (2, 2)
+    assert pointing_hits(CAP, _attention([9] * 4 + [63] * 8), (8, 8), OBJ, (64, 64)) == (2, 2)
     # a bare "circle" when two circles exist matches no single object: not a trial
     two = OBJ + [{"shape": "circle", "color": "green", "size": "large", "box": [40, 0, 63, 20]}]
     assert pointing_hits(["a", "circle"], torch.ones(2, 64) / 64, (8, 8), two, (64, 64)) == (0, 0)
@@ -43,6 +43,6 @@ def test_pointing_allows_half_a_cell_and_skips_ambiguous_nouns():
 def test_shapes_scores_object_and_full_accuracy():
     swapped = "a large blue square to the left of a small red circle".split()
     wrong = "a small red circle".split()
-    out = shapes_scores([CAP, swapped, wrong], [_attention([0] * 11)] * 3, (8, 8), [OBJ] * 3, [(64, 64)] * 3)
+    out = shapes_scores([CAP, swapped, wrong], [_attention([0] * 12)] * 3, (8, 8), [OBJ] * 3, [(64, 64)] * 3)
     assert abs(out["object_accuracy"] - 2 / 3) < 1e-9
     assert abs(out["full_accuracy"] - 1 / 3) < 1e-9

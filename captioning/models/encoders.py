@@ -35,16 +35,23 @@ def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class SmallCNN(Encoder):
-    """Conv stack with total stride 8: a 64x64 image gives an 8x8 grid of ``channels[-1]`` features."""
+    """Four 3x3 conv layers with strides 2, 2, 1, 2: a 64x64 image gives an 8x8 grid.
 
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128, 128)):
+    The receptive field of a grid cell is 23 px: wide enough to see a whole object centred on
+    it, narrow enough that a cell does not describe the whole scene, so naming an object needs
+    attention on it (what makes the attention maps meaningful).
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 96, 128)):
         super().__init__()
+        if len(channels) != 4:
+            raise ValueError(f"small_cnn takes 4 channel widths, got {list(channels)}")
         c0, c1, c2, c3 = channels
         self.body = nn.Sequential(
-            _conv_bn(3 + 2, c0, 2),  # /2  (+2 coordinate channels)
+            _conv_bn(3 + 2, c0, 2),  # /2, +2 coordinate channels
             _conv_bn(c0, c1, 2),  # /4
-            _conv_bn(c1, c2, 2),  # /8
-            _conv_bn(c2, c3, 1),
+            _conv_bn(c1, c2, 1),
+            _conv_bn(c2, c3, 2),  # /8
         )
         self.out_dim = c3
 
@@ -96,7 +103,7 @@ def build_encoder(
     stage: int = 4,
     grid: int | None = None,
     freeze: bool = False,
-    channels: tuple[int, ...] = (32, 64, 128, 128),
+    channels: tuple[int, ...] = (32, 64, 96, 128),
 ) -> Encoder:
     """``name``: "small_cnn" or a torchvision ResNet name ("resnet18" ... "resnet152")."""
     if name == "small_cnn":

@@ -2,7 +2,11 @@
 
 At each word: attend over the grid with the previous hidden state, gate the context with a
 sigmoid of that state (the paper's beta), feed [word embedding, gated context] to an LSTMCell,
-predict the next word from the new hidden state. The initial h and c come from the mean feature.
+predict the next word with the paper's deep output layer (eq. 7),
+``p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))``. The initial h and c come from the mean
+feature. The deep output matters for trustworthy maps: because the context z_t feeds the word
+prediction directly, the easiest way to name an object is to look at it while naming it, rather
+than to remember it from an earlier step.
 The doubly stochastic regulariser lives in the training loss (it needs the padding mask).
 """
 
@@ -35,7 +39,9 @@ class LSTMDecoder(Decoder):
         self.gate = nn.Linear(hidden_dim, feature_dim)
         self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden_dim, vocab_size)
+        self.out_h = nn.Linear(hidden_dim, embed_dim)  # L_h
+        self.out_z = nn.Linear(feature_dim, embed_dim, bias=False)  # L_z
+        self.out = nn.Linear(embed_dim, vocab_size)  # L_o
 
     def init_state(self, features: torch.Tensor) -> DecoderState:
         mean = features.mean(dim=1)  # (B,N,C) -> (B,C)
@@ -47,28 +53,35 @@ class LSTMDecoder(Decoder):
 
     def _advance(
         self, tokens: torch.Tensor, state: DecoderState, features: torch.Tensor
-    ) -> tuple[torch.Tensor, DecoderState]:
-        """One LSTM step without the output layer: tokens (B,) -> attention (B,N), new state."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DecoderState]:
+        """One LSTM step without the output layer: tokens (B,) -> embedding (B,E), gated context
+        (B,C), attention (B,N), new state."""
         h, c = state["h"], state["c"]
         context, alpha = self.attention(features, state["keys"], h)  # (B,C), (B,N)
         context = torch.sigmoid(self.gate(h)) * context
-        x = torch.cat([self.embed(tokens), context], dim=1)  # (B,E+C)
-        h, c = self.cell(x, (h, c))
-        return alpha, {"h": h, "c": c, "keys": state["keys"]}
+        emb = self.embed(tokens)  # (B,E)
+        h, c = self.cell(torch.cat([emb, context], dim=1), (h, c))  # input (B,E+C)
+        return emb, context, alpha, {"h": h, "c": c, "keys": state["keys"]}
+
+    def _output(self, emb: torch.Tensor, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Deep output: (...,E), (...,H), (...,C) -> logits (...,V)."""
+        return self.out(self.dropout(emb + self.out_h(h) + self.out_z(context)))
 
     def step(
         self, tokens: torch.Tensor, state: DecoderState, features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DecoderState]:
-        alpha, state = self._advance(tokens, state, features)
-        return self.out(self.dropout(state["h"])), alpha, state  # (B,V), (B,N)
+        emb, context, alpha, state = self._advance(tokens, state, features)
+        return self._output(emb, state["h"], context), alpha, state  # (B,V), (B,N)
 
     def forward(self, features: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.init_state(features)
-        hs, alphas = [], []
+        embs, hs, contexts, alphas = [], [], [], []
         for t in range(tokens_in.size(1)):
-            alpha, state = self._advance(tokens_in[:, t], state, features)
+            emb, context, alpha, state = self._advance(tokens_in[:, t], state, features)
+            embs.append(emb)
             hs.append(state["h"])
+            contexts.append(context)
             alphas.append(alpha)
-        # the output layer runs once over all steps, outside the sequential loop
-        logits = self.out(self.dropout(torch.stack(hs, 1)))  # (B,T,H) -> (B,T,V)
+        # the output layer runs once over all steps, outside the sequential loop: (B,T,*) -> (B,T,V)
+        logits = self._output(torch.stack(embs, 1), torch.stack(hs, 1), torch.stack(contexts, 1))
         return logits, torch.stack(alphas, 1)  # (B,T,V), (B,T,N)

@@ -21,7 +21,7 @@ class CaptionNet(nn.Module):
         encoder: str = "small_cnn",
         encoder_stage: int = 4,
         encoder_grid: int | None = None,
-        encoder_channels: tuple[int, ...] = (32, 64, 128, 128),
+        encoder_channels: tuple[int, ...] = (32, 64, 96, 128),
         freeze_encoder: bool = False,
         decoder: str = "lstm",
         embed_dim: int = 128,
