@@ -7,6 +7,7 @@ Shape legend: B images, K beams, T tokens, N grid cells, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,13 @@ class Hypothesis:
 @torch.no_grad()
 def greedy(decoder: Decoder, features: torch.Tensor, max_len: int = 20) -> list[Hypothesis]:
     """Most likely word at each step, for B images at once: features (B,N,C) -> B hypotheses."""
+    return _single_path(decoder, features, max_len, lambda logp: logp.argmax(-1))
+
+
+def _single_path(
+    decoder: Decoder, features: torch.Tensor, max_len: int, choose: Callable[[torch.Tensor], torch.Tensor]
+) -> list[Hypothesis]:
+    """Decode one path per image, ``choose`` picking the next word ids (B,) from log-probs (B,V)."""
     b = features.size(0)
     state = decoder.init_state(features)
     tokens = torch.full((b,), Vocabulary.start_id, dtype=torch.long, device=features.device)
@@ -37,8 +45,9 @@ def greedy(decoder: Decoder, features: torch.Tensor, max_len: int = 20) -> list[
     for _ in range(max_len):
         logits, alpha, state = decoder.step(tokens, state, features)
         logp = _never_special(logits.float().log_softmax(-1))  # (B,V)
-        best, tokens = logp.max(-1)  # (B,)
-        scores = scores + torch.where(done, torch.zeros_like(best), best)
+        tokens = choose(logp)  # (B,)
+        picked = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
+        scores = scores + torch.where(done, torch.zeros_like(picked), picked)
         tokens = torch.where(done, torch.full_like(tokens, Vocabulary.pad_id), tokens)
         out_tokens.append(tokens)
         out_attn.append(alpha.float())
@@ -57,6 +66,16 @@ def _never_special(logp: torch.Tensor) -> torch.Tensor:
     return logp
 
 
+def _block_repeats(logp: torch.Tensor, history: torch.Tensor, n: int) -> None:
+    """Set -inf on words that would complete an n-gram already present in each row's history."""
+    rows = history.tolist()
+    for r, seq in enumerate(rows):
+        prefix = tuple(seq[len(seq) - (n - 1) :]) if n > 1 else ()
+        banned = {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == prefix}
+        if banned:
+            logp[r, list(banned)] = float("-inf")
+
+
 def _finish(ids: list[int], score: float, attention: torch.Tensor) -> Hypothesis:
     """Cut a raw id sequence at <end> (exclusive) and keep the matching attention rows."""
     n = ids.index(Vocabulary.end_id) if Vocabulary.end_id in ids else len(ids)
@@ -72,9 +91,14 @@ def beam_search(
     beam_size: int = 3,
     max_len: int = 20,
     length_penalty: float = 0.0,
+    min_len: int = 0,
+    no_repeat_ngram: int = 0,
     num_return: int = 1,
 ) -> list[list[Hypothesis]]:
     """Beam search over B images x K beams at once.
+
+    ``min_len`` forbids <end> before that many words; ``no_repeat_ngram`` = n > 0 forbids any
+    word that would repeat an n-gram already in the hypothesis.
 
     Finished beams stay in the beam with a frozen score (they can only be extended by <pad> at
     no cost), so the search ends when every beam of every image has finished or at ``max_len``;
@@ -96,10 +120,14 @@ def beam_search(
     finished = torch.zeros(b * k, dtype=torch.bool, device=device)
     history = torch.empty((b * k, 0), dtype=torch.long, device=device)  # (B*K,T)
     attn_history = torch.empty((b * k, 0, n), device=device)  # (B*K,T,N)
-    for _ in range(max_len):
+    for step in range(max_len):
         logits, alpha, state = decoder.step(tokens, state, feats)
         logp = _never_special(logits.float().log_softmax(-1))  # (B*K,V)
         v = logp.size(-1)
+        if step < min_len:
+            logp[:, Vocabulary.end_id] = float("-inf")
+        if no_repeat_ngram > 0 and step >= no_repeat_ngram - 1:
+            _block_repeats(logp, history, no_repeat_ngram)
         # a finished beam continues only with <pad>, at no cost
         frozen = torch.full_like(logp, float("-inf"))
         frozen[:, Vocabulary.pad_id] = 0.0
@@ -134,3 +162,31 @@ def beam_search(
         hyps.sort(key=lambda h: -h.score)
         results.append(hyps[:num_return])
     return results
+
+
+@torch.no_grad()
+def sample(
+    decoder: Decoder,
+    features: torch.Tensor,
+    *,
+    max_len: int = 20,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[Hypothesis]:
+    """Draw one caption per image from the model (temperature, optional top-k), for B images at once.
+
+    The score is the sum of the model's (untempered) log-probabilities of the drawn words, as
+    self-critical training needs (Rennie et al. 2017).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    def choose(logp: torch.Tensor) -> torch.Tensor:
+        scaled = logp / temperature
+        if top_k > 0:
+            kth = scaled.topk(min(top_k, scaled.size(-1)), dim=-1).values[:, -1:]  # (B,1)
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(1)  # (B,)
+
+    return _single_path(decoder, features, max_len, choose)

@@ -38,6 +38,12 @@ _ARCH_KEYS = (
     "attention_dim",
     "attention",
     "dropout",
+    "num_heads",
+    "num_layers",
+    "ffn_dim",
+    "tie_embeddings",
+    "attention_layer",
+    "max_len",
 )
 
 
@@ -46,7 +52,7 @@ class CaptionModule(pl.LightningModule):
 
     Args:
         vocab: token list (set from the data by the CLI).
-        encoder ... dropout: architecture, see :class:`CaptionNet`.
+        encoder ... max_len: architecture, see :class:`CaptionNet`.
         encoder_weights: pretrained encoder weights, a torchvision weights name or a local file;
             loaded when fitting starts (not when a checkpoint is restored).
         lr, encoder_lr, weight_decay, warmup_steps: AdamW with linear warmup then cosine decay;
@@ -73,6 +79,12 @@ class CaptionModule(pl.LightningModule):
         attention_dim: int = 128,
         attention: str = "additive",
         dropout: float = 0.3,
+        num_heads: int = 4,
+        num_layers: int = 2,
+        ffn_dim: int | None = None,
+        tie_embeddings: bool = True,
+        attention_layer: int = -1,
+        max_len: int = 64,
         lr: float = 2e-3,
         encoder_lr: float | None = None,
         weight_decay: float = 0.0,

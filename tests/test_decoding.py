@@ -73,3 +73,60 @@ def test_all_beams_end_at_first_step_and_beam_wider_than_vocab():
         assert hyps[0].tokens == [] and hyps[0].attention.shape == (0, 4)
         assert len({tuple(h.tokens) for h in hyps}) == len(hyps)  # no duplicate hypotheses
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+
+
+def _enumerate_best(dec, feats, max_len):
+    """Exhaustive search: every word sequence that ends with <end> or reaches max_len."""
+    words = [i for i in range(dec.vocab_size) if i not in (Vocabulary.pad_id, Vocabulary.start_id)]
+    best = (float("-inf"), None)
+    frontier = [((), 0.0, dec.init_state(feats))]
+    for depth in range(max_len):
+        nxt = []
+        for seq, score, state in frontier:
+            last = torch.tensor([seq[-1] if seq else Vocabulary.start_id])
+            logits, _, new_state = dec.step(last, state, feats)
+            logp = logits.log_softmax(-1)[0]
+            for w in words:
+                s = score + float(logp[w])
+                if w == Vocabulary.end_id or depth == max_len - 1:
+                    out = seq if w == Vocabulary.end_id else seq + (w,)
+                    best = max(best, (s, out), key=lambda x: x[0])
+                else:
+                    nxt.append((seq + (w,), s, new_state))
+        frontier = nxt
+    return best
+
+
+def test_beam_search_finds_the_exhaustive_optimum():
+    """With a beam as wide as the search space, beam search must equal exhaustive enumeration."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        dec = LSTMDecoder(6, 4, embed_dim=4, hidden_dim=8, attention_dim=4).eval()
+        feats = torch.randn(1, 5, 4) * 2
+        score, seq = _enumerate_best(dec, feats, max_len=3)
+        hyp = beam_search(dec, feats, beam_size=16, max_len=3)[0][0]
+        assert tuple(hyp.tokens) == seq
+        assert abs(hyp.score - score) < 1e-4
+
+
+def test_min_len_and_ngram_blocking():
+    logits = torch.full((7,), -10.0)
+    logits[Vocabulary.end_id] = 0.0
+    logits[4], logits[5] = -1.0, -1.5
+    dec, feats = _Scripted(logits), torch.randn(1, 4, 3)
+    assert beam_search(dec, feats, beam_size=2, max_len=6)[0][0].tokens == []
+    assert beam_search(dec, feats, beam_size=2, max_len=6, min_len=2)[0][0].tokens == [4, 4]
+    blocked = beam_search(dec, feats, beam_size=3, max_len=6, min_len=4, no_repeat_ngram=2)[0][0].tokens
+    bigrams = list(zip(blocked, blocked[1:]))
+    assert len(blocked) >= 4 and len(bigrams) == len(set(bigrams))
+
+
+def test_sampling_is_seeded_and_top1_is_greedy():
+    from captioning.decoding import sample
+
+    dec, feats = _decoder(), torch.randn(4, 9, 6)
+    a = sample(dec, feats, max_len=8, generator=torch.Generator().manual_seed(0))
+    b = sample(dec, feats, max_len=8, generator=torch.Generator().manual_seed(0))
+    assert [h.tokens for h in a] == [h.tokens for h in b]
+    top1 = sample(dec, feats, max_len=8, top_k=1)
+    assert [h.tokens for h in top1] == [h.tokens for h in greedy(dec, feats, max_len=8)]

@@ -100,3 +100,18 @@ def test_encoder_weights_from_a_local_file(tmp_path):
     out = enc.eval()(torch.randn(1, 3, 64, 64))
     assert out.features.shape == (1, 16, 256) and out.grid == (4, 4)
     assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_transformer_checkpoint_trains_and_infers_with_cross_attention_overlay(tmp_path, tiny_shapes):
+    args = ["fit", "-c", str(ROOT / "configs" / "tiny.yaml"), "--model.decoder", "transformer"]
+    args += ["--model.hidden_dim", "32", "--model.num_heads", "2", "--test_after_fit", "false"]
+    proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = next(tmp_path.glob("runs/tiny/*/checkpoints/best.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["captioning"]["model"]["decoder"] == "transformer"
+    image = tiny_shapes.parent / "images" / "000002.png"
+    proc = run_script(str(ROOT / "infer.py"), str(image), "--ckpt", str(ckpt), "--beam-size", "4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "000002_attention.png").is_file()
+    cap = Captioner.from_checkpoint(ckpt).caption(image)
+    assert cap.attention.shape == (len(cap.tokens), 8, 8)

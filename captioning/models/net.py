@@ -12,9 +12,14 @@ from torch import nn
 from captioning.models.base import Decoder, Encoder, EncoderOutput
 from captioning.models.encoders import build_encoder
 from captioning.models.lstm import LSTMDecoder
+from captioning.models.transformer import TransformerDecoder
 
 
 class CaptionNet(nn.Module):
+    """Encoder + decoder. ``decoder="lstm"`` uses embed_dim, hidden_dim, attention_dim and
+    attention; ``decoder="transformer"`` uses hidden_dim as the model width D, num_heads,
+    num_layers, ffn_dim, tie_embeddings, attention_layer and max_len."""
+
     def __init__(
         self,
         vocab_size: int,
@@ -29,14 +34,34 @@ class CaptionNet(nn.Module):
         attention_dim: int = 128,
         attention: str = "additive",
         dropout: float = 0.3,
+        num_heads: int = 4,
+        num_layers: int = 2,
+        ffn_dim: int | None = None,
+        tie_embeddings: bool = True,
+        attention_layer: int = -1,
+        max_len: int = 64,
     ):
         super().__init__()
         self.encoder: Encoder = build_encoder(encoder, encoder_stage, encoder_grid, freeze_encoder, encoder_channels)
-        if decoder != "lstm":
-            raise ValueError(f"decoder must be 'lstm', got {decoder!r}")
-        self.decoder: Decoder = LSTMDecoder(
-            vocab_size, self.encoder.out_dim, embed_dim, hidden_dim, attention_dim, attention, dropout
-        )
+        if decoder == "lstm":
+            self.decoder: Decoder = LSTMDecoder(
+                vocab_size, self.encoder.out_dim, embed_dim, hidden_dim, attention_dim, attention, dropout
+            )
+        elif decoder == "transformer":
+            self.decoder = TransformerDecoder(
+                vocab_size,
+                self.encoder.out_dim,
+                dim=hidden_dim,
+                heads=num_heads,
+                layers=num_layers,
+                ffn_dim=ffn_dim,
+                dropout=dropout,
+                max_len=max_len,
+                tie_embeddings=tie_embeddings,
+                attention_layer=attention_layer,
+            )
+        else:
+            raise ValueError(f"decoder must be 'lstm' or 'transformer', got {decoder!r}")
 
     def encode(self, images: torch.Tensor) -> EncoderOutput:
         return self.encoder(images)  # (B,3,H,W) -> (B,N,C), (h,w)

@@ -1,0 +1,78 @@
+"""Beam search throughput: B images decoded at once versus the same search one image at a time.
+
+    python benchmarks/beam_search.py [--images 64] [--beam 5] [--steps 16] [--device cpu] [--ckpt path ...]
+
+For each decoder (LSTM and Transformer at the shapes sizes, or the given checkpoints) it times the
+encoder + beam search over ``--images`` images, batched and one by one, and prints captions/s.
+Random-initialised models run a fixed ``--steps`` steps (min_len = max_len) so that both modes do
+the same work; checkpoints decode as in inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from captioning.decoding import beam_search
+from captioning.models.net import CaptionNet
+
+SHAPES_MODELS = {
+    "lstm": dict(decoder="lstm", embed_dim=128, hidden_dim=256, attention_dim=128),
+    "transformer": dict(decoder="transformer", hidden_dim=128, num_heads=4, num_layers=2),
+}
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ckpt", nargs="*", default=[], help="checkpoints to time instead of random models")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    models = []
+    if args.ckpt:
+        from captioning.inference import Captioner
+
+        for path in args.ckpt:
+            c = Captioner.from_checkpoint(path, device=device)
+            models.append((path, c.net, c.transform.size, 0, c.max_len))
+    else:
+        for name, kw in SHAPES_MODELS.items():
+            net = CaptionNet(40, **kw).to(device).eval()
+            models.append((name, net, args.image_size, args.steps, args.steps))
+    print(f"beam search, {args.images} images, K={args.beam}, device={device}, torch {torch.__version__}")
+    print(f"{'model':<40} {'batched cap/s':>14} {'one-by-one cap/s':>17} {'speed-up':>9}")
+    for name, net, size, min_len, max_len in models:
+        images = torch.randn(args.images, 3, size, size, device=device)
+
+        def search(x: torch.Tensor) -> None:
+            with torch.no_grad():
+                feats = net.encode(x).features
+                beam_search(net.decoder, feats, beam_size=args.beam, max_len=max_len, min_len=min_len)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        batched = _time(lambda: search(images), args.repeats)
+        single = _time(lambda: [search(images[i : i + 1]) for i in range(args.images)], max(1, args.repeats // 2))
+        print(f"{name:<40} {args.images / batched:>14.1f} {args.images / single:>17.1f} {single / batched:>8.1f}x")
+
+
+if __name__ == "__main__":
+    main()
