@@ -119,7 +119,9 @@ def beam_search(
     scores = scores.view(-1)  # (B*K,)
     finished = torch.zeros(b * k, dtype=torch.bool, device=device)
     history = torch.empty((b * k, 0), dtype=torch.long, device=device)  # (B*K,T)
-    attn_history = torch.empty((b * k, 0, n), device=device)  # (B*K,T,N)
+    alphas, sources = [], []  # per step: attention (B*K,N) of the rows before reordering, src (B*K,)
+    # state that is the same for every beam of an image never needs reordering: beams stay in their image
+    static = set(getattr(decoder, "per_image_state", ()))
     for step in range(max_len):
         logits, alpha, state = decoder.step(tokens, state, feats)
         logp = _never_special(logits.float().log_softmax(-1))  # (B*K,V)
@@ -137,18 +139,25 @@ def beam_search(
         beam = torch.div(top_idx, v, rounding_mode="floor")  # (B,K) beam each candidate extends
         word = top_idx % v  # (B,K)
         src = (beam + torch.arange(b, device=device).unsqueeze(1) * k).view(-1)  # (B*K,) rows to keep
-        state = decoder.reorder(state, src)
+        moving = decoder.reorder({key: t for key, t in state.items() if key not in static}, src)
+        state = {**{key: t for key, t in state.items() if key in static}, **moving}
         history = torch.cat([history.index_select(0, src), word.view(-1, 1)], 1)
-        attn_history = torch.cat(
-            [attn_history.index_select(0, src), alpha.float().index_select(0, src).unsqueeze(1)], 1
-        )
+        alphas.append(alpha)
+        sources.append(src)
         scores = top_scores.view(-1)
         # dead beams (-inf: fewer live candidates than K, e.g. K > V at the first step) count as finished
         finished = finished.index_select(0, src) | (word.view(-1) == Vocabulary.end_id) | torch.isinf(scores)
         tokens = word.view(-1)
         if bool(finished.all()):
             break
-    hist, attn, sc = history.cpu(), attn_history.cpu(), scores.view(b, k).cpu()
+    # follow the back-pointers to give each final row the attention of the steps that built it
+    row = torch.arange(b * k, device=device)
+    attn_steps = []
+    for alpha, src in zip(reversed(alphas), reversed(sources)):
+        row = src.index_select(0, row)
+        attn_steps.append(alpha.float().index_select(0, row))
+    attn = torch.stack(attn_steps[::-1], 1).cpu() if attn_steps else torch.empty(b * k, 0, n)  # (B*K,T,N)
+    hist, sc = history.cpu(), scores.view(b, k).cpu()
     results = []
     for i in range(b):
         hyps = []

@@ -1,9 +1,11 @@
 """Caption metrics: corpus BLEU-4 (via NLTK) and, for the shapes set, object / full accuracy
-and attention grounding (pointing accuracy).
+and attention grounding.
 
 Pointing accuracy: over generated shape nouns that match exactly one object of the image (by
 the attributes the caption gives), the fraction whose attention argmax cell, its centre mapped
-to image pixels, lies inside that object's box enlarged by half a cell.
+to image pixels, lies inside that object's box enlarged by half a cell. The same is reported for
+colour words (``pointing_accuracy_color``), and the mean share of attention inside the named
+object's box (``attention_mass_shape`` / ``attention_mass_color``).
 """
 
 from __future__ import annotations
@@ -24,18 +26,48 @@ def bleu4(references: Sequence[Sequence[Sequence[str]]], candidates: Sequence[Se
     return float(corpus_bleu([list(map(list, r)) for r in references], [list(c) for c in candidates]))
 
 
-def pointing_hits(
+def _cell_geometry(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, float, float]:
+    gh, gw = grid
+    width, height = image_size
+    return gh, gw, width / gw, height / gh
+
+
+def _points_inside(cell: int, box: Sequence[float], grid: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    """Is the centre of ``cell`` inside ``box`` enlarged by half a cell?"""
+    _, gw, cw, ch = _cell_geometry(grid, image_size)
+    cx, cy = (cell % gw + 0.5) * cw, (cell // gw + 0.5) * ch
+    x0, y0, x1, y1 = box
+    return x0 - cw / 2 <= cx <= x1 + cw / 2 and y0 - ch / 2 <= cy <= y1 + ch / 2
+
+
+def attention_mass(
+    attention: torch.Tensor, box: Sequence[float], grid: tuple[int, int], image_size: tuple[int, int]
+) -> float:
+    """Share of one attention map (N,) that falls inside ``box`` (pixels, inclusive), each cell's
+    weight spread evenly over its area."""
+    gh, gw, cw, ch = _cell_geometry(grid, image_size)
+    x0, y0, x1, y1 = box[0], box[1], box[2] + 1, box[3] + 1  # inclusive pixel box -> area
+    xs = torch.arange(gw, dtype=torch.float64) * cw  # cell left edges
+    ys = torch.arange(gh, dtype=torch.float64) * ch
+    ox = (torch.clamp(xs + cw, max=x1) - torch.clamp(xs, min=x0)).clamp(min=0) / cw  # (w,) overlap share
+    oy = (torch.clamp(ys + ch, max=y1) - torch.clamp(ys, min=y0)).clamp(min=0) / ch  # (h,)
+    return float((attention.double().view(gh, gw) * oy[:, None] * ox[None, :]).sum())
+
+
+def grounding_counts(
     tokens: Sequence[str],
     attention: torch.Tensor,
     grid: tuple[int, int],
     objects: Sequence[dict],
     image_size: tuple[int, int],
-) -> tuple[int, int]:
-    """(hits, trials) for one caption. attention (T,N) aligned with ``tokens``; image_size (W,H)."""
-    gh, gw = grid
-    width, height = image_size
-    cell_w, cell_h = width / gw, height / gh
-    hits = trials = 0
+) -> dict[str, float]:
+    """Pointing hits and attention mass for one caption, per word class.
+
+    attention (T,N) aligned with ``tokens``; image_size (W,H). A named object counts only when
+    the attributes said match exactly one object. Returns sums: ``shape_hits``, ``shape_trials``,
+    ``shape_mass``, ``color_hits``, ``color_trials``, ``color_mass``.
+    """
+    out = dict.fromkeys(("shape_hits", "shape_trials", "shape_mass", "color_hits", "color_trials", "color_mass"), 0.0)
     for m in parse_caption(list(tokens))[0]:
         match = [
             o
@@ -44,14 +76,28 @@ def pointing_hits(
             and (m.color is None or o["color"] == m.color)
             and (m.size is None or o["size"] == m.size)
         ]
-        if len(match) != 1 or m.position >= attention.size(0):
+        if len(match) != 1:
             continue
-        cell = int(attention[m.position].argmax())
-        cx, cy = (cell % gw + 0.5) * cell_w, (cell // gw + 0.5) * cell_h
-        x0, y0, x1, y1 = match[0]["box"]
-        trials += 1
-        hits += int(x0 - cell_w / 2 <= cx <= x1 + cell_w / 2 and y0 - cell_h / 2 <= cy <= y1 + cell_h / 2)
-    return hits, trials
+        box = match[0]["box"]
+        for kind, pos in (("shape", m.position), ("color", m.color_position)):
+            if pos is None or pos >= attention.size(0):
+                continue
+            out[f"{kind}_trials"] += 1
+            out[f"{kind}_hits"] += _points_inside(int(attention[pos].argmax()), box, grid, image_size)
+            out[f"{kind}_mass"] += attention_mass(attention[pos], box, grid, image_size)
+    return out
+
+
+def pointing_hits(
+    tokens: Sequence[str],
+    attention: torch.Tensor,
+    grid: tuple[int, int],
+    objects: Sequence[dict],
+    image_size: tuple[int, int],
+) -> tuple[int, int]:
+    """(hits, trials) of the shape nouns of one caption (the pointing accuracy of the module doc)."""
+    c = grounding_counts(tokens, attention, grid, objects, image_size)
+    return int(c["shape_hits"]), int(c["shape_trials"])
 
 
 def shapes_scores(
@@ -63,13 +109,17 @@ def shapes_scores(
 ) -> dict[str, float]:
     """object_accuracy, full_accuracy and pointing_accuracy over a set of shapes images."""
     n = max(len(candidates), 1)
-    hits = trials = 0
+    total: dict[str, float] = {}
     for toks, att, objs, size in zip(candidates, attentions, objects, image_sizes):
-        h, t = pointing_hits(toks, att, grid, objs, size)
-        hits, trials = hits + h, trials + t
+        for k, v in grounding_counts(toks, att, grid, objs, size).items():
+            total[k] = total.get(k, 0.0) + v
+    ratio = lambda a, b: total.get(a, 0.0) / total[b] if total.get(b) else 0.0
     return {
         "object_accuracy": sum(objects_correct(list(c), list(o)) for c, o in zip(candidates, objects)) / n,
         "full_accuracy": sum(fully_correct(list(c), list(o)) for c, o in zip(candidates, objects)) / n,
-        "pointing_accuracy": hits / trials if trials else 0.0,
-        "pointing_trials": float(trials),
+        "pointing_accuracy": ratio("shape_hits", "shape_trials"),
+        "pointing_trials": total.get("shape_trials", 0.0),
+        "pointing_accuracy_color": ratio("color_hits", "color_trials"),
+        "attention_mass_shape": ratio("shape_mass", "shape_trials"),
+        "attention_mass_color": ratio("color_mass", "color_trials"),
     }

@@ -14,7 +14,7 @@ def _attention(cells):
     att = torch.full((len(CAP), 64), 0.001)
     for t, c in enumerate(cells):
         att[t, c] = 1.0
-    return att
+    return att / att.sum(-1, keepdim=True)
 
 
 def test_bleu4_is_one_for_an_exact_reference_and_lower_otherwise():
@@ -46,3 +46,19 @@ def test_shapes_scores_object_and_full_accuracy():
     out = shapes_scores([CAP, swapped, wrong], [_attention([0] * 12)] * 3, (8, 8), [OBJ] * 3, [(64, 64)] * 3)
     assert abs(out["object_accuracy"] - 2 / 3) < 1e-9
     assert abs(out["full_accuracy"] - 1 / 3) < 1e-9
+
+
+def test_attention_mass_and_colour_pointing():
+    from captioning.metrics import attention_mass
+
+    uniform = torch.full((64,), 1 / 64)
+    # the circle box [0,0,15,15] is exactly the 2x2 top-left cells of an 8x8 grid on 64 px
+    assert abs(attention_mass(uniform, [0, 0, 15, 15], (8, 8), (64, 64)) - 4 / 64) < 1e-9
+    # a box covering half of cell 0 horizontally
+    one_hot = torch.zeros(64)
+    one_hot[0] = 1.0
+    assert abs(attention_mass(one_hot, [0, 0, 3, 7], (8, 8), (64, 64)) - 0.5) < 1e-9
+    att = _attention([0] * 11 + [63])  # colour words too: "red" -> circle cell, "blue" -> cell 0 (miss)
+    out = shapes_scores([CAP], [att], (8, 8), [OBJ], [(64, 64)])
+    assert out["pointing_accuracy_color"] == 0.5 and out["pointing_accuracy"] == 1.0
+    assert 0.5 < out["attention_mass_shape"] <= 1.0

@@ -200,12 +200,14 @@ def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: 
 
 @dataclass
 class Mention:
-    """An object named in a caption: its attributes (None where not said) and the noun's index."""
+    """An object named in a caption: its attributes (None where not said), the noun's index and
+    the colour word's index (None where no colour is said)."""
 
     size: str | None
     color: str | None
     shape: str
     position: int
+    color_position: int | None = None
 
 
 def parse_caption(tokens: list[str]) -> tuple[list[Mention], str | None]:
@@ -214,16 +216,16 @@ def parse_caption(tokens: list[str]) -> tuple[list[Mention], str | None]:
     Adjectives attach to the next shape noun, which is how every template is written.
     """
     mentions: list[Mention] = []
-    size = color = None
+    size = color = color_at = None
     relation = None
     for i, tok in enumerate(tokens):
         if tok in SIZES:
             size = tok
         elif tok in COLORS:
-            color = tok
+            color, color_at = tok, i
         elif tok in SHAPES:
-            mentions.append(Mention(size, color, tok, i))
-            size = color = None
+            mentions.append(Mention(size, color, tok, i, color_at))
+            size = color = color_at = None
         elif tok in ("left", "right") and mentions and relation is None:
             relation = tok
     return mentions, relation

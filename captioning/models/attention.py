@@ -29,7 +29,8 @@ class AdditiveAttention(nn.Module):
         self, features: torch.Tensor, keys: torch.Tensor, query: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B,N,C), keys (B,N,A), query (B,Q) -> context (B,C), alpha (B,N)."""
-        scores = self.score(torch.tanh(keys + self.query(query).unsqueeze(1))).squeeze(-1)  # (B,N)
+        hidden = keys + self.query(query).unsqueeze(1)  # (B,N,A): the largest tensor of a step
+        scores = self.score(hidden.tanh_()).squeeze(-1)  # in place: one (B,N,A) buffer, not two -> (B,N)
         alpha = scores.softmax(dim=-1)
         context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B,1,N)@(B,N,C) -> (B,C)
         return context, alpha

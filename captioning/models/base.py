@@ -36,6 +36,9 @@ class Decoder(nn.Module):
     """
 
     vocab_size: int
+    #: state keys whose value is the same for every beam of an image (e.g. projected features):
+    #: beam search, whose beams never leave their image, can skip reordering them
+    per_image_state: tuple[str, ...] = ()
 
     def forward(self, features: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B,N,C), tokens_in (B,T) -> logits (B,T,V), attention (B,T,N)."""

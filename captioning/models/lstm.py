@@ -20,6 +20,8 @@ from captioning.models.base import Decoder, DecoderState
 
 
 class LSTMDecoder(Decoder):
+    per_image_state = ("keys",)
+
     def __init__(
         self,
         vocab_size: int,

@@ -131,6 +131,7 @@ class TransformerDecoder(Decoder):
         if tie_embeddings:
             self.out.weight = self.embed.weight
         nn.init.normal_(self.embed.weight, std=dim**-0.5)
+        self.per_image_state = tuple(f"cross_{kv}{i}" for i in range(layers) for kv in "kv")
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (B,T) at positions (T,) [teacher forcing] or (B,) [one step per row] -> (B,T,D)."""
