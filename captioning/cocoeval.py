@@ -11,7 +11,8 @@ report for them. Reproduced without Java:
   It was checked token for token against the Java tokenizer (see tests/test_cocoeval.py and the fixture).
   Deliberate difference: pycocoevalcap splits the lexer's output on the newlines the lexer emits, so a caption
   holding a carriage return or another line separator shifts every later caption onto the wrong image; here
-  such characters are read as spaces.
+  such characters are read as spaces. Known, unreproduced corner: "letter" and "uppercase" follow Python's
+  Unicode tables rather than those of the 2014 JDK (characters added to Unicode since then may differ).
 - BLEU-1..4 (``bleu_scorer.py``: corpus level, "closest" reference length, its 1e-9 / 1e-15 smoothing),
 - ROUGE-L (``rouge.py``: LCS, beta 1.2, best precision and best recall over the references, mean over images),
 - CIDEr-D (``cider_scorer.py``, which pycocoevalcap calls "CIDEr": n = 1..4, tf-idf with document frequencies
@@ -43,6 +44,7 @@ __all__ = [
     "PUNCTUATIONS",
     "CiderD",
     "bleu",
+    "meteor_available",
     "ptb_tokenize",
     "rouge_l",
     "score_captions",
@@ -52,8 +54,9 @@ __all__ = [
 # pycocoevalcap/tokenizer/ptbtokenizer.py drops these tokens after PTB tokenisation. Note that the lexer output is
 # lowercased first, so "-LRB-"/"-RRB-" (from parentheses) arrive as "-lrb-"/"-rrb-" and are *kept*, as in the
 # official scores.
-PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
-                          "...", ";"])  # fmt: skip
+PUNCTUATIONS = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # PTB tokenizer (behaviour of edu.stanford.nlp.process.PTBLexer, CoreNLP 3.4.1, default options + tokenizeNLs)
@@ -263,7 +266,7 @@ def _rules() -> tuple[tuple[tuple[re.Pattern, ...], bool, _Action], ...]:
         "bat|bmp|c|class|cgi|cpp|dll|doc|docx|exe|gif|gz|h|htm|html|jar|java|jpeg|jpg|mov|mp3|pdf|php|pl|png|ppt|ps"
         "|py|sql|tar|txt|wav|x|xml|zip"
     )
-    filename = f"{letter_digit}+(?:\\.{letter_digit}+)*\\.{_i(f'(?:{filename_ext})')}"
+    filename = f"(?:{word_char}|\\d)+(?:\\.(?:{word_char}|\\d)+)*\\.{_i(f'(?:{filename_ext})')}"
 
     def q(left: bool) -> _Action:
         return _emit(lambda t: _latex_quotes(t, left))
@@ -437,9 +440,25 @@ def _lex(text: str) -> list[str]:
 _LINE_BREAKS = re.compile("[\r\u2028\u2029\u000b\u000c]")
 
 
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
+
+def _surrogates(cp: int) -> str:
+    return chr(0xD800 + ((cp - 0x10000) >> 10)) + chr(0xDC00 + ((cp - 0x10000) & 0x3FF))
+
+
+def _lex_utf16(text: str) -> list[str]:
+    """``_lex`` on the text as Java sees it: characters beyond the BMP (emoji, ...) as two UTF-16 surrogates, which
+    match no letter class and count twice in patterns like URLs."""
+    if not _ASTRAL.search(text):
+        return _lex(text)
+    utf16 = _ASTRAL.sub(lambda m: _surrogates(ord(m.group())), text)
+    return [t.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace") for t in _lex(utf16)]
+
+
 def ptb_tokenize(text: str) -> list[str]:
     """Lowercased PTB tokens of one caption, punctuation included (what ``PTBTokenizer -lowerCase`` prints)."""
-    return [t.lower() for t in _lex(_LINE_BREAKS.sub(" ", text.replace("\n", " ")))]
+    return [t.lower() for t in _lex_utf16(_LINE_BREAKS.sub(" ", text.replace("\n", " ")))]
 
 
 def tokenize_captions(captions: Sequence[str]) -> list[str]:
@@ -451,7 +470,7 @@ def tokenize_captions(captions: Sequence[str]) -> list[str]:
     """
     text = "\n".join(_LINE_BREAKS.sub(" ", c.replace("\n", " ")) for c in captions)
     lines: list[list[str]] = [[]]
-    for tok in _lex(text):
+    for tok in _lex_utf16(text):
         if tok == _NL:
             lines.append([])
         else:
@@ -570,8 +589,8 @@ class CiderD:
     evaluated images themselves (what ``score_captions`` does). For a training reward, build it once from the
     training references (``references``: one sequence of reference captions per image) and score sampled captions
     against their images' references: a batch is scored with a few numpy operations, and the n-grams of each
-    reference caption are cached (up to ``cache_size`` captions, about 0.3 kB each) so that an image seen again
-    costs less.
+    reference caption are cached (up to ``cache_size`` captions, about 0.5 kB each; with ``precompute`` those of the
+    corpus are encoded up front) so that scoring against them is a lookup.
 
     Captions are tokenised: space-joined strings (as ``tokenize_captions`` returns them) or token lists. As in
     pycocoevalcap, the idf of an n-gram is ``log(N) - log(max(1, df))`` with N the number of reference sets of the
@@ -753,7 +772,7 @@ def _meteor(gts: dict[Any, list[str]], res: dict[Any, list[str]], timeout: float
         from pycocoevalcap.meteor.meteor import Meteor
 
         scorer = Meteor()
-    except Exception as exc:  # noqa: BLE001 - any failure to start the jar means "no METEOR"
+    except Exception as exc:  # any failure to start the jar means "no METEOR"
         warnings.warn(f"METEOR left out: could not start it ({exc!r})", RuntimeWarning, stacklevel=3)
         return None
     result: dict[str, Any] = {}
@@ -761,16 +780,19 @@ def _meteor(gts: dict[Any, list[str]], res: dict[Any, list[str]], timeout: float
     def run() -> None:
         try:
             result["score"] = float(scorer.compute_score(gts, res)[0])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # reported by the caller's thread
             result["error"] = exc
 
     # the wrapper blocks on the jar's stdout: a thread lets a hung jar be killed instead of hanging the caller
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     worker.join(timeout)
-    if worker.is_alive():
+    timed_out = worker.is_alive()
+    if timed_out:
         scorer.meteor_p.kill()
         worker.join(5)
+    _close_meteor(scorer)
+    if timed_out:
         warnings.warn(f"METEOR left out: no answer from the jar within {timeout:.0f} s", RuntimeWarning, stacklevel=3)
         return None
     if "error" in result:
@@ -778,6 +800,19 @@ def _meteor(gts: dict[Any, list[str]], res: dict[Any, list[str]], timeout: float
         return None
     score = result["score"]
     return score if math.isfinite(score) else None
+
+
+def _close_meteor(scorer: Any) -> None:
+    """Stop the jar now. The wrapper's ``__del__`` would do it at garbage collection, but it takes the wrapper's
+    lock, which ``compute_score`` leaves held when it fails: release it so that ``__del__`` cannot hang."""
+    if scorer.lock.locked():
+        scorer.lock.release()
+    try:
+        scorer.meteor_p.stdin.close()
+        scorer.meteor_p.kill()
+        scorer.meteor_p.wait(10)
+    except Exception:  # already gone
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from captioning.decoding import beam_search
-from captioning.metrics import bleu4, shapes_scores
+from captioning.metrics import score_captions, shapes_scores
 from captioning.models.encoders import load_encoder_weights
 from captioning.models.net import CaptionNet
 from captioning.vocab import Vocabulary
@@ -61,6 +61,8 @@ class CaptionModule(pl.LightningModule):
             paper used 1, but on shapes (64 cells, ~10 words) 1 spreads attention so much that
             pointing accuracy falls from 0.98 to 0.63 (12-epoch runs), so the default is 0.1.
         beam_size, max_decode_len, length_penalty: search used in validation and test.
+        val_meteor, test_meteor: compute METEOR (needs Java and pycocoevalcap; slow to start) in
+            validation / test. The other coco-caption metrics are always computed.
         image_size, mean, std: preprocessing, set from the data by the CLI, stored for inference.
     """
 
@@ -94,6 +96,8 @@ class CaptionModule(pl.LightningModule):
         beam_size: int = 3,
         max_decode_len: int = 24,
         length_penalty: float = 0.0,
+        val_meteor: bool = False,
+        test_meteor: bool = True,
         image_size: int = 64,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -181,35 +185,50 @@ class CaptionModule(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._decode_batch(batch)
 
-    def _score(self, split: str) -> tuple[dict[str, float], list[dict]]:
+    def _gathered_outputs(self) -> list[tuple[int, list[int], torch.Tensor]]:
+        """This rank's decoded captions, or every rank's under DDP, deduplicated by image index
+        (a distributed sampler repeats images to even out the shards) and in index order."""
+        outputs, self._eval_outputs = self._eval_outputs, []
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, outputs)
+            outputs = [o for part in gathered for o in part]
+        unique = {i: (i, toks, att) for i, toks, att in outputs}
+        return [unique[i] for i in sorted(unique)]
+
+    def _score(self, split: str, meteor: bool) -> tuple[dict[str, float], list[dict]]:
+        """Metrics of the decoded captions of ``split`` (identical on every rank) and the captions."""
         records = self.trainer.datamodule.records(split)
-        outputs = sorted(self._eval_outputs, key=lambda o: o[0])
-        self._eval_outputs = []
+        outputs = self._gathered_outputs()
+        if not outputs:
+            return {}, []
         words = [self.vocab.decode(toks) for _, toks, _ in outputs]
-        refs = [records[i].tokens for i, _, _ in outputs]
-        metrics = {"bleu4": bleu4(refs, words)}
-        if outputs and all(records[i].objects is not None for i, _, _ in outputs):
+        ids = [records[i].image_id for i, _, _ in outputs]
+        metrics = score_captions(
+            {image_id: records[i].captions for image_id, (i, _, _) in zip(ids, outputs)},
+            {image_id: " ".join(w) for image_id, w in zip(ids, words)},
+            meteor=meteor,
+        )
+        if all(records[i].objects is not None for i, _, _ in outputs):
             from PIL import Image
 
             sizes = []
             for i, _, _ in outputs:
                 with Image.open(records[i].image_path) as im:
                     sizes.append(im.size)
-            metrics.update(
-                shapes_scores(
-                    words, [a for _, _, a in outputs], self.grid, [records[i].objects for i, _, _ in outputs], sizes
-                )
-            )
-        captions = [{"image_id": records[i].image_id, "caption": " ".join(w)} for (i, _, _), w in zip(outputs, words)]
+            objects = [records[i].objects for i, _, _ in outputs]
+            metrics.update(shapes_scores(words, [a for _, _, a in outputs], self.grid, objects, sizes))
+        captions = [{"image_id": image_id, "caption": " ".join(w)} for image_id, w in zip(ids, words)]
         return metrics, captions
 
     def on_validation_epoch_end(self) -> None:
-        metrics, _ = self._score("val")
+        metrics, _ = self._score("val", self.hparams.val_meteor)
         for k, v in metrics.items():
-            self.log(f"val/{k}", v, prog_bar=k in ("bleu4", "object_accuracy"), sync_dist=False)
+            # every rank scored the same gathered captions, so no reduction is needed
+            self.log(f"val/{k}", v, prog_bar=k in ("bleu4", "cider_d", "object_accuracy"), sync_dist=False)
 
     def on_test_epoch_end(self) -> None:
-        metrics, captions = self._score("test")
+        metrics, captions = self._score("test", self.hparams.test_meteor)
         for k, v in metrics.items():
             self.log(f"test/{k}", v)
         if self.trainer.is_global_zero and self.trainer.log_dir:

@@ -1,5 +1,8 @@
-"""Caption metrics: corpus BLEU-4 (via NLTK) and, for the shapes set, object / full accuracy
-and attention grounding.
+"""Caption metrics.
+
+``score_captions`` (from :mod:`captioning.cocoeval`): BLEU-1..4, ROUGE-L, CIDEr-D and, where Java
+is there, METEOR, exactly as the coco-caption toolkit computes them. For the shapes set, object /
+full accuracy and attention grounding:
 
 Pointing accuracy: over generated shape nouns that match exactly one object of the image (by
 the attributes the caption gives), the fraction whose attention argmax cell, its centre mapped
@@ -14,16 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
+from captioning.cocoeval import score_captions
 from captioning.data.synthetic import fully_correct, objects_correct, parse_caption
 
-
-def bleu4(references: Sequence[Sequence[Sequence[str]]], candidates: Sequence[Sequence[str]]) -> float:
-    """Corpus BLEU-4 of tokenised ``candidates`` against their lists of tokenised ``references``."""
-    from nltk.translate.bleu_score import corpus_bleu
-
-    if not candidates:
-        return 0.0
-    return float(corpus_bleu([list(map(list, r)) for r in references], [list(c) for c in candidates]))
+__all__ = ["score_captions", "shapes_scores", "grounding_counts", "pointing_hits", "attention_mass"]
 
 
 def _cell_geometry(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, float, float]:

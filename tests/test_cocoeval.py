@@ -10,11 +10,14 @@ PTBTokenizer (``-preserveLines -lowerCase``), the jar that pycocoevalcap ships.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import random
 import subprocess
 import sys
+import threading
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -51,7 +54,7 @@ TRICKY = [
     ("“Curly quotes” and ‘single’ ones — with an em dash…", ["``", "curly", "quotes", "''", "and", "`", "single", "'", "ones", "--", "with", "an", "em", "dash", "..."]),  # noqa: E501
     ("the kids' bikes and James' car", ["the", "kids", "'", "bikes", "and", "james", "'", "car"]),
     ("A café's naïve décor", ["a", "café", "'s", "naïve", "décor"]),
-    ("A photo from www.flickr.com, e.g. this one", ["a", "photo", "from", "www.flickr.com", ",", "e.g.", "this", "one"]),
+    ("A photo from www.flickr.com, e.g. this one", ["a", "photo", "from", "www.flickr.com", ",", "e.g.", "this", "one"]),  # noqa: E501
     ("rock 'n' roll in the '90s", ["rock", "'n'", "roll", "in", "the", "'90s"]),
     ("A [red] {blue} <green> car", ["a", "-lsb-", "red", "-rsb-", "-lcb-", "blue", "-rcb-", "<green>", "car"]),
     ("O'Neil's dog at 5 o'clock", ["o'neil", "'s", "dog", "at", "5", "o'clock"]),
@@ -311,6 +314,61 @@ def test_meteor_not_asked_for_gives_no_warning(recwarn):
     out = score_captions(REFS, {"a": "a man on a horse", "b": "two dogs"}, meteor=False)
     assert "meteor" not in out
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+class _FakeJar:
+    """Stands in for the METEOR subprocess: ``kill`` wakes a blocked ``compute_score``."""
+
+    def __init__(self):
+        self.killed = threading.Event()
+        self.stdin = io.BytesIO()
+
+    def kill(self):
+        self.killed.set()
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def _fake_meteor(monkeypatch, compute_score):
+    """Make score_captions find a pycocoevalcap Meteor whose compute_score is ``compute_score``."""
+
+    class Meteor:
+        def __init__(self):
+            self.lock = threading.Lock()
+            self.meteor_p = _FakeJar()
+
+        def compute_score(self, gts, res):
+            self.lock.acquire()  # like pycocoevalcap: never released when it fails
+            return compute_score(self, gts, res)
+
+    module = types.ModuleType("pycocoevalcap.meteor.meteor")
+    module.Meteor = Meteor
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.meteor.meteor", module)
+    monkeypatch.setattr(cocoeval, "meteor_available", lambda: True)
+    return Meteor
+
+
+def test_meteor_failures_leave_the_key_out_with_a_warning(monkeypatch):
+    def broken(self, gts, res):
+        raise ValueError("could not convert string to float: ''")
+
+    _fake_meteor(monkeypatch, broken)
+    with pytest.warns(RuntimeWarning, match="METEOR left out"):
+        out = score_captions(REFS, {"a": "a man on a horse", "b": "two dogs"})
+    assert "meteor" not in out and "bleu4" in out
+
+    def hung(self, gts, res):
+        self.meteor_p.killed.wait(30)
+        raise ValueError("jar killed")
+
+    _fake_meteor(monkeypatch, hung)
+    with pytest.warns(RuntimeWarning, match="no answer"):
+        out = score_captions(REFS, {"a": "a man on a horse", "b": "two dogs"}, meteor_timeout=0.5)
+    assert "meteor" not in out
+
+    _fake_meteor(monkeypatch, lambda self, gts, res: (0.25, [0.25] * len(gts)))
+    assert score_captions(REFS, {"a": "a man on a horse", "b": "two dogs"})["meteor"] == 0.25
 
 
 def test_library_does_not_import_pycocoevalcap():

@@ -1,6 +1,6 @@
 import torch
 
-from captioning.metrics import bleu4, pointing_hits, shapes_scores
+from captioning.metrics import pointing_hits, score_captions, shapes_scores
 
 OBJ = [
     {"shape": "circle", "color": "red", "size": "small", "box": [0, 0, 15, 15]},
@@ -17,9 +17,12 @@ def _attention(cells):
     return att / att.sum(-1, keepdim=True)
 
 
-def test_bleu4_is_one_for_an_exact_reference_and_lower_otherwise():
-    assert abs(bleu4([[CAP]], [CAP]) - 1.0) < 1e-9
-    assert bleu4([[CAP]], ["a small red circle right of a large blue square".split()]) < 1.0
+def test_coco_metrics_are_perfect_for_an_exact_reference_and_lower_otherwise():
+    refs = {"a": [" ".join(CAP), "a red circle and a blue square"], "b": ["a small green triangle"]}
+    exact = score_captions(refs, {"a": " ".join(CAP), "b": "a small green triangle"}, meteor=False)
+    assert abs(exact["bleu4"] - 1.0) < 1e-6 and abs(exact["rouge_l"] - 1.0) < 1e-9
+    worse = score_captions(refs, {"a": "a small red circle right of a large blue square", "b": "a cat"}, meteor=False)
+    assert all(worse[k] < exact[k] for k in ("bleu4", "rouge_l", "cider_d"))
 
 
 def test_pointing_counts_hits_on_the_named_objects():
