@@ -33,8 +33,8 @@ class CaptionCLI(LightningCLI):
         best = getattr(ckpt, "best_model_path", "") if ckpt else ""
         if self.config.fit.test_after_fit and not trainer.interrupted:
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
+        run = Path(trainer.log_dir or ".").resolve()  # log_dir is a collective under DDP: every rank asks
         if trainer.is_global_zero:
-            run = Path(trainer.log_dir or ".").resolve()
             print(f"\nrun directory: {run}")
             if best:
                 print(f"best checkpoint: {Path(best).resolve()}")
@@ -44,13 +44,12 @@ class CaptionCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> CaptionCLI:
     """``python train.py`` alone = ``fit`` with ``configs/shapes.yaml``."""
-    args = sys.argv[1:] if args is None else list(args)
-    if not args:
+    if args is None and not sys.argv[1:]:
         args = ["fit", "--config", str(DEFAULT_CONFIG)]
+    # args=None: LightningCLI reads sys.argv itself (passing both makes it warn)
     return CaptionCLI(
         CaptionModule,
         CaptionDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"} if False else None,
     )

@@ -185,11 +185,14 @@ class CaptionModule(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._decode_batch(batch)
 
+    def _distributed(self) -> bool:
+        return self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
     def _gathered_outputs(self) -> list[tuple[int, list[int], torch.Tensor]]:
         """This rank's decoded captions, or every rank's under DDP, deduplicated by image index
         (a distributed sampler repeats images to even out the shards) and in index order."""
         outputs, self._eval_outputs = self._eval_outputs, []
-        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._distributed():
             gathered: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, outputs)
             outputs = [o for part in gathered for o in part]
@@ -197,9 +200,20 @@ class CaptionModule(pl.LightningModule):
         return [unique[i] for i in sorted(unique)]
 
     def _score(self, split: str, meteor: bool) -> tuple[dict[str, float], list[dict]]:
-        """Metrics of the decoded captions of ``split`` (identical on every rank) and the captions."""
-        records = self.trainer.datamodule.records(split)
+        """Metrics and captions of ``split``: gathered from all ranks, scored once on rank 0 and
+        shared, so every rank logs (and checkpoints on) the same numbers."""
         outputs = self._gathered_outputs()
+        result = self._score_outputs(split, outputs, meteor) if self.trainer.is_global_zero else None
+        if self._distributed():
+            box = [result]
+            torch.distributed.broadcast_object_list(box, src=0)
+            result = box[0]
+        return result
+
+    def _score_outputs(
+        self, split: str, outputs: list[tuple[int, list[int], torch.Tensor]], meteor: bool
+    ) -> tuple[dict[str, float], list[dict]]:
+        records = self.trainer.datamodule.records(split)
         if not outputs:
             return {}, []
         words = [self.vocab.decode(toks) for _, toks, _ in outputs]
@@ -231,8 +245,9 @@ class CaptionModule(pl.LightningModule):
         metrics, captions = self._score("test", self.hparams.test_meteor)
         for k, v in metrics.items():
             self.log(f"test/{k}", v)
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            run = Path(self.trainer.log_dir)
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if self.trainer.is_global_zero and log_dir:
+            run = Path(log_dir)
             run.mkdir(parents=True, exist_ok=True)
             (run / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             (run / "test_captions.json").write_text(json.dumps(captions, indent=1) + "\n")

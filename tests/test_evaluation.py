@@ -1,0 +1,40 @@
+"""`train.py test`: metrics and COCO-format captions, and the same numbers under DDP."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT, TINY, read_json, run_script
+
+KEYS = {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider_d", "object_accuracy", "full_accuracy"}
+KEYS |= {"pointing_accuracy", "pointing_accuracy_color", "attention_mass_shape", "attention_mass_color"}
+
+
+def _test_run(tmp_path, ckpt, *extra):
+    proc = run_script(str(ROOT / "train.py"), "test", "-c", str(TINY), "--ckpt_path", str(ckpt), *extra, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = next(tmp_path.glob("runs/tiny/*/test_metrics.json")).parent
+    return read_json(run_dir / "test_metrics.json"), read_json(run_dir / "test_captions.json")
+
+
+@pytest.fixture(scope="module")
+def single(tiny_ckpt, tmp_path_factory):
+    return _test_run(tmp_path_factory.mktemp("test_single"), tiny_ckpt)
+
+
+def test_test_subcommand_writes_metrics_and_coco_results(single, tiny_ckpt):
+    metrics, captions = single
+    assert KEYS <= metrics.keys()
+    assert "meteor" not in metrics  # tiny.yaml turns METEOR off; it is never a made-up number
+    assert len(captions) == 16 and len({c["image_id"] for c in captions}) == 16
+    assert all(set(c) == {"image_id", "caption"} and isinstance(c["caption"], str) for c in captions)
+
+
+def test_ddp_gathers_deduplicates_and_scores_like_one_process(single, tiny_ckpt, tmp_path):
+    """3 ranks over 16 test images: the sampler pads to 18, so two images are decoded twice."""
+    extra = ["--trainer.devices", "3", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    metrics, captions = _test_run(tmp_path, tiny_ckpt, *extra)
+    single_metrics, single_captions = single
+    assert sorted(captions, key=lambda c: c["image_id"]) == sorted(single_captions, key=lambda c: c["image_id"])
+    for k in KEYS:
+        assert metrics[k] == pytest.approx(single_metrics[k], abs=1e-9), k
