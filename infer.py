@@ -23,9 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beam-size", type=int, default=None, help="beam width (default: the checkpoint's)")
     parser.add_argument("--out", default=".", help="folder for the <stem>_attention.png overlays")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--max-pixels", type=int, default=None, help="refuse larger images before decoding them")
     args = parser.parse_args(argv)
 
-    from captioning.data.images import ImageLoadError, load_image
+    from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
     from captioning.inference import Captioner, CheckpointError, find_latest_checkpoint
     from captioning.visualize import attention_figure
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             continue
         try:
-            image = load_image(name)
+            image = load_image(name, max_pixels=args.max_pixels or MAX_PIXELS)
         except ImageLoadError as e:
             print(f"error: {e}", file=sys.stderr)
             failures += 1

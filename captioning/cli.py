@@ -10,13 +10,29 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
+from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from pytorch_lightning.cli import LightningCLI
 
+from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_weights_only
 from captioning.data.datamodule import CaptionDataModule
 from captioning.lit_module import CaptionModule
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
+
+
+class SafeCheckpointIO(CheckpointIO):
+    """Lightning checkpoint plugin: atomic saves, ``weights_only=True`` loads (see captioning.checkpoint_io)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        return load_weights_only(path, map_location=map_location or "cpu")
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        Path(path).unlink(missing_ok=True)
 
 
 class CaptionCLI(LightningCLI):
@@ -42,14 +58,30 @@ class CaptionCLI(LightningCLI):
                 print(f"test metrics: {run / 'test_metrics.json'}")
 
 
+def _ckpt_path_argument(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--ckpt_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--ckpt_path="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def main(args: list[str] | None = None) -> CaptionCLI:
     """``python train.py`` alone = ``fit`` with ``configs/shapes.yaml``."""
     if args is None and not sys.argv[1:]:
         args = ["fit", "--config", str(DEFAULT_CONFIG)]
+    ckpt_path = _ckpt_path_argument(sys.argv[1:] if args is None else args)
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+        try:  # refuse a missing, truncated or untrusted checkpoint before anything else touches it
+            load_weights_only(ckpt_path)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
     # args=None: LightningCLI reads sys.argv itself (passing both makes it warn)
     return CaptionCLI(
         CaptionModule,
         CaptionDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"plugins": [SafeCheckpointIO()]},
     )

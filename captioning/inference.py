@@ -7,22 +7,18 @@ arguments, preprocessing, grid; ``checkpoint["state_dict"]``: weights). It is re
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from captioning.checkpoint_io import CheckpointError, load_weights_only
 from captioning.data.images import load_image
 from captioning.data.transforms import EvalTransform
 from captioning.decoding import beam_search
 from captioning.models.net import CaptionNet
 from captioning.vocab import Vocabulary
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be used; the message names the file and the cause."""
 
 
 @dataclass
@@ -36,19 +32,8 @@ class Caption:
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint safely (``weights_only=True``); errors name the file and the cause."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found" + (" (it is a directory)" if path.is_dir() else ""))
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused: the file holds objects that are not plain tensors and containers, so it is "
-            f"untrusted and was not loaded ({str(e).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({e})") from None
+    """Load a captioning checkpoint safely (``weights_only=True``); errors name the file and the cause."""
+    ckpt = load_weights_only(path, map_location=map_location)
     if not isinstance(ckpt, dict) or "captioning" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a captioning checkpoint (no 'captioning' metadata or weights)")
     return ckpt

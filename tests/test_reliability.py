@@ -1,0 +1,140 @@
+"""Safe checkpoints and bad input: refused with the file and the cause, never run, never lost."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_weights_only
+from captioning.inference import Captioner
+
+from conftest import ROOT, TINY, run_script
+
+
+class _Payload:
+    """Pickles to a call of os.system: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, tiny_ckpt):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    ckpt["extra"] = _Payload(marker)
+    torch.save(ckpt, evil)
+    with pytest.raises(CheckpointError, match="untrusted") as e:
+        Captioner.from_checkpoint(evil)
+    assert str(evil) in str(e.value)
+    # training's resume path refuses it too
+    proc = run_script(str(ROOT / "train.py"), "fit", "-c", str(TINY), "--ckpt_path", str(evil), cwd=tmp_path)
+    assert proc.returncode != 0 and "untrusted" in proc.stderr
+    assert not marker.exists()
+
+
+def test_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, tiny_ckpt, tiny_shapes):
+    """A fixture made by rewriting the storage locations of a checkpoint to "cuda:0", as a GPU
+    run writes them; loading must map them to the CPU (this machine has no CUDA device)."""
+    cuda_ckpt = tmp_path / "cuda.ckpt"
+    with zipfile.ZipFile(tiny_ckpt) as src, zipfile.ZipFile(cuda_ckpt, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert b"cpu" in data
+                data = data.replace(b"\x58\x03\x00\x00\x00cpu", b"\x58\x06\x00\x00\x00cuda:0")
+            dst.writestr(item, data)
+    assert b"cuda:0" in zipfile.ZipFile(cuda_ckpt).read(
+        next(n for n in zipfile.ZipFile(cuda_ckpt).namelist() if n.endswith("data.pkl"))
+    )
+    image = tiny_shapes.parent / "images" / "000003.png"
+    assert (
+        Captioner.from_checkpoint(cuda_ckpt).caption(image).text
+        == Captioner.from_checkpoint(tiny_ckpt).caption(image).text
+    )
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_weights_only(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_resuming_from_a_missing_checkpoint_is_an_error(tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    proc = run_script(str(ROOT / "train.py"), "fit", "-c", str(TINY), "--ckpt_path", str(missing), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert f"{missing}: checkpoint not found" in proc.stderr
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = ["fit", "-c", str(TINY), "--model.lr", "1e30", "--trainer.max_steps", "40", "--trainer.max_epochs", "10"]
+    args += ["--trainer.check_val_every_n_epoch", "1", "--test_after_fit", "false", "--trainer.gradient_clip_val", "0"]
+    proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "loss is nan at step" in proc.stderr or "loss is inf at step" in proc.stderr
+    for ckpt in tmp_path.glob("runs/tiny/*/checkpoints/*.ckpt"):
+        state = load_weights_only(ckpt)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+def test_infer_reports_every_bad_input_and_still_captions_the_good_ones(tmp_path, tiny_ckpt):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), (200, 60, 60)).save(good)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image")
+    truncated = tmp_path / "truncated.jpg"
+    buf = io.BytesIO()
+    Image.new("RGB", (128, 128), (10, 200, 30)).save(buf, "JPEG", quality=95)
+    truncated.write_bytes(buf.getvalue()[:300])
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 300)).save(big)
+    missing = tmp_path / "missing.png"
+    url = "https://example.com/cat.jpg"
+    inputs = [good, empty, text, truncated, folder, missing, url, big]
+    args = [str(p) for p in inputs] + ["--ckpt", str(tiny_ckpt), "--max-pixels", "50000", "--out", str(tmp_path)]
+    proc = run_script(str(ROOT / "infer.py"), *args, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout.startswith(f"{good}: ") and (tmp_path / "good_attention.png").is_file()
+    causes = {
+        empty: "empty file",
+        text: "not an image",
+        truncated: "cannot decode",
+        folder: "is a directory",
+        missing: "no such file",
+        url: "URLs are not fetched",
+        big: "over the limit",
+    }
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(causes)
+    for path, cause in causes.items():
+        assert any(line.startswith(f"error: {path}: ") and cause in line for line in errors), (path, errors)
+
+
+def test_inference_does_not_import_lightning():
+    code = "import sys, captioning.inference, captioning.visualize; print('lightning' in ' '.join(sys.modules))"
+    proc = run_script("-c", code, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr
