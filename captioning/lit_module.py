@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,26 @@ _ARCH_KEYS = (
     "attention_layer",
     "max_len",
 )
+
+
+class CheckpointOnSigterm(pl.Callback):
+    """A pre-empted run (SIGTERM) writes ``last.ckpt`` before it exits, so no work is lost.
+
+    Lightning turns SIGTERM into ``SIGTERMException`` at the next batch boundary, where the state
+    is consistent; the checkpoint goes next to the run's other checkpoints.
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        ckpt = trainer.checkpoint_callback
+        folder = (
+            Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.log_dir or ".") / "checkpoints"
+        )
+        trainer.save_checkpoint(folder / "last.ckpt")
+        print(f"SIGTERM: saved {folder / 'last.ckpt'} at step {trainer.global_step}", flush=True)
 
 
 class CaptionModule(pl.LightningModule):
@@ -254,7 +275,34 @@ class CaptionModule(pl.LightningModule):
 
     # -- checkpoints carry what inference needs ---------------------------------------------------
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [CheckpointOnSigterm()]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming: continue the epoch's data order where it stopped and the random numbers
+        (dropout) where they were, so the run goes on exactly as if it had never stopped."""
+        resume = checkpoint.get("resume")
+        if not resume or self._trainer is None or self.trainer.state.fn != "fit":
+            return
+        self._pending_rng = resume["rng"]
+        if resume["batches_done"] and self.trainer.datamodule is not None:
+            self.trainer.datamodule.resume_at(resume["epoch"], resume["batches_done"])
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        rng = getattr(self, "_pending_rng", None)
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+            self._pending_rng = None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.training:
+            state = random.getstate()
+            checkpoint["resume"] = {
+                "epoch": int(self.current_epoch),
+                "batches_done": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed),
+                "rng": {"torch": torch.get_rng_state(), "python": [state[0], list(state[1]), state[2]]},
+            }
         checkpoint["captioning"] = {
             "format": CHECKPOINT_FORMAT,
             "vocab": list(self.vocab.tokens),

@@ -6,12 +6,13 @@ are images alone, their references are looked up by index in :meth:`CaptionDataM
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from captioning.data.images import load_image
 from captioning.data.records import CaptionRecord
@@ -21,20 +22,52 @@ from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransfor
 from captioning.vocab import Vocabulary
 
 
-class TrainCaptions(Dataset):
-    """One item per image: (image (3,H,W), token ids (L,)) with a caption drawn at random."""
+class EpochSampler(Sampler):
+    """Shuffles the training images with a generator seeded by (seed, epoch) and yields
+    ``(index, epoch)`` pairs.
 
-    def __init__(self, records: list[CaptionRecord], vocab: Vocabulary, transform: EvalTransform, max_len: int):
-        self.records, self.transform = records, transform
+    Any epoch's order can be recomputed, so a run resumed mid-epoch continues exactly where it
+    stopped (``start`` skips the batches already trained on), and nothing here draws from the
+    global RNG, so data loading never shifts the random numbers dropout sees. Lightning calls
+    ``set_epoch`` before each epoch.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+        self.resume: tuple[int, int] | None = None  # (epoch, items already trained on)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.resume is not None and self.resume[0] == epoch:
+            self.start, self.resume = self.resume[1], None
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        start, self.start = self.start, 0
+        return iter([(i, self.epoch) for i in order[start:]])
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class TrainCaptions(Dataset):
+    """One item per (image, epoch): (image (3,H,W), token ids (L,)), the caption drawn with a
+    generator seeded by (seed, epoch, image), so the draw is the same whichever worker loads it."""
+
+    def __init__(
+        self, records: list[CaptionRecord], vocab: Vocabulary, transform: EvalTransform, max_len: int, seed: int = 0
+    ):
+        self.records, self.transform, self.seed = records, transform, seed
         self.encoded = [[vocab.encode(t, max_len) for t in r.tokens] for r in records]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # torch's RNG: seeded per worker by Lightning's seed_everything(workers=True)
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, epoch = item
         caps = self.encoded[i]
-        ids = caps[int(torch.randint(len(caps), ()))]
+        ids = caps[random.Random(f"{self.seed}/{epoch}/{i}").randrange(len(caps))]
         return self.transform(load_image(self.records[i].image_path)), torch.tensor(ids)
 
 
@@ -108,6 +141,8 @@ class CaptionDataModule(pl.LightningDataModule):
         self.shapes_config = ShapesConfig(num_train, num_val, num_test, image_size, shapes_seed)
         self._records: dict[str, list[CaptionRecord]] | None = None
         self._vocab: Vocabulary | None = None
+        self.train_sampler: EpochSampler | None = None
+        self._resume: tuple[int, int] | None = None
 
     # -- records and vocabulary (built once, on first use) ----------------------------------
 
@@ -131,6 +166,12 @@ class CaptionDataModule(pl.LightningDataModule):
         """Records of ``split`` ("train", "val" or "test"), in loader order."""
         return self._load()[split]
 
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Start the training data of ``epoch`` after its first ``batches_done`` batches."""
+        self._resume = (epoch, batches_done * self.batch_size)
+        if self.train_sampler is not None:
+            self.train_sampler.resume = self._resume
+
     @property
     def vocab(self) -> Vocabulary:
         """Vocabulary of the training captions."""
@@ -148,11 +189,11 @@ class CaptionDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         self._load()
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate=None) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None, collate=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate,
@@ -163,11 +204,15 @@ class CaptionDataModule(pl.LightningDataModule):
         return EvalTransform(self.image_size, self.mean, self.std)
 
     def train_dataloader(self) -> DataLoader:
-        ds = TrainCaptions(self.records("train"), self.vocab, self.transform(), self.max_caption_len)
-        return self._loader(ds, self.batch_size, True, collate_train)
+        seed = torch.initial_seed()  # the run's seed (seed_everything), not a fresh draw
+        ds = TrainCaptions(self.records("train"), self.vocab, self.transform(), self.max_caption_len, seed)
+        if self.train_sampler is None:
+            self.train_sampler = EpochSampler(len(ds), seed)
+            self.train_sampler.resume = self._resume
+        return self._loader(ds, self.batch_size, self.train_sampler, collate_train)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(EvalImages(self.records("val"), self.transform()), self.eval_batch_size, False)
+        return self._loader(EvalImages(self.records("val"), self.transform()), self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(EvalImages(self.records("test"), self.transform()), self.eval_batch_size, False)
+        return self._loader(EvalImages(self.records("test"), self.transform()), self.eval_batch_size)

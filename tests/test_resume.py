@@ -1,0 +1,83 @@
+"""Exact resume: a run killed with SIGKILL continues from its last checkpoint with the same losses."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from conftest import ROOT, TINY, run_script
+
+CONFIG = """
+trainer:
+  max_steps: 12
+  max_epochs: 10
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args:
+        filename: "{step}"
+        every_n_train_steps: 5
+        save_top_k: -1
+"""
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return {int(r["step"]): float(r["train/loss"]) for r in rows}
+
+
+def _fit(cwd: Path, *extra: str):
+    (cwd / "resume.yaml").write_text(CONFIG)
+    args = ["fit", "-c", str(TINY), "-c", "resume.yaml", "--test_after_fit", "false", *extra]
+    env_path = str(ROOT / "tests")
+    os.environ["PYTHONPATH"] = env_path + os.pathsep + os.environ.get("PYTHONPATH", "")
+    try:
+        return run_script(str(ROOT / "train.py"), *args, cwd=cwd)
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+
+
+def test_sigkill_after_step_7_then_resume_gives_the_same_losses(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    assert _fit(whole).returncode == 0
+    reference = _losses(next(whole.glob("runs/tiny/version_*")))
+    assert len(reference) == 12
+
+    kill = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=7"]
+    proc = _fit(killed, *kill)
+    assert proc.returncode != 0  # killed
+    ckpt = next(killed.glob("runs/tiny/version_0/checkpoints/step=5.ckpt"))
+    proc = _fit(killed, "--ckpt_path", str(ckpt))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = _losses(killed / "runs" / "tiny" / "version_1")
+    assert sorted(resumed) == list(range(5, 12)) or sorted(resumed) == list(range(6, 13)), sorted(resumed)
+    for step, loss in resumed.items():
+        assert loss == reference[step], (step, loss, reference[step])
+
+
+def test_same_seed_same_losses_with_workers_and_a_different_seed_differs(tmp_path):
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        proc = _fit(cwd, "--data.num_workers", "2", "--seed_everything", str(seed), "--trainer.max_steps", "8")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = _losses(next(cwd.glob("runs/tiny/version_*")))
+    assert len(runs["a"]) == 8
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
+    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=7"]
+    proc = _fit(tmp_path, *term, "--trainer.callbacks.signal_name=SIGTERM")
+    assert "SIGTERM: saved" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import torch
+
+    last = next(tmp_path.glob("runs/tiny/version_0/checkpoints/last.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == 7
