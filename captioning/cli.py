@@ -47,6 +47,9 @@ class CaptionCLI(LightningCLI):
         trainer = self.trainer
         ckpt = trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "") if ckpt else ""
+        if best and not Path(best).is_file():  # e.g. a path restored from another run's checkpoint
+            print(f"best checkpoint {best} is not there; testing the final weights instead", file=sys.stderr)
+            best = ""
         if self.config.fit.test_after_fit and not trainer.interrupted:
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
         run = Path(trainer.log_dir or ".").resolve()  # log_dir is a collective under DDP: every rank asks

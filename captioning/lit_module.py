@@ -281,12 +281,32 @@ class CaptionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming: continue the epoch's data order where it stopped and the random numbers
         (dropout) where they were, so the run goes on exactly as if it had never stopped."""
+        meta = checkpoint.get("captioning")
+        if meta is not None:
+            self._check_matches(meta)
         resume = checkpoint.get("resume")
         if not resume or self._trainer is None or self.trainer.state.fn != "fit":
             return
         self._pending_rng = resume["rng"]
         if resume["batches_done"] and self.trainer.datamodule is not None:
             self.trainer.datamodule.resume_at(resume["epoch"], resume["batches_done"])
+
+    def _check_matches(self, meta: dict) -> None:
+        """Refuse a checkpoint whose vocabulary or architecture differs from this run's, naming both
+        sides, before any weights are copied or any step is taken."""
+        ours, theirs = list(self.vocab.tokens), list(meta["vocab"])
+        if ours != theirs:
+            diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise ValueError(
+                f"vocabulary mismatch: the checkpoint has {len(theirs)} tokens, the data gives {len(ours)}; "
+                f"first difference at index {diff}: "
+                f"checkpoint {theirs[diff : diff + 3]} vs data {ours[diff : diff + 3]}"
+            )
+        arch = {k: v for k, v in meta["model"].items() if k in self.arch}
+        differ = {k: (arch[k], self.arch[k]) for k in arch if arch[k] != self.arch[k]}
+        if differ:
+            sides = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"model configuration mismatch ({sides})")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         rng = getattr(self, "_pending_rng", None)

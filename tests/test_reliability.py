@@ -138,3 +138,48 @@ def test_inference_does_not_import_lightning():
     code = "import sys, captioning.inference, captioning.visualize; print('lightning' in ' '.join(sys.modules))"
     proc = run_script("-c", code, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr
+
+
+def test_resuming_with_other_data_or_config_names_both_sides(tmp_path, tiny_ckpt):
+    other_vocab = ["--data.min_word_freq", "1000"]  # almost every word becomes <unk>: a different vocabulary
+    proc = run_script(
+        str(ROOT / "train.py"), "fit", "-c", str(TINY), "--ckpt_path", str(tiny_ckpt), *other_vocab, cwd=tmp_path
+    )
+    assert proc.returncode != 0
+    assert "vocabulary mismatch: the checkpoint has" in proc.stderr and "the data gives" in proc.stderr
+    assert "Epoch 0" not in proc.stdout
+    # weights that do not fit the stored configuration: refused at load, naming the file
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    ckpt["captioning"]["model"]["hidden_dim"] = 48
+    wrong = tmp_path / "wrong.ckpt"
+    torch.save(ckpt, wrong)
+    with pytest.raises(CheckpointError, match="weights do not match the stored model configuration") as e:
+        Captioner.from_checkpoint(wrong)
+    assert str(wrong) in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["never_ends", "ends_at_once", "wide_beam"])
+def test_decoding_edge_cases_still_give_captions_and_overlays(tmp_path, tiny_ckpt, tiny_shapes, case):
+    from captioning.data.images import load_image
+    from captioning.visualize import attention_figure
+    from captioning.vocab import Vocabulary
+
+    captioner = Captioner.from_checkpoint(tiny_ckpt)
+    out = captioner.net.decoder.out
+    with torch.no_grad():
+        if case == "never_ends":  # the model can only say <unk>
+            out.bias.fill_(-1e4)
+            out.bias[Vocabulary.unk_id] = 1e4
+        elif case == "ends_at_once":
+            out.bias.fill_(-1e4)
+            out.bias[Vocabulary.end_id] = 1e4
+    beam = 10 * len(captioner.vocab) if case == "wide_beam" else 3
+    image = load_image(tiny_shapes.parent / "images" / "000004.png")
+    cap = captioner.caption(image, beam_size=beam)
+    if case == "never_ends":
+        assert cap.tokens == ["<unk>"] * captioner.max_len
+    if case == "ends_at_once":
+        assert cap.tokens == [] and cap.text == ""
+    assert cap.attention.shape == (len(cap.tokens), 8, 8)
+    attention_figure(image, cap.tokens, cap.attention).save(tmp_path / "overlay.png")
+    assert Image.open(tmp_path / "overlay.png").size[0] > 0
