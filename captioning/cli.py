@@ -70,12 +70,34 @@ def _ckpt_path_argument(argv: list[str]) -> str | None:
     return None
 
 
+def _replace_ckpt_path(argv: list[str], path: str) -> list[str]:
+    out = []
+    for i, a in enumerate(argv):
+        if a.startswith("--ckpt_path="):
+            a = f"--ckpt_path={path}"
+        elif i > 0 and argv[i - 1] == "--ckpt_path":
+            a = path
+        out.append(a)
+    return out
+
+
 def main(args: list[str] | None = None) -> CaptionCLI:
     """``python train.py`` alone = ``fit`` with ``configs/shapes.yaml``."""
     if args is None and not sys.argv[1:]:
         args = ["fit", "--config", str(DEFAULT_CONFIG)]
-    ckpt_path = _ckpt_path_argument(sys.argv[1:] if args is None else args)
-    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+    argv = list(sys.argv[1:] if args is None else args)
+    ckpt_path = _ckpt_path_argument(argv)
+    if ckpt_path == "last":
+        # Lightning would look for "last" only in the new run's folder and, finding nothing, start
+        # afresh in silence; here it means the newest last.ckpt of any run under ./runs.
+        found = sorted(Path("runs").glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            sys.exit("error: --ckpt_path last: no last.ckpt under runs/ to resume from")
+        ckpt_path = str(found[-1])
+        argv = _replace_ckpt_path(argv, ckpt_path)
+        args = argv
+        print(f"resuming from {ckpt_path}", file=sys.stderr)
+    if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
         try:  # refuse a missing, truncated or untrusted checkpoint before anything else touches it
             load_weights_only(ckpt_path)
         except CheckpointError as e:

@@ -84,6 +84,10 @@ def test_resuming_from_a_missing_checkpoint_is_an_error(tmp_path):
     proc = run_script(str(ROOT / "train.py"), "fit", "-c", str(TINY), "--ckpt_path", str(missing), cwd=tmp_path)
     assert proc.returncode != 0
     assert f"{missing}: checkpoint not found" in proc.stderr
+    proc = run_script(str(ROOT / "train.py"), "fit", "-c", str(TINY), "--ckpt_path", "last", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "no last.ckpt under runs/ to resume from" in proc.stderr
+    assert not (tmp_path / "runs").exists()  # no fresh run was started
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

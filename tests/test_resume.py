@@ -81,3 +81,8 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
 
     last = next(tmp_path.glob("runs/tiny/version_0/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=True)["global_step"] == 7
+    # "--ckpt_path last" resumes from that newest last.ckpt, not from scratch
+    proc = _fit(tmp_path, "--ckpt_path", "last", "--trainer.max_steps", "9")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {last.relative_to(tmp_path)}" in proc.stderr
+    assert sorted(_losses(tmp_path / "runs" / "tiny" / "version_1")) == [7, 8]
