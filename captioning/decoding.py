@@ -131,9 +131,8 @@ def beam_search(
         if no_repeat_ngram > 0 and step >= no_repeat_ngram - 1:
             _block_repeats(logp, history, no_repeat_ngram)
         # a finished beam continues only with <pad>, at no cost
-        frozen = torch.full_like(logp, float("-inf"))
-        frozen[:, Vocabulary.pad_id] = 0.0
-        logp = torch.where(finished.unsqueeze(1), frozen, logp)
+        logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
+        logp[:, Vocabulary.pad_id].masked_fill_(finished, 0.0)
         cand = (scores.unsqueeze(1) + logp).view(b, k * v)  # (B,K*V)
         top_scores, top_idx = cand.topk(k, dim=1)  # (B,K)
         beam = torch.div(top_idx, v, rounding_mode="floor")  # (B,K) beam each candidate extends

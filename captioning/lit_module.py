@@ -8,6 +8,7 @@ over the course of a caption.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -27,25 +28,8 @@ from captioning.vocab import Vocabulary
 
 CHECKPOINT_FORMAT = 1
 
-_ARCH_KEYS = (
-    "encoder",
-    "encoder_stage",
-    "encoder_grid",
-    "encoder_channels",
-    "freeze_encoder",
-    "decoder",
-    "embed_dim",
-    "hidden_dim",
-    "attention_dim",
-    "attention",
-    "dropout",
-    "num_heads",
-    "num_layers",
-    "ffn_dim",
-    "tie_embeddings",
-    "attention_layer",
-    "max_len",
-)
+# the architecture arguments are CaptionNet's own, so they are read from its signature
+_ARCH_KEYS = tuple(k for k in inspect.signature(CaptionNet.__init__).parameters if k not in ("self", "vocab_size"))
 
 
 class CheckpointOnSigterm(pl.Callback):
@@ -231,6 +215,16 @@ class CaptionModule(pl.LightningModule):
             result = box[0]
         return result
 
+    def _image_size(self, split: str, records: list, i: int) -> tuple[int, int]:
+        """(W,H) of an evaluation image, read from its header once per run, not at every validation."""
+        cache = self.__dict__.setdefault("_image_sizes", {})
+        if (split, i) not in cache:
+            from PIL import Image
+
+            with Image.open(records[i].image_path) as im:
+                cache[(split, i)] = im.size
+        return cache[(split, i)]
+
     def _score_outputs(
         self, split: str, outputs: list[tuple[int, list[int], torch.Tensor]], meteor: bool
     ) -> tuple[dict[str, float], list[dict]]:
@@ -245,12 +239,7 @@ class CaptionModule(pl.LightningModule):
             meteor=meteor,
         )
         if all(records[i].objects is not None for i, _, _ in outputs):
-            from PIL import Image
-
-            sizes = []
-            for i, _, _ in outputs:
-                with Image.open(records[i].image_path) as im:
-                    sizes.append(im.size)
+            sizes = [self._image_size(split, records, i) for i, _, _ in outputs]
             objects = [records[i].objects for i, _, _ in outputs]
             metrics.update(shapes_scores(words, [a for _, _, a in outputs], self.grid, objects, sizes))
         captions = [{"image_id": image_id, "caption": " ".join(w)} for image_id, w in zip(ids, words)]

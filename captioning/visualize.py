@@ -34,7 +34,9 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def overlay(image: Image.Image, attention: np.ndarray | torch.Tensor, size: int) -> Image.Image:
     """Blend one attention map (h,w) over ``image`` resized to ``size`` x ``size``."""
-    base = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    base = image.convert("RGB")
+    if base.size != (size, size):
+        base = base.resize((size, size), Image.BICUBIC)
     att = torch.as_tensor(attention, dtype=torch.float32).cpu().numpy()
     heat = np.asarray(Image.fromarray(att, mode="F").resize((size, size), Image.BICUBIC))
     heat = heat - heat.min()
@@ -57,8 +59,9 @@ def attention_figure(
     pad = 4
     fig = Image.new("RGB", (cols * (panel_size + pad) + pad, rows * (panel_size + pad) + pad), (255, 255, 255))
     font = _font(max(12, panel_size // 12))
-    panels = [(image.convert("RGB").resize((panel_size, panel_size), Image.BICUBIC), "<image>")]
-    panels += [(overlay(image, attention[t], panel_size), w) for t, w in enumerate(words)]
+    base = image.convert("RGB").resize((panel_size, panel_size), Image.BICUBIC)  # once, not per word
+    panels = [(base.copy(), "<image>")]
+    panels += [(overlay(base, attention[t], panel_size), w) for t, w in enumerate(words)]
     for k, (panel, label) in enumerate(panels):
         x, y = pad + (k % cols) * (panel_size + pad), pad + (k // cols) * (panel_size + pad)
         draw = ImageDraw.Draw(panel)

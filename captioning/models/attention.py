@@ -13,6 +13,13 @@ import torch
 from torch import nn
 
 
+def _attend(scores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (B,N), features (B,N,C) -> context (B,C), alpha (B,N): softmax, then the weighted sum."""
+    alpha = scores.softmax(dim=-1)
+    context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B,1,N)@(B,N,C) -> (B,C)
+    return context, alpha
+
+
 class AdditiveAttention(nn.Module):
     """score_n = v^T tanh(W_f f_n + W_h h) (Bahdanau-style MLP scoring, as in Show-Attend-Tell)."""
 
@@ -31,9 +38,7 @@ class AdditiveAttention(nn.Module):
         """features (B,N,C), keys (B,N,A), query (B,Q) -> context (B,C), alpha (B,N)."""
         hidden = keys + self.query(query).unsqueeze(1)  # (B,N,A): the largest tensor of a step
         scores = self.score(hidden.tanh_()).squeeze(-1)  # in place: one (B,N,A) buffer, not two -> (B,N)
-        alpha = scores.softmax(dim=-1)
-        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B,1,N)@(B,N,C) -> (B,C)
-        return context, alpha
+        return _attend(scores, features)
 
 
 class DotAttention(nn.Module):
@@ -54,9 +59,7 @@ class DotAttention(nn.Module):
         """features (B,N,C), keys (B,N,A), query (B,Q) -> context (B,C), alpha (B,N)."""
         q = self.query(query).unsqueeze(2)  # (B,A,1)
         scores = torch.bmm(keys, q).squeeze(2) * self.scale  # (B,N)
-        alpha = scores.softmax(dim=-1)
-        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B,C)
-        return context, alpha
+        return _attend(scores, features)
 
 
 def build_attention(kind: str, feature_dim: int, query_dim: int, attention_dim: int) -> nn.Module:
