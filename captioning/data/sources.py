@@ -1,15 +1,31 @@
 """Readers that turn dataset files into :class:`CaptionRecord` lists.
 
-Karpathy JSON is the format of the standard COCO / Flickr8k / Flickr30k splits
-(``dataset_coco.json`` ...): ``images[]`` with ``filepath``, ``filename``, ``split``, ``imgid``
-and ``sentences[]`` holding ``raw`` and ``tokens``. The built-in shapes set is written in the
-same format (plus an ``objects`` list), so this one reader serves all of them.
+Three formats, one record type (:func:`read_records` picks the reader by name):
+
+- ``karpathy`` (:func:`read_karpathy_json`): the standard COCO / Flickr8k / Flickr30k splits
+  (``dataset_coco.json`` ...): ``images[]`` with ``filepath``, ``filename``, ``split``, ``imgid``
+  and ``sentences[]`` holding ``raw`` and ``tokens``. The built-in shapes set is written in the
+  same format (plus an ``objects`` list).
+- ``flickr8k`` (:func:`read_flickr8k`): Flickr8k's native files, ``Flickr8k.token.txt``
+  (``name.jpg#i<TAB>caption`` per line) and ``Flickr_8k.{train,dev,test}Images.txt``; images
+  named in no split file get the split ``"unassigned"``.
+- ``captions`` (:func:`read_captions_file`): a plain folder of images plus a ``.jsonl``
+  (``{"image": ..., "captions": [...], "split": ...}`` per line) or ``.csv`` (``image``,
+  ``caption``, optional ``split`` columns) file; without splits, images are split by ratio with a
+  fixed seed.
+
+Readers are deliberately dumb: they neither check that image files exist nor drop empty
+captions (the data module's validation counts those), but a malformed file raises
+``FileNotFoundError`` / ``ValueError`` whose message starts with ``path:line:``.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import random
 from pathlib import Path
+from typing import Any
 
 from captioning.data.records import CaptionRecord
 from captioning.vocab import tokenize
@@ -56,3 +72,222 @@ def read_karpathy_json(
             )
         )
     return records
+
+
+FLICKR8K_SPLIT_FILES = {
+    "Flickr_8k.trainImages.txt": "train",
+    "Flickr_8k.devImages.txt": "val",
+    "Flickr_8k.testImages.txt": "test",
+}
+FLICKR8K_IMAGE_DIR = "Flicker8k_Dataset"  # sic: the official zip's spelling
+UNASSIGNED = "unassigned"
+
+_SPLIT_ALIASES = {"train": "train", "val": "val", "test": "test", "dev": "val", "restval": "train"}
+
+
+def _records(image_root: Path, captions: dict[str, list[str]], splits: dict[str, str]) -> list[CaptionRecord]:
+    """One record per image, in order of first appearance; ``image_id`` is the name as written."""
+    return [
+        CaptionRecord(
+            image_path=image_root / name,
+            captions=caps,
+            tokens=[tokenize(c) for c in caps],
+            image_id=name,
+            split=splits[name],
+        )
+        for name, caps in captions.items()
+    ]
+
+
+def _flickr8k_splits(splits_dir: Path) -> dict[str, str]:
+    """Image name -> split from whichever of the three Flickr8k split files exist."""
+    found = [(splits_dir / f, split) for f, split in FLICKR8K_SPLIT_FILES.items() if (splits_dir / f).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{splits_dir}: no Flickr8k split file, expected {', '.join(FLICKR8K_SPLIT_FILES)}")
+    splits: dict[str, str] = {}
+    source: dict[str, Path] = {}
+    for f, split in found:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            name = line.strip()
+            if not name or source.get(name) == f:
+                continue
+            if name in source:
+                raise ValueError(f"{f}: {name} is also listed in {source[name]}")
+            splits[name], source[name] = split, f
+    return splits
+
+
+def read_flickr8k(
+    token_file: str | Path, image_root: str | Path | None = None, splits_dir: str | Path | None = None
+) -> list[CaptionRecord]:
+    """Read Flickr8k's ``Flickr8k.token.txt`` plus its ``Flickr_8k.*Images.txt`` split files.
+
+    Captions of one image are kept in order of appearance; ``dev`` becomes ``val`` and an image in
+    no split file gets the split ``"unassigned"``. ``splits_dir`` defaults to the token file's
+    folder, ``image_root`` to ``Flicker8k_Dataset`` beside the token file if it exists, else the
+    token file's folder.
+    """
+    token_file = Path(token_file)
+    if not token_file.is_file():
+        raise FileNotFoundError(f"{token_file}: Flickr8k token file not found")
+    captions: dict[str, list[str]] = {}
+    with token_file.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            key, tab, caption = line.rstrip("\r\n").partition("\t")
+            if not tab:
+                raise ValueError(f"{token_file}:{lineno}: no tab between image#index and caption")
+            name, hash_, _ = key.strip().rpartition("#")
+            if not hash_ or not name:
+                raise ValueError(f"{token_file}:{lineno}: expected 'image.jpg#index', got {key!r}")
+            captions.setdefault(name, []).append(caption.strip())
+    folder = Path(splits_dir) if splits_dir is not None else token_file.parent
+    splits = _flickr8k_splits(folder)
+    if image_root is None:
+        default = token_file.parent / FLICKR8K_IMAGE_DIR
+        image_root = default if default.is_dir() else token_file.parent
+    return _records(Path(image_root), captions, {name: splits.get(name, UNASSIGNED) for name in captions})
+
+
+def _split_name(path: Path, lineno: int, value: Any) -> str | None:
+    """Normalise an explicit split (``dev`` -> ``val``, ``restval`` -> ``train``); empty -> None."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or value.strip().lower() not in _SPLIT_ALIASES:
+        raise ValueError(f"{path}:{lineno}: unknown split {value!r}, expected one of {', '.join(_SPLIT_ALIASES)}")
+    return _SPLIT_ALIASES[value.strip().lower()]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, str, list[str], str | None]]:
+    """``(line, image, captions, split)`` per non-blank line of a JSONL captions file."""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            image = obj.get("image")
+            if not isinstance(image, str) or not image:
+                raise ValueError(f"{path}:{lineno}: missing or empty 'image'")
+            if "captions" in obj and "caption" in obj:
+                raise ValueError(f"{path}:{lineno}: give either 'captions' or 'caption', not both")
+            if "captions" in obj:
+                caps = obj["captions"]
+                if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+                    raise ValueError(f"{path}:{lineno}: 'captions' must be a list of strings")
+            elif "caption" in obj:
+                if not isinstance(obj["caption"], str):
+                    raise ValueError(f"{path}:{lineno}: 'caption' must be a string")
+                caps = [obj["caption"]]
+            else:
+                raise ValueError(f"{path}:{lineno}: missing 'captions' (or 'caption')")
+            rows.append((lineno, image, caps, _split_name(path, lineno, obj.get("split"))))
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
+    """``(line, image, [caption], split)`` per row of a CSV captions file with a header row."""
+    rows = []
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would rename 'image'
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file, expected a header row with columns 'image' and 'caption'")
+        columns = [c.strip() for c in header]
+        if "image" not in columns or "caption" not in columns:
+            raise ValueError(f"{path}: needs columns 'image' and 'caption' (optional 'split'), found {columns}")
+        col = {name: columns.index(name) for name in ("image", "caption", "split") if name in columns}
+        for row in reader:
+            lineno = reader.line_num  # the physical line a row ends on (quoted captions may span lines)
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= max(col.values()):
+                raise ValueError(f"{path}:{lineno}: {len(row)} fields, header has {len(columns)}")
+            image = row[col["image"]].strip()
+            if not image:
+                raise ValueError(f"{path}:{lineno}: empty 'image'")
+            split = _split_name(path, lineno, row[col["split"]]) if "split" in col else None
+            rows.append((lineno, image, [row[col["caption"]].strip()], split))
+    return rows
+
+
+def ratio_splits(image_ids: list[str], val_fraction: float, test_fraction: float, seed: int = 0) -> dict[str, str]:
+    """Assign ids to train/val/test by ratio, reproducibly and independently of the ids' order.
+
+    The sorted ids are shuffled with ``random.Random(seed)``; the first ``round(n * test_fraction)``
+    go to test, the next ``round(n * val_fraction)`` to val, the rest to train.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    ids = sorted(set(image_ids))
+    random.Random(seed).shuffle(ids)
+    n_test, n_val = round(len(ids) * test_fraction), round(len(ids) * val_fraction)
+    return {name: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, name in enumerate(ids)}
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    # `not x >= 0` also rejects NaN
+    if not (val_fraction >= 0 and test_fraction >= 0 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"need 0 <= val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1, "
+            f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
+
+
+def read_captions_file(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    seed: int = 0,
+) -> list[CaptionRecord]:
+    """Read a ``.jsonl`` or ``.csv`` captions file for a plain folder of images.
+
+    Lines (rows) of the same image are merged in order. If any line gives a split, images without
+    one go to ``train``; if none does, images are split by ratio (:func:`ratio_splits`).
+    ``image_root`` defaults to the file's folder; ``image_id`` is the image as written in the file.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    path = Path(path)
+    readers = {".jsonl": _read_jsonl, ".csv": _read_csv}
+    suffix = path.suffix.lower()
+    if suffix not in readers:
+        raise ValueError(f"{path}: unsupported captions file suffix {path.suffix!r}, expected .jsonl or .csv")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: captions file not found")
+    captions: dict[str, list[str]] = {}
+    explicit: dict[str, str] = {}
+    for lineno, image, caps, split in readers[suffix](path):
+        captions.setdefault(image, []).extend(caps)
+        if split is None:
+            continue
+        if explicit.setdefault(image, split) != split:
+            raise ValueError(f"{path}:{lineno}: {image} has split {split!r} here but {explicit[image]!r} earlier")
+    if explicit:
+        splits = {name: explicit.get(name, "train") for name in captions}
+    else:
+        splits = ratio_splits(list(captions), val_fraction, test_fraction, seed)
+    root = Path(image_root) if image_root is not None else path.parent
+    return _records(root, captions, splits)
+
+
+READERS = {"karpathy": read_karpathy_json, "flickr8k": read_flickr8k, "captions": read_captions_file}
+
+
+def read_records(
+    source: str, path: str | Path, image_root: str | Path | None = None, **kwargs: Any
+) -> list[CaptionRecord]:
+    """Read ``path`` with the reader named by ``source`` (``karpathy``, ``flickr8k`` or ``captions``).
+
+    ``kwargs`` go to that reader: ``restval_to_train`` (karpathy), ``splits_dir`` (flickr8k),
+    ``val_fraction``, ``test_fraction``, ``seed`` (captions).
+    """
+    if source not in READERS:
+        raise ValueError(f"unknown caption source {source!r}, expected one of {', '.join(READERS)}")
+    return READERS[source](path, image_root=image_root, **kwargs)

@@ -1,0 +1,298 @@
+"""The Flickr8k and plain captions-file readers, their splits and their error messages."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from captioning.data.sources import ratio_splits, read_captions_file, read_flickr8k, read_karpathy_json, read_records
+
+TOKENS = (
+    "1000268201_693b08cb0e.jpg#0\tA child in a pink dress .\n"
+    "1001773457_577c3a7d70.jpg#0\tA black dog and a spotted dog are fighting\n"
+    "1000268201_693b08cb0e.jpg#1\tA girl going into a wooden building .\n"
+    "\n"
+    "1001773457_577c3a7d70.jpg#1\tTwo dogs, on pavement\n"
+    "2258277193_586949ec62.jpg.1#0\tA dog on a beach .\n"
+)
+
+
+def flickr8k(root: Path, splits: dict[str, str] | None = None, tokens: str = TOKENS) -> Path:
+    """A tiny Flickr8k layout in ``root``; returns the token file."""
+    root.mkdir(parents=True, exist_ok=True)
+    if splits is None:
+        splits = {
+            "Flickr_8k.trainImages.txt": "1000268201_693b08cb0e.jpg\n",
+            "Flickr_8k.devImages.txt": "1001773457_577c3a7d70.jpg\n",
+        }
+    for name, text in splits.items():
+        (root / name).write_text(text)
+    token_file = root / "Flickr8k.token.txt"
+    token_file.write_text(tokens)
+    return token_file
+
+
+def by_id(records) -> dict:
+    return {r.image_id: r for r in records}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# --- Flickr8k ----------------------------------------------------------------------------------
+
+
+def test_flickr8k_groups_captions_in_order_and_maps_splits(tmp_path):
+    recs = read_flickr8k(flickr8k(tmp_path))
+    assert [r.image_id for r in recs] == [
+        "1000268201_693b08cb0e.jpg",
+        "1001773457_577c3a7d70.jpg",
+        "2258277193_586949ec62.jpg.1",
+    ]
+    child, dogs, odd = recs
+    assert child.captions == ["A child in a pink dress .", "A girl going into a wooden building ."]
+    assert child.tokens == [
+        ["a", "child", "in", "a", "pink", "dress"],
+        ["a", "girl", "going", "into", "a", "wooden", "building"],
+    ]
+    assert dogs.tokens[1] == ["two", "dogs", ",", "on", "pavement"]
+    assert (child.split, dogs.split, odd.split) == ("train", "val", "unassigned")
+    assert child.image_path == tmp_path / "1000268201_693b08cb0e.jpg"
+    assert isinstance(child.image_path, Path) and child.objects is None
+
+
+def test_flickr8k_image_root_defaults_to_official_folder_and_can_be_given(tmp_path):
+    token_file = flickr8k(tmp_path)
+    (tmp_path / "Flicker8k_Dataset").mkdir()
+    assert read_flickr8k(token_file)[0].image_path == tmp_path / "Flicker8k_Dataset" / "1000268201_693b08cb0e.jpg"
+    assert (
+        read_flickr8k(token_file, image_root=tmp_path / "imgs")[0].image_path
+        == tmp_path / "imgs" / "1000268201_693b08cb0e.jpg"
+    )
+
+
+def test_flickr8k_keeps_empty_captions_and_reads_splits_dir(tmp_path):
+    token_file = flickr8k(tmp_path / "text", splits={}, tokens="a.jpg#0\t\nb.jpg#0\tTwo cats\n")
+    flickr8k(tmp_path / "splits", splits={"Flickr_8k.testImages.txt": "b.jpg\n\n"})
+    recs = by_id(read_flickr8k(token_file, splits_dir=tmp_path / "splits"))
+    assert recs["a.jpg"].captions == [""] and recs["a.jpg"].tokens == [[]]
+    assert (recs["a.jpg"].split, recs["b.jpg"].split) == ("unassigned", "test")
+
+
+def test_flickr8k_image_in_two_split_files_names_both(tmp_path):
+    splits = {"Flickr_8k.trainImages.txt": "a.jpg\nb.jpg\n", "Flickr_8k.testImages.txt": "b.jpg\n"}
+    token_file = flickr8k(tmp_path, splits=splits, tokens="a.jpg#0\tx\nb.jpg#0\ty\n")
+    with pytest.raises(ValueError, match="b.jpg") as e:
+        read_flickr8k(token_file)
+    assert "Flickr_8k.trainImages.txt" in str(e.value) and "Flickr_8k.testImages.txt" in str(e.value)
+    assert str(e.value).startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "bad_line",
+    ["1000268201_693b08cb0e.jpg#2 no tab here\n", "1000268201_693b08cb0e.jpg\tno index\n"],
+    ids=["tab", "hash"],
+)
+def test_flickr8k_malformed_line_names_file_and_line(tmp_path, bad_line):
+    token_file = flickr8k(tmp_path, tokens=TOKENS + bad_line)
+    with pytest.raises(ValueError) as e:
+        read_flickr8k(token_file)
+    assert str(e.value).startswith(f"{token_file}:7: ")
+
+
+def test_flickr8k_missing_split_files_names_folder_and_expected_files(tmp_path):
+    token_file = flickr8k(tmp_path, splits={})
+    with pytest.raises(FileNotFoundError) as e:
+        read_flickr8k(token_file)
+    msg = str(e.value)
+    assert msg.startswith(str(tmp_path))
+    for name in ("Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt"):
+        assert name in msg
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.txt"))):
+        read_flickr8k(tmp_path / "nope.txt")
+
+
+# --- JSONL -------------------------------------------------------------------------------------
+
+
+def test_jsonl_with_splits_merges_repeated_images_and_accepts_single_caption(tmp_path):
+    path = write_jsonl(
+        tmp_path / "caps.jsonl",
+        [
+            {"image": "imgs/a.jpg", "captions": ["A Red circle.", "a red ball"], "split": "train"},
+            {"image": "imgs/b.jpg", "caption": "Blue square", "split": "dev"},
+            {"image": "imgs/a.jpg", "caption": "A third one!"},
+            {"image": "imgs/c.jpg", "captions": ["green"]},
+            {"image": "imgs/d.jpg", "captions": [""], "split": "restval"},
+            {"image": "imgs/e.jpg", "captions": ["e"], "split": "test"},
+        ],
+    )
+    recs = read_captions_file(path)
+    assert [r.image_id for r in recs] == ["imgs/a.jpg", "imgs/b.jpg", "imgs/c.jpg", "imgs/d.jpg", "imgs/e.jpg"]
+    a = recs[0]
+    assert a.captions == ["A Red circle.", "a red ball", "A third one!"]
+    assert a.tokens == [["a", "red", "circle"], ["a", "red", "ball"], ["a", "third", "one"]]
+    assert a.image_path == tmp_path / "imgs" / "a.jpg" and a.objects is None
+    # c has no split but others do -> train; empty captions are kept for the data module to count
+    assert [r.split for r in recs] == ["train", "val", "train", "train", "test"]
+    assert recs[3].captions == [""]
+    assert read_captions_file(path, image_root="/data")[1].image_path == Path("/data/imgs/b.jpg")
+
+
+def test_jsonl_without_splits_uses_ratio_split(tmp_path):
+    rows = [{"image": f"{i:03d}.jpg", "caption": f"image {i}"} for i in range(40)]
+    recs = read_captions_file(write_jsonl(tmp_path / "caps.jsonl", rows), val_fraction=0.1, test_fraction=0.2, seed=3)
+    assert Counter(r.split for r in recs) == {"train": 28, "val": 4, "test": 8}
+    expected = ratio_splits([f"{i:03d}.jpg" for i in range(40)], 0.1, 0.2, seed=3)
+    assert {r.image_id: r.split for r in recs} == expected
+
+
+@pytest.mark.parametrize(
+    "line, cause",
+    [
+        ('{"image": "a.jpg", "captions": ["x"]', "not valid JSON"),
+        ('{"captions": ["x"]}', "'image'"),
+        ('{"image": "a.jpg"}', "'captions'"),
+        ('{"image": "a.jpg", "captions": "not a list"}', "list of strings"),
+        ('["a.jpg", "x"]', "JSON object"),
+        ('{"image": "a.jpg", "caption": "x", "split": "holdout"}', "unknown split"),
+    ],
+)
+def test_jsonl_bad_line_names_file_and_line(tmp_path, line, cause):
+    path = tmp_path / "caps.jsonl"
+    path.write_text('{"image": "ok.jpg", "caption": "fine"}\n\n' + line + "\n")
+    with pytest.raises(ValueError) as e:
+        read_captions_file(path)
+    assert str(e.value).startswith(f"{path}:3: ") and cause in str(e.value)
+
+
+def test_jsonl_conflicting_splits_for_one_image(tmp_path):
+    path = write_jsonl(
+        tmp_path / "caps.jsonl",
+        [{"image": "a.jpg", "caption": "x", "split": "train"}, {"image": "a.jpg", "caption": "y", "split": "test"}],
+    )
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: ")):
+        read_captions_file(path)
+
+
+# --- CSV ---------------------------------------------------------------------------------------
+
+
+def test_csv_quoted_commas_splits_and_merging(tmp_path):
+    path = tmp_path / "caps.csv"
+    path.write_text(
+        "image,caption,split\n"
+        'a.jpg,"A dog, a cat, and a bird",train\n'
+        'b.jpg,"He said ""hi""",dev\n'
+        "a.jpg,Second caption,\n"
+        "c.jpg,no split here,\n"
+    )
+    recs = by_id(read_captions_file(path))
+    assert recs["a.jpg"].captions == ["A dog, a cat, and a bird", "Second caption"]
+    assert recs["a.jpg"].tokens[0] == ["a", "dog", ",", "a", "cat", ",", "and", "a", "bird"]
+    assert recs["b.jpg"].captions == ['He said "hi"']
+    assert {k: r.split for k, r in recs.items()} == {"a.jpg": "train", "b.jpg": "val", "c.jpg": "train"}
+    assert recs["c.jpg"].image_path == tmp_path / "c.jpg"
+
+
+def test_csv_without_split_column_uses_ratio_split_and_any_column_order(tmp_path):
+    path = tmp_path / "caps.csv"
+    path.write_text("caption,image\n" + "".join(f"cap {i},{i}.png\n" for i in range(20)))
+    recs = read_captions_file(path, val_fraction=0.25, test_fraction=0.25)
+    assert Counter(r.split for r in recs) == {"train": 10, "val": 5, "test": 5}
+    assert recs[3].image_id == "3.png" and recs[3].captions == ["cap 3"]
+
+
+def test_csv_missing_column_names_file_and_columns_found(tmp_path):
+    path = tmp_path / "caps.csv"
+    path.write_text("filename,caption\na.jpg,x\n")
+    with pytest.raises(ValueError) as e:
+        read_captions_file(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "'image'" in msg and "'filename'" in msg
+
+
+def test_csv_short_row_names_line(tmp_path):
+    path = tmp_path / "caps.csv"
+    path.write_text('image,caption\na.jpg,"two\nlines"\nb.jpg\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:4: ")):
+        read_captions_file(path)
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match=r"\.txt"):
+        read_captions_file(tmp_path / "caps.txt")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "caps.jsonl"))):
+        read_captions_file(tmp_path / "caps.jsonl")
+
+
+# --- ratio splits ------------------------------------------------------------------------------
+
+
+def test_ratio_split_is_reproducible_and_independent_of_line_order(tmp_path):
+    names = [f"img_{i}.jpg" for i in range(101)]
+    shuffled = names[:]
+    random.Random(1).shuffle(shuffled)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"image": n, "caption": "x"} for n in names])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"image": n, "caption": "x"} for n in shuffled])
+    split_a = {r.image_id: r.split for r in read_captions_file(a, val_fraction=0.1, test_fraction=0.15, seed=7)}
+    split_b = {r.image_id: r.split for r in read_captions_file(b, val_fraction=0.1, test_fraction=0.15, seed=7)}
+    assert split_a == split_b
+    assert split_a == {r.image_id: r.split for r in read_captions_file(a, val_fraction=0.1, test_fraction=0.15, seed=7)}
+    counts = Counter(split_a.values())
+    assert counts == {
+        "test": round(101 * 0.15),
+        "val": round(101 * 0.1),
+        "train": 101 - round(101 * 0.15) - round(101 * 0.1),
+    }
+    other = {r.image_id: r.split for r in read_captions_file(a, val_fraction=0.1, test_fraction=0.15, seed=8)}
+    assert other != split_a and Counter(other.values()) == counts
+
+
+def test_ratio_split_defaults_and_zero_fractions(tmp_path):
+    path = write_jsonl(tmp_path / "caps.jsonl", [{"image": f"{i}.jpg", "caption": "x"} for i in range(60)])
+    assert Counter(r.split for r in read_captions_file(path)) == {"train": 54, "val": 3, "test": 3}
+    assert {r.split for r in read_captions_file(path, val_fraction=0, test_fraction=0)} == {"train"}
+
+
+@pytest.mark.parametrize("val, test", [(-0.1, 0.1), (0.1, -0.01), (0.5, 0.5), (0.7, 0.4), (float("nan"), 0.1)])
+def test_fraction_validation(tmp_path, val, test):
+    path = write_jsonl(tmp_path / "caps.jsonl", [{"image": "a.jpg", "caption": "x"}])
+    with pytest.raises(ValueError, match="val_fraction"):
+        read_captions_file(path, val_fraction=val, test_fraction=test)
+
+
+# --- dispatcher --------------------------------------------------------------------------------
+
+
+def test_read_records_dispatches_and_passes_kwargs(tmp_path):
+    token_file = flickr8k(tmp_path / "f8k", splits={})
+    flickr8k(tmp_path / "splits", splits={"Flickr_8k.testImages.txt": "1000268201_693b08cb0e.jpg\n"}, tokens="")
+    recs = read_records("flickr8k", token_file, splits_dir=tmp_path / "splits")
+    assert by_id(recs)["1000268201_693b08cb0e.jpg"].split == "test"
+
+    caps = write_jsonl(tmp_path / "caps.jsonl", [{"image": f"{i}.jpg", "caption": "x"} for i in range(10)])
+    recs = read_records("captions", caps, image_root=tmp_path / "imgs", val_fraction=0.3, test_fraction=0.2, seed=1)
+    assert Counter(r.split for r in recs) == {"train": 5, "val": 3, "test": 2}
+    assert recs[0].image_path == tmp_path / "imgs" / "0.jpg"
+
+    karpathy = tmp_path / "dataset.json"
+    img = {
+        "filename": "k.jpg",
+        "split": "restval",
+        "imgid": 5,
+        "sentences": [{"raw": "A cat.", "tokens": ["A", "cat"]}],
+    }
+    karpathy.write_text(json.dumps({"images": [img]}))
+    via = read_records("karpathy", karpathy, restval_to_train=False)
+    assert via == read_karpathy_json(karpathy, restval_to_train=False) and via[0].split == "restval"
+
+    with pytest.raises(ValueError, match="karpathy.*flickr8k.*captions"):
+        read_records("coco", karpathy)
