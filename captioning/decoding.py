@@ -110,8 +110,12 @@ def beam_search(
     b, n, c = features.shape
     k = beam_size
     device = features.device
-    feats = features.repeat_interleave(k, dim=0)  # (B,N,C) -> (B*K,N,C)
-    state = decoder.reorder(decoder.init_state(features), torch.arange(b, device=device).repeat_interleave(k))
+    # state that is the same for every beam of an image (per_image_state) keeps one row per image:
+    # beams never leave their image, so it is neither copied K times nor reordered, and the decoder
+    # reads the image's features once for its K beams
+    static = set(getattr(decoder, "per_image_state", ()))
+    state = decoder.init_state(features)
+    state = {key: t if key in static else t.repeat_interleave(k, dim=0) for key, t in state.items()}  # (B*K,...)
     tokens = torch.full((b * k,), Vocabulary.start_id, dtype=torch.long, device=device)
     # only beam 0 is live at the start, so the K beams do not all pick the same first word
     scores = torch.full((b, k), float("-inf"), device=device)
@@ -120,10 +124,8 @@ def beam_search(
     finished = torch.zeros(b * k, dtype=torch.bool, device=device)
     history = torch.empty((b * k, 0), dtype=torch.long, device=device)  # (B*K,T)
     alphas, sources = [], []  # per step: attention (B*K,N) of the rows before reordering, src (B*K,)
-    # state that is the same for every beam of an image never needs reordering: beams stay in their image
-    static = set(getattr(decoder, "per_image_state", ()))
     for step in range(max_len):
-        logits, alpha, state = decoder.step(tokens, state, feats)
+        logits, alpha, state = decoder.step(tokens, state, features)  # rows grouped by image
         logp = _never_special(logits.float().log_softmax(-1))  # (B*K,V)
         v = logp.size(-1)
         if step < min_len:

@@ -52,8 +52,8 @@ class _Scripted(Decoder):
         return {"dummy": features.new_zeros(features.size(0), 1)}
 
     def step(self, tokens, state, features):
-        b, n, _ = features.shape
-        return self.logits.expand(b, -1), features.new_full((b, n), 1.0 / n), state
+        r, n = tokens.size(0), features.size(1)  # rows: B images x M beams
+        return self.logits.expand(r, -1), features.new_full((r, n), 1.0 / n), state
 
 
 def test_model_that_never_ends_stops_at_max_len():

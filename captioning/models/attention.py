@@ -2,7 +2,9 @@
 
 A score per grid cell, a softmax into weights alpha, the weighted sum of features as the context.
 The part of the score that depends only on the image (the key projection) is computed once per
-image by :meth:`precompute`, not at every word.
+image by :meth:`precompute`, not at every word. Queries come grouped by image (B*M rows for B
+images: an image's M captions in training, its M beams in search), and each image's keys and
+features are read once for all of its M queries.
 """
 
 from __future__ import annotations
@@ -13,11 +15,23 @@ import torch
 from torch import nn
 
 
+def _group(query: torch.Tensor, images: int) -> int:
+    """Rows of queries per image: queries come grouped by image, row r belongs to image r // M."""
+    rows = query.size(0)
+    if rows % images:
+        raise ValueError(f"{rows} query rows cannot be grouped over {images} images")
+    return rows // images
+
+
 def _attend(scores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (B,N), features (B,N,C) -> context (B,C), alpha (B,N): softmax, then the weighted sum."""
+    """scores (B,M,N), features (B,N,C) -> context (B*M,C), alpha (B*M,N): softmax, then the weighted sum.
+
+    The M queries of an image (its captions in training, its beams in search) read the image's
+    features once, in one (M,N)@(N,C) product, instead of each reading its own copy.
+    """
     alpha = scores.softmax(dim=-1)
-    context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B,1,N)@(B,N,C) -> (B,C)
-    return context, alpha
+    context = torch.bmm(alpha, features)  # (B,M,N)@(B,N,C) -> (B,M,C)
+    return context.flatten(0, 1), alpha.flatten(0, 1)
 
 
 class AdditiveAttention(nn.Module):
@@ -35,9 +49,11 @@ class AdditiveAttention(nn.Module):
     def forward(
         self, features: torch.Tensor, keys: torch.Tensor, query: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B,N,C), keys (B,N,A), query (B,Q) -> context (B,C), alpha (B,N)."""
-        hidden = keys + self.query(query).unsqueeze(1)  # (B,N,A): the largest tensor of a step
-        scores = self.score(hidden.tanh_()).squeeze(-1)  # in place: one (B,N,A) buffer, not two -> (B,N)
+        """features (B,N,C), keys (B,N,A), query (B*M,Q) grouped by image -> context (B*M,C), alpha (B*M,N)."""
+        b, n, a = keys.shape
+        q = self.query(query).view(b, _group(query, b), 1, a)  # (B,M,1,A)
+        hidden = keys.unsqueeze(1) + q  # (B,M,N,A): the largest tensor of a step
+        scores = self.score(hidden.tanh_()).squeeze(-1)  # in place: one (B,M,N,A) buffer, not two -> (B,M,N)
         return _attend(scores, features)
 
 
@@ -56,9 +72,10 @@ class DotAttention(nn.Module):
     def forward(
         self, features: torch.Tensor, keys: torch.Tensor, query: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B,N,C), keys (B,N,A), query (B,Q) -> context (B,C), alpha (B,N)."""
-        q = self.query(query).unsqueeze(2)  # (B,A,1)
-        scores = torch.bmm(keys, q).squeeze(2) * self.scale  # (B,N)
+        """features (B,N,C), keys (B,N,A), query (B*M,Q) grouped by image -> context (B*M,C), alpha (B*M,N)."""
+        b, n, a = keys.shape
+        q = self.query(query).view(b, _group(query, b), a)  # (B,M,A)
+        scores = torch.bmm(q, keys.transpose(1, 2)) * self.scale  # (B,M,A)@(B,A,N) -> (B,M,N)
         return _attend(scores, features)
 
 

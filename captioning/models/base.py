@@ -41,7 +41,8 @@ class Decoder(nn.Module):
     per_image_state: tuple[str, ...] = ()
 
     def forward(self, features: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B,N,C), tokens_in (B,T) -> logits (B,T,V), attention (B,T,N)."""
+        """features (B,N,C), tokens_in (B,T) -> logits (B,T,V), attention (B,T,N); or tokens_in
+        (B,M,T), M captions per image, -> (B,M,T,V), (B,M,T,N), each image's features read once."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def init_state(self, features: torch.Tensor) -> DecoderState:
@@ -51,7 +52,11 @@ class Decoder(nn.Module):
     def step(
         self, tokens: torch.Tensor, state: DecoderState, features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DecoderState]:
-        """tokens (B,) -> logits (B,V), attention (B,N), new state."""
+        """tokens (R,) -> logits (R,V), attention (R,N), new state.
+
+        R = B*M rows grouped by image (row r decodes for image r // M): the state tensors named in
+        ``per_image_state`` keep B rows, every other state tensor has R rows.
+        """
         raise NotImplementedError  # pragma: no cover - interface
 
     @staticmethod

@@ -56,8 +56,8 @@ class LSTMDecoder(Decoder):
     def _advance(
         self, tokens: torch.Tensor, state: DecoderState, features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DecoderState]:
-        """One LSTM step without the output layer: tokens (B,) -> embedding (B,E), gated context
-        (B,C), attention (B,N), new state."""
+        """One LSTM step without the output layer: tokens (R,) for R = B*M rows grouped by image ->
+        embedding (R,E), gated context (R,C), attention (R,N), new state (keys stay (B,N,A))."""
         h, c = state["h"], state["c"]
         context, alpha = self.attention(features, state["keys"], h)  # (B,C), (B,N)
         context = torch.sigmoid(self.gate(h)) * context
@@ -76,14 +76,21 @@ class LSTMDecoder(Decoder):
         return self._output(emb, state["h"], context), alpha, state  # (B,V), (B,N)
 
     def forward(self, features: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (B,N,C), tokens_in (B,T) or (B,M,T) (M captions per image) -> logits (B,[M],T,V),
+        attention (B,[M],T,N)."""
+        tokens = tokens_in.flatten(0, 1) if tokens_in.dim() == 3 else tokens_in  # (R,T), R = B*M
+        m = tokens.size(0) // features.size(0)
         state = self.init_state(features)
+        if m > 1:  # every caption starts from its image's initial h, c; keys stay one per image
+            state = {**state, "h": state["h"].repeat_interleave(m, 0), "c": state["c"].repeat_interleave(m, 0)}
         embs, hs, contexts, alphas = [], [], [], []
-        for t in range(tokens_in.size(1)):
-            emb, context, alpha, state = self._advance(tokens_in[:, t], state, features)
+        for t in range(tokens.size(1)):
+            emb, context, alpha, state = self._advance(tokens[:, t], state, features)
             embs.append(emb)
             hs.append(state["h"])
             contexts.append(context)
             alphas.append(alpha)
-        # the output layer runs once over all steps, outside the sequential loop: (B,T,*) -> (B,T,V)
+        # the output layer runs once over all steps, outside the sequential loop: (R,T,*) -> (R,T,V)
         logits = self._output(torch.stack(embs, 1), torch.stack(hs, 1), torch.stack(contexts, 1))
-        return logits, torch.stack(alphas, 1)  # (B,T,V), (B,T,N)
+        alpha = torch.stack(alphas, 1)  # (R,T,N)
+        return logits.view(*tokens_in.shape, -1), alpha.view(*tokens_in.shape, -1)

@@ -56,15 +56,24 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B,Tq,D) queries; k, v (B,H,Tk,dh); mask (Tq,Tk) True = blocked -> (B,Tq,D), weights (B,H,Tq,Tk)."""
-        q = self.split(self.q(x))  # (B,H,Tq,dh)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B,H,Tq,Tk)
+        """x (R,Tq,D) queries; k, v (B,H,Tk,dh); mask (Tq,Tk) True = blocked -> (R,Tq,D), weights.
+
+        R = B*M query rows grouped by image (M = 1 for self-attention): the M rows of an image are
+        laid side by side as one (M*Tq)-long query against that image's keys, so the keys and values
+        are read once per image. Weights come as (B,H,M*Tq,Tk), which is (R,H,Tq,Tk) when M = 1.
+        """
+        r, tq, d = x.shape
+        b = k.size(0)
+        if r % b:
+            raise ValueError(f"{r} query rows cannot be grouped over {b} key rows")
+        q = self.split(self.q(x.reshape(b, (r // b) * tq, d)))  # (R,Tq,D) -> (B,M*Tq,D) -> (B,H,M*Tq,dh)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B,H,M*Tq,Tk)
         if mask is not None:
             scores = scores.masked_fill(mask, float("-inf"))
         weights = scores.softmax(dim=-1)
-        y = self.dropout(weights) @ v  # (B,H,Tq,dh)
-        b, h, t, d = y.shape
-        return self.out(y.transpose(1, 2).reshape(b, t, h * d)), weights  # (B,Tq,D)
+        y = self.dropout(weights) @ v  # (B,H,M*Tq,dh)
+        y = y.transpose(1, 2).reshape(r, tq, d)  # (B,M*Tq,H,dh) -> (R,Tq,D)
+        return self.out(y), weights
 
 
 class DecoderLayer(nn.Module):
@@ -85,7 +94,7 @@ class DecoderLayer(nn.Module):
         cross_kv: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B,T,D) -> (B,T,D), cross-attention weights (B,H,T,N)."""
+        """x (R,T,D), R = B*M rows grouped by image -> (R,T,D), cross-attention weights (B,H,M*T,N)."""
         y, _ = self.self_attn(self.norm1(x), *self_kv, mask=mask)
         x = x + self.dropout(y)
         y, cross = self.cross_attn(self.norm2(x), *cross_kv)
@@ -146,9 +155,11 @@ class TransformerDecoder(Decoder):
         return [layer.cross_attn.keys_values(memory) for layer in self.layers]  # (B,H,N,dh) pairs
 
     def forward(self, features: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced, all positions in one parallel pass."""
-        t = tokens_in.size(1)
-        x = self._embed(tokens_in, torch.arange(t, device=tokens_in.device))  # (B,T,D)
+        """Teacher-forced, all positions in one parallel pass: tokens_in (B,T) or (B,M,T) ->
+        logits (B,[M],T,V), attention (B,[M],T,N)."""
+        tokens = tokens_in.flatten(0, 1) if tokens_in.dim() == 3 else tokens_in  # (R,T), R = B*M
+        r, t = tokens.shape
+        x = self._embed(tokens, torch.arange(t, device=tokens.device))  # (R,T,D)
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)  # (T,T) True above the diagonal
         cross_kv = self._cross_kv(features)
         attention = None
@@ -156,33 +167,34 @@ class TransformerDecoder(Decoder):
             self_kv = layer.self_attn.keys_values(layer.norm1(x))
             x, cross = layer(x, self_kv, cross_kv[i], causal)
             if i == self.attention_layer:
-                attention = cross.mean(1)  # (B,H,T,N) -> (B,T,N)
-        return self.out(self.norm(x)), attention  # (B,T,V), (B,T,N)
+                attention = cross.mean(1).view(r, t, -1)  # (B,H,M*T,N) -> (B,M*T,N) -> (R,T,N)
+        logits = self.out(self.norm(x))  # (R,T,V)
+        return logits.view(*tokens_in.shape, -1), attention.view(*tokens_in.shape, -1)
 
     def init_state(self, features: torch.Tensor) -> DecoderState:
         b = features.size(0)
         state: DecoderState = {"pos": torch.zeros(b, dtype=torch.long, device=features.device)}
         for i, (k, v) in enumerate(self._cross_kv(features)):
             state[f"cross_k{i}"], state[f"cross_v{i}"] = k, v  # (B,H,N,dh): once per image
-            empty = k.new_zeros(k.size(0), k.size(1), 0, k.size(3))  # (B,H,0,dh)
+            empty = k.new_zeros(k.size(0), k.size(1), 0, k.size(3))  # (B,H,0,dh); per row once expanded
             state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
         return state
 
     def step(
         self, tokens: torch.Tensor, state: DecoderState, features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DecoderState]:
-        pos = state["pos"]  # (B,)
-        x = self._embed(tokens.unsqueeze(1), pos)  # (B,1,D)
+        pos = state["pos"]  # (R,)
+        x = self._embed(tokens.unsqueeze(1), pos)  # (R,1,D)
         new: DecoderState = {"pos": pos + 1}
         attention = None
         for i, layer in enumerate(self.layers):
-            k, v = layer.self_attn.keys_values(layer.norm1(x))  # (B,H,1,dh)
-            k = torch.cat([state[f"self_k{i}"], k], dim=2)  # (B,H,t+1,dh): the cache grows by one
+            k, v = layer.self_attn.keys_values(layer.norm1(x))  # (R,H,1,dh)
+            k = torch.cat([state[f"self_k{i}"], k], dim=2)  # (R,H,t+1,dh): the cache grows by one
             v = torch.cat([state[f"self_v{i}"], v], dim=2)
             cross_kv = (state[f"cross_k{i}"], state[f"cross_v{i}"])
             x, cross = layer(x, (k, v), cross_kv, None)
             new[f"self_k{i}"], new[f"self_v{i}"] = k, v
             new[f"cross_k{i}"], new[f"cross_v{i}"] = cross_kv
             if i == self.attention_layer:
-                attention = cross.mean(1).squeeze(1)  # (B,H,1,N) -> (B,N)
-        return self.out(self.norm(x)).squeeze(1), attention, new  # (B,V), (B,N)
+                attention = cross.mean(1).view(tokens.size(0), -1)  # (B,H,M,N) -> (B,M,N) -> (R,N)
+        return self.out(self.norm(x)).squeeze(1), attention, new  # (R,V), (R,N)
