@@ -145,35 +145,78 @@ class CaptionModule(pl.LightningModule):
 
     # -- training ---------------------------------------------------------------------------
 
-    def loss(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B,3,H,W), tokens (B,L) with <start> ... <end> <pad>... -> (total loss, CE)."""
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B,T) each, T = L-1
-        logits, alpha = self.net(images, inputs)  # (B,T,V), (B,T,N)
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Images (B,3,H,W) through the encoder, or cached features (B,N,C) as they are -> (B,N,C).
+
+        A frozen encoder runs without autograd: nothing of it is trained, so no activations are kept.
+        """
+        if inputs.dim() == 3:
+            return inputs.to(next(self.net.decoder.parameters()).dtype)
+        if any(p.requires_grad for p in self.net.encoder.parameters()):
+            return self.net.encode(inputs).features
+        with torch.no_grad():
+            return self.net.encode(inputs).features
+
+    def loss(self, inputs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs: images (B,3,H,W) or features (B,N,C); tokens (B,L) or (B,M,L), M captions per image,
+        each <start> ... <end> <pad>... (an all-<pad> row is no caption) -> (total loss, CE).
+
+        Every caption word weighs the same, whichever image or rank it is on: the cross-entropy is
+        summed and divided by the number of target words of the whole batch, counted across DDP
+        ranks (DDP then averages gradients over ranks), so N processes compute exactly the gradient
+        of one process on their union. The doubly stochastic term is likewise a mean over captions.
+        """
+        if tokens.dim() == 2:
+            tokens = tokens.unsqueeze(1)  # (B,L) -> (B,1,L)
+        inputs_t, targets = tokens[..., :-1], tokens[..., 1:]  # (B,M,T) each, T = L-1
+        logits, alpha = self.net.decoder(self.features(inputs), inputs_t)  # (B,M,T,V), (B,M,T,N)
+        ce_sum = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
             targets.reshape(-1),
             ignore_index=Vocabulary.pad_id,
             label_smoothing=self.hparams.label_smoothing,
+            reduction="sum",
         )
-        mask = (targets != Vocabulary.pad_id).unsqueeze(-1).to(alpha.dtype)  # (B,T,1)
-        coverage = (alpha * mask).sum(1)  # (B,N): total attention each cell received
-        dsa = ((1.0 - coverage) ** 2).mean()
+        mask = targets != Vocabulary.pad_id  # (B,M,T)
+        real = mask.any(-1)  # (B,M): captions that exist
+        coverage = (alpha.float() * mask.unsqueeze(-1)).sum(2)  # (B,M,N): total attention each cell received
+        dsa_sum = ((1.0 - coverage) ** 2).mean(-1)[real].sum()
+        words, captions = self._global_count(mask.sum()), self._global_count(real.sum())
+        scale = float(torch.distributed.get_world_size()) if self._distributed() else 1.0
+        ce = ce_sum * scale / words.clamp(min=1)
+        dsa = dsa_sum * scale / captions.clamp(min=1)
         return ce + self.hparams.alpha_c * dsa, ce
 
+    def _global_count(self, n: torch.Tensor) -> torch.Tensor:
+        """A count summed over DDP ranks (the local count in one process)."""
+        n = n.to(torch.float32)
+        if self._distributed():
+            n = n.clone()
+            torch.distributed.all_reduce(n)
+        return n
+
     def training_step(self, batch, batch_idx):
-        images, tokens = batch
-        loss, ce = self.loss(images, tokens)
+        inputs, tokens, skipped = batch if len(batch) == 3 else (*batch, 0)
+        if skipped:
+            self.log("train/skipped_images", float(skipped), reduce_fx="sum", on_step=False, on_epoch=True)
+        if inputs.size(0) == 0:
+            # every image of this batch failed to load: a zero loss that still touches every
+            # parameter, so DDP ranks stay in step
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        loss, ce = self.loss(inputs, tokens)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.size(0))
-        self.log("train/ce", ce, batch_size=images.size(0))
+        self.log("train/loss", loss, prog_bar=True, batch_size=inputs.size(0))
+        self.log("train/ce", ce, batch_size=inputs.size(0))
         return loss
 
     # -- free-running evaluation ----------------------------------------------------------------
 
     def _decode_batch(self, batch) -> None:
-        images, index = batch
-        features = self.net.encode(images).features
+        inputs, index = batch
+        if inputs.size(0) == 0:  # every image of the batch failed to load (and was reported)
+            return
+        features = self.features(inputs)
         hyps = beam_search(
             self.net.decoder,
             features,
@@ -191,7 +234,9 @@ class CaptionModule(pl.LightningModule):
         self._decode_batch(batch)
 
     def _distributed(self) -> bool:
-        return self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return False
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
 
     def _gathered_outputs(self) -> list[tuple[int, list[int], torch.Tensor]]:
         """This rank's decoded captions, or every rank's under DDP, deduplicated by image index

@@ -1,25 +1,40 @@
-"""LightningDataModule: reads (or generates) the records, builds the vocabulary, serves batches.
+"""LightningDataModule: reads (or generates) the records, leaves bad data out, builds the
+vocabulary, serves batches.
 
-Training items are (image, one of its captions drawn at random each epoch); evaluation items
-are images alone, their references are looked up by index in :meth:`CaptionDataModule.records`.
+Training batches are grouped: (images (B,3,H,W) or cached features (B,N,C), tokens (B,M,L)),
+each image with M of its captions, so the encoder runs once per image. Evaluation items are
+images alone; their references are looked up by index in :meth:`CaptionDataModule.records`.
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from captioning.data.images import load_image
+from captioning.data.cleaning import DataReport, clean_records
+from captioning.data.features import FeatureCache
+from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
 from captioning.data.records import CaptionRecord
-from captioning.data.sources import read_karpathy_json
+from captioning.data.sources import read_karpathy_json, read_records
 from captioning.data.synthetic import JSON_NAME, ShapesConfig, generate
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from captioning.vocab import Vocabulary
+
+#: the readers and what each one's ``annotations`` file is
+DATASETS = {
+    "shapes": "generated",
+    "karpathy": "a Karpathy JSON such as dataset_coco.json",
+    "flickr8k": "Flickr8k.token.txt",
+    "captions": "a .jsonl or .csv captions file",
+}
 
 
 class EpochSampler(Sampler):
@@ -51,28 +66,65 @@ class EpochSampler(Sampler):
         return self.size
 
 
+def _draw(n_captions: int, m: int, rng: random.Random) -> list[int]:
+    """Which of an image's captions go into its group: one drawn at random (m = 1), m drawn without
+    replacement, or all of them (m = 0, or fewer than m available)."""
+    if m == 1:
+        return [rng.randrange(n_captions)]
+    if m <= 0 or m >= n_captions:
+        return list(range(n_captions))
+    return rng.sample(range(n_captions), m)
+
+
 class TrainCaptions(Dataset):
-    """One item per (image, epoch): (image (3,H,W), token ids (L,)), the caption drawn with a
-    generator seeded by (seed, epoch, image), so the draw is the same whichever worker loads it."""
+    """One item per (image, epoch): (image (3,H,W) or cached features (N,C), its caption group as a
+    list of token-id tensors), or None when the image cannot be loaded (the collate drops it).
+
+    The captions are drawn with a generator seeded by (seed, epoch, image), so the draw is the same
+    whichever worker loads the item. A group holds ``captions_per_image`` captions, so the encoder
+    runs once per image, not once per caption.
+    """
 
     def __init__(
-        self, records: list[CaptionRecord], vocab: Vocabulary, transform: EvalTransform, max_len: int, seed: int = 0
+        self,
+        records: list[CaptionRecord],
+        vocab: Vocabulary,
+        transform: EvalTransform,
+        max_len: int,
+        seed: int = 0,
+        captions_per_image: int = 1,
+        features: FeatureCache | None = None,
     ):
         self.records, self.transform, self.seed = records, transform, seed
+        self.captions_per_image, self.features = captions_per_image, features
         self.encoded = [[vocab.encode(t, max_len) for t in r.tokens] for r in records]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         i, epoch = item
         caps = self.encoded[i]
-        ids = caps[random.Random(f"{self.seed}/{epoch}/{i}").randrange(len(caps))]
-        return self.transform(load_image(self.records[i].image_path)), torch.tensor(ids)
+        chosen = _draw(len(caps), self.captions_per_image, random.Random(f"{self.seed}/{epoch}/{i}"))
+        tokens = [torch.tensor(caps[j]) for j in chosen]
+        if self.features is not None:
+            feats, valid = self.features.open()
+            return (torch.from_numpy(np.array(feats[i])), tokens) if valid[i] else None  # (N,C)
+        return _load_or_none(self.records[i].image_path, self.transform, tokens)
+
+
+def _load_or_none(path: Path, transform: EvalTransform, payload):
+    """(image tensor, payload), or None after a warning when the image cannot be loaded: one bad
+    file never stops a run (every DDP rank still gets its batch, one image shorter)."""
+    try:
+        return transform(load_image(path)), payload
+    except ImageLoadError as e:
+        warnings.warn(f"skipping image: {e}", stacklevel=2)
+        return None
 
 
 class EvalImages(Dataset):
-    """One item per image: (image (3,H,W), record index)."""
+    """One item per image: (image (3,H,W), record index), or None when it cannot be loaded."""
 
     def __init__(self, records: list[CaptionRecord], transform: EvalTransform):
         self.records, self.transform = records, transform
@@ -80,86 +132,143 @@ class EvalImages(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_image(self.records[i].image_path)), i
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        return _load_or_none(self.records[i].image_path, self.transform, i)
 
 
-def collate_train(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack images (B,3,H,W) and right-pad token ids with <pad>=0 to (B,L)."""
-    images = torch.stack([b[0] for b in batch])
-    tokens = torch.nn.utils.rnn.pad_sequence([b[1] for b in batch], batch_first=True, padding_value=0)
-    return images, tokens
+def collate_train(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Drop unloadable items; stack inputs (B,3,H,W) or features (B,N,C); pad the caption groups to
+    tokens (B,M,L) with <pad> = 0 (a missing caption is an all-<pad> row, which the loss ignores).
+    Returns (inputs, tokens, number of items dropped)."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, 1, 1, dtype=torch.long), len(batch)
+    inputs = torch.stack([b[0] for b in kept])
+    m = max(len(b[1]) for b in kept)
+    length = max(len(t) for b in kept for t in b[1])
+    tokens = torch.zeros(len(kept), m, length, dtype=torch.long)  # (B,M,L)
+    for i, (_, caps) in enumerate(kept):
+        for j, t in enumerate(caps):
+            tokens[i, j, : len(t)] = t
+    return inputs, tokens, len(batch) - len(kept)
+
+
+def collate_eval(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop unloadable items; images (B,3,H,W) and their record indices (B,)."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.stack([b[0] for b in kept]), torch.tensor([b[1] for b in kept])
 
 
 class CaptionDataModule(pl.LightningDataModule):
     """Data for training and evaluation.
 
     Args:
-        dataset: ``"shapes"`` (generated under ``data_dir`` on first use) or ``"karpathy"``
-            (read ``karpathy_json``, images under ``image_root``).
+        dataset: ``"shapes"`` (generated under ``data_dir`` on first use), ``"karpathy"``
+            (a Karpathy JSON: COCO, Flickr8k, Flickr30k), ``"flickr8k"`` (Flickr8k's native
+            ``Flickr8k.token.txt`` with its split files) or ``"captions"`` (a folder of images with
+            a JSONL or CSV captions file). See ``data/README.md``.
+        annotations: the annotation file of a real dataset.
+        image_root: folder the image paths are relative to (default: the annotation file's folder;
+            for Flickr8k a ``Flicker8k_Dataset`` folder beside it when present).
+        restval_to_train: Karpathy COCO's ``restval`` images join ``train`` (the usual protocol).
+        splits_dir: Flickr8k: folder of ``Flickr_8k.{train,dev,test}Images.txt`` (default: beside the token file).
+        val_fraction, test_fraction, split_seed: ``captions`` files without splits: the seeded ratio split.
         data_dir: folder of the shapes set.
-        karpathy_json: path of a Karpathy-format JSON (``dataset="karpathy"``).
-        image_root: folder the JSON's ``filepath/filename`` are relative to (default: the JSON's folder).
         image_size: images are resized to ``image_size`` x ``image_size``.
         mean, std: normalisation.
-        batch_size: training images per batch; eval_batch_size for validation/test.
+        batch_size: training images per batch (each with up to ``captions_per_image`` captions);
+            eval_batch_size for validation/test.
+        captions_per_image: captions per image in a training batch (grouped batches: the encoder
+            runs once per image); 1 draws one caption per image per epoch; 0 takes all of them.
         num_workers: data-loader worker processes.
         min_word_freq: words rarer than this in the training captions become ``<unk>``.
         max_caption_len: training captions are cut to this many words.
+        check_images: scan every image once at set-up (header and end marker; see
+            :func:`captioning.data.images.check_image`) and leave bad ones out, counted by reason.
+        max_bad_fraction: stop with an error when more than this fraction of the images is bad.
+        max_pixels: images with more pixels are refused before decoding.
+        feature_cache: train from a cache of frozen-encoder features under ``cache_dir``, built on
+            first use (needs ``model.freeze_encoder: true``); validation and test still read images.
+        cache_dir, cache_dtype: where the cache lives and how it stores features ("float16"/"float32").
         num_train, num_val, num_test, shapes_seed: size and seed of the generated shapes set.
     """
 
     def __init__(
         self,
         dataset: str = "shapes",
-        data_dir: str = "data/shapes",
-        karpathy_json: str | None = None,
+        annotations: str | None = None,
         image_root: str | None = None,
+        restval_to_train: bool = True,
+        splits_dir: str | None = None,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        split_seed: int = 0,
+        data_dir: str = "data/shapes",
         image_size: int = 64,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         batch_size: int = 64,
         eval_batch_size: int = 128,
+        captions_per_image: int = 1,
         num_workers: int = 0,
         min_word_freq: int = 1,
         max_caption_len: int = 24,
+        check_images: bool = True,
+        max_bad_fraction: float = 0.01,
+        max_pixels: int = MAX_PIXELS,
+        feature_cache: bool = False,
+        cache_dir: str = "data/cache",
+        cache_dtype: str = "float16",
         num_train: int = 4000,
         num_val: int = 500,
         num_test: int = 500,
         shapes_seed: int = 0,
     ):
         super().__init__()
-        if dataset not in ("shapes", "karpathy"):
-            raise ValueError(f"data.dataset must be 'shapes' or 'karpathy', got {dataset!r}")
-        if dataset == "karpathy" and not karpathy_json:
-            raise ValueError("data.dataset='karpathy' needs data.karpathy_json")
-        self.dataset, self.data_dir = dataset, data_dir
-        self.karpathy_json, self.image_root = karpathy_json, image_root
+        if dataset not in DATASETS:
+            raise ValueError(f"data.dataset must be one of {list(DATASETS)}, got {dataset!r}")
+        if dataset != "shapes" and not annotations:
+            raise ValueError(f"data.dataset={dataset!r} needs data.annotations ({DATASETS[dataset]})")
+        self.dataset, self.data_dir, self.annotations, self.image_root = dataset, data_dir, annotations, image_root
+        self.source_options = {
+            "karpathy": {"restval_to_train": restval_to_train},
+            "flickr8k": {"splits_dir": splits_dir},
+            "captions": {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": split_seed},
+        }.get(dataset, {})
         self.image_size, self.mean, self.std = image_size, list(mean), list(std)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.captions_per_image = captions_per_image
         self.min_word_freq, self.max_caption_len = min_word_freq, max_caption_len
+        self.check_images, self.max_bad_fraction, self.max_pixels = check_images, max_bad_fraction, max_pixels
+        self.feature_cache, self.cache_dir, self.cache_dtype = feature_cache, cache_dir, cache_dtype
         self.shapes_config = ShapesConfig(num_train, num_val, num_test, image_size, shapes_seed)
         self._records: dict[str, list[CaptionRecord]] | None = None
         self._vocab: Vocabulary | None = None
+        self.report: DataReport | None = None
         self.train_sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None
+        self._train_cache: FeatureCache | None = None
 
     # -- records and vocabulary (built once, on first use) ----------------------------------
+
+    @property
+    def source(self) -> Path:
+        """The file the records come from."""
+        return Path(self.data_dir) / JSON_NAME if self.dataset == "shapes" else Path(self.annotations)
 
     def _load(self) -> dict[str, list[CaptionRecord]]:
         if self._records is None:
             if self.dataset == "shapes":
-                json_path = generate(self.data_dir, self.shapes_config)
-                records = read_karpathy_json(json_path)
+                records = read_karpathy_json(generate(self.data_dir, self.shapes_config))
             else:
-                records = read_karpathy_json(self.karpathy_json, self.image_root)
-            split: dict[str, list[CaptionRecord]] = {"train": [], "val": [], "test": []}
-            for r in records:
-                split.setdefault(r.split, []).append(r)
-            if not split["train"]:
-                src = Path(self.data_dir) / JSON_NAME if self.dataset == "shapes" else self.karpathy_json
-                raise ValueError(f"{src}: no images in the 'train' split")
-            self._records = split
+                records = read_records(self.dataset, self.annotations, self.image_root, **self.source_options)
+            self._records, self.report = clean_records(
+                records, self.source, self.check_images, self.max_pixels, self.max_bad_fraction
+            )
+            if rank_zero_only.rank == 0:
+                print(self.report.summary(self.source), flush=True)
         return self._records
 
     def records(self, split: str) -> list[CaptionRecord]:
@@ -184,6 +293,42 @@ class CaptionDataModule(pl.LightningDataModule):
         """The vocabulary as the plain token list the model stores in its checkpoint."""
         return list(self.vocab.tokens)
 
+    # -- feature cache ----------------------------------------------------------------------
+
+    def train_features(self) -> FeatureCache | None:
+        """The training split's feature cache (``feature_cache``), built on first use by global rank
+        0 with the model's frozen encoder while the other ranks wait; None without a cache."""
+        if not self.feature_cache:
+            return None
+        if self._train_cache is None:
+            trainer = self.trainer
+            if trainer is None or trainer.lightning_module is None:
+                raise RuntimeError("data.feature_cache needs the model's encoder: use the data module with a Trainer")
+            module = trainer.lightning_module
+            encoder = module.net.encoder
+            if any(p.requires_grad for p in encoder.parameters()):
+                raise ValueError(
+                    "data.feature_cache needs a frozen encoder (model.freeze_encoder: true): "
+                    "the features of an encoder that is being trained change at every step"
+                )
+            name = f"{self.dataset}-{self.source.stem}-train"
+            paths = [r.image_path for r in self.records("train")]
+            cache = FeatureCache(self.cache_dir, name, paths, encoder, self.transform(), self.cache_dtype)
+            if trainer.is_global_zero and not cache.exists():
+                cache.build(
+                    encoder,
+                    self.transform(),
+                    device=module.device,
+                    batch_size=self.eval_batch_size,
+                    num_workers=self.num_workers,
+                    progress=bool(trainer.progress_bar_callback),
+                )
+            trainer.strategy.barrier("feature_cache")
+            if not cache.exists():
+                raise RuntimeError(f"{cache.file}: the feature cache was not written")
+            self._train_cache = cache
+        return self._train_cache
+
     # -- loaders ----------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
@@ -205,14 +350,25 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         seed = torch.initial_seed()  # the run's seed (seed_everything), not a fresh draw
-        ds = TrainCaptions(self.records("train"), self.vocab, self.transform(), self.max_caption_len, seed)
+        ds = TrainCaptions(
+            self.records("train"),
+            self.vocab,
+            self.transform(),
+            self.max_caption_len,
+            seed,
+            self.captions_per_image,
+            self.train_features(),
+        )
         if self.train_sampler is None:
             self.train_sampler = EpochSampler(len(ds), seed)
             self.train_sampler.resume = self._resume
         return self._loader(ds, self.batch_size, self.train_sampler, collate_train)
 
+    def _eval_loader(self, split: str) -> DataLoader:
+        return self._loader(EvalImages(self.records(split), self.transform()), self.eval_batch_size, None, collate_eval)
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(EvalImages(self.records("val"), self.transform()), self.eval_batch_size)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(EvalImages(self.records("test"), self.transform()), self.eval_batch_size)
+        return self._eval_loader("test")

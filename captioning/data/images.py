@@ -65,3 +65,44 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
+
+
+def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why ``path`` cannot be used as an image, or None when it can: a cheap check for scanning a dataset.
+
+    Reads the header and the last bytes only. A JPEG without its end marker or a PNG without its
+    IEND chunk (a cut-off download) is then fully decoded to confirm. Reasons: "missing",
+    "empty file", "not an image", "too large", "truncated".
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    if path.is_dir():
+        return "not an image"
+    if st.st_size == 0:
+        return "empty file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                fmt = img.format
+    except (UnidentifiedImageError, Image.DecompressionBombError):
+        return "not an image"
+    except (OSError, SyntaxError, ValueError):
+        return "truncated"
+    if w * h > max_pixels:
+        return "too large"
+    markers = {"JPEG": (b"\xff\xd9", 1024), "PNG": (b"IEND", 64)}
+    if fmt in markers:
+        marker, span = markers[fmt]
+        with open(path, "rb") as f:
+            f.seek(max(0, st.st_size - span))
+            if marker not in f.read():
+                try:
+                    load_image(path, max_pixels)
+                except ImageLoadError:
+                    return "truncated"
+    return None

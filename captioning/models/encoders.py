@@ -42,7 +42,7 @@ class SmallCNN(Encoder):
     attention on it (what makes the attention maps meaningful).
     """
 
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 96, 128)):
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 96, 128), freeze: bool = False):
         super().__init__()
         if len(channels) != 4:
             raise ValueError(f"small_cnn takes 4 channel widths, got {list(channels)}")
@@ -54,6 +54,15 @@ class SmallCNN(Encoder):
             _conv_bn(c2, c3, 2),  # /8
         )
         self.out_dim = c3
+        self.freeze = freeze
+        if freeze:  # a fixed random projection: for tests and for comparing with a trained encoder
+            self.body.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> SmallCNN:
+        super().train(mode)
+        if self.freeze:
+            self.body.eval()  # frozen BatchNorm must not update its running statistics
+        return self
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         b, _, h, w = images.shape
@@ -107,7 +116,7 @@ def build_encoder(
 ) -> Encoder:
     """``name``: "small_cnn" or a torchvision ResNet name ("resnet18" ... "resnet152")."""
     if name == "small_cnn":
-        return SmallCNN(tuple(channels))
+        return SmallCNN(tuple(channels), freeze)
     return TorchvisionEncoder(name, stage, grid, freeze)
 
 

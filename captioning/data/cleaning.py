@@ -1,0 +1,140 @@
+"""Bad data never stops training: records are checked once at set-up and bad ones left out, counted.
+
+- Images: a missing, zero-byte, non-image, truncated or oversized file is left out and counted
+  by reason (:func:`captioning.data.images.check_image`, run over a thread pool: it reads only
+  headers and file ends). Above ``max_bad_fraction`` of bad images the run stops: that many
+  bad files means a wrong path or a broken download, not a few odd images.
+- Captions: empty or punctuation-only captions are dropped and counted; an image left with no
+  caption is left out.
+- Ids: a second record with an image id already seen in its split is left out and counted.
+- The same image file in two splits is an error (a test image seen in training would inflate
+  every metric).
+- Records in no split (Flickr8k names absent from every split file) are counted.
+
+The counts are printed once, after set-up, by :meth:`DataReport.summary`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from captioning.data.images import MAX_PIXELS, check_image
+from captioning.data.records import CaptionRecord
+
+SPLITS = ("train", "val", "test")
+_WORD = re.compile(r"\w")
+
+
+@dataclass
+class DataReport:
+    """What set-up kept and what it left out, and why."""
+
+    images: dict[str, int] = field(default_factory=dict)  # split -> images kept
+    captions: dict[str, int] = field(default_factory=dict)  # split -> captions kept
+    bad_images: Counter = field(default_factory=Counter)  # reason -> count
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few paths
+    empty_captions: int = 0
+    images_without_captions: int = 0
+    duplicate_ids: int = 0
+    unassigned: int = 0
+    total_images: int = 0
+
+    @property
+    def bad_fraction(self) -> float:
+        return sum(self.bad_images.values()) / max(self.total_images, 1)
+
+    def summary(self, source: str | Path) -> str:
+        kept = ", ".join(f"{s} {self.images.get(s, 0)} images / {self.captions.get(s, 0)} captions" for s in SPLITS)
+        lines = [f"data {source}: {kept}"]
+        bad = sum(self.bad_images.values())
+        if bad:
+            reasons = ", ".join(f"{r} {n}" for r, n in self.bad_images.most_common())
+            lines.append(f"  skipped {bad} bad images of {self.total_images} ({reasons})")
+            for reason, paths in self.examples.items():
+                more = " ..." if self.bad_images[reason] > len(paths) else ""
+                lines.append(f"    {reason}: {', '.join(paths)}{more}")
+        for count, what in (
+            (self.empty_captions, "empty or punctuation-only captions dropped"),
+            (self.images_without_captions, "images without a usable caption skipped"),
+            (self.duplicate_ids, "records with a duplicate image id skipped"),
+            (self.unassigned, "images in no split ignored"),
+        ):
+            if count:
+                lines.append(f"  {count} {what}")
+        if len(lines) == 1:
+            lines.append("  no bad images or captions found")
+        return "\n".join(lines)
+
+
+def clean_records(
+    records: list[CaptionRecord],
+    source: str | Path,
+    check_images: bool = True,
+    max_pixels: int = MAX_PIXELS,
+    max_bad_fraction: float = 0.01,
+    workers: int = 16,
+) -> tuple[dict[str, list[CaptionRecord]], DataReport]:
+    """Split ``records`` by split, leaving bad data out (see the module docstring).
+
+    Raises ValueError, naming ``source``, for an image in two splits, an empty training split or
+    too many bad images.
+    """
+    report = DataReport()
+    split_of: dict[Path, str] = {}
+    ids: dict[str, set[str]] = {}
+    candidates: list[CaptionRecord] = []
+    for r in records:
+        if r.split not in SPLITS:
+            report.unassigned += 1
+            continue
+        other = split_of.setdefault(r.image_path, r.split)
+        if other != r.split:
+            raise ValueError(f"{source}: image {r.image_path} is in both the '{other}' and the '{r.split}' split")
+        seen = ids.setdefault(r.split, set())
+        if r.image_id in seen:
+            report.duplicate_ids += 1
+            continue
+        seen.add(r.image_id)
+        usable = [i for i, t in enumerate(r.tokens) if any(_WORD.search(w) for w in t)]
+        report.empty_captions += len(r.tokens) - len(usable)
+        if not usable:
+            report.images_without_captions += 1
+            continue
+        if len(usable) < len(r.tokens):
+            r = replace(r, captions=[r.captions[i] for i in usable], tokens=[r.tokens[i] for i in usable])
+        candidates.append(r)
+    report.total_images = len(candidates)
+
+    reasons: list[str | None] = [None] * len(candidates)
+    if check_images and candidates:
+        from tqdm import tqdm
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            scan = pool.map(lambda r: check_image(r.image_path, max_pixels), candidates, chunksize=64)
+            bar = tqdm(scan, total=len(candidates), desc="checking images", unit="img", disable=len(candidates) < 5000)
+            reasons = list(bar)
+    split: dict[str, list[CaptionRecord]] = {s: [] for s in SPLITS}
+    for r, reason in zip(candidates, reasons):
+        if reason is None:
+            split[r.split].append(r)
+            continue
+        report.bad_images[reason] += 1
+        examples = report.examples.setdefault(reason, [])
+        if len(examples) < 3:
+            examples.append(str(r.image_path))
+    for s in SPLITS:
+        report.images[s] = len(split[s])
+        report.captions[s] = sum(len(r.tokens) for r in split[s])
+    if report.bad_fraction > max_bad_fraction:
+        raise ValueError(
+            f"{source}: {sum(report.bad_images.values())} of {report.total_images} images are bad "
+            f"({report.bad_fraction:.1%} > data.max_bad_fraction {max_bad_fraction:.1%}); is data.image_root right?\n"
+            + report.summary(source)
+        )
+    if not split["train"]:
+        raise ValueError(f"{source}: no usable images in the 'train' split\n" + report.summary(source))
+    return split, report

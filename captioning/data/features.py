@@ -1,0 +1,181 @@
+"""A cache of frozen-encoder features, so that a frozen-encoder epoch reads features, not images.
+
+With a frozen encoder, every epoch would decode, resize and encode the same images again. The
+cache runs the encoder once per image and stores the grid features (I,N,C) in one raw array file
+under ``data/cache/``, read back through ``numpy.memmap``: data-loader workers open it without
+copying it, and only the rows a batch needs are read from disk.
+
+A cache file is named by a key that hashes everything its contents depend on: the encoder's
+architecture and weights (a hash of its state dict, so any change of weights is seen), the
+preprocessing (image size, mean, std), the storage dtype and the dataset (image paths with
+their sizes and modification times). A change of any of them gives a new key and a rebuild;
+older files of the same dataset split are removed then. A build writes to a temporary file and
+renames it when complete, so an interrupted build never leaves a cache that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from captioning.data.images import ImageLoadError, load_image
+from captioning.data.transforms import EvalTransform
+from captioning.models.base import Encoder
+
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def encoder_fingerprint(encoder: Encoder) -> str:
+    """A hash of the encoder's class and every tensor of its state dict (weights and BN statistics)."""
+    h = hashlib.sha1(type(encoder).__name__.encode())
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dataset_fingerprint(paths: Sequence[Path]) -> str:
+    """A hash of the image paths, in order, with their sizes and modification times."""
+    h = hashlib.sha1()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+class _Images(Dataset):
+    def __init__(self, paths: Sequence[Path], transform: EvalTransform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        try:
+            return self.transform(load_image(self.paths[i])), i, True
+        except ImageLoadError as e:
+            print(f"feature cache: skipping {e}", flush=True)
+            size = self.transform.size
+            return torch.zeros(3, size, size), i, False
+
+
+class FeatureCache:
+    """Features (I,N,C) of ``paths`` under ``folder/{name}-{key}.npy`` plus a ``.json`` description.
+
+    Args:
+        folder: where cache files live (``data/cache`` by default in the data module).
+        name: a readable prefix, e.g. ``"coco-train"``; files of the same name with another key
+            are stale and removed when this one is built.
+        paths: the images, in dataset order (row i of the cache is image i).
+        encoder: the frozen encoder (its weights are part of the key).
+        transform: the preprocessing applied before the encoder.
+        dtype: ``"float16"`` (half the disk, the default) or ``"float32"``.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        name: str,
+        paths: Sequence[Path],
+        encoder: Encoder,
+        transform: EvalTransform,
+        dtype: str = "float16",
+    ):
+        if dtype not in _DTYPES:
+            raise ValueError(f"feature cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.folder, self.name, self.paths, self.dtype = Path(folder), name, list(paths), dtype
+        self.description = {
+            "encoder": type(encoder).__name__,
+            "encoder_weights": encoder_fingerprint(encoder),
+            "image_size": transform.size,
+            "mean": [float(m) for m in transform.mean],
+            "std": [float(s) for s in transform.std],
+            "dtype": dtype,
+            "dataset": dataset_fingerprint(self.paths),
+            "images": len(self.paths),
+        }
+        self.key = hashlib.sha1(json.dumps(self.description, sort_keys=True).encode()).hexdigest()[:16]
+        self.file = self.folder / f"{name}-{self.key}.npy"
+        self.meta_file = self.file.with_suffix(".json")
+        self._features: np.ndarray | None = None
+        self._valid: np.ndarray | None = None
+
+    def exists(self) -> bool:
+        """True when a complete cache with this key is on disk."""
+        if not (self.file.is_file() and self.meta_file.is_file()):
+            return False
+        try:
+            meta = json.loads(self.meta_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return meta.get("key") == self.key and meta.get("complete") is True
+
+    @torch.no_grad()
+    def build(
+        self,
+        encoder: Encoder,
+        transform: EvalTransform,
+        device: torch.device | str = "cpu",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        progress: bool = True,
+    ) -> None:
+        """Encode every image once and write the cache (temporary file, renamed when complete)."""
+        from tqdm import tqdm
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        was_training = encoder.training
+        encoder.eval()
+        loader = DataLoader(_Images(self.paths, transform), batch_size=batch_size, num_workers=num_workers)
+        tmp = self.file.with_name(self.file.name + f".tmp{os.getpid()}")
+        valid = np.zeros(len(self.paths), dtype=bool)
+        out = None
+        try:
+            bar = tqdm(loader, desc=f"feature cache {self.name}", unit="batch", disable=not progress)
+            for images, index, ok in bar:
+                feats = encoder(images.to(device)).features  # (b,3,H,W) -> (b,N,C)
+                if out is None:  # the grid size is known after the first batch
+                    shape = (len(self.paths), feats.size(1), feats.size(2))
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_DTYPES[self.dtype], shape=shape)
+                out[index.numpy()] = feats.float().cpu().numpy().astype(_DTYPES[self.dtype])
+                valid[index.numpy()] = ok.numpy()
+            if out is None:
+                raise ValueError(f"feature cache {self.name}: no images to encode")
+            out.flush()
+            del out
+            os.replace(tmp, self.file)
+        finally:
+            tmp.unlink(missing_ok=True)
+            encoder.train(was_training)
+        meta = {**self.description, "key": self.key, "complete": True, "invalid": np.flatnonzero(~valid).tolist()}
+        self.meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+        for stale in self.folder.glob(f"{self.name}-*.npy"):
+            if stale != self.file:
+                stale.unlink(missing_ok=True)
+                stale.with_suffix(".json").unlink(missing_ok=True)
+                print(f"feature cache: removed stale {stale}")
+
+    def open(self) -> tuple[np.ndarray, np.ndarray]:
+        """(features (I,N,C) memory-mapped read-only, valid (I,) bool)."""
+        if self._features is None:
+            meta = json.loads(self.meta_file.read_text())
+            self._features = np.load(self.file, mmap_mode="r")
+            valid = np.ones(len(self._features), dtype=bool)
+            valid[meta.get("invalid", [])] = False
+            self._valid = valid
+        return self._features, self._valid
+
+    def __getstate__(self) -> dict:
+        # data-loader workers re-open the memory map themselves instead of pickling it
+        return {**self.__dict__, "_features": None, "_valid": None}
