@@ -43,6 +43,13 @@ class CaptionCLI(LightningCLI):
         parser.link_arguments("data.std", "model.std")
         parser.link_arguments("data.vocab_tokens", "model.vocab", apply_on="instantiate")
 
+    def before_fit(self) -> None:
+        # fix the logger's version (its run directory) now: with a spawning strategy (ddp_spawn)
+        # each spawn would otherwise pick the next free version, and the test after fit would
+        # write its results into a new folder instead of beside the checkpoints
+        for logger in self.trainer.loggers:
+            _ = logger.version
+
     def after_fit(self) -> None:
         trainer = self.trainer
         ckpt = trainer.checkpoint_callback

@@ -8,6 +8,7 @@ images alone; their references are looked up by index in :meth:`CaptionDataModul
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from captioning.data.cleaning import DataReport, clean_records
 from captioning.data.features import FeatureCache
@@ -37,19 +38,29 @@ DATASETS = {
 }
 
 
-class EpochSampler(Sampler):
+class EpochSampler(DistributedSampler):
     """Shuffles the training images with a generator seeded by (seed, epoch) and yields
-    ``(index, epoch)`` pairs.
+    ``(index, epoch)`` pairs; under DDP it yields this rank's shard of that order.
 
     Any epoch's order can be recomputed, so a run resumed mid-epoch continues exactly where it
-    stopped (``start`` skips the batches already trained on), and nothing here draws from the
+    stopped (``start`` skips the items already trained on), and nothing here draws from the
     global RNG, so data loading never shifts the random numbers dropout sees. Lightning calls
     ``set_epoch`` before each epoch.
+
+    Sharding: the order is padded (by repeating its first items) to a multiple of the number of
+    ranks and rank r takes items r, r+R, r+2R... So batch j of the R ranks together holds exactly
+    the items of batch j of one process with an R times larger batch: DDP trains on the same
+    batches as one process. It is a ``DistributedSampler`` so that Lightning uses it as it is
+    instead of wrapping it.
     """
 
-    def __init__(self, size: int, seed: int):
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        # no super().__init__: it would ask the process group; these are the fields Lightning reads
         self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
-        self.resume: tuple[int, int] | None = None  # (epoch, items already trained on)
+        self.num_replicas, self.rank, self.shuffle, self.drop_last = num_replicas, rank, True, False
+        self.num_samples = math.ceil(size / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.resume: tuple[int, int] | None = None  # (epoch, items of this rank already trained on)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -59,11 +70,13 @@ class EpochSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=g).tolist()
+        order += order[: self.total_size - self.size]  # pad to a multiple of the ranks
+        shard = order[self.rank :: self.num_replicas]
         start, self.start = self.start, 0
-        return iter([(i, self.epoch) for i in order[start:]])
+        return iter([(i, self.epoch) for i in shard[start:]])
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
 
 def _draw(n_captions: int, m: int, rng: random.Random) -> list[int]:
@@ -276,7 +289,7 @@ class CaptionDataModule(pl.LightningDataModule):
         return self._load()[split]
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Start the training data of ``epoch`` after its first ``batches_done`` batches."""
+        """Start the training data of ``epoch`` after its first ``batches_done`` batches (of each rank)."""
         self._resume = (epoch, batches_done * self.batch_size)
         if self.train_sampler is not None:
             self.train_sampler.resume = self._resume
@@ -360,7 +373,8 @@ class CaptionDataModule(pl.LightningDataModule):
             self.train_features(),
         )
         if self.train_sampler is None:
-            self.train_sampler = EpochSampler(len(ds), seed)
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            self.train_sampler = EpochSampler(len(ds), seed, world, rank)
             self.train_sampler.resume = self._resume
         return self._loader(ds, self.batch_size, self.train_sampler, collate_train)
 
