@@ -68,7 +68,8 @@ class EpochSampler(DistributedSampler):
             self.start, self.resume = self.resume[1], None
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # modulo 2**63: an unseeded process has a random 64-bit seed, which the product would overflow
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         order = torch.randperm(self.size, generator=g).tolist()
         order += order[: self.total_size - self.size]  # pad to a multiple of the ranks
         shard = order[self.rank :: self.num_replicas]

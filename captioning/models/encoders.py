@@ -154,6 +154,20 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
         head, _, rest = k.partition(".")
         if head in names and names.index(head) < len(encoder.body):
             mapped[f"{names.index(head)}.{rest}"] = v
-    missing, _ = encoder.body.load_state_dict(mapped, strict=False)
-    if missing:
-        raise ValueError(f"{weights}: weights do not fit {encoder.arch}: missing {missing[:5]}")
+    # check everything before copying anything, so a wrong file leaves the encoder untouched
+    own = encoder.body.state_dict()
+    missing = [k for k in own if k not in mapped]
+    unexpected = [k for k in mapped if k not in own]
+    shapes = [
+        f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in mapped and mapped[k].shape != v.shape
+    ]
+    problems = [
+        f"{what} {items[:5]}"
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+        if items
+    ]
+    if problems:
+        raise ValueError(f"{weights}: weights do not fit {encoder.arch}: " + "; ".join(problems))
+    encoder.body.load_state_dict(mapped)

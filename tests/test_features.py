@@ -1,0 +1,218 @@
+"""The frozen-encoder feature cache and local encoder weights: keys, rebuilds, equivalence with reading
+images, and a fit through train.py that loads a weights file the test writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from captioning.data.datamodule import TrainCaptions, collate_train
+from captioning.data.features import FeatureCache, encoder_fingerprint
+from captioning.data.images import load_image
+from captioning.data.sources import read_karpathy_json
+from captioning.data.transforms import EvalTransform
+from captioning.lit_module import CaptionModule
+from captioning.models.encoders import SmallCNN, TorchvisionEncoder, load_encoder_weights
+from captioning.vocab import Vocabulary
+
+from conftest import ROOT, run_script
+
+
+def _train_records(tiny_shapes: Path, n: int):
+    return [r for r in read_karpathy_json(tiny_shapes) if r.split == "train"][:n]
+
+
+def _frozen_cnn(seed: int = 0) -> SmallCNN:
+    torch.manual_seed(seed)
+    return SmallCNN((8, 8, 8, 8), freeze=True)
+
+
+def _files(folder: Path) -> dict[str, int]:
+    """name -> modification time (ns) of every file in ``folder``."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+# --- the cache itself ----------------------------------------------------------------------------------
+
+
+def test_cache_key_follows_size_weights_dtype_and_files_and_a_rebuild_removes_the_stale_file(tiny_shapes, tmp_path):
+    paths = [r.image_path for r in _train_records(tiny_shapes, 4)]
+    enc, small = _frozen_cnn(), EvalTransform(32)
+    folder = tmp_path / "cache"
+    first = FeatureCache(folder, "set-train", paths, enc, small)
+    assert not first.exists()
+    first.build(enc, small, progress=False)
+    assert first.exists() and _files(folder).keys() == {first.file.name, first.meta_file.name}
+    feats, valid = first.open()
+    assert feats.shape == (4, 16, 8) and feats.dtype == "float16" and valid.all()  # 32 px -> 4x4 grid of 8
+    meta = json.loads(first.meta_file.read_text())
+    assert meta["key"] == first.key and meta["image_size"] == 32 and meta["encoder"] == "SmallCNN"
+
+    # the same inputs: the same key, found on disk (nothing to build)
+    assert FeatureCache(folder, "set-train", paths, _frozen_cnn(), EvalTransform(32)).file == first.file
+    # another split's cache is not stale for this one and must survive its rebuilds
+    val = FeatureCache(folder, "set-val", paths[:2], enc, small)
+    val.build(enc, small, progress=False)
+
+    keys = {first.key}
+    bigger = FeatureCache(folder, "set-train", paths, enc, EvalTransform(48))
+    other = _frozen_cnn()
+    with torch.no_grad():
+        other.body[0][0].weight[0, 0, 0, 0] += 1e-3  # one weight, a little
+    reweighted = FeatureCache(folder, "set-train", paths, other, small)
+    wider = FeatureCache(folder, "set-train", paths, enc, small, dtype="float32")
+    bn = _frozen_cnn()
+    bn.body[1][1].running_mean[0] = 0.5  # frozen BatchNorm statistics are weights too
+    restats = FeatureCache(folder, "set-train", paths, bn, small)
+    for cache in (bigger, reweighted, wider, restats):
+        assert cache.key not in keys and not cache.exists()
+        keys.add(cache.key)
+    os.utime(paths[0], ns=(1, 1))  # an image file changed on disk
+    assert FeatureCache(folder, "set-train", paths, enc, small).key not in keys
+
+    bigger.build(enc, EvalTransform(48), progress=False)
+    assert _files(folder).keys() == {p.name for c in (bigger, val) for p in (c.file, c.meta_file)}
+    assert not first.exists()
+    reweighted.build(other, small, progress=False)
+    assert _files(folder).keys() == {p.name for c in (reweighted, val) for p in (c.file, c.meta_file)}
+
+
+def test_unloadable_images_are_marked_in_the_cache_and_left_out_of_training(tiny_shapes, tmp_path):
+    records = _train_records(tiny_shapes, 3)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a png")
+    paths = [records[0].image_path, bad, records[1].image_path, tmp_path / "gone.png"]
+    enc, t = _frozen_cnn(), EvalTransform(32)
+    cache = FeatureCache(tmp_path / "cache", "x-train", paths, enc, t, dtype="float32")
+    cache.build(enc, t, progress=False)
+    feats, valid = cache.open()
+    assert valid.tolist() == [True, False, True, False]
+    assert json.loads(cache.meta_file.read_text())["invalid"] == [1, 3]
+    with torch.no_grad():
+        want = enc.eval()(t(load_image(records[1].image_path)).unsqueeze(0))  # (1,3,H,W)
+    torch.testing.assert_close(torch.from_numpy(feats[2].copy()), want.features[0], atol=1e-6, rtol=0)
+
+    recs = [records[0], records[1], records[2], records[0]]
+    recs = [type(r)(p, r.captions, r.tokens, r.image_id, r.split) for r, p in zip(recs, paths)]
+    vocab = Vocabulary.build(t for r in recs for t in r.tokens)
+    ds = TrainCaptions(recs, vocab, t, 24, captions_per_image=2, features=cache)
+    inputs, tokens, skipped = collate_train([ds[(i, 0)] for i in range(4)])
+    assert inputs.shape == (2, 16, 8) and tokens.shape[:2] == (2, 2) and skipped == 2
+
+
+def test_cached_float32_features_give_the_same_training_loss_as_the_images(tiny_shapes, tmp_path):
+    records = _train_records(tiny_shapes, 6)
+    vocab = Vocabulary.build(t for r in records for t in r.tokens)
+    torch.manual_seed(0)
+    module = CaptionModule(
+        vocab=list(vocab.tokens), encoder_channels=(8, 16, 16, 16), freeze_encoder=True, embed_dim=16,
+        hidden_dim=32, attention_dim=16, image_size=64, alpha_c=1.0,
+    ).eval()  # fmt: skip
+    t = EvalTransform(64)
+    cache = FeatureCache(tmp_path, "shapes-train", [r.image_path for r in records], module.net.encoder, t, "float32")
+    cache.build(module.net.encoder, t, progress=False)
+    from_images = TrainCaptions(records, vocab, t, 24, seed=3, captions_per_image=3)
+    from_cache = TrainCaptions(records, vocab, t, 24, seed=3, captions_per_image=3, features=cache)
+    images, tokens, _ = collate_train([from_images[(i, 1)] for i in range(6)])
+    feats, tokens_c, _ = collate_train([from_cache[(i, 1)] for i in range(6)])
+    assert images.shape == (6, 3, 64, 64) and feats.shape == (6, 64, 16) and tokens.shape[:2] == (6, 3)
+    assert torch.equal(tokens, tokens_c)  # the same captions drawn whichever the input
+    with torch.no_grad():
+        loss_i, ce_i = module.loss(images, tokens)
+        loss_f, ce_f = module.loss(feats, tokens)
+    torch.testing.assert_close(loss_f, loss_i, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ce_f, ce_i, atol=1e-5, rtol=0)
+    assert loss_i.item() > ce_i.item() > 0  # the attention term is in both
+
+
+# --- local weights and the cache, through train.py ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def r18_file(tmp_path_factory) -> tuple[Path, dict]:
+    """A resnet18 state dict with known values, unlike any seeded initialisation."""
+    torch.manual_seed(1234)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = 0.75
+    state["bn1.running_mean"].fill_(0.25)
+    path = tmp_path_factory.mktemp("weights") / "r18.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_fit_loads_a_local_weights_file_and_reuses_its_feature_cache(tmp_path, r18_file):
+    path, state = r18_file
+    args = [str(ROOT / "train.py"), "fit", "-c", str(ROOT / "configs" / "tiny.yaml")]
+    args += ["--model.encoder", "resnet18", "--model.encoder_weights", str(path), "--model.freeze_encoder", "true"]
+    args += ["--data.image_size", "64", "--data.feature_cache", "true", "--data.cache_dtype", "float32"]
+    args += ["--data.num_train", "16", "--data.num_val", "4", "--data.num_test", "4", "--trainer.max_steps", "2"]
+    args += ["--model.max_decode_len", "5", "--test_after_fit", "false", "--trainer.num_sanity_val_steps", "0"]
+    first = run_script(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    ckpt = torch.load(tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    weights = ckpt["state_dict"]
+    assert weights["net.encoder.body.0.weight"][0, 0, 0, 0].item() == 0.75
+    torch.testing.assert_close(weights["net.encoder.body.0.weight"], state["conv1.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(weights["net.encoder.body.7.1.conv2.weight"], state["layer4.1.conv2.weight"])
+    torch.testing.assert_close(weights["net.encoder.body.1.running_mean"], state["bn1.running_mean"])  # frozen BN
+    assert ckpt["captioning"]["grid"] == [2, 2]  # 64 px through all four stages
+
+    cache_dir = tmp_path / "data" / "cache"
+    files = _files(cache_dir)
+    assert len(files) == 2, files
+    (npy,) = [n for n in files if n.endswith(".npy")]
+    assert npy.startswith("shapes-dataset_shapes-train-") and npy[:-4] + ".json" in files
+    meta = json.loads((cache_dir / (npy[:-4] + ".json")).read_text())
+    # the cache holds features of the file's weights
+    ref = TorchvisionEncoder("resnet18", stage=4, grid=None, freeze=True)
+    load_encoder_weights(ref, str(path))
+    assert meta["encoder_weights"] == encoder_fingerprint(ref)
+    assert (meta["images"], meta["dtype"], meta["image_size"], meta["invalid"]) == (16, "float32", 64, [])
+
+    second = run_script(*args, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert (tmp_path / "runs/tiny/version_1/checkpoints/last.ckpt").is_file()
+    assert _files(cache_dir) == files  # reused: the same file, not rewritten
+    assert "feature cache" not in second.stdout + second.stderr
+
+
+def test_load_encoder_weights_refuses_wrong_files_clearly(tmp_path, r18_file):
+    path, _ = r18_file
+    with pytest.raises(ValueError, match=rf"{path}: weights do not fit resnet34: missing \['4\.2\."):
+        load_encoder_weights(TorchvisionEncoder("resnet34"), str(path))  # resnet34 has a 3rd block in layer1
+    other = tmp_path / "small_cnn.pth"
+    torch.save(SmallCNN().state_dict(), other)
+    with pytest.raises(ValueError, match=rf"{other}: weights do not fit resnet18"):
+        load_encoder_weights(TorchvisionEncoder("resnet18"), str(other))
+    text = tmp_path / "notes.pth"
+    text.write_text("not a state dict")
+    with pytest.raises(ValueError, match=rf"{text}: cannot load encoder weights"):
+        load_encoder_weights(TorchvisionEncoder("resnet18"), str(text))
+    with pytest.raises(FileNotFoundError, match="gone.pth: encoder weights file not found"):
+        load_encoder_weights(TorchvisionEncoder("resnet18"), str(tmp_path / "gone.pth"))
+    with pytest.raises(ValueError, match="need a torchvision encoder, not SmallCNN"):
+        load_encoder_weights(SmallCNN(), str(path))
+
+
+def test_weights_of_the_wrong_shape_name_the_file(tmp_path, r18_file):
+    path, state = r18_file
+    bottleneck = {**state, "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}  # what resnet50 has there
+    bad = tmp_path / "r50ish.pth"
+    torch.save(bottleneck, bad)
+    with pytest.raises(ValueError, match=rf"{bad}: weights do not fit resnet18"):
+        load_encoder_weights(TorchvisionEncoder("resnet18"), str(bad))
+
+
+def test_weights_of_a_deeper_network_are_refused(tmp_path, r18_file):
+    path, state = r18_file
+    extra = {f"layer1.2.{k.split('.', 2)[2]}": v for k, v in state.items() if k.startswith("layer1.1.")}
+    deeper = tmp_path / "r34ish.pth"
+    torch.save({**state, **extra}, deeper)  # a third block in layer1, as resnet34 has
+    with pytest.raises(ValueError, match=rf"{deeper}: weights do not fit resnet18"):
+        load_encoder_weights(TorchvisionEncoder("resnet18"), str(deeper))
