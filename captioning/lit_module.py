@@ -176,6 +176,11 @@ class CaptionModule(pl.LightningModule):
         A frozen encoder runs without autograd: nothing of it is trained, so no activations are kept.
         """
         if inputs.dim() == 3:
+            # cached features: cast once, to the autocast dtype under mixed precision (else every
+            # step's attention would re-cast the whole (B,N,C) tensor), or to the weights' dtype
+            dev = inputs.device.type
+            if torch.is_autocast_enabled(dev):
+                return inputs.to(torch.get_autocast_dtype(dev))
             return inputs.to(next(self.net.decoder.parameters()).dtype)
         if self.hparams.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
