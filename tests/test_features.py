@@ -216,3 +216,17 @@ def test_weights_of_a_deeper_network_are_refused(tmp_path, r18_file):
     torch.save({**state, **extra}, deeper)  # a third block in layer1, as resnet34 has
     with pytest.raises(ValueError, match=rf"{deeper}: weights do not fit resnet18"):
         load_encoder_weights(TorchvisionEncoder("resnet18"), str(deeper))
+
+
+def test_features_that_overflow_float16_are_refused_not_stored_as_inf(tiny_shapes, tmp_path):
+    paths = [r.image_path for r in _train_records(tiny_shapes, 2)]
+    enc, small = _frozen_cnn(), EvalTransform(32)
+    with torch.no_grad():
+        enc.body[-1][0].weight.mul_(1e6)  # features far beyond float16's 65504
+    cache = FeatureCache(tmp_path / "cache", "big-train", paths, enc, small)
+    with pytest.raises(ValueError, match="overflow float16; use data.cache_dtype float32"):
+        cache.build(enc, small, progress=False)
+    assert not cache.exists() and not list((tmp_path / "cache").glob("*.tmp*"))
+    ok = FeatureCache(tmp_path / "cache", "big-train", paths, enc, small, dtype="float32")
+    ok.build(enc, small, progress=False)
+    assert torch.isfinite(torch.from_numpy(ok.open()[0][:])).all()

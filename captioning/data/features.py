@@ -148,7 +148,14 @@ class FeatureCache:
                 if out is None:  # the grid size is known after the first batch
                     shape = (len(self.paths), feats.size(1), feats.size(2))
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_DTYPES[self.dtype], shape=shape)
-                out[index.numpy()] = feats.float().cpu().numpy().astype(_DTYPES[self.dtype])
+                rows = feats.float().cpu().numpy()  # (b,N,C)
+                stored = rows.astype(_DTYPES[self.dtype])
+                if not np.isfinite(stored).all() and np.isfinite(rows).all():
+                    raise ValueError(
+                        f"feature cache {self.name}: features up to {np.abs(rows).max():.4g} overflow {self.dtype}; "
+                        "use data.cache_dtype float32 (or an encoder with trained weights)"
+                    )
+                out[index.numpy()] = stored
                 valid[index.numpy()] = ok.numpy()
             if out is None:
                 raise ValueError(f"feature cache {self.name}: no images to encode")

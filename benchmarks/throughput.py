@@ -1,0 +1,373 @@
+"""Training and beam-search throughput at the COCO-scale configuration, for both decoders.
+
+    python benchmarks/throughput.py --device cuda --precision bf16
+    python benchmarks/throughput.py [--device cpu|cuda] [--precision auto|bf16|fp16|fp32]
+        [--decoders lstm,transformer] [--modes frozen,finetune,cached,search,search1]
+        [--images-per-batch B] [--captions-per-image 5] [--iters N] [--warmup N] [--search-images B]
+        [--single-images N] [--encoder resnet101] [--image-size 256] [--grid 14] [--hidden 512]
+        [--vocab 9490] [--beam 5] [--steps 16] [--compile] [--channels-last] [--threads N] [--seed 0]
+
+The COCO-scale model (the defaults on cuda): ResNet-101 (random weights: speed does not depend on
+them) at 256x256, pooled to a 14x14 grid of 2048 channels (N = 196, C = 2048); embedding, attention
+and hidden width 512 (the Transformer: width 512, 8 heads, 3 layers); a vocabulary of 9,490 tokens
+(COCO Karpathy train at min count 5). All inputs are synthetic tensors made on the chosen device.
+
+Modes, each timed for every decoder with a freshly built :class:`CaptionModule` (no Lightning Trainer:
+a plain loop of ``module.loss`` -> ``backward`` -> AdamW, fused on cuda):
+
+- ``frozen``: training from images (B,3,H,W), frozen encoder (runs without autograd) -> captions/s.
+- ``finetune``: training from images, the encoder fine-tuned at the decoder's learning rate -> captions/s.
+- ``cached``: training from cached features (B,N,C), stored float16 as the feature cache stores
+  them (``CaptionModule.features`` casts them) -> captions/s.
+- ``search``: encoder + batched beam search, K = ``--beam``, exactly ``--steps`` steps
+  (min_len = max_len, so every image costs the same), ``--search-images`` images at once -> images/s.
+- ``search1``: the same search one image at a time over ``--single-images`` images -> images/s; the
+  ratio search / search1 is printed after the table.
+
+Each training batch is B images x M captions (grouped batches: the encoder runs once per image, the
+decoder reads an image's features once for its M captions). Caption lengths follow a COCO-like
+distribution of 8-16 words (mean about 10.6), and every batch is padded to the longest possible
+caption (16 words + <start> + <end>: L = 18, T = 17 decoder steps), as a batch of 1,280 such captions
+padded to its longest would be; fixed shapes also keep ``--compile`` from recompiling.
+
+Timings: ``--warmup`` untimed iterations, then ``--iters`` timed ones (synchronised on cuda); the
+rate is the work of the timed iterations over their total time. Peak memory: on cuda
+``torch.cuda.max_memory_allocated`` (reset before each mode, after the model is built, so it counts
+weights, optimizer state and activations); on CPU the growth of the process's peak resident set
+(VmHWM, reset through /proc/self/clear_refs) over its RSS when the mode starts, i.e. activations and
+optimizer state, not weights; "n/a" where the kernel does not offer that.
+
+On a CPU the defaults are small (4 images per batch, 2 timed iterations) and the run uses one thread:
+on a machine shared with other jobs, two OpenMP threads stall at every barrier that waits for a
+descheduled thread, which made the LSTM's many small per-step ops up to 70x slower in our runs
+(``--threads 0`` keeps torch's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from data_throughput import calibrate_batchnorm  # benchmarks/ is on sys.path when run as a script
+
+from captioning.decoding import beam_search
+from captioning.lit_module import CaptionModule
+from captioning.vocab import SPECIALS, Vocabulary
+
+# words per caption, 8..16, COCO-like (Karpathy train captions: mean ~10.5 words, most 8-13)
+CAPTION_WORDS = {8: 0.12, 9: 0.22, 10: 0.22, 11: 0.16, 12: 0.11, 13: 0.07, 14: 0.05, 15: 0.03, 16: 0.02}
+MODES = {
+    "frozen": "train, frozen encoder, from images",
+    "finetune": "train, fine-tuned encoder, from images",
+    "cached": "train, from cached features (fp16)",
+    "search": "beam search, batched, encoder incl.",
+    "search1": "beam search, one image at a time",
+}
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# defaults that differ by device; on a CPU, small enough for a 2-core machine to finish in minutes
+DEVICE_DEFAULTS = {
+    "cuda": dict(images_per_batch=256, iters=10, warmup=3, single_images=32, precision="bf16", threads=0),
+    "cpu": dict(images_per_batch=4, iters=2, warmup=1, single_images=4, precision="fp32", threads=1),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def make_tokens(
+    images: int, per_image: int, vocab_size: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Random captions (B,M,L): <start>, COCO-like 8-16 random words, <end>, then <pad> up to L = 16 + 2."""
+    words = torch.tensor(list(CAPTION_WORDS), dtype=torch.long)
+    probs = torch.tensor(list(CAPTION_WORDS.values()))
+    r, length = images * per_image, int(words.max()) + 2
+    n = words[torch.multinomial(probs, r, replacement=True, generator=generator)]  # (R,) words per caption
+    pos = torch.arange(length).unsqueeze(0)  # (1,L)
+    tokens = torch.randint(len(SPECIALS), vocab_size, (r, length), generator=generator)  # (R,L)
+    tokens = tokens.masked_fill(pos > n.unsqueeze(1) + 1, Vocabulary.pad_id)
+    tokens = tokens.masked_fill(pos == n.unsqueeze(1) + 1, Vocabulary.end_id)
+    tokens[:, 0] = Vocabulary.start_id
+    return tokens.view(images, per_image, length).to(device)  # (R,L) -> (B,M,L)
+
+
+def build(args: argparse.Namespace, decoder: str, freeze: bool, compile_decoder: bool) -> CaptionModule:
+    """A randomly initialised CaptionModule at the benchmark's sizes, its encoder's BatchNorm statistics
+    set from one batch of random images: with torchvision's initial statistics (mean 0, variance 1) a
+    random ResNet's activations grow block after block to features of mean ~10^4, which saturate the
+    LSTM and make its backward run on denormal numbers, many times slower than on real features."""
+    vocab = [*SPECIALS, *(f"w{i}" for i in range(args.vocab - len(SPECIALS)))]
+    module = CaptionModule(
+        vocab=vocab,
+        encoder=args.encoder,
+        encoder_grid=args.grid,
+        freeze_encoder=freeze,
+        decoder=decoder,
+        embed_dim=args.hidden,
+        hidden_dim=args.hidden,
+        attention_dim=args.hidden,
+        num_heads=args.heads,
+        num_layers=args.layers,
+        dropout=0.5 if decoder == "lstm" else 0.1,
+        image_size=args.image_size,
+        channels_last=args.channels_last,
+        compile_decoder=compile_decoder,
+    )
+    calibrate_batchnorm(module.net.encoder, torch.randn(8, 3, args.image_size, args.image_size))  # (8,3,H,W)
+    module.net.encoder.train(not freeze)
+    return module
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def _proc_status(field: str) -> int | None:
+    """A /proc/self/status size field (VmRSS, VmHWM) in bytes, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of one mode: CUDA allocator peak, or on CPU the growth of the peak RSS."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start: int | None = None
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS is what is live
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self.start = _proc_status("VmRSS")
+        except OSError:
+            self.start = None
+
+    def report(self) -> str:
+        if self.device.type == "cuda":
+            return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        peak = _proc_status("VmHWM")
+        if self.start is None or peak is None:
+            return "n/a"
+        return f"+{(peak - self.start) / 2**30:.2f} GiB RSS"
+
+
+# -- the modes ------------------------------------------------------------------------------------
+
+
+def _time(fn: Callable[[], None], warmup: int, iters: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` over ``iters`` timed calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def train_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
+    """Training steps (loss, backward, AdamW) of one mode -> rate in captions/s, ms per step, peak memory."""
+    module = build(args, decoder, freeze=mode != "finetune", compile_decoder=args.compile).to(device)
+    module.setup("fit")  # channels_last, torch.compile of the decoder
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=module.hparams.lr, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    b, m = args.images_per_batch, args.captions_per_image
+    gen = torch.Generator().manual_seed(args.seed)
+    token_batches = [make_tokens(b, m, args.vocab, gen, device) for _ in range(2)]
+    if mode == "cached":
+        gh, gw = module.grid
+        c = module.net.encoder.out_dim
+        inputs = torch.randn(b, gh * gw, c, device=device).to(torch.float16)  # (B,N,C), the cache's dtype
+    else:
+        inputs = torch.randn(b, 3, args.image_size, args.image_size, device=device)  # (B,3,H,W)
+    step_no = 0
+
+    def step() -> None:
+        nonlocal step_no
+        tokens = token_batches[step_no % len(token_batches)]
+        step_no += 1
+        with _autocast(device, args.precision):
+            loss, _ = module.loss(inputs, tokens)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    memory = PeakMemory(device)
+    memory.reset()
+    seconds = _time(step, args.warmup, args.iters, device)
+    return dict(batch=f"{b} x {m}", rate=b * m / seconds, unit="captions/s", ms=1e3 * seconds, mem=memory.report())
+
+
+def search_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
+    """Encoder + beam search (exactly ``--steps`` steps) -> rate in images/s, ms per call, peak memory."""
+    module = build(args, decoder, freeze=True, compile_decoder=False).to(device)
+    module.setup("validate")  # channels_last
+    module.eval()
+    net = module.net
+    k = args.beam
+
+    def search(images: torch.Tensor) -> None:
+        with torch.inference_mode(), _autocast(device, args.precision):
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            feats = net.encode(images).features  # (B,3,H,W) -> (B,N,C)
+            beam_search(net.decoder, feats, beam_size=k, max_len=args.steps, min_len=args.steps)
+
+    size = args.image_size
+    memory = PeakMemory(device)
+    if mode == "search":
+        b = args.search_images
+        images = torch.randn(b, 3, size, size, device=device)  # (B,3,H,W)
+        memory.reset()
+        seconds = _time(lambda: search(images), args.warmup, args.iters, device)
+        return dict(batch=f"{b} x K={k}", rate=b / seconds, unit="images/s", ms=1e3 * seconds, mem=memory.report())
+    n = args.single_images
+    images = torch.randn(n, 3, size, size, device=device)  # (n,3,H,W), searched one by one
+    memory.reset()
+    search(images[:1])  # warm-up
+    seconds = _time(lambda: [search(images[i : i + 1]) for i in range(n)], 0, 1, device)
+    return dict(batch=f"1 x K={k} ({n} images)", rate=n / seconds, unit="images/s", ms=1e3 * seconds / n,
+                mem=memory.report())  # fmt: skip
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help="auto: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--decoders", default="lstm,transformer")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--images-per-batch", type=int, default=None, help="training batch in images (cuda 256, cpu 4)")
+    p.add_argument("--captions-per-image", type=int, default=5)
+    p.add_argument("--search-images", type=int, default=None, help="images per batched search (default: the batch)")
+    p.add_argument("--single-images", type=int, default=None, help="images searched one by one (cuda 32, cpu 4)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per mode (cuda 10, cpu 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (cuda 3, cpu 1)")
+    p.add_argument("--encoder", default="resnet101", help="resnet18 ... resnet152 or small_cnn")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--grid", type=int, default=14, help="pool the encoder output to grid x grid")
+    p.add_argument("--hidden", type=int, default=512, help="embed = hidden = attention width; Transformer width")
+    p.add_argument("--heads", type=int, default=8, help="Transformer heads")
+    p.add_argument("--layers", type=int, default=3, help="Transformer layers")
+    p.add_argument("--vocab", type=int, default=9490, help="tokens, the 4 specials included (COCO Karpathy: 9,490)")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--steps", type=int, default=16, help="beam search steps (min_len = max_len)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (CaptionModule.compile_decoder)")
+    p.add_argument("--channels-last", action="store_true", help="encoder in channels-last memory format")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, 0 = torch's default (cpu default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for key, value in DEVICE_DEFAULTS[args.device].items():
+        if getattr(args, key) is None or (key == "precision" and args.precision == "auto"):
+            setattr(args, key, value)
+    if args.search_images is None:
+        args.search_images = args.images_per_batch
+    args.decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        p.error(f"unknown modes {unknown}; choose from {list(MODES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its convolution algorithms
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    print(f"throughput, {when}, {_device_name(device)}, torch {torch.__version__}, precision {args.precision}")
+    print(f"command: python {' '.join(sys.argv)}")
+    if device.type == "cpu":  # the machine may be shared: the load average says how much of it this run had
+        print("load average (1, 5, 15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    mean_words = sum(n * p for n, p in CAPTION_WORDS.items())
+    print(
+        f"model: {args.encoder} (random weights) at {args.image_size}x{args.image_size} -> "
+        f"grid {args.grid}x{args.grid}; "
+        f"LSTM E=H=A={args.hidden}; Transformer D={args.hidden}, {args.heads} heads, {args.layers} layers; "
+        f"V={args.vocab}; captions {min(CAPTION_WORDS)}-{max(CAPTION_WORDS)} words (mean {mean_words:.1f}), "
+        f"padded to L={max(CAPTION_WORDS) + 2}; search K={args.beam}, {args.steps} steps; "
+        f"compile={args.compile}, channels_last={args.channels_last}"
+    )
+    rows = []
+    for decoder in args.decoders:
+        for mode in args.modes:
+            run = search_mode if mode.startswith("search") else train_mode
+            t0 = time.perf_counter()
+            try:
+                row = run(args, decoder, mode, device)
+            except Exception as e:  # one failing mode (OOM, a decoder bug) must not hide the others
+                row = dict(batch="-", rate=float("nan"), unit="-", ms=float("nan"), mem="-",
+                           error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")  # fmt: skip
+            row.update(decoder=decoder, mode=mode, wall=time.perf_counter() - t0)
+            rows.append(row)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"  done {decoder} {mode} in {row['wall']:.0f} s", file=sys.stderr, flush=True)
+
+    print()
+    print("| decoder | mode | batch (images x captions) | rate | ms/iter | peak memory |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        rate = f"{r['rate']:,.1f} {r['unit']}" if "error" not in r else f"failed: {r['error']}"
+        print(f"| {r['decoder']} | {MODES[r['mode']]} | {r['batch']} | {rate} | {r['ms']:.1f} | {r['mem']} |")
+    print("(ms/iter: per training step or batched search; per image for one-at-a-time search)")
+    for decoder in args.decoders:
+        rate = {r["mode"]: r["rate"] for r in rows if r["decoder"] == decoder and "error" not in r}
+        if "search" in rate and "search1" in rate:
+            print(f"{decoder}: batched search {rate['search'] / rate['search1']:.1f}x the one-image-at-a-time rate")
+    if device.type == "cpu":
+        print("load average (1, 5, 15 min) at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
