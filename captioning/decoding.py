@@ -107,70 +107,126 @@ def beam_search(
 
     Returns, per image, the ``num_return`` best hypotheses, best first.
     """
-    b, n, c = features.shape
+    b, n, _ = features.shape
     k = beam_size
     device = features.device
     # state that is the same for every beam of an image (per_image_state) keeps one row per image:
     # beams never leave their image, so it is neither copied K times nor reordered, and the decoder
     # reads the image's features once for its K beams
     static = set(getattr(decoder, "per_image_state", ()))
+    # the first step runs one row per image (M = 1): its K beams would all start from the same state and
+    # <start>, so K rows would compute the same step K times; its top K words then fan it out to K rows
     state = decoder.init_state(features)
-    state = {key: t if key in static else t.repeat_interleave(k, dim=0) for key, t in state.items()}  # (B*K,...)
-    tokens = torch.full((b * k,), Vocabulary.start_id, dtype=torch.long, device=device)
-    # only beam 0 is live at the start, so the K beams do not all pick the same first word
-    scores = torch.full((b, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0
-    scores = scores.view(-1)  # (B*K,)
-    finished = torch.zeros(b * k, dtype=torch.bool, device=device)
-    history = torch.empty((b * k, 0), dtype=torch.long, device=device)  # (B*K,T)
-    alphas, sources = [], []  # per step: attention (B*K,N) of the rows before reordering, src (B*K,)
+    tokens = torch.full((b,), Vocabulary.start_id, dtype=torch.long, device=device)  # (B*M,)
+    scores = torch.zeros(b, device=device)  # (B*M,)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)  # (B*M,)
+    # only n-gram blocking reads the word history during the search; otherwise the words are followed
+    # back once at the end, like the attention, instead of reordering a (B*K,T) copy at every step
+    history = torch.empty((b, 0), dtype=torch.long, device=device) if no_repeat_ngram > 0 else None  # (B*M,T)
+    row_of_image = torch.arange(b, device=device).unsqueeze(1)  # (B,1)
+    beam_of_row = torch.arange(k, device=device)  # (K,)
+    images = list(range(b))  # the caller's index of each image still searched
+    results: list[list[Hypothesis]] = [[] for _ in range(b)]
+    words, alphas, sources = [], [], []  # per step: word (B*K,), attention (B*M,N) before reordering, src (B*K,)
     for step in range(max_len):
         logits, alpha, state = decoder.step(tokens, state, features)  # rows grouped by image
-        logp = _never_special(logits.float().log_softmax(-1))  # (B*K,V)
+        logp = _never_special(logits.float().log_softmax(-1))  # (B*M,V)
         v = logp.size(-1)
+        m = logp.size(0) // b
         if step < min_len:
             logp[:, Vocabulary.end_id] = float("-inf")
-        if no_repeat_ngram > 0 and step >= no_repeat_ngram - 1:
+        if history is not None and step >= no_repeat_ngram - 1:
             _block_repeats(logp, history, no_repeat_ngram)
         # a finished beam continues only with <pad>, at no cost
         logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
         logp[:, Vocabulary.pad_id].masked_fill_(finished, 0.0)
-        cand = (scores.unsqueeze(1) + logp).view(b, k * v)  # (B,K*V)
+        cand = (scores.unsqueeze(1) + logp).view(b, m * v)  # (B,M*V)
+        if m * v < k:  # fewer candidates than beams (K > V at the first step): the missing ones are dead
+            cand = torch.nn.functional.pad(cand, (0, k - m * v), value=float("-inf"))  # (B,K)
         top_scores, top_idx = cand.topk(k, dim=1)  # (B,K)
-        beam = torch.div(top_idx, v, rounding_mode="floor")  # (B,K) beam each candidate extends
-        word = top_idx % v  # (B,K)
-        src = (beam + torch.arange(b, device=device).unsqueeze(1) * k).view(-1)  # (B*K,) rows to keep
+        # beam each candidate extends; a padding column (dead, -inf) is pointed at the image's last row
+        beam = torch.div(top_idx, v, rounding_mode="floor").clamp_(max=m - 1)  # (B,K)
+        word = (top_idx % v).view(-1)  # (B*K,)
+        src = (beam + row_of_image * m).view(-1)  # (B*K,) rows to keep, among this step's B*M
         moving = decoder.reorder({key: t for key, t in state.items() if key not in static}, src)
         state = {**{key: t for key, t in state.items() if key in static}, **moving}
-        history = torch.cat([history.index_select(0, src), word.view(-1, 1)], 1)
+        if history is not None:
+            history = torch.cat([history.index_select(0, src), word.view(-1, 1)], 1)  # (B*K,T+1)
+        words.append(word)
         alphas.append(alpha)
         sources.append(src)
         scores = top_scores.view(-1)
         # dead beams (-inf: fewer live candidates than K, e.g. K > V at the first step) count as finished
-        finished = finished.index_select(0, src) | (word.view(-1) == Vocabulary.end_id) | torch.isinf(scores)
-        tokens = word.view(-1)
-        if bool(finished.all()):
+        finished = finished.index_select(0, src) | (word == Vocabulary.end_id) | torch.isinf(scores)
+        tokens = word
+        # reading ``finished`` on the host is a device sync: only from min_len on (no beam can end
+        # before), and every few steps off the CPU; the extra steps only extend finished beams by <pad>
+        if step < min_len or (device.type != "cpu" and step % 4 != 3):
+            continue
+        done = finished.view(b, k).all(1)  # (B,) images whose K beams have all ended
+        n_done = int(done.sum())
+        if n_done == b:
             break
-    # follow the back-pointers to give each final row the attention of the steps that built it
-    row = torch.arange(b * k, device=device)
-    attn_steps = []
-    for alpha, src in zip(reversed(alphas), reversed(sources)):
+        if n_done:  # their hypotheses are final: take them out, so later steps compute only live images
+            gone = done.nonzero().squeeze(1)  # (B_done,)
+            gone_rows = (gone.unsqueeze(1) * k + beam_of_row).view(-1)  # (B_done*K,)
+            hyps = _trace(words, alphas, sources, gone_rows, scores.index_select(0, gone_rows), n, length_penalty, k)
+            for i, h in zip(gone.tolist(), hyps):
+                results[images[i]] = h[:num_return]
+            keep = (~done).nonzero().squeeze(1)  # (B',)
+            keep_rows = (keep.unsqueeze(1) * k + beam_of_row).view(-1)  # (B'*K,)
+            # the rows after this step are renumbered to the kept ones; the back-pointers follow
+            words[-1], sources[-1] = word.index_select(0, keep_rows), src.index_select(0, keep_rows)
+            moving = decoder.reorder({key: t for key, t in state.items() if key not in static}, keep_rows)
+            state = {**{key: state[key].index_select(0, keep) for key in static}, **moving}  # (B',...), (B'*K,...)
+            features = features.index_select(0, keep)  # (B',N,C)
+            scores, finished, tokens = (t.index_select(0, keep_rows) for t in (scores, finished, tokens))
+            if history is not None:
+                history = history.index_select(0, keep_rows)
+            images = [images[i] for i in keep.tolist()]
+            b = len(images)
+            row_of_image = row_of_image[:b]
+    rows = torch.arange(scores.numel(), device=device)  # B*K, or B when no step ran
+    for i, h in zip(images, _trace(words, alphas, sources, rows, scores, n, length_penalty, rows.numel() // b)):
+        results[i] = h[:num_return]
+    return results
+
+
+def _trace(
+    words: list[torch.Tensor],
+    alphas: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    row: torch.Tensor,
+    scores: torch.Tensor,
+    n: int,
+    length_penalty: float,
+    per_image: int,
+) -> list[list[Hypothesis]]:
+    """Hypotheses of the final rows ``row`` (R,), ``per_image`` rows per image, with their ``scores``
+    (R,): per image, best first. The back-pointers give each row the words and attention of the steps
+    that built it (per step: word (R_t,), attention (R_t-1,N) of the rows before reordering, source
+    row (R_t,) among them)."""
+    r = row.numel()
+    word_steps, attn_steps = [], []
+    for word, alpha, src in zip(reversed(words), reversed(alphas), reversed(sources)):
+        word_steps.append(word.index_select(0, row))
         row = src.index_select(0, row)
         attn_steps.append(alpha.float().index_select(0, row))
-    attn = torch.stack(attn_steps[::-1], 1).cpu() if attn_steps else torch.empty(b * k, 0, n)  # (B*K,T,N)
-    hist, sc = history.cpu(), scores.view(b, k).cpu()
+    hist = torch.stack(word_steps[::-1], 1).tolist() if word_steps else [[] for _ in range(r)]  # (R,T)
+    attn = torch.stack(attn_steps[::-1], 1).cpu() if attn_steps else torch.empty(r, 0, n)  # (R,T,N)
+    sc = scores.tolist()
     results = []
-    for i in range(b):
+    for first in range(0, r, per_image):
         hyps = []
-        for j in range(k):
-            if sc[i, j] == float("-inf"):
+        for i in range(first, first + per_image):
+            if sc[i] == float("-inf"):
                 continue
-            h = _finish(hist[i * k + j].tolist(), float(sc[i, j]), attn[i * k + j])
+            h = _finish(hist[i], sc[i], attn[i])
             if length_penalty:
                 h.score /= ((5.0 + len(h.tokens) + 1) / 6.0) ** length_penalty
             hyps.append(h)
         hyps.sort(key=lambda h: -h.score)
-        results.append(hyps[:num_return])
+        results.append(hyps)
     return results
 
 

@@ -60,6 +60,39 @@ def test_cached_step_equals_full_recompute_of_the_prefix(decoder):
         torch.testing.assert_close(step_att, full_att[:, -1], rtol=1e-4, atol=1e-5)
 
 
+def test_grouped_teacher_forcing_equals_flat(decoder):
+    """M captions per image, tokens (B,M,T), give what the same captions give with each image's features repeated."""
+    m = 3
+    feats, toks = torch.randn(B, N, C), torch.randint(0, V, (B, m, T))
+    logits, att = decoder(feats, toks)  # (B,M,T,V), (B,M,T,N)
+    flat_logits, flat_att = decoder(feats.repeat_interleave(m, 0), toks.flatten(0, 1))  # (B*M,T,V), (B*M,T,N)
+    assert logits.shape == (B, m, T, V) and att.shape == (B, m, T, N)
+    torch.testing.assert_close(logits, flat_logits.view(B, m, T, V), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(att, flat_att.view(B, m, T, N), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_step_equals_flat_step(decoder):
+    """R = B*M rows with per-image state kept one row per image step as the flat step over repeated features."""
+    m = 4
+    feats = torch.randn(B, N, C)
+    static = set(decoder.per_image_state)
+    state = decoder.init_state(feats)
+    state = {k: v if k in static else v.repeat_interleave(m, 0) for k, v in state.items()}  # (B*M,...) but static
+    flat_feats = feats.repeat_interleave(m, 0)  # (B*M,N,C)
+    flat_state = decoder.init_state(flat_feats)
+    for _ in range(3):  # different words per row, so the rows of an image drift apart
+        toks = torch.randint(0, V, (B * m,))
+        logits, att, state = decoder.step(toks, state, feats)
+        flat_logits, flat_att, flat_state = decoder.step(toks, flat_state, flat_feats)
+        torch.testing.assert_close(logits, flat_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(att, flat_att, rtol=1e-4, atol=1e-5)
+        for k in state:
+            if k in static:
+                assert state[k].size(0) == B  # one row per image, never copied M times
+            else:
+                torch.testing.assert_close(state[k], flat_state[k], rtol=1e-4, atol=1e-5)
+
+
 def test_reorder_selects_rows(decoder):
     feats = torch.randn(B, N, C)
     state = decoder.init_state(feats)

@@ -56,6 +56,42 @@ class _Scripted(Decoder):
         return self.logits.expand(r, -1), features.new_full((r, n), 1.0 / n), state
 
 
+class _EndsIfPositive(Decoder):
+    """Image i ends at once when features[i, 0, 0] > 0, else says word 4 forever; records each step's batch."""
+
+    def __init__(self, v: int = 6):
+        super().__init__()
+        self.vocab_size, self.batches = v, []
+
+    def init_state(self, features):
+        return {"dummy": features.new_zeros(features.size(0), 1)}
+
+    def step(self, tokens, state, features):
+        self.batches.append((tokens.size(0), features.size(0)))
+        m = tokens.size(0) // features.size(0)
+        ends = (features[:, 0, 0] > 0).repeat_interleave(m)  # (B*M,)
+        logits = torch.full((tokens.size(0), self.vocab_size), -10.0)
+        logits[:, 4] = torch.where(ends, -5.0, 0.0)
+        logits[:, Vocabulary.end_id] = torch.where(ends, 0.0, -20.0)
+        n = features.size(1)
+        return logits, features.new_full((tokens.size(0), n), 1.0 / n), state
+
+
+def test_finished_images_leave_the_batch_and_results_do_not_change():
+    feats = torch.randn(3, 4, 3)
+    feats[:, 0, 0] = torch.tensor([1.0, -1.0, 1.0])  # images 0 and 2 end: both beams by the second step
+    dec = _EndsIfPositive()
+    batched = beam_search(dec, feats, beam_size=2, max_len=5, num_return=2)
+    # first step one row per image, then K rows per image, and only image 1's once 0 and 2 have ended
+    assert dec.batches == [(3, 3), (6, 3), (2, 1), (2, 1), (2, 1)]
+    assert batched[1][0].tokens == [4] * 5 and batched[1][0].attention.shape == (5, 4)
+    for i in range(3):
+        single = beam_search(dec, feats[i : i + 1], beam_size=2, max_len=5, num_return=2)[0]
+        assert [(h.tokens, h.score) for h in single] == [(h.tokens, h.score) for h in batched[i]]
+        for s, b in zip(single, batched[i]):
+            torch.testing.assert_close(s.attention, b.attention)
+
+
 def test_model_that_never_ends_stops_at_max_len():
     logits = torch.full((6,), -10.0)
     logits[4] = 0.0  # always word 4, never <end>

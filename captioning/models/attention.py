@@ -53,7 +53,9 @@ class AdditiveAttention(nn.Module):
         b, n, a = keys.shape
         q = self.query(query).view(b, _group(query, b), 1, a)  # (B,M,1,A)
         hidden = keys.unsqueeze(1) + q  # (B,M,N,A): the largest tensor of a step
-        scores = self.score(hidden.tanh_()).squeeze(-1)  # in place: one (B,M,N,A) buffer, not two -> (B,M,N)
+        # tanh in place: one (B,M,N,A) buffer, not two; the score is a matrix-vector product against
+        # the Linear(A,1)'s weight row, not a GEMM with a one-column output -> (B,M,N)
+        scores = torch.matmul(hidden.tanh_(), self.score.weight[0]) + self.score.bias
         return _attend(scores, features)
 
 

@@ -59,10 +59,10 @@ class LSTMDecoder(Decoder):
         """One LSTM step without the output layer: tokens (R,) for R = B*M rows grouped by image ->
         embedding (R,E), gated context (R,C), attention (R,N), new state (keys stay (B,N,A))."""
         h, c = state["h"], state["c"]
-        context, alpha = self.attention(features, state["keys"], h)  # (B,C), (B,N)
+        context, alpha = self.attention(features, state["keys"], h)  # (R,C), (R,N)
         context = torch.sigmoid(self.gate(h)) * context
-        emb = self.embed(tokens)  # (B,E)
-        h, c = self.cell(torch.cat([emb, context], dim=1), (h, c))  # input (B,E+C)
+        emb = self.embed(tokens)  # (R,E)
+        h, c = self.cell(torch.cat([emb, context], dim=1), (h, c))  # input (R,E+C)
         return emb, context, alpha, {"h": h, "c": c, "keys": state["keys"]}
 
     def _output(self, emb: torch.Tensor, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

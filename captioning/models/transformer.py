@@ -152,7 +152,11 @@ class TransformerDecoder(Decoder):
 
     def _cross_kv(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         memory = self.memory(features)  # (B,N,C) -> (B,N,D)
-        return [layer.cross_attn.keys_values(memory) for layer in self.layers]  # (B,H,N,dh) pairs
+        # contiguous once per image: the split's transposed views would make every step's two
+        # attention products copy them, (B,H,N,dh) twice per layer and word
+        return [
+            tuple(t.contiguous() for t in layer.cross_attn.keys_values(memory)) for layer in self.layers
+        ]  # (B,H,N,dh) pairs
 
     def forward(self, features: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced, all positions in one parallel pass: tokens_in (B,T) or (B,M,T) ->
