@@ -149,7 +149,8 @@ class FeatureCache:
                     shape = (len(self.paths), feats.size(1), feats.size(2))
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_DTYPES[self.dtype], shape=shape)
                 rows = feats.float().cpu().numpy()  # (b,N,C)
-                stored = rows.astype(_DTYPES[self.dtype])
+                with np.errstate(over="ignore"):  # an overflow is reported just below, with the remedy
+                    stored = rows.astype(_DTYPES[self.dtype])
                 if not np.isfinite(stored).all() and np.isfinite(rows).all():
                     raise ValueError(
                         f"feature cache {self.name}: features up to {np.abs(rows).max():.4g} overflow {self.dtype}; "
