@@ -76,10 +76,11 @@ def clean_records(
     check_images: bool = True,
     max_pixels: int = MAX_PIXELS,
     max_bad_fraction: float = 0.01,
-    workers: int = 16,
+    workers: int | None = None,
 ) -> tuple[dict[str, list[CaptionRecord]], DataReport]:
     """Split ``records`` by split, leaving bad data out (see the module docstring).
 
+    ``workers`` threads scan the images (default: the thread pool's, min(32, CPUs + 4)).
     Raises ValueError, naming ``source``, for an image in two splits, an empty training split or
     too many bad images.
     """

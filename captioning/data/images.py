@@ -83,26 +83,27 @@ def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
         return "not an image"
     if st.st_size == 0:
         return "empty file"
+    markers = {"JPEG": (b"\xff\xd9", 1024), "PNG": (b"IEND", 64)}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                fmt = img.format
+        # one open for the header and the tail; no warnings filter here: scans run in threads, and
+        # changing the global filters from several threads is not safe
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            w, h = img.size
+            marker, span = markers.get(img.format, (b"", 0))
+            if w * h > max_pixels:
+                return "too large"
+            if not marker:
+                return None
+            f.seek(max(0, st.st_size - span))
+            complete = marker in f.read()
     except (UnidentifiedImageError, Image.DecompressionBombError):
         return "not an image"
     except (OSError, SyntaxError, ValueError):
         return "truncated"
-    if w * h > max_pixels:
-        return "too large"
-    markers = {"JPEG": (b"\xff\xd9", 1024), "PNG": (b"IEND", 64)}
-    if fmt in markers:
-        marker, span = markers[fmt]
-        with open(path, "rb") as f:
-            f.seek(max(0, st.st_size - span))
-            if marker not in f.read():
-                try:
-                    load_image(path, max_pixels)
-                except ImageLoadError:
-                    return "truncated"
+    if not complete:
+        try:
+            load_image(path, max_pixels)
+        except ImageLoadError:
+            return "truncated"
     return None
