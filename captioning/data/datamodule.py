@@ -277,7 +277,10 @@ class CaptionDataModule(pl.LightningDataModule):
             if self.dataset == "shapes":
                 records = read_karpathy_json(generate(self.data_dir, self.shapes_config))
             else:
-                records = read_records(self.dataset, self.annotations, self.image_root, **self.source_options)
+                try:
+                    records = read_records(self.dataset, self.annotations, self.image_root, **self.source_options)
+                except FileNotFoundError as e:
+                    raise FileNotFoundError(f"{e} (where to get it and where to put it: data/README.md)") from None
             self._records, self.report = clean_records(
                 records, self.source, self.check_images, self.max_pixels, self.max_bad_fraction
             )
