@@ -302,7 +302,7 @@ def run(args: argparse.Namespace, work: Path, device: torch.device, workers: lis
     cache = FeatureCache(work / "cache", "bench-train", paths, encoder, transform, args.cache_dtype)
     for f in (cache.file, cache.meta_file):  # a cache left in --work by an earlier run: build it again
         f.unlink(missing_ok=True)
-    cache.build(encoder, transform, device, args.batch_size, args.epoch_workers, progress=False)
+    cache.build(encoder, device, args.batch_size, args.epoch_workers, progress=False)
     _sync(device)
     build_s = time.perf_counter() - t0
     mb = cache.file.stat().st_size / 2**20

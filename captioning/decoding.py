@@ -148,8 +148,7 @@ def beam_search(
         beam = torch.div(top_idx, v, rounding_mode="floor").clamp_(max=m - 1)  # (B,K)
         word = (top_idx % v).view(-1)  # (B*K,)
         src = (beam + row_of_image * m).view(-1)  # (B*K,) rows to keep, among this step's B*M
-        moving = decoder.reorder({key: t for key, t in state.items() if key not in static}, src)
-        state = {**{key: t for key, t in state.items() if key in static}, **moving}
+        state = _select(decoder, state, static, src)
         if history is not None:
             history = torch.cat([history.index_select(0, src), word.view(-1, 1)], 1)  # (B*K,T+1)
         words.append(word)
@@ -177,8 +176,7 @@ def beam_search(
             keep_rows = (keep.unsqueeze(1) * k + beam_of_row).view(-1)  # (B'*K,)
             # the rows after this step are renumbered to the kept ones; the back-pointers follow
             words[-1], sources[-1] = word.index_select(0, keep_rows), src.index_select(0, keep_rows)
-            moving = decoder.reorder({key: t for key, t in state.items() if key not in static}, keep_rows)
-            state = {**{key: state[key].index_select(0, keep) for key in static}, **moving}  # (B',...), (B'*K,...)
+            state = _select(decoder, state, static, keep_rows, keep)  # (B',...), (B'*K,...)
             features = features.index_select(0, keep)  # (B',N,C)
             scores, finished, tokens = (t.index_select(0, keep_rows) for t in (scores, finished, tokens))
             if history is not None:
@@ -190,6 +188,16 @@ def beam_search(
     for i, h in zip(images, _trace(words, alphas, sources, rows, scores, n, length_penalty, rows.numel() // b)):
         results[i] = h[:num_return]
     return results
+
+
+def _select(
+    decoder: Decoder, state: dict, static: set[str], rows: torch.Tensor, images: torch.Tensor | None = None
+) -> dict:
+    """Keep state ``rows`` (through the decoder's ``reorder``); the per-image (``static``) state keeps
+    its rows, or ``images`` of them when images leave the search."""
+    moving = decoder.reorder({key: t for key, t in state.items() if key not in static}, rows)
+    kept = {key: t if images is None else t.index_select(0, images) for key, t in state.items() if key in static}
+    return {**kept, **moving}
 
 
 def _trace(

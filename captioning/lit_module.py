@@ -184,7 +184,7 @@ class CaptionModule(pl.LightningModule):
             return inputs.to(next(self.net.decoder.parameters()).dtype)
         if self.hparams.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        if any(p.requires_grad for p in self.net.encoder.parameters()):
+        if not self.net.encoder.freeze:
             return self.net.encode(inputs).features
         with torch.no_grad():
             return self.net.encode(inputs).features

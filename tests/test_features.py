@@ -46,7 +46,7 @@ def test_cache_key_follows_size_weights_dtype_and_files_and_a_rebuild_removes_th
     folder = tmp_path / "cache"
     first = FeatureCache(folder, "set-train", paths, enc, small)
     assert not first.exists()
-    first.build(enc, small, progress=False)
+    first.build(enc, progress=False)
     assert first.exists() and _files(folder).keys() == {first.file.name, first.meta_file.name}
     feats, valid = first.open()
     assert feats.shape == (4, 16, 8) and feats.dtype == "float16" and valid.all()  # 32 px -> 4x4 grid of 8
@@ -57,7 +57,7 @@ def test_cache_key_follows_size_weights_dtype_and_files_and_a_rebuild_removes_th
     assert FeatureCache(folder, "set-train", paths, _frozen_cnn(), EvalTransform(32)).file == first.file
     # another split's cache is not stale for this one and must survive its rebuilds
     val = FeatureCache(folder, "set-val", paths[:2], enc, small)
-    val.build(enc, small, progress=False)
+    val.build(enc, progress=False)
 
     keys = {first.key}
     bigger = FeatureCache(folder, "set-train", paths, enc, EvalTransform(48))
@@ -75,10 +75,10 @@ def test_cache_key_follows_size_weights_dtype_and_files_and_a_rebuild_removes_th
     os.utime(paths[0], ns=(1, 1))  # an image file changed on disk
     assert FeatureCache(folder, "set-train", paths, enc, small).key not in keys
 
-    bigger.build(enc, EvalTransform(48), progress=False)
+    bigger.build(enc, progress=False)
     assert _files(folder).keys() == {p.name for c in (bigger, val) for p in (c.file, c.meta_file)}
     assert not first.exists()
-    reweighted.build(other, small, progress=False)
+    reweighted.build(other, progress=False)
     assert _files(folder).keys() == {p.name for c in (reweighted, val) for p in (c.file, c.meta_file)}
 
 
@@ -89,7 +89,7 @@ def test_unloadable_images_are_marked_in_the_cache_and_left_out_of_training(tiny
     paths = [records[0].image_path, bad, records[1].image_path, tmp_path / "gone.png"]
     enc, t = _frozen_cnn(), EvalTransform(32)
     cache = FeatureCache(tmp_path / "cache", "x-train", paths, enc, t, dtype="float32")
-    cache.build(enc, t, progress=False)
+    cache.build(enc, progress=False)
     feats, valid = cache.open()
     assert valid.tolist() == [True, False, True, False]
     assert json.loads(cache.meta_file.read_text())["invalid"] == [1, 3]
@@ -115,7 +115,7 @@ def test_cached_float32_features_give_the_same_training_loss_as_the_images(tiny_
     ).eval()  # fmt: skip
     t = EvalTransform(64)
     cache = FeatureCache(tmp_path, "shapes-train", [r.image_path for r in records], module.net.encoder, t, "float32")
-    cache.build(module.net.encoder, t, progress=False)
+    cache.build(module.net.encoder, progress=False)
     from_images = TrainCaptions(records, vocab, t, 24, seed=3, captions_per_image=3)
     from_cache = TrainCaptions(records, vocab, t, 24, seed=3, captions_per_image=3, features=cache)
     images, tokens, _ = collate_train([from_images[(i, 1)] for i in range(6)])
@@ -225,8 +225,8 @@ def test_features_that_overflow_float16_are_refused_not_stored_as_inf(tiny_shape
         enc.body[-1][0].weight.mul_(1e6)  # features far beyond float16's 65504
     cache = FeatureCache(tmp_path / "cache", "big-train", paths, enc, small)
     with pytest.raises(ValueError, match="overflow float16; use data.cache_dtype float32"):
-        cache.build(enc, small, progress=False)
+        cache.build(enc, progress=False)
     assert not cache.exists() and not list((tmp_path / "cache").glob("*.tmp*"))
     ok = FeatureCache(tmp_path / "cache", "big-train", paths, enc, small, dtype="float32")
-    ok.build(enc, small, progress=False)
+    ok.build(enc, progress=False)
     assert torch.isfinite(torch.from_numpy(ok.open()[0][:])).all()

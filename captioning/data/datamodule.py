@@ -323,7 +323,7 @@ class CaptionDataModule(pl.LightningDataModule):
                 raise RuntimeError("data.feature_cache needs the model's encoder: use the data module with a Trainer")
             module = trainer.lightning_module
             encoder = module.net.encoder
-            if any(p.requires_grad for p in encoder.parameters()):
+            if not encoder.freeze:
                 raise ValueError(
                     "data.feature_cache needs a frozen encoder (model.freeze_encoder: true): "
                     "the features of an encoder that is being trained change at every step"
@@ -334,7 +334,6 @@ class CaptionDataModule(pl.LightningDataModule):
             if trainer.is_global_zero and not cache.exists():
                 cache.build(
                     encoder,
-                    self.transform(),
                     device=module.device,
                     batch_size=self.eval_batch_size,
                     num_workers=self.num_workers,

@@ -95,6 +95,7 @@ class FeatureCache:
         if dtype not in _DTYPES:
             raise ValueError(f"feature cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.folder, self.name, self.paths, self.dtype = Path(folder), name, list(paths), dtype
+        self.transform = transform
         self.description = {
             "encoder": type(encoder).__name__,
             "encoder_weights": encoder_fingerprint(encoder),
@@ -125,19 +126,19 @@ class FeatureCache:
     def build(
         self,
         encoder: Encoder,
-        transform: EvalTransform,
         device: torch.device | str = "cpu",
         batch_size: int = 64,
         num_workers: int = 0,
         progress: bool = True,
     ) -> None:
-        """Encode every image once and write the cache (temporary file, renamed when complete)."""
+        """Encode every image once with ``encoder`` (the one the key was made from) and the cache's
+        transform, and write the cache (temporary file, renamed when complete)."""
         from tqdm import tqdm
 
         self.folder.mkdir(parents=True, exist_ok=True)
         was_training = encoder.training
         encoder.eval()
-        loader = DataLoader(_Images(self.paths, transform), batch_size=batch_size, num_workers=num_workers)
+        loader = DataLoader(_Images(self.paths, self.transform), batch_size=batch_size, num_workers=num_workers)
         tmp = self.file.with_name(self.file.name + f".tmp{os.getpid()}")
         valid = np.zeros(len(self.paths), dtype=bool)
         out = None

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 
-def _group(query: torch.Tensor, images: int) -> int:
+def rows_per_image(query: torch.Tensor, images: int) -> int:
     """Rows of queries per image: queries come grouped by image, row r belongs to image r // M."""
     rows = query.size(0)
     if rows % images:
@@ -51,7 +51,7 @@ class AdditiveAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B,N,C), keys (B,N,A), query (B*M,Q) grouped by image -> context (B*M,C), alpha (B*M,N)."""
         b, n, a = keys.shape
-        q = self.query(query).view(b, _group(query, b), 1, a)  # (B,M,1,A)
+        q = self.query(query).view(b, rows_per_image(query, b), 1, a)  # (B,M,1,A)
         hidden = keys.unsqueeze(1) + q  # (B,M,N,A): the largest tensor of a step
         # tanh in place: one (B,M,N,A) buffer, not two; the score is a matrix-vector product against
         # the Linear(A,1)'s weight row, not a GEMM with a one-column output -> (B,M,N)
@@ -76,7 +76,7 @@ class DotAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B,N,C), keys (B,N,A), query (B*M,Q) grouped by image -> context (B*M,C), alpha (B*M,N)."""
         b, n, a = keys.shape
-        q = self.query(query).view(b, _group(query, b), a)  # (B,M,A)
+        q = self.query(query).view(b, rows_per_image(query, b), a)  # (B,M,A)
         scores = torch.bmm(q, keys.transpose(1, 2)) * self.scale  # (B,M,A)@(B,A,N) -> (B,M,N)
         return _attend(scores, features)
 

@@ -23,6 +23,18 @@ class Encoder(nn.Module):
     """``images (B,3,H,W) -> EncoderOutput(features (B,N,C), grid (h,w))``; ``out_dim`` == C."""
 
     out_dim: int
+    #: weights fixed and BatchNorm statistics too: a frozen encoder stays in eval mode
+    freeze: bool = False
+
+    def set_frozen(self, freeze: bool) -> None:
+        """Fix (or release) every weight of the encoder; see :attr:`freeze`."""
+        self.freeze = freeze
+        self.requires_grad_(not freeze)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Encoder:
+        # a frozen BatchNorm must not update its running statistics, whatever mode the model is put in
+        return super().train(mode and not self.freeze)
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:  # pragma: no cover - interface
         raise NotImplementedError

@@ -54,15 +54,7 @@ class SmallCNN(Encoder):
             _conv_bn(c2, c3, 2),  # /8
         )
         self.out_dim = c3
-        self.freeze = freeze
-        if freeze:  # a fixed random projection: for tests and for comparing with a trained encoder
-            self.body.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> SmallCNN:
-        super().train(mode)
-        if self.freeze:
-            self.body.eval()  # frozen BatchNorm must not update its running statistics
-        return self
+        self.set_frozen(freeze)  # frozen: a fixed random projection, for tests and comparisons
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         b, _, h, w = images.shape
@@ -91,15 +83,7 @@ class TorchvisionEncoder(Encoder):
         self.body = nn.Sequential(*layers[: 4 + stage])
         self.pool = nn.AdaptiveAvgPool2d(grid) if grid else nn.Identity()
         self.out_dim = _RESNET_STAGE_CHANNELS[arch][stage - 1]
-        self.freeze = freeze
-        if freeze:
-            self.body.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> TorchvisionEncoder:
-        super().train(mode)
-        if self.freeze:
-            self.body.eval()  # frozen BatchNorm must not update its running statistics
-        return self
+        self.set_frozen(freeze)
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         x = self.pool(self.body(images))  # (B,3,H,W) -> (B,C,h,w)

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from captioning.models.attention import rows_per_image
 from captioning.models.base import Decoder, DecoderState
 
 
@@ -64,9 +65,7 @@ class Attention(nn.Module):
         """
         r, tq, d = x.shape
         b = k.size(0)
-        if r % b:
-            raise ValueError(f"{r} query rows cannot be grouped over {b} key rows")
-        q = self.split(self.q(x.reshape(b, (r // b) * tq, d)))  # (R,Tq,D) -> (B,M*Tq,D) -> (B,H,M*Tq,dh)
+        q = self.split(self.q(x.reshape(b, rows_per_image(x, b) * tq, d)))  # (R,Tq,D) -> (B,M*Tq,D) -> (B,H,M*Tq,dh)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B,H,M*Tq,Tk)
         if mask is not None:
             scores = scores.masked_fill(mask, float("-inf"))
