@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one command, for a session that has a CUDA machine for a short
+# while: the COCO-scale throughput table (issue 6), the batched-vs-one-by-one beam search (issue 4),
+# and the default shapes recipe trained end to end on the GPU in bf16-mixed, then infer.py on it
+# (the Lightning + CUDA path of train.py / infer.py, which the CPU test suite cannot cover).
+#
+#     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else ./gpu_check
+#
+# Each step has its own time limit and writes its own log under OUT_DIR, so one failing or slow
+# step still leaves the others' results. About 6-8 minutes on an H100/H200 (the throughput table
+# builds a ResNet-101 ten times). Run from the repository root; the repo does not need installing
+# (PYTHONPATH is set here). train.py needs jsonargparse; where the machine lacks it and cannot
+# reach a package index, carry its wheels in ./.whl (they are installed from there first):
+#
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 -d .whl jsonargparse docstring-parser typeshed-client
+#
+# STEPS (space-separated, default "env throughput beam train infer") picks a subset; TRAIN_ARGS adds
+# options to the train step; PYTHON (default python3) is the interpreter; DEVICE=cpu runs the same
+# steps on the CPU in fp32 (to check this script itself on a machine without a GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out=${1:-${OUT:-gpu_check}}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+steps=" ${STEPS:-env throughput beam train infer} "
+device=${DEVICE:-cuda}
+if [[ $device == cuda ]]; then accel=(--trainer.accelerator gpu --trainer.precision bf16-mixed) bench=bf16
+else accel=(--trainer.accelerator cpu --trainer.precision 32-true) bench=fp32; fi
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site .whl/*.whl \
+    && export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+runs=$(mktemp -d)  # the training run's checkpoints stay out of OUT_DIR (only a few files come back)
+trap 'rm -rf "$runs"' EXIT
+failed=0
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...: run COMMAND under a time limit, log to OUT_DIR/NAME.txt
+  local name=$1 limit=$2
+  shift 2
+  [[ $steps == *" $name "* ]] || return 0
+  echo "== $name: $*" | tee "$out/$name.txt"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/$name.txt"
+  [[ $rc -eq 0 ]] || failed=1
+}
+
+step env 60 bash -c "{ nvidia-smi || true; }; $py -c 'import torch, pytorch_lightning as pl; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(), \"lightning\", pl.__version__)'"
+step throughput 330 "$py" benchmarks/throughput.py --device "$device" --precision $bench
+step beam 90 "$py" benchmarks/beam_search.py --device "$device" --repeats 5
+step train 300 "$py" train.py fit -c configs/shapes.yaml "${accel[@]}" \
+  --trainer.logger.init_args.save_dir "$runs" ${TRAIN_ARGS:-}
+best=$(find "$runs" -name best.ckpt 2>/dev/null | head -n 1)
+if [[ -n $best ]]; then
+  cp "$(dirname "$(dirname "$best")")/test_metrics.json" "$out/train_test_metrics.json" 2>/dev/null
+  step infer 60 "$py" infer.py data/shapes/images/004600.png --ckpt "$best" --device "$device" --out "$out"
+elif [[ $steps == *" infer "* ]]; then
+  echo "== infer: skipped, the train step left no best.ckpt" | tee "$out/infer.txt"
+  failed=1
+fi
+exit $failed
