@@ -7,8 +7,9 @@
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else ./gpu_check
 #
 # Each step has its own time limit and writes its own log under OUT_DIR, so one failing or slow
-# step still leaves the others' results. About 6-8 minutes on an H100/H200 (the throughput table
-# builds a ResNet-101 ten times). Run from the repository root; the repo does not need installing
+# step still leaves the others' results. The limits add up to 9.5 minutes, inside a 10-minute
+# command limit; the script has not run on a GPU yet (only with DEVICE=cpu), so the time each
+# step takes there is still to be seen. Run from the repository root; the repo does not need installing
 # (PYTHONPATH is set here). train.py needs jsonargparse; where the machine lacks it and cannot
 # reach a package index, carry its wheels in ./.whl (they are installed from there first):
 #
@@ -50,15 +51,15 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run COMMAND under a time limit, 
   [[ $rc -eq 0 ]] || failed=1
 }
 
-step env 60 bash -c "{ nvidia-smi || true; }; $py -c 'import torch, pytorch_lightning as pl; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(), \"lightning\", pl.__version__)'"
-step throughput 330 "$py" benchmarks/throughput.py --device "$device" --precision $bench
-step beam 90 "$py" benchmarks/beam_search.py --device "$device" --repeats 5
-step train 300 "$py" train.py fit -c configs/shapes.yaml "${accel[@]}" \
+step env 30 bash -c "{ nvidia-smi || true; }; $py -c 'import torch, pytorch_lightning as pl; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(), \"lightning\", pl.__version__)'"
+step throughput 250 "$py" benchmarks/throughput.py --device "$device" --precision $bench
+step beam 60 "$py" benchmarks/beam_search.py --device "$device" --repeats 5
+step train 200 "$py" train.py fit -c configs/shapes.yaml "${accel[@]}" \
   --trainer.logger.init_args.save_dir "$runs" ${TRAIN_ARGS:-}
 best=$(find "$runs" -name best.ckpt 2>/dev/null | head -n 1)
 if [[ -n $best ]]; then
   cp "$(dirname "$(dirname "$best")")/test_metrics.json" "$out/train_test_metrics.json" 2>/dev/null
-  step infer 60 "$py" infer.py data/shapes/images/004600.png --ckpt "$best" --device "$device" --out "$out"
+  step infer 30 "$py" infer.py data/shapes/images/004600.png --ckpt "$best" --device "$device" --out "$out"
 elif [[ $steps == *" infer "* ]]; then
   echo "== infer: skipped, the train step left no best.ckpt" | tee "$out/infer.txt"
   failed=1
