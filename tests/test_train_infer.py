@@ -65,6 +65,27 @@ def test_infer_writes_overlay_and_reports_bad_inputs(tiny_run, tiny_ckpt, tmp_pa
     assert f"{bad}: not an image" in proc.stderr and f"{missing}: no such file" in proc.stderr
 
 
+def test_infer_batches_keep_the_order_the_captions_and_every_overlay(tiny_ckpt, tiny_shapes, tmp_path):
+    """5 images in batches of 2 (the last one short): the same captions as one at a time, printed in
+    the order given, and three inputs sharing the stem "img" get three overlays, none overwritten."""
+    images = tiny_shapes.parent / "images"
+    inputs = [images / f"{i:06d}.png" for i in range(2)]
+    for i, folder in enumerate(["a", "b", "c"]):
+        (tmp_path / folder).mkdir()
+        inputs.append(tmp_path / folder / "img.png")
+        inputs[-1].write_bytes((images / f"{i + 2:06d}.png").read_bytes())
+    args = [*map(str, inputs), "--ckpt", str(tiny_ckpt), "--batch-size", "2", "--out", str(tmp_path / "o")]
+    proc = run_script(str(ROOT / "infer.py"), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    captioner = Captioner.from_checkpoint(tiny_ckpt)
+    expected = [f"{p}: {captioner.caption(p).text}" for p in inputs]
+    assert proc.stdout.splitlines() == expected
+    overlays = ["000000", "000001", "img", "img-2", "img-3"]
+    assert sorted(f.name for f in (tmp_path / "o").iterdir()) == sorted(f"{o}_attention.png" for o in overlays)
+    for path, overlay in zip(inputs, overlays):
+        assert f"attention overlay: {tmp_path / 'o' / overlay}_attention.png" in proc.stderr, path
+
+
 def test_infer_without_ckpt_uses_newest_run(tiny_run, tiny_shapes):
     image = tiny_shapes.parent / "images" / "000001.png"
     proc = run_script(str(ROOT / "infer.py"), str(image), cwd=tiny_run)
