@@ -44,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
+        device = torch.device(device)
+    except RuntimeError:
+        print(f"error: --device {args.device}: not a device (auto, cpu, cuda, cuda:1 ...)", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        found = f"{torch.cuda.device_count()} CUDA devices" if torch.cuda.is_available() else "no CUDA device"
+        print(f"error: --device {args.device}: {found} here; use --device cpu or auto", file=sys.stderr)
+        return 2
+    try:
         ckpt = Path(args.ckpt) if args.ckpt else find_latest_checkpoint(args.runs)
         captioner = Captioner.from_checkpoint(ckpt, device=device, beam_size=args.beam_size)
     except CheckpointError as e:
