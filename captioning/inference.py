@@ -104,12 +104,24 @@ class Captioner:
         return self.caption_batch([image], beam_size)[0]
 
     @torch.no_grad()
-    def caption_batch(self, images: list[str | Path | Image.Image], beam_size: int | None = None) -> list[Caption]:
-        """Caption several images in one batched search."""
+    def caption_batch(
+        self, images: list[str | Path | Image.Image], beam_size: int | None = None, batch_size: int = 32
+    ) -> list[Caption]:
+        """Caption several images, ``batch_size`` at a time through one batched beam search each (the same
+        captions as one at a time; the batch bounds memory, so a long list does not hold every image's
+        activations at once). Paths are read only when their batch comes."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        out = []
+        for first in range(0, len(images), batch_size):
+            out += self._caption_batch(images[first : first + batch_size], beam_size or self.beam_size)
+        return out
+
+    def _caption_batch(self, images: list[str | Path | Image.Image], beam_size: int) -> list[Caption]:
         pil = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
         x = torch.stack([self.transform(im.convert("RGB")) for im in pil]).to(self.device)  # (B,3,H,W)
         enc = self.net.encode(x)
-        hyps = beam_search(self.net.decoder, enc.features, beam_size=beam_size or self.beam_size, max_len=self.max_len)
+        hyps = beam_search(self.net.decoder, enc.features, beam_size=beam_size, max_len=self.max_len)
         h, w = enc.grid
         out = []
         for hyp in hyps:

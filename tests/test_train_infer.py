@@ -47,7 +47,10 @@ def test_save_load_gives_the_same_caption_as_the_trained_module(tiny_ckpt, tiny_
 def test_batch_caption_equals_single(tiny_ckpt, tiny_shapes):
     c = Captioner.from_checkpoint(tiny_ckpt)
     paths = [tiny_shapes.parent / "images" / f"{i:06d}.png" for i in range(4)]
-    assert [x.text for x in c.caption_batch(paths)] == [c.caption(p).text for p in paths]
+    single = [c.caption(p).text for p in paths]
+    assert [x.text for x in c.caption_batch(paths)] == single
+    assert [x.text for x in c.caption_batch(paths, batch_size=3)] == single  # a full batch, then a short one
+    assert c.caption_batch([]) == []
 
 
 def test_infer_writes_overlay_and_reports_bad_inputs(tiny_run, tiny_ckpt, tmp_path):
