@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     batch: list[tuple[str, Image]] = []  # (name, image) waiting for the next batched search
 
     def caption_batch() -> None:
-        captions = captioner.caption_batch([image for _, image in batch])
+        captions = captioner.caption_batch([image for _, image in batch], batch_size=args.batch_size)
         for (name, image), cap in zip(batch, captions):
             target = overlay_path(name)
             attention_figure(image, cap.tokens, cap.attention).save(target)
