@@ -80,7 +80,9 @@ def _finish(ids: list[int], score: float, attention: torch.Tensor) -> Hypothesis
     """Cut a raw id sequence at <end> (exclusive) and keep the matching attention rows."""
     n = ids.index(Vocabulary.end_id) if Vocabulary.end_id in ids else len(ids)
     ids = [i for i in ids[:n] if i != Vocabulary.pad_id]
-    return Hypothesis(ids, score, attention[: len(ids)])
+    # a copy, not a view: a view would keep (and pickle, e.g. when DDP gathers validation outputs)
+    # the whole batch's (R,T,N) attention for every hypothesis
+    return Hypothesis(ids, score, attention[: len(ids)].clone())
 
 
 @torch.no_grad()
@@ -261,6 +263,9 @@ def sample(
         if top_k > 0:
             kth = scaled.topk(min(top_k, scaled.size(-1)), dim=-1).values[:, -1:]  # (B,1)
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(1)  # (B,)
+        probs = scaled.softmax(-1)  # (B,V)
+        if generator is not None and generator.device != probs.device:  # draw where the generator lives
+            return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
 
     return _single_path(decoder, features, max_len, choose)

@@ -379,6 +379,8 @@ class CaptionModule(pl.LightningModule):
         rng = getattr(self, "_pending_rng", None)
         if rng is not None:
             torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":  # dropout on a GPU draws from the GPU's generator
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
             random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
             self._pending_rng = None
 
@@ -390,6 +392,8 @@ class CaptionModule(pl.LightningModule):
                 "batches_done": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed),
                 "rng": {"torch": torch.get_rng_state(), "python": [state[0], list(state[1]), state[2]]},
             }
+            if self.device.type == "cuda":
+                checkpoint["resume"]["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         checkpoint["captioning"] = {
             "format": CHECKPOINT_FORMAT,
             "vocab": list(self.vocab.tokens),

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from captioning.decoding import greedy
 from captioning.models.encoders import SmallCNN
@@ -130,3 +131,42 @@ def test_overfits_one_small_batch(make):
     assert loss.item() < 0.1
     hyps = greedy(dec, enc(images).features, max_len=6)
     assert [h.tokens for h in hyps] == caps[:, 1:-1].tolist()
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value back to the host (``int(t)``, ``t.item()``, ``bool(t)``): on a
+    GPU each one waits for every queued kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_step_and_forward_never_read_a_value_back_to_the_host(decoder):
+    feats, toks = torch.randn(B, N, C), torch.randint(0, V, (B, T))
+    with HostReads() as mode:
+        decoder(feats, toks)
+        state = decoder.init_state(feats)
+        for t in range(T):
+            _, _, state = decoder.step(toks[:, t], state, feats)
+    assert mode.reads == 0
+    with HostReads() as mode:  # the counter itself sees a read
+        int(toks.max())
+    assert mode.reads == 1
+
+
+def test_a_transformer_refuses_positions_past_its_table():
+    decoder = TransformerDecoder(V, C, dim=24, heads=4, layers=1, max_len=4).eval()
+    feats = torch.randn(B, N, C)
+    with pytest.raises(ValueError, match="longer than the decoder's max_len"):
+        decoder(feats, torch.randint(0, V, (B, 5)))
+    state = decoder.init_state(feats)
+    for _ in range(4):
+        _, _, state = decoder.step(torch.zeros(B, dtype=torch.long), state, feats)
+    with pytest.raises(ValueError, match="longer than the decoder's max_len"):
+        decoder.step(torch.zeros(B, dtype=torch.long), state, feats)

@@ -166,3 +166,16 @@ def test_sampling_is_seeded_and_top1_is_greedy():
     assert [h.tokens for h in a] == [h.tokens for h in b]
     top1 = sample(dec, feats, max_len=8, top_k=1)
     assert [h.tokens for h in top1] == [h.tokens for h in greedy(dec, feats, max_len=8)]
+
+
+def test_hypotheses_own_their_attention_rather_than_viewing_the_batch():
+    """A view would keep (and pickle, when DDP gathers validation outputs) the whole batch's attention."""
+    torch.manual_seed(0)
+    decoder = LSTMDecoder(12, 6, embed_dim=8, hidden_dim=16, attention_dim=8).eval()
+    feats = torch.randn(5, 9, 6)
+    found = [h for hyps in beam_search(decoder, feats, beam_size=3, max_len=6, num_return=3) for h in hyps]
+    found += greedy(decoder, feats, max_len=6)
+    for h in found:
+        att = h.attention
+        assert att.shape == (len(h.tokens), 9)
+        assert att.untyped_storage().nbytes() == att.numel() * att.element_size()

@@ -141,12 +141,15 @@ class TransformerDecoder(Decoder):
         nn.init.normal_(self.embed.weight, std=dim**-0.5)
         self.per_image_state = tuple(f"cross_{kv}{i}" for i in range(layers) for kv in "kv")
 
-    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens (B,T) at positions (T,) [teacher forcing] or (B,) [one step per row] -> (B,T,D)."""
-        if int(positions.max()) >= self.positions.size(0):
+    def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """tokens (B,T) at positions start .. start+T-1 (every row at the same positions) -> (B,T,D).
+
+        ``start`` is a Python int (0 in teacher forcing, the cache length in a step), so the bounds
+        check never reads a tensor back from the device: no host sync per step."""
+        end = start + tokens.size(1)
+        if end > self.positions.size(0):
             raise ValueError(f"caption longer than the decoder's max_len ({self.positions.size(0)})")
-        pos = self.positions.index_select(0, positions)  # (T,D) or (B,D)
-        pos = pos.unsqueeze(1) if tokens.size(1) == 1 else pos.unsqueeze(0)  # (B,1,D) or (1,T,D)
+        pos = self.positions[start:end].unsqueeze(0)  # (1,T,D)
         return self.dropout(self.embed(tokens) * math.sqrt(self.dim) + pos)
 
     def _cross_kv(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -162,7 +165,7 @@ class TransformerDecoder(Decoder):
         logits (B,[M],T,V), attention (B,[M],T,N)."""
         tokens = tokens_in.flatten(0, 1) if tokens_in.dim() == 3 else tokens_in  # (R,T), R = B*M
         r, t = tokens.shape
-        x = self._embed(tokens, torch.arange(t, device=tokens.device))  # (R,T,D)
+        x = self._embed(tokens, 0)  # (R,T,D)
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)  # (T,T) True above the diagonal
         cross_kv = self._cross_kv(features)
         attention = None
@@ -175,8 +178,7 @@ class TransformerDecoder(Decoder):
         return logits.view(*tokens_in.shape, -1), attention.view(*tokens_in.shape, -1)
 
     def init_state(self, features: torch.Tensor) -> DecoderState:
-        b = features.size(0)
-        state: DecoderState = {"pos": torch.zeros(b, dtype=torch.long, device=features.device)}
+        state: DecoderState = {}
         for i, (k, v) in enumerate(self._cross_kv(features)):
             state[f"cross_k{i}"], state[f"cross_v{i}"] = k, v  # (B,H,N,dh): once per image
             empty = k.new_zeros(k.size(0), k.size(1), 0, k.size(3))  # (B,H,0,dh); per row once expanded
@@ -186,9 +188,9 @@ class TransformerDecoder(Decoder):
     def step(
         self, tokens: torch.Tensor, state: DecoderState, features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DecoderState]:
-        pos = state["pos"]  # (R,)
-        x = self._embed(tokens.unsqueeze(1), pos)  # (R,1,D)
-        new: DecoderState = {"pos": pos + 1}
+        # every row is at the same step: the position is the length of the self-attention cache
+        x = self._embed(tokens.unsqueeze(1), state["self_k0"].size(2))  # (R,1,D)
+        new: DecoderState = {}
         attention = None
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.keys_values(layer.norm1(x))  # (R,H,1,dh)
