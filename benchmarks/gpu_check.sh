@@ -16,6 +16,9 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux2014_x86_64 -d .whl jsonargparse docstring-parser typeshed-client
 #
+# (.whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
+# take it along, e.g. the device tool's carry=[".whl"].)
+#
 # STEPS (space-separated, default "env throughput beam train infer") picks a subset; TRAIN_ARGS adds
 # options to the train step; PYTHON (default python3) is the interpreter; DEVICE=cpu runs the same
 # steps on the CPU in fp32 (to check this script itself on a machine without a GPU).
