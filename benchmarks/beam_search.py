@@ -1,11 +1,16 @@
 """Beam search throughput: B images decoded at once versus the same search one image at a time.
 
     python benchmarks/beam_search.py [--images 64] [--beam 5] [--steps 16] [--device cpu] [--ckpt path ...]
+        [--parents]
 
 For each decoder (LSTM and Transformer at the shapes sizes, or the given checkpoints) it times the
 encoder + beam search over ``--images`` images, batched and one by one, and prints captions/s.
 Random-initialised models run a fixed ``--steps`` steps (min_len = max_len) so that both modes do
 the same work; checkpoints decode as in inference.
+
+``--parents`` also prints, per step of the batched search, the share of the kept rows whose parent
+row is distinct (beams with the same parent share its state, hence its attention): how much an
+"once per distinct parent" step could save.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 
 import torch
 
+import captioning.decoding
 from captioning.decoding import beam_search
 from captioning.models.net import CaptionNet
 
@@ -32,6 +38,24 @@ def _search(net: CaptionNet, images: torch.Tensor, *, beam: int, min_len: int, m
         beam_search(net.decoder, feats, beam_size=beam, max_len=max_len, min_len=min_len)
     if images.device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _distinct_parents(search) -> list[float]:
+    """Run ``search()`` once and return, per step, distinct parent rows / kept rows."""
+    shares = []
+    select = captioning.decoding._select
+
+    def counting(decoder, state, static, rows, images=None):
+        if images is None:  # a step's reordering (not images leaving the batch)
+            shares.append(rows.unique().numel() / rows.numel())
+        return select(decoder, state, static, rows, images)
+
+    captioning.decoding._select = counting
+    try:
+        search()
+    finally:
+        captioning.decoding._select = select
+    return shares
 
 
 def _time(fn, repeats: int) -> float:
@@ -53,6 +77,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ckpt", nargs="*", default=[], help="checkpoints to time instead of random models")
+    p.add_argument("--parents", action="store_true", help="print the share of distinct parents per step")
     args = p.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -76,6 +101,9 @@ def main() -> None:
         one_by_one = lambda: [search(images[i : i + 1]) for i in range(args.images)]  # noqa: B023
         single = _time(one_by_one, max(1, args.repeats // 2))
         print(f"{name:<40} {args.images / batched:>14.1f} {args.images / single:>17.1f} {single / batched:>8.1f}x")
+        if args.parents:
+            shares = _distinct_parents(lambda: search(images))  # noqa: B023 (called at once)
+            print(f"  distinct parents per step: {' '.join(f'{x:.2f}' for x in shares)}")
 
 
 if __name__ == "__main__":
