@@ -43,6 +43,16 @@ class CaptionCLI(LightningCLI):
         parser.link_arguments("data.std", "model.std")
         parser.link_arguments("data.vocab_tokens", "model.vocab", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any):
+        # the checkpoint plugin joins here, not through ``trainer_defaults``: a default is written into
+        # the run's config.yaml, where an instance becomes "Unable to serialize instance ...", and
+        # `python train.py fit -c runs/.../config.yaml` could then not read the run's own config back
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+
     def before_fit(self) -> None:
         # fix the logger's version (its run directory) now: with a spawning strategy (ddp_spawn)
         # each spawn would otherwise pick the next free version, and the test after fit would
@@ -115,5 +125,4 @@ def main(args: list[str] | None = None) -> CaptionCLI:
         CaptionDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [SafeCheckpointIO()]},
     )

@@ -7,7 +7,7 @@ from PIL import Image
 
 from captioning.inference import Captioner, CheckpointError, read_checkpoint
 
-from conftest import ROOT, read_json, run_script
+from conftest import ROOT, TINY, read_json, run_script
 
 
 def test_train_writes_checkpoints_metrics_and_prints_the_run_directory(tiny_run, tiny_ckpt):
@@ -18,6 +18,27 @@ def test_train_writes_checkpoints_metrics_and_prints_the_run_directory(tiny_run,
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("bleu4", "object_accuracy", "full_accuracy", "pointing_accuracy"))
     assert (run_dir / "config.yaml").is_file()
     assert f"run directory: {run_dir.resolve()}" in (tiny_run / "train_stdout.txt").read_text()
+
+
+def test_a_runs_saved_config_trains_again_and_checkpoints_stay_atomic(tiny_ckpt, tmp_path, monkeypatch):
+    """`python train.py fit -c runs/.../config.yaml` reads the run's own config back (the checkpoint
+    plugin once landed in it as an unreadable "Unable to serialize instance ..."), and the trainer
+    still saves and loads checkpoints through SafeCheckpointIO."""
+    saved = tiny_ckpt.parent.parent / "config.yaml"
+    assert "Unable to serialize" not in saved.read_text()
+    args = ["fit", "-c", str(saved), "--trainer.max_steps", "2", "--test_after_fit", "false"]
+    proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Unable to serialize" not in proc.stderr
+    assert next(tmp_path.glob("runs/tiny/*/checkpoints/last.ckpt")).is_file()
+
+    from captioning.cli import CaptionCLI, SafeCheckpointIO
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.lit_module import CaptionModule
+
+    monkeypatch.chdir(tmp_path)  # the config's relative data and run folders
+    cli = CaptionCLI(CaptionModule, CaptionDataModule, args=["--config", str(TINY)], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
 
 
 def test_checkpoint_loads_weights_only_and_carries_what_inference_needs(tiny_ckpt):
