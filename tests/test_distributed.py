@@ -80,3 +80,23 @@ def test_validation_agrees(runs):
     assert len(v1) == len(v2) == 1
     for k in ("val/cider_d", "val/bleu4", "val/rouge_l", "val/object_accuracy", "val/pointing_accuracy"):
         assert float(v2[0][k]) == pytest.approx(float(v1[0][k]), abs=1e-6), k
+
+
+def test_plain_ddp_relaunches_train_py_and_tests_once(tmp_path):
+    """``--trainer.strategy ddp`` (what several GPUs get): Lightning starts rank 1 by running
+    train.py again; both ranks fit, the test after fit runs on both and is written once, beside
+    the checkpoints, with the training rows of metrics.csv kept."""
+    args = [*COMMON[: COMMON.index("--test_after_fit")], "--data.batch_size", "4"]
+    args += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in proc.stderr
+    runs = list(tmp_path.glob("runs/tiny/*/"))
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert (run / "test_metrics.json").is_file() and (run / "test_captions.json").is_file()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len([r for r in rows if r.get("train/loss")]) == 6
+    assert len([r for r in rows if r.get("test/cider_d")]) == 1
+    assert proc.stdout.count("run directory:") == 1
