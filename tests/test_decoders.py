@@ -170,3 +170,19 @@ def test_a_transformer_refuses_positions_past_its_table():
         _, _, state = decoder.step(torch.zeros(B, dtype=torch.long), state, feats)
     with pytest.raises(ValueError, match="longer than the decoder's max_len"):
         decoder.step(torch.zeros(B, dtype=torch.long), state, feats)
+
+
+@pytest.mark.parametrize("decoder_name", ["lstm", "transformer"])
+def test_a_training_step_never_reads_a_value_back_to_the_host(decoder_name):
+    """CaptionModule.loss + backward on a grouped batch: on a GPU, a host read would stall every step."""
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    torch.manual_seed(0)
+    module = CaptionModule(vocab=[*SPECIALS, *"abcdefgh"], encoder="small_cnn", decoder=decoder_name, image_size=64)
+    images, tokens = torch.randn(2, 3, 64, 64), torch.randint(4, 12, (2, 3, 6))  # (B,3,H,W), (B,M,L)
+    tokens[..., 0] = 1  # <start>
+    with HostReads() as mode:
+        loss, _ = module.loss(images, tokens)
+        loss.backward()
+    assert mode.reads == 0
