@@ -36,6 +36,12 @@ class SafeCheckpointIO(CheckpointIO):
 
 
 class CaptionCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # fit, validate and test; captioning new images is infer.py's job (the module has no
+        # predict_step, and Lightning's predict would fail after loading everything)
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True, help="score the test split after fit")
         parser.link_arguments("data.image_size", "model.image_size")

@@ -199,3 +199,12 @@ def test_decoding_edge_cases_still_give_captions_and_overlays(tmp_path, tiny_ckp
     assert cap.attention.shape == (len(cap.tokens), 8, 8)
     attention_figure(image, cap.tokens, cap.attention).save(tmp_path / "overlay.png")
     assert Image.open(tmp_path / "overlay.png").size[0] > 0
+
+
+def test_train_py_offers_only_the_subcommands_it_supports(tmp_path):
+    """No `predict` (the module has no predict_step; infer.py captions new images): argparse refuses
+    it up front instead of Lightning failing after loading the data and the model."""
+    proc = run_script(str(ROOT / "train.py"), "predict", "-c", str(TINY), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "invalid choice: 'predict'" in proc.stderr and "'fit', 'validate', 'test'" in proc.stderr
+    assert "Traceback" not in proc.stderr
