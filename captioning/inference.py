@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from captioning.checkpoint_io import CheckpointError, load_weights_only
-from captioning.data.images import load_image
+from captioning.data.images import load_image, to_rgb
 from captioning.data.transforms import EvalTransform
 from captioning.decoding import beam_search
 from captioning.models.net import CaptionNet
@@ -118,8 +118,10 @@ class Captioner:
         return out
 
     def _caption_batch(self, images: list[str | Path | Image.Image], beam_size: int) -> list[Caption]:
-        pil = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
-        x = torch.stack([self.transform(im.convert("RGB")) for im in pil]).to(self.device)  # (B,3,H,W)
+        # a PIL image given directly is normalised as a file is (alpha onto white, EXIF orientation,
+        # 16-bit scaled), so an image gives the same caption whether passed as a path or as an image
+        pil = [load_image(im) if isinstance(im, (str, Path)) else to_rgb(im) for im in images]
+        x = torch.stack([self.transform(im) for im in pil]).to(self.device)  # (B,3,H,W)
         enc = self.net.encode(x)
         hyps = beam_search(self.net.decoder, enc.features, beam_size=beam_size, max_len=self.max_len)
         h, w = enc.grid

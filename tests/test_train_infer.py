@@ -89,6 +89,25 @@ def test_infer_writes_overlay_and_reports_bad_inputs(tiny_run, tiny_ckpt, tmp_pa
     assert f"{bad}: not an image" in proc.stderr and f"{missing}: no such file" in proc.stderr
 
 
+def test_a_pil_image_gets_the_caption_of_its_file(tiny_ckpt, tiny_shapes, tmp_path):
+    """Captioner normalises an image passed as a PIL object as it does a file: alpha onto white,
+    EXIF orientation applied (once)."""
+    c = Captioner.from_checkpoint(tiny_ckpt)
+    scene = Image.open(tiny_shapes.parent / "images" / "000003.png").convert("RGBA")
+    scene.putalpha(Image.linear_gradient("L").resize(scene.size))  # transparent at the top
+    rgba = tmp_path / "rgba.png"
+    scene.save(rgba)
+    turned = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    scene.convert("RGB").transpose(Image.Transpose.ROTATE_90).save(turned, quality=95, exif=exif)
+    for path in (rgba, turned):
+        from_file, from_pil = c.caption(path), c.caption(Image.open(path))
+        assert from_pil.tokens == from_file.tokens, path
+        torch.testing.assert_close(from_pil.attention, from_file.attention)
+    assert c.caption(Image.open(rgba).convert("RGB")).attention.ne(c.caption(rgba).attention).any()
+
+
 def test_infer_batches_keep_the_order_the_captions_and_every_overlay(tiny_ckpt, tiny_shapes, tmp_path):
     """5 images in batches of 2 (the last one short): the same captions as one at a time, printed in
     the order given, and three inputs sharing the stem "img" get three overlays, none overwritten."""
