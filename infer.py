@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission, a read-only place ...
+        print(f"error: --out {out_dir}: cannot make that folder ({e.strerror or e})", file=sys.stderr)
+        return 2
     overlays: set[Path] = set()  # written by this run: a shared stem must not overwrite one of them
 
     def overlay_path(name: str) -> Path:

@@ -139,7 +139,7 @@ def test_infer_reports_every_bad_input_and_still_captions_the_good_ones(tmp_path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no CUDA device is there")
-def test_infer_refuses_a_device_it_cannot_use_with_a_clear_error(tmp_path, tiny_ckpt):
+def test_infer_refuses_a_device_or_out_folder_it_cannot_use_with_a_clear_error(tmp_path, tiny_ckpt):
     image = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(image)
     for device, cause in [("cuda", "no CUDA device here"), ("gpu", "not a device")]:
@@ -148,6 +148,9 @@ def test_infer_refuses_a_device_it_cannot_use_with_a_clear_error(tmp_path, tiny_
         )
         assert proc.returncode == 2 and f"error: --device {device}: {cause}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+    (tmp_path / "taken").write_text("a file, not a folder")
+    proc = run_script(str(ROOT / "infer.py"), str(image), "--ckpt", str(tiny_ckpt), "--out", "taken", cwd=tmp_path)
+    assert proc.returncode == 2 and "error: --out taken: cannot make that folder" in proc.stderr, proc.stderr
 
 
 def test_inference_does_not_import_lightning():
