@@ -44,6 +44,12 @@ def find_latest_checkpoint(root: str | Path = "runs") -> Path:
     root = Path(root)
     found = sorted(root.glob("**/checkpoints/best*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
+        last = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if last:  # a run whose validation never ran (e.g. fewer epochs than check_val_every_n_epoch)
+            raise CheckpointError(
+                f"{root}: no best checkpoint found (best.ckpt needs a validation); "
+                f"the newest run's last checkpoint is {last[-1]}: pass it with --ckpt"
+            )
         raise CheckpointError(f"{root}: no best checkpoint found; train one with `python train.py` or pass --ckpt")
     return found[-1]
 

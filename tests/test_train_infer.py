@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
-from captioning.inference import Captioner, CheckpointError, read_checkpoint
+from captioning.inference import Captioner, CheckpointError, find_latest_checkpoint, read_checkpoint
 
 from conftest import ROOT, TINY, read_json, run_script
 
@@ -179,3 +180,15 @@ def test_transformer_checkpoint_trains_and_infers_with_cross_attention_overlay(t
     assert (tmp_path / "000002_attention.png").is_file()
     cap = Captioner.from_checkpoint(ckpt).caption(image)
     assert cap.attention.shape == (len(cap.tokens), 8, 8)
+
+
+def test_without_a_best_checkpoint_the_error_points_at_the_last_one(tmp_path):
+    """A run whose validation never ran has last.ckpt but no best.ckpt: say so and name the file."""
+    with pytest.raises(CheckpointError, match="train one with `python train.py`"):
+        find_latest_checkpoint(tmp_path / "runs")
+    last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="best.ckpt needs a validation") as err:
+        find_latest_checkpoint(tmp_path / "runs")
+    assert f"is {last}: pass it with --ckpt" in str(err.value)
