@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 #: images with more pixels than this are refused before decoding (decompression bombs)
 MAX_PIXELS = 89_478_485
@@ -51,7 +51,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Normalise any PIL mode to RGB (see module docstring)."""
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        # only then: exif_transpose copies even an image it does not turn, and this runs per loaded image
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
