@@ -91,6 +91,7 @@ def main() -> None:
     else:
         for name, kw in SHAPES_MODELS.items():
             net = CaptionNet(40, **kw).to(device).eval()
+            net.encoder.optimize_for_inference()  # as Captioner.from_checkpoint runs it
             models.append((name, net, args.image_size, args.steps, args.steps))
     print(f"beam search, {args.images} images, K={args.beam}, device={device}, torch {torch.__version__}")
     print(f"{'model':<40} {'batched cap/s':>14} {'one-by-one cap/s':>17} {'speed-up':>9}")

@@ -92,6 +92,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     net = CaptionNet(40, decoder="lstm", embed_dim=128, hidden_dim=256, attention_dim=128).eval()
+    net.encoder.optimize_for_inference()  # as Captioner.from_checkpoint runs it
     step_parts(net, args.images, args.beam, args.repeats)
     step_parts(net, 1, args.beam, args.repeats)
     n = 2048

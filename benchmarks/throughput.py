@@ -235,6 +235,7 @@ def search_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch
     module.setup("validate")  # channels_last
     module.eval()
     net = module.net
+    net.encoder.optimize_for_inference()  # BatchNorm folded, as Captioner.from_checkpoint runs it
     k = args.beam
 
     def search(images: torch.Tensor) -> None:

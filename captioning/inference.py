@@ -91,6 +91,7 @@ class Captioner:
             net.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not match the stored model configuration ({e})") from None
+        net.encoder.optimize_for_inference()  # BatchNorm folded into the convolutions: this net only infers
         pre, search = meta["preprocess"], meta.get("search", {})
         return cls(
             net,

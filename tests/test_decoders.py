@@ -1,11 +1,13 @@
 """Decoder contracts, for every decoder: shapes, step loop == teacher-forced forward, it learns."""
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from captioning.decoding import greedy
-from captioning.models.encoders import SmallCNN
+from captioning.models.encoders import SmallCNN, build_encoder
 from captioning.models.lstm import LSTMDecoder
 from captioning.models.transformer import TransformerDecoder
 
@@ -107,6 +109,26 @@ def test_reorder_selects_rows(decoder):
 def test_encoder_gives_an_8x8_grid_for_64px():
     out = SmallCNN((8, 8, 8, 8))(torch.randn(2, 3, 64, 64))
     assert out.grid == (8, 8) and out.features.shape == (2, 64, 8)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_an_encoder_optimized_for_inference_gives_the_same_features_without_batchnorm(name):
+    """Folding BatchNorm into the convolutions (Captioner's encoder) must not change the features."""
+    torch.manual_seed(0)
+    enc = build_encoder(name, stage=2, channels=(8, 8, 8, 8))
+    with torch.no_grad():  # running statistics far from (0, 1), so a wrong fold would show
+        enc.train()(torch.randn(4, 3, 48, 48) * 3 + 2)
+    enc.eval()
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        before = enc(images)
+        after = copy.deepcopy(enc).optimize_for_inference()
+        out = after(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in after.modules())
+    torch.testing.assert_close(out.features, before.features, rtol=1e-4, atol=1e-5)
+    assert out.grid == before.grid
+    after.train()  # the folded encoder stays in eval mode and frozen: it can no longer be trained
+    assert not after.training and not any(p.requires_grad for p in after.parameters())
 
 
 def test_overfits_one_small_batch(make):
