@@ -96,6 +96,32 @@ def test_grouped_step_equals_flat_step(decoder):
                 torch.testing.assert_close(state[k], flat_state[k], rtol=1e-4, atol=1e-5)
 
 
+def test_chunked_inference_attention_equals_one_piece(monkeypatch):
+    """Without autograd on a CPU the additive score is built a few images at a time: the same result as
+    in one piece, with uneven chunks (5 images in chunks of 2, 2, 1) and a single image."""
+    from captioning.models import attention
+
+    torch.manual_seed(0)
+    att = attention.AdditiveAttention(C, 24, 10)
+    m, images = 3, 5
+    feats, query = torch.randn(images, N, C), torch.randn(images * m, 24)
+    keys = att.precompute(feats)
+    whole = att(feats, keys, query)  # autograd on: one piece
+    monkeypatch.setattr(attention, "CPU_CHUNK_BYTES", 2 * m * N * 10 * 4)  # 2 images' (M,N,A) fp32
+    calls = []
+    monkeypatch.setattr(
+        att, "_score", lambda k, q, out=None: calls.append(k.size(0)) or type(att)._score(att, k, q, out)
+    )
+    with torch.no_grad():
+        chunked = att(feats, keys, query)
+        single = att(feats[:1], keys[:1], query[:m])
+    assert calls == [2, 2, 1, 1]
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(single, whole):
+        torch.testing.assert_close(got, want[:m], rtol=1e-5, atol=1e-6)
+
+
 def test_reorder_selects_rows(decoder):
     feats = torch.randn(B, N, C)
     state = decoder.init_state(feats)
