@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from captioning.data.sources import read_karpathy_json
 from captioning.data.synthetic import COLORS, SHAPES, ShapesConfig, fully_correct, generate, objects_correct
 
@@ -53,3 +55,27 @@ def test_generation_is_seeded_and_only_reruns_on_parameter_change(tmp_path):
     assert a.stat().st_mtime_ns == mtime  # same parameters: not regenerated
     generate(tmp_path / "a", ShapesConfig(num_train=7, num_val=2, num_test=2, seed=3), progress=False)
     assert len(json.loads(a.read_text())["images"]) == 11
+
+
+def test_generation_never_replaces_a_folder_that_holds_other_files(tmp_path, monkeypatch):
+    """Generating replaces its folder: a data_dir holding anything but an earlier shapes set is refused,
+    untouched, instead of deleted (e.g. --data.data_dir data, next to COCO downloads, or '.')."""
+    cfg = ShapesConfig(num_train=2, num_val=1, num_test=1, seed=3)
+    mine = tmp_path / "data"
+    (mine / "coco").mkdir(parents=True)
+    (mine / "coco" / "dataset_coco.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"data: refusing to generate the shapes set here.*coco"):
+        generate(mine, cfg, progress=False)
+    assert (mine / "coco" / "dataset_coco.json").read_text() == "{}"
+    monkeypatch.chdir(mine)
+    with pytest.raises(ValueError, match="refusing"):
+        generate(".", cfg, progress=False)
+    assert (mine / "coco" / "dataset_coco.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folder left beside it
+    # an empty folder, or an earlier shapes set, is replaced as before; a killed run's leftovers go
+    (tmp_path / "empty").mkdir()
+    (tmp_path / ".empty.tmp-999999999").mkdir()  # no such process
+    assert generate(tmp_path / "empty", cfg, progress=False).is_file()
+    assert not (tmp_path / ".empty.tmp-999999999").exists()
+    generate(tmp_path / "empty", ShapesConfig(num_train=3, num_val=1, num_test=1, seed=3), progress=False)
+    assert len(list((tmp_path / "empty" / "images").iterdir())) == 5

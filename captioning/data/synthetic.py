@@ -142,6 +142,37 @@ def make_captions(rng: random.Random, objects: list[dict], k: int = 5) -> list[s
     return [t.format(*phrases) for t in rng.sample(TRIPLE_TEMPLATES, k)]
 
 
+def _check_replaceable(root: Path) -> None:
+    """Refuse to write the set over a folder that holds anything but an earlier shapes set (its JSON and
+    ``images/``): generating replaces the whole folder, and must never delete a user's files."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ValueError(f"{root}: exists and is not a folder; the shapes set needs a folder of its own")
+    entries = {p.name for p in root.iterdir()}
+    if entries and not (JSON_NAME in entries and entries <= {JSON_NAME, "images"}):
+        others = sorted(entries - {JSON_NAME, "images"}) or sorted(entries)
+        raise ValueError(
+            f"{root}: refusing to generate the shapes set here: the folder holds other files ({', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}) and generating replaces the whole folder; point data_dir at an "
+            "empty or new folder, or at an earlier shapes set"
+        )
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete the temporary folders of generations that were killed (their process is gone)."""
+    for tmp in root.parent.glob(f".{root.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: bool = True) -> Path:
     """Write the dataset under ``root`` (unless an identical one is there); returns the JSON path.
 
@@ -157,7 +188,10 @@ def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: 
                 return json_path
         except (json.JSONDecodeError, OSError):
             pass  # unreadable: regenerate
+    _check_replaceable(root)
+    root = root.resolve()  # "." has no name to put beside it
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    _remove_stale_temporaries(root)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     rng = random.Random(config.seed)
