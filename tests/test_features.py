@@ -3,6 +3,7 @@ images, and a fit through train.py that loads a weights file the test writes."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -38,6 +39,23 @@ def _files(folder: Path) -> dict[str, int]:
 
 
 # --- the cache itself ----------------------------------------------------------------------------------
+
+
+def test_cache_key_follows_the_encoder_grid_and_a_killed_builds_file_is_removed(tiny_shapes, tmp_path):
+    """Pooling to another grid has no weights but changes the features: another key. A build killed
+    mid-way (its process gone) leaves a partial temporary file, which the next build deletes."""
+    paths = [r.image_path for r in _train_records(tiny_shapes, 2)]
+    torch.manual_seed(0)
+    enc = TorchvisionEncoder("resnet18", stage=1, grid=4, freeze=True)
+    coarse = copy.deepcopy(enc)
+    coarse.pool = torch.nn.AdaptiveAvgPool2d(2)  # the same weights
+    fine_cache = FeatureCache(tmp_path, "set-train", paths, enc, EvalTransform(32))
+    coarse_cache = FeatureCache(tmp_path, "set-train", paths, coarse, EvalTransform(32))
+    assert fine_cache.key != coarse_cache.key
+    orphan = tmp_path / f"{coarse_cache.file.name}.tmp999999999"  # no such process
+    orphan.write_bytes(b"partial")
+    coarse_cache.build(coarse, progress=False)
+    assert coarse_cache.open()[0].shape == (2, 4, 64) and not orphan.exists()
 
 
 def test_cache_key_follows_size_weights_dtype_and_files_and_a_rebuild_removes_the_stale_file(tiny_shapes, tmp_path):

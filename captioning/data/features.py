@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioning.data.images import ImageLoadError, load_image
+from captioning.data.tempfiles import remove_orphans
 from captioning.data.transforms import EvalTransform
 from captioning.models.base import Encoder
 
@@ -33,8 +34,9 @@ _DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
-    """A hash of the encoder's class and every tensor of its state dict (weights and BN statistics)."""
-    h = hashlib.sha1(type(encoder).__name__.encode())
+    """A hash of the encoder's architecture (its repr: layers, and the pooling to a grid, which has no
+    weights) and every tensor of its state dict (weights and BN statistics)."""
+    h = hashlib.sha1(repr(encoder).encode())
     for name, t in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
@@ -140,6 +142,8 @@ class FeatureCache:
         encoder.eval()
         loader = DataLoader(_Images(self.paths, self.transform), batch_size=batch_size, num_workers=num_workers)
         tmp = self.file.with_name(self.file.name + f".tmp{os.getpid()}")
+        for orphan in remove_orphans(self.folder, f"{self.name}-*.npy.tmp*"):  # a killed build's partial file
+            print(f"feature cache: removed {orphan}, left by a build that was killed")
         valid = np.zeros(len(self.paths), dtype=bool)
         out = None
         try:

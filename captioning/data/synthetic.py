@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioning.data.tempfiles import remove_orphans
 from captioning.vocab import tokenize
 
 SHAPES = ("circle", "square", "triangle")
@@ -159,20 +160,6 @@ def _check_replaceable(root: Path) -> None:
         )
 
 
-def _remove_stale_temporaries(root: Path) -> None:
-    """Delete the temporary folders of generations that were killed (their process is gone)."""
-    for tmp in root.parent.glob(f".{root.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
 def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: bool = True) -> Path:
     """Write the dataset under ``root`` (unless an identical one is there); returns the JSON path.
 
@@ -191,7 +178,7 @@ def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: 
     _check_replaceable(root)
     root = root.resolve()  # "." has no name to put beside it
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    _remove_stale_temporaries(root)
+    remove_orphans(root.parent, f".{root.name}.tmp-*")  # folders of generations that were killed
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     rng = random.Random(config.seed)
