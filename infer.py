@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         ckpt = Path(args.ckpt) if args.ckpt else find_latest_checkpoint(args.runs)
+        if not args.ckpt:  # say which model captions: the newest run may not be the one the user means
+            print(f"checkpoint: {ckpt}", file=sys.stderr)
         captioner = Captioner.from_checkpoint(ckpt, device=device, beam_size=args.beam_size)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -40,18 +40,26 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def find_latest_checkpoint(root: str | Path = "runs") -> Path:
-    """The newest ``best*.ckpt`` under ``root`` (what ``python train.py`` writes)."""
+    """The best checkpoint (``best*.ckpt``) of the newest run under ``root`` (what ``python train.py``
+    writes): the run whose checkpoints folder holds the most recently written checkpoint. A newest run
+    without a best checkpoint (its validation never ran) is an error naming its ``last.ckpt``, not a
+    silent fall-back to an older, possibly unrelated run's model."""
     root = Path(root)
-    found = sorted(root.glob("**/checkpoints/best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        last = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if last:  # a run whose validation never ran (e.g. fewer epochs than check_val_every_n_epoch)
-            raise CheckpointError(
-                f"{root}: no best checkpoint found (best.ckpt needs a validation); "
-                f"the newest run's last checkpoint is {last[-1]}: pass it with --ckpt"
-            )
-        raise CheckpointError(f"{root}: no best checkpoint found; train one with `python train.py` or pass --ckpt")
-    return found[-1]
+    runs = {}  # checkpoints folder -> time of its newest checkpoint
+    for ckpt in root.glob("**/checkpoints/*.ckpt"):
+        runs[ckpt.parent] = max(runs.get(ckpt.parent, 0.0), ckpt.stat().st_mtime)
+    if not runs:
+        raise CheckpointError(f"{root}: no checkpoint found; train one with `python train.py` or pass --ckpt")
+    newest = max(runs, key=runs.get)
+    best = sorted(newest.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    last = newest / "last.ckpt"
+    named = f"its last checkpoint is {last}: pass it" if last.is_file() else "pass a checkpoint"
+    raise CheckpointError(
+        f"{root}: the newest run ({newest.parent}) has no best checkpoint (best.ckpt needs a validation); "
+        f"{named} with --ckpt"
+    )
 
 
 class Captioner:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -139,6 +141,8 @@ def test_infer_without_ckpt_uses_newest_run(tiny_run, tiny_shapes):
     image = tiny_shapes.parent / "images" / "000001.png"
     proc = run_script(str(ROOT / "infer.py"), str(image), cwd=tiny_run)
     assert proc.returncode == 0, proc.stderr
+    newest = find_latest_checkpoint(tiny_run / "runs").relative_to(tiny_run)
+    assert f"checkpoint: {newest}\n" in proc.stderr  # says which model captioned
     assert (tiny_run / "000001_attention.png").is_file()
 
 
@@ -188,12 +192,20 @@ def test_transformer_checkpoint_trains_and_infers_with_cross_attention_overlay(t
 
 
 def test_without_a_best_checkpoint_the_error_points_at_the_last_one(tmp_path):
-    """A run whose validation never ran has last.ckpt but no best.ckpt: say so and name the file."""
+    """A run whose validation never ran has last.ckpt but no best.ckpt: say so and name the file, even
+    when an older run has a best checkpoint (that would be another model, used silently)."""
     with pytest.raises(CheckpointError, match="train one with `python train.py`"):
         find_latest_checkpoint(tmp_path / "runs")
+    older = tmp_path / "runs" / "other" / "version_0" / "checkpoints" / "best.ckpt"
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"")
+    os.utime(older, (1, 1))
+    assert find_latest_checkpoint(tmp_path / "runs") == older
     last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"")
     with pytest.raises(CheckpointError, match="best.ckpt needs a validation") as err:
         find_latest_checkpoint(tmp_path / "runs")
-    assert f"is {last}: pass it with --ckpt" in str(err.value)
+    assert f"is {last}: pass it with --ckpt" in str(err.value) and "tiny/version_0" in str(err.value)
+    (last.parent / "best.ckpt").write_bytes(b"")
+    assert find_latest_checkpoint(tmp_path / "runs") == last.parent / "best.ckpt"
