@@ -52,6 +52,12 @@ class CheckpointOnSigterm(pl.Callback):
         print(f"SIGTERM: saved {folder / 'last.ckpt'} at step {trainer.global_step}", flush=True)
 
 
+def _results_id(image_id: str) -> int | str:
+    """A record's id as the COCO results format wants it: numeric ids (COCO's cocoid) as integers, any
+    other name (a Flickr or CSV file name, or "0007", which would collide with "7") as written."""
+    return int(image_id) if image_id.isdigit() and str(int(image_id)) == image_id else image_id
+
+
 class CaptionModule(pl.LightningModule):
     """Trains a :class:`CaptionNet`.
 
@@ -320,7 +326,8 @@ class CaptionModule(pl.LightningModule):
             sizes = [self._image_size(split, records, i) for i, _, _ in outputs]
             objects = [records[i].objects for i, _, _ in outputs]
             metrics.update(shapes_scores(words, [a for _, _, a in outputs], self.grid, objects, sizes))
-        captions = [{"image_id": image_id, "caption": " ".join(w)} for image_id, w in zip(ids, words)]
+        # COCO's results format (what pycocotools' loadRes reads) has the annotation file's integer ids
+        captions = [{"image_id": _results_id(image_id), "caption": " ".join(w)} for image_id, w in zip(ids, words)]
         return metrics, captions
 
     def on_validation_epoch_end(self) -> None:

@@ -28,6 +28,8 @@ def test_test_subcommand_writes_metrics_and_coco_results(single, tiny_ckpt):
     assert "meteor" not in metrics  # tiny.yaml turns METEOR off; it is never a made-up number
     assert len(captions) == 16 and len({c["image_id"] for c in captions}) == 16
     assert all(set(c) == {"image_id", "caption"} and isinstance(c["caption"], str) for c in captions)
+    # COCO's results format has the annotation file's integer ids (pycocotools' loadRes refuses strings)
+    assert all(isinstance(c["image_id"], int) for c in captions)
 
 
 def test_ddp_gathers_deduplicates_and_scores_like_one_process(single, tiny_ckpt, tmp_path):
