@@ -104,11 +104,30 @@ def _replace_ckpt_path(argv: list[str], path: str) -> list[str]:
     return out
 
 
+def with_default_config(argv: list[str]) -> list[str]:
+    """A subcommand without ``-c``/``--config`` gets ``configs/shapes.yaml`` as its base, so
+    ``python train.py fit --trainer.max_epochs 5`` is the default recipe with one change (its runs
+    folder, checkpoints and seed), not Lightning's bare defaults. Flags after it still override it."""
+    given = any(a in ("-c", "--config") or a.startswith("--config=") for a in argv)
+    if argv and argv[0] in ("fit", "validate", "test") and not given:
+        return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
+    return argv
+
+
 def main(args: list[str] | None = None) -> CaptionCLI:
-    """``python train.py`` alone = ``fit`` with ``configs/shapes.yaml``."""
+    """``python train.py`` alone = ``fit`` with ``configs/shapes.yaml``; a subcommand without a config
+    starts from it too (:func:`with_default_config`)."""
     if args is None and not sys.argv[1:]:
         args = ["fit", "--config", str(DEFAULT_CONFIG)]
     argv = list(sys.argv[1:] if args is None else args)
+    based = with_default_config(argv)
+    if based != argv:
+        print(f"no --config given: {DEFAULT_CONFIG.name} is the base, the flags change it", file=sys.stderr)
+        argv = based
+        if args is None:  # in sys.argv, which LightningCLI reads, and DDP's relaunch of rank 1 runs again
+            sys.argv[1:] = argv
+        else:
+            args = argv
     ckpt_path = _ckpt_path_argument(argv)
     if ckpt_path == "last":
         # Lightning would look for "last" only in the new run's folder and, finding nothing, start

@@ -211,3 +211,22 @@ def test_train_py_offers_only_the_subcommands_it_supports(tmp_path):
     assert proc.returncode == 2
     assert "invalid choice: 'predict'" in proc.stderr and "'fit', 'validate', 'test'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_subcommand_without_a_config_starts_from_the_default_recipe(tmp_path):
+    """`python train.py fit --flag ...` is the default recipe (runs/shapes, best/last checkpoints, seed)
+    with the flags applied, not Lightning's bare defaults (lightning_logs/, no best.ckpt for infer.py)."""
+    from captioning.cli import DEFAULT_CONFIG, with_default_config
+
+    assert with_default_config(["fit", "--trainer.max_epochs", "3"]) == [
+        "fit", "--config", str(DEFAULT_CONFIG), "--trainer.max_epochs", "3"
+    ]  # fmt: skip
+    for argv in (["fit", "-c", "x.yaml"], ["test", "--config=x.yaml", "--ckpt_path", "a"], ["--help"], []):
+        assert with_default_config(argv) == argv
+    proc = run_script(str(ROOT / "train.py"), "fit", "--trainer.max_epochs", "3", "--print_config", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no --config given: shapes.yaml is the base" in proc.stderr
+    out = proc.stdout
+    assert (
+        "max_epochs: 3" in out and "save_dir: runs" in out and "filename: best" in out and "seed_everything: 0" in out
+    )
