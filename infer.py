@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.beam_size is not None and args.beam_size < 1:
+        parser.error(f"--beam-size must be at least 1, got {args.beam_size}")
 
     import torch
 

@@ -109,6 +109,8 @@ def beam_search(
 
     Returns, per image, the ``num_return`` best hypotheses, best first.
     """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
     b, n, _ = features.shape
     k = beam_size
     device = features.device

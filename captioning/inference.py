@@ -77,6 +77,8 @@ class Captioner:
         max_len: int = 24,
         device: str | torch.device = "cpu",
     ):
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {beam_size}")
         self.net = net.to(device).eval()
         self.vocab = vocab
         self.transform = EvalTransform(image_size, mean, std)
@@ -108,7 +110,7 @@ class Captioner:
             pre["mean"],
             pre["std"],
             tuple(meta["grid"]),
-            beam_size=beam_size or search.get("beam_size", 3),
+            beam_size=beam_size if beam_size is not None else search.get("beam_size", 3),
             max_len=search.get("max_len", 24),
             device=device,
         )
@@ -127,9 +129,12 @@ class Captioner:
         activations at once). Paths are read only when their batch comes."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        beam_size = self.beam_size if beam_size is None else beam_size
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {beam_size}")
         out = []
         for first in range(0, len(images), batch_size):
-            out += self._caption_batch(images[first : first + batch_size], beam_size or self.beam_size)
+            out += self._caption_batch(images[first : first + batch_size], beam_size)
         return out
 
     def _caption_batch(self, images: list[str | Path | Image.Image], beam_size: int) -> list[Caption]:

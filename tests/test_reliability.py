@@ -151,6 +151,18 @@ def test_infer_refuses_a_device_or_out_folder_it_cannot_use_with_a_clear_error(t
     (tmp_path / "taken").write_text("a file, not a folder")
     proc = run_script(str(ROOT / "infer.py"), str(image), "--ckpt", str(tiny_ckpt), "--out", "taken", cwd=tmp_path)
     assert proc.returncode == 2 and "error: --out taken: cannot make that folder" in proc.stderr, proc.stderr
+    for beam in ("0", "-1"):  # 0 fell back to the checkpoint's beam, -1 crashed in torch.arange
+        proc = run_script(
+            str(ROOT / "infer.py"), str(image), "--ckpt", str(tiny_ckpt), "--beam-size", beam, cwd=tmp_path
+        )
+        assert proc.returncode == 2 and f"--beam-size must be at least 1, got {beam}" in proc.stderr, proc.stderr
+    captioner = Captioner.from_checkpoint(tiny_ckpt)
+    for bad in (
+        lambda: captioner.caption(image, beam_size=0),
+        lambda: Captioner.from_checkpoint(tiny_ckpt, beam_size=0),
+    ):
+        with pytest.raises(ValueError, match="beam_size must be at least 1, got 0"):
+            bad()
 
 
 def test_inference_does_not_import_lightning():
