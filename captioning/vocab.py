@@ -18,15 +18,19 @@ from collections.abc import Iterable, Sequence
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-_PUNCT = re.compile(r"[^\w\s,<>']")
+_PUNCT = re.compile(r"[^\w\s,']")
 _COMMA = re.compile(r",")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase ``text``, drop punctuation except commas (kept as tokens), split on whitespace."""
+    """Lowercase ``text``, drop punctuation except commas (kept as tokens), split on whitespace.
+
+    Apostrophes stay inside words ("man's", "don't") but quotes around a word go ("'stop'" is "stop"),
+    and angle brackets go with the other punctuation, so a caption's text never yields a special
+    token such as ``<end>``."""
     text = _PUNCT.sub(" ", text.lower())
     text = _COMMA.sub(" , ", text)
-    return [t for t in text.split() if t.strip("'")]
+    return [w for w in (t.strip("'") for t in text.split()) if w]
 
 
 class Vocabulary:

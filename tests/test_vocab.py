@@ -7,6 +7,22 @@ def test_tokenize_lowercases_and_drops_punctuation_but_keeps_commas():
     ]  # fmt: skip
 
 
+def test_tokenize_strips_quotes_around_words_and_never_makes_a_special_token():
+    assert tokenize("A sign that says 'STOP', a man's hat") == [
+        "a",
+        "sign",
+        "that",
+        "says",
+        "stop",
+        ",",
+        "a",
+        "man's",
+        "hat",
+    ]
+    assert tokenize('a "stop" sign') == tokenize("a 'stop' sign") == ["a", "stop", "sign"]
+    assert tokenize("a man <b>runs</b> <end> home ''") == ["a", "man", "b", "runs", "b", "end", "home"]
+
+
 def test_build_respects_min_freq_and_is_order_independent():
     caps = [["a", "red", "circle"], ["a", "blue", "square"], ["a", "red", "square"]]
     v = Vocabulary.build(caps, min_freq=2)
