@@ -314,6 +314,12 @@ class CaptionModule(pl.LightningModule):
     ) -> tuple[dict[str, float], list[dict]]:
         records = self.trainer.datamodule.records(split)
         if not outputs:
+            if records and not self.trainer.sanity_checking:  # the sanity check sees only a few batches
+                # otherwise no metric is logged, and the checkpoint callback fails on a missing key instead
+                raise RuntimeError(
+                    f"{split} split: none of its {len(records)} images could be loaded (see the 'skipping image' "
+                    "warnings above), so there is nothing to score"
+                )
             return {}, []
         words = [self.vocab.decode(toks) for _, toks, _ in outputs]
         ids = [records[i].image_id for i, _, _ in outputs]

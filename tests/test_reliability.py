@@ -242,3 +242,20 @@ def test_a_subcommand_without_a_config_starts_from_the_default_recipe(tmp_path):
     assert (
         "max_epochs: 3" in out and "save_dir: runs" in out and "filename: best" in out and "seed_everything: 0" in out
     )
+
+
+def test_a_validation_split_whose_images_all_fail_says_so(tmp_path, tiny_shapes):
+    """With data.check_images off, unreadable images are skipped at load time; when that leaves a split with
+    nothing to score, the run stops naming the split, not on a missing checkpoint metric."""
+    import json
+    import shutil
+
+    data = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes.parent, data)
+    for im in json.loads(tiny_shapes.read_text())["images"]:
+        if im["split"] == "val":
+            (data / im["filepath"] / im["filename"]).write_bytes(b"not a png")
+    args = ["fit", "-c", str(TINY), "--data.data_dir", str(data), "--data.check_images", "false"]
+    proc = run_script(str(ROOT / "train.py"), *args, "--trainer.num_sanity_val_steps", "0", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "val split: none of its 16 images could be loaded" in proc.stderr, proc.stderr[-3000:]
