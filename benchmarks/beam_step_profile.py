@@ -1,23 +1,27 @@
 """Where one batched LSTM beam-search step spends its time, against what the machine can do.
 
-    python benchmarks/beam_step_profile.py [--images 64] [--beam 5] [--repeats 50]
+    python benchmarks/beam_step_profile.py [--images 64] [--beam 5] [--repeats 50] [--one-piece]
 
 For the shapes-sized LSTM of ``benchmarks/beam_search.py`` (random weights, 8x8 grid of 128
 channels), one decoder step over images x beams rows is timed whole and in parts (attention, LSTM
 cell, deep output), with the FLOP rate of the cell's GEMMs; the same for one image (K rows); then
 the FLOP rate of a large fp32 GEMM (what this CPU's BLAS reaches at best) and of a tanh. A step
 whose parts run near those rates is compute-bound: batching more cannot make it cheaper per row.
+Whole searches also report their slowest run and their minor page faults (memory the allocator
+returned to the system and faulted in again).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 from collections.abc import Callable
 
 import torch
 
 from captioning.decoding import beam_search
+from captioning.models import attention
 from captioning.models.net import CaptionNet
 
 
@@ -72,14 +76,20 @@ def step_parts(net: CaptionNet, images: int, beam: int, repeats: int) -> None:
     try:
         for _ in range(max(3, repeats // 10)):
             steps_ms[0] = 0.0
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             beam_search(d, features, beam_size=beam, max_len=16, min_len=16)
-            runs.append(((time.perf_counter() - t0) * 1e3, steps_ms[0]))
+            elapsed = (time.perf_counter() - t0) * 1e3
+            runs.append((elapsed, steps_ms[0], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
     finally:
         del d.step  # back to the class's method
-    total, in_steps = min(runs[1:])  # the fastest run after a warm-up
+    total, in_steps, _ = min(runs[1:])  # the fastest run after a warm-up
+    slowest = max(runs[1:])
+    faults = [f for _, _, f in runs[1:]]
     encoder = best_ms(lambda: net.encode(torch.randn(images, 3, 64, 64)), max(1, repeats // 10))
     print(f"  search, 16 steps: {total:.1f} ms, of which decoder steps {in_steps:.1f} ms")
+    # memory the allocator handed back to the system and touched again: a slow path worth seeing
+    print(f"  slowest search {slowest[0]:.1f} ms; minor page faults per search {min(faults)}-{max(faults)}")
     print(f"  encoder for the {images} image(s): {encoder:.2f} ms")
 
 
@@ -88,7 +98,12 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument(
+        "--one-piece", action="store_true", help="the additive score's tensor in one piece (as before chunking)"
+    )
     args = p.parse_args()
+    if args.one_piece:
+        attention.CPU_CHUNK_BYTES = 1 << 62
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     net = CaptionNet(40, decoder="lstm", embed_dim=128, hidden_dim=256, attention_dim=128).eval()
