@@ -109,17 +109,19 @@ def test_chunked_inference_attention_equals_one_piece(monkeypatch):
     whole = att(feats, keys, query)  # autograd on: one piece
     monkeypatch.setattr(attention, "CPU_CHUNK_BYTES", 2 * m * N * 10 * 4)  # 2 images' (M,N,A) fp32
     calls = []
-    monkeypatch.setattr(
-        att, "_score", lambda k, q, out=None: calls.append(k.size(0)) or type(att)._score(att, k, q, out)
-    )
+    monkeypatch.setattr(att, "_score", lambda k, q: calls.append(k.size(0)) or type(att)._score(att, k, q))
     with torch.no_grad():
         chunked = att(feats, keys, query)
         single = att(feats[:1], keys[:1], query[:m])
-    assert calls == [2, 2, 1, 1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as bf16-mixed validation runs it
+            bf16 = att(feats, att.precompute(feats), query)  # bf16 keys: 4 images fit a chunk
+    assert calls == [2, 2, 1, 1, 4, 1]
     for got, want in zip(chunked, whole):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for got, want in zip(single, whole):
         torch.testing.assert_close(got, want[:m], rtol=1e-5, atol=1e-6)
+    for got, want in zip(bf16, whole):
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.02)
 
 
 def test_reorder_selects_rows(decoder):

@@ -61,18 +61,18 @@ class AdditiveAttention(nn.Module):
         q = self.query(query).view(b, rows_per_image(query, b), 1, a)  # (B,M,1,A)
         per = max(1, CPU_CHUNK_BYTES // (q.size(1) * n * a * keys.element_size()))  # images per chunk
         if keys.device.type == "cpu" and per < b and not torch.is_grad_enabled():
-            scores = keys.new_empty(b, q.size(1), n)  # (B,M,N)
-            for i in range(0, b, per):  # see CPU_CHUNK_BYTES
-                self._score(keys[i : i + per], q[i : i + per], out=scores[i : i + per])
-            return _attend(scores + self.score.bias, features)
+            # see CPU_CHUNK_BYTES; each chunk's (b',M,N) scores are small. No out= here: autocast
+            # does not apply to out= calls, and under bf16 the chunk and the weight row differ in dtype
+            chunks = [self._score(keys[i : i + per], q[i : i + per]) for i in range(0, b, per)]
+            return _attend(torch.cat(chunks) + self.score.bias, features)
         return _attend(self._score(keys, q) + self.score.bias, features)
 
-    def _score(self, keys: torch.Tensor, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _score(self, keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """keys (B,N,A), queries (B,M,1,A) -> v^T tanh(keys + q), (B,M,N), without the bias."""
         hidden = keys.unsqueeze(1) + q  # (B,M,N,A): the largest tensor of a step
         # tanh in place: one (B,M,N,A) buffer, not two; the score is a matrix-vector product against
         # the Linear(A,1)'s weight row, not a GEMM with a one-column output
-        return torch.matmul(hidden.tanh_(), self.score.weight[0], out=out)
+        return torch.matmul(hidden.tanh_(), self.score.weight[0])
 
 
 class DotAttention(nn.Module):
