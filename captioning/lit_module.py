@@ -238,9 +238,16 @@ class CaptionModule(pl.LightningModule):
         if skipped:
             self.log("train/skipped_images", float(skipped), reduce_fx="sum", on_step=False, on_epoch=True)
         if inputs.size(0) == 0:
-            # every image of this batch failed to load: a zero loss that still touches every
-            # parameter, so DDP ranks stay in step
-            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            # every image of this batch failed to load: a zero loss that still touches every parameter
+            # (DDP's gradient all-reduce), and the same collectives as loss() and the logs below, which
+            # the other ranks are waiting in: without them they would wait forever (or, on NCCL, pair
+            # with the wrong collective)
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            for _ in ("words", "captions"):
+                self._global_count(torch.zeros((), device=zero.device))
+            self.log("train/loss", zero, prog_bar=True, batch_size=1, sync_dist=True)
+            self.log("train/ce", zero, batch_size=1, sync_dist=True)
+            return zero
         loss, ce = self.loss(inputs, tokens)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}")

@@ -100,3 +100,53 @@ def test_plain_ddp_relaunches_train_py_and_tests_once(tmp_path):
     assert len([r for r in rows if r.get("train/loss")]) == 6
     assert len([r for r in rows if r.get("test/cider_d")]) == 1
     assert proc.stdout.count("run directory:") == 1
+
+
+def _rank_with_an_empty_batch(rank: int, port: int, out: dict) -> None:
+    """Rank 1's batch lost every image; rank 0's did not. Both must get through the step."""
+    import datetime
+    import os
+    import types
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    torch.manual_seed(0)
+    m = CaptionModule(vocab=[*SPECIALS, *"abcdefgh"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+    m._trainer = types.SimpleNamespace(world_size=2)  # what _distributed() reads
+    logged = {}
+
+    def log(name, value, sync_dist=False, **kw):  # Lightning's sync_dist=True is an all-reduce per value
+        if sync_dist:
+            torch.distributed.all_reduce(value.detach().clone())
+            logged[name] = value
+
+    m.log = log
+    tokens = torch.tensor([[[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]]]).repeat(2, 1, 1)  # (2 images, 2 captions, L)
+    if rank == 1:
+        loss = m.training_step((torch.empty(0, 3, 64, 64), torch.empty(0, 2, 5, dtype=torch.long), 2), 0)
+    else:
+        loss = m.training_step((torch.randn(2, 3, 64, 64), tokens, 0), 0)
+    loss.backward()  # a zero loss that touches every weight: DDP's gradient all-reduce sees all of them
+    out[rank] = (float(loss), sorted(logged), all(p.grad is not None for p in m.parameters() if p.requires_grad))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_rank_whose_batch_lost_every_image_stays_in_step_with_the_others():
+    """A rank with an empty batch still joins the word/caption counts and the synced logs; before, it
+    skipped them and the other rank waited in its all-reduce until the timeout."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_rank_with_an_empty_batch, args=(port, out), nprocs=2)
+    (loss0, logs0, grads0), (loss1, logs1, grads1) = out[0], out[1]
+    assert loss1 == 0.0 and loss0 > 0.0
+    assert logs0 == logs1 == ["train/ce", "train/loss"]
+    assert grads0 and grads1
