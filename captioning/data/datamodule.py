@@ -359,6 +359,11 @@ class CaptionDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=collate,
             drop_last=False,
+            # every iterator draws its workers' base seed from this generator, not from the global RNG:
+            # a resumed run makes the next epoch's iterator before the checkpoint's RNG state is put
+            # back, so a draw from the global RNG would shift every later dropout mask. (Our data draws
+            # nothing from worker seeds: caption choice and order come from the run seed and the epoch.)
+            generator=torch.Generator().manual_seed(torch.initial_seed()),
         )
 
     def transform(self) -> EvalTransform:
