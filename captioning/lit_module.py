@@ -405,7 +405,8 @@ class CaptionModule(pl.LightningModule):
             self._pending_rng = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.training:
+        # any checkpoint written during fit, also by a validation inside it (val_check_interval, best.ckpt)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
             state = random.getstate()
             checkpoint["resume"] = {
                 "epoch": int(self.current_epoch),

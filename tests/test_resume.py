@@ -30,8 +30,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in rows}
 
 
-def _fit(cwd: Path, *extra: str):
-    (cwd / "resume.yaml").write_text(CONFIG)
+def _fit(cwd: Path, *extra: str, config: str = CONFIG):
+    (cwd / "resume.yaml").write_text(config)
     args = ["fit", "-c", str(TINY), "-c", "resume.yaml", "--test_after_fit", "false", *extra]
     env_path = str(ROOT / "tests")
     os.environ["PYTHONPATH"] = env_path + os.pathsep + os.environ.get("PYTHONPATH", "")
@@ -89,3 +89,39 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming from {last.relative_to(tmp_path)}" in proc.stderr
     assert sorted(_losses(tmp_path / "runs" / "tiny" / "version_1")) == [7, 8]
+
+
+MID_EPOCH_VALIDATION = """
+trainer:
+  max_steps: 12
+  max_epochs: 10
+  val_check_interval: 3
+  limit_val_batches: 1
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args:
+        filename: "{step}"
+        save_top_k: -1
+"""
+
+
+def test_a_checkpoint_written_by_a_mid_epoch_validation_resumes_exactly(tmp_path):
+    """Checkpoints saved at a validation inside fit (val_check_interval, best.ckpt) carry the data position
+    and RNG state too: before, they had none, and a resume re-trained the epoch's first batches."""
+    import torch
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir(), resumed.mkdir()
+    assert _fit(whole, config=MID_EPOCH_VALIDATION).returncode == 0
+    run = next(whole.glob("runs/tiny/version_*"))
+    reference = _losses(run)
+    ckpt = run / "checkpoints" / "step=3.ckpt"
+    assert torch.load(ckpt, weights_only=True)["resume"]["batches_done"] == 3
+    proc = _fit(resumed, "--ckpt_path", str(ckpt), config=MID_EPOCH_VALIDATION)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = _losses(next(resumed.glob("runs/tiny/version_*")))
+    assert sorted(again) == list(range(3, 12)), sorted(again)
+    for step, loss in again.items():
+        assert loss == reference[step], (step, loss, reference[step])
