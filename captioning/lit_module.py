@@ -159,8 +159,14 @@ class CaptionModule(pl.LightningModule):
         opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total // 10)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        steps_per_epoch = max(total // epochs, 1)
+        # optimizer steps per epoch, from the loader (known once estimated_stepping_batches has set it up):
+        # total // max_epochs was wrong whenever max_steps ends training first, or max_epochs is -1
+        batches = self.trainer.num_training_batches
+        if math.isfinite(batches) and batches > 0:
+            steps_per_epoch = max(math.ceil(batches / self.trainer.accumulate_grad_batches), 1)
+        else:
+            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            steps_per_epoch = max(total // epochs, 1)
 
         def schedule(step: int) -> float:
             if step < warmup:
