@@ -74,7 +74,8 @@ class CaptionModule(pl.LightningModule):
         channels_last: run the encoder in channels-last memory format (faster convolutions on
             GPUs with tensor cores; same results).
         compile_decoder: ``torch.compile`` the decoder for training (one-off compile time; the
-            weights and checkpoints are unchanged).
+            weights and checkpoints are unchanged). Training captions are then padded to
+            ``max_caption_len`` + 2 tokens, so one compiled graph serves every batch.
         label_smoothing, alpha_c: loss terms. ``alpha_c`` weights the doubly stochastic term; the
             paper used 1, but on shapes (64 cells, ~10 words) 1 spreads attention so much that
             pointing accuracy falls from 0.98 to 0.63 (12-epoch runs), so the default is 0.1.
@@ -239,6 +240,17 @@ class CaptionModule(pl.LightningModule):
             torch.distributed.all_reduce(n)
         return n
 
+    def _fixed_length(self, tokens: torch.Tensor) -> torch.Tensor:
+        """With ``compile_decoder``, tokens (B,M,L) padded to the longest caption the data can give:
+        the LSTM's loop over words is unrolled into the compiled graph, so every new batch length
+        would compile again (and past torch's recompile limit run uncompiled, silently). The padding
+        is ignored by the loss, so the loss is the same."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        max_words = getattr(datamodule, "max_caption_len", None)
+        if not self.hparams.compile_decoder or max_words is None or tokens.size(-1) >= max_words + 2:
+            return tokens
+        return F.pad(tokens, (0, max_words + 2 - tokens.size(-1)), value=Vocabulary.pad_id)  # <start> w.. <end>
+
     def training_step(self, batch, batch_idx):
         inputs, tokens, skipped = batch if len(batch) == 3 else (*batch, 0)
         if skipped:
@@ -254,7 +266,7 @@ class CaptionModule(pl.LightningModule):
             self.log("train/loss", zero, prog_bar=True, batch_size=1, sync_dist=True)
             self.log("train/ce", zero, batch_size=1, sync_dist=True)
             return zero
-        loss, ce = self.loss(inputs, tokens)
+        loss, ce = self.loss(inputs, self._fixed_length(tokens))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}")
         # each rank's loss is its share of the batch's (see loss()); their mean over ranks is the loss

@@ -1,4 +1,5 @@
-"""Learning-rate schedules through train.py: what each optimizer step's learning rate is."""
+"""Training options: learning-rate schedules through train.py (each optimizer step's learning rate),
+and fixed-length captions for a compiled decoder."""
 
 from __future__ import annotations
 
@@ -42,3 +43,32 @@ def test_cosine_after_a_linear_warmup(tmp_path):
         else:
             factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
         assert dec == pytest.approx(0.002 * factor) and enc == dec, step
+
+
+def test_a_compiled_decoder_trains_on_fixed_length_captions_with_the_same_loss():
+    """The LSTM's word loop is unrolled into the compiled graph: each new batch length compiled again
+    (8 graphs, then silently uncompiled). With compile_decoder the captions are padded to the longest
+    the data can give, which the loss ignores."""
+    import types
+
+    import torch
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    torch.manual_seed(0)
+    module = CaptionModule(vocab=[*SPECIALS, *"abcdefgh"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+    module.hparams.compile_decoder = True  # the padding only; setup() would compile
+    module._trainer = types.SimpleNamespace(datamodule=types.SimpleNamespace(max_caption_len=6), world_size=1)
+    module.log = lambda *a, **k: None
+    seen = []
+    decoder_forward = module.net.decoder.forward
+    module.net.decoder.forward = lambda feats, toks: seen.append(toks.size(-1)) or decoder_forward(feats, toks)
+    images = torch.randn(2, 3, 32, 32)
+    module.eval()  # no dropout: the padded and unpadded losses must agree
+    # (B,M,L) as collate_train pads each batch: to its own longest caption
+    for tokens in (torch.tensor([[[1, 5, 2, 0]], [[1, 6, 7, 2]]]), torch.tensor([[[1, 5, 6, 7, 8, 2]]] * 2)):
+        padded = module.training_step((images, tokens, 0), 0)
+        plain, _ = module.loss(images, tokens)
+        torch.testing.assert_close(padded, plain)
+    assert seen == [7, 3, 7, 5]  # training steps: always 8 tokens -> 7 decoder inputs; plain: L - 1
