@@ -245,9 +245,10 @@ class CaptionModule(pl.LightningModule):
         the LSTM's loop over words is unrolled into the compiled graph, so every new batch length
         would compile again (and past torch's recompile limit run uncompiled, silently). The padding
         is ignored by the loss, so the loss is the same."""
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        max_words = getattr(datamodule, "max_caption_len", None)
-        if not self.hparams.compile_decoder or max_words is None or tokens.size(-1) >= max_words + 2:
+        if not self.hparams.compile_decoder or self._trainer is None:
+            return tokens
+        max_words = getattr(self.trainer.datamodule, "max_caption_len", None)
+        if max_words is None or tokens.size(-1) >= max_words + 2:
             return tokens
         return F.pad(tokens, (0, max_words + 2 - tokens.size(-1)), value=Vocabulary.pad_id)  # <start> w.. <end>
 
