@@ -76,10 +76,15 @@ def _block_repeats(logp: torch.Tensor, history: torch.Tensor, n: int) -> None:
             logp[r, list(banned)] = float("-inf")
 
 
+def _cut(ids: list[int]) -> list[int]:
+    """A raw id sequence cut at <end> (exclusive), without <pad>."""
+    n = ids.index(Vocabulary.end_id) if Vocabulary.end_id in ids else len(ids)
+    return [i for i in ids[:n] if i != Vocabulary.pad_id]
+
+
 def _finish(ids: list[int], score: float, attention: torch.Tensor) -> Hypothesis:
     """Cut a raw id sequence at <end> (exclusive) and keep the matching attention rows."""
-    n = ids.index(Vocabulary.end_id) if Vocabulary.end_id in ids else len(ids)
-    ids = [i for i in ids[:n] if i != Vocabulary.pad_id]
+    ids = _cut(ids)
     # a copy, not a view: a view would keep (and pickle, e.g. when DDP gathers validation outputs)
     # the whole batch's (R,T,N) attention for every hypothesis
     return Hypothesis(ids, score, attention[: len(ids)].clone())
@@ -173,9 +178,11 @@ def beam_search(
         if n_done:  # their hypotheses are final: take them out, so later steps compute only live images
             gone = done.nonzero().squeeze(1)  # (B_done,)
             gone_rows = (gone.unsqueeze(1) * k + beam_of_row).view(-1)  # (B_done*K,)
-            hyps = _trace(words, alphas, sources, gone_rows, scores.index_select(0, gone_rows), n, length_penalty, k)
+            hyps = _trace(
+                words, alphas, sources, gone_rows, scores.index_select(0, gone_rows), n, length_penalty, k, num_return
+            )
             for i, h in zip(gone.tolist(), hyps):
-                results[images[i]] = h[:num_return]
+                results[images[i]] = h
             keep = (~done).nonzero().squeeze(1)  # (B',)
             keep_rows = (keep.unsqueeze(1) * k + beam_of_row).view(-1)  # (B'*K,)
             # the rows after this step are renumbered to the kept ones; the back-pointers follow
@@ -189,8 +196,9 @@ def beam_search(
             b = len(images)
             row_of_image = row_of_image[:b]
     rows = torch.arange(scores.numel(), device=device)  # B*K, or B when no step ran
-    for i, h in zip(images, _trace(words, alphas, sources, rows, scores, n, length_penalty, rows.numel() // b)):
-        results[i] = h[:num_return]
+    per_image = rows.numel() // b
+    for i, h in zip(images, _trace(words, alphas, sources, rows, scores, n, length_penalty, per_image, num_return)):
+        results[i] = h
     return results
 
 
@@ -213,11 +221,12 @@ def _trace(
     n: int,
     length_penalty: float,
     per_image: int,
+    num_return: int,
 ) -> list[list[Hypothesis]]:
-    """Hypotheses of the final rows ``row`` (R,), ``per_image`` rows per image, with their ``scores``
-    (R,): per image, best first. The back-pointers give each row the words and attention of the steps
-    that built it (per step: word (R_t,), attention (R_t-1,N) of the rows before reordering, source
-    row (R_t,) among them)."""
+    """The ``num_return`` best hypotheses of each image, best first, from the final rows ``row`` (R,),
+    ``per_image`` rows per image, with their ``scores`` (R,). The back-pointers give each row the words
+    and attention of the steps that built it (per step: word (R_t,), attention (R_t-1,N) of the rows
+    before reordering, source row (R_t,) among them)."""
     r = row.numel()
     word_steps, attn_steps = [], []
     for word, alpha, src in zip(reversed(words), reversed(alphas), reversed(sources)):
@@ -229,16 +238,15 @@ def _trace(
     sc = scores.tolist()
     results = []
     for first in range(0, r, per_image):
-        hyps = []
+        ranked = []  # (final score, row, words): ranked first, so only the kept ones copy their attention
         for i in range(first, first + per_image):
             if sc[i] == float("-inf"):
                 continue
-            h = _finish(hist[i], sc[i], attn[i])
-            if length_penalty:
-                h.score /= ((5.0 + len(h.tokens) + 1) / 6.0) ** length_penalty
-            hyps.append(h)
-        hyps.sort(key=lambda h: -h.score)
-        results.append(hyps)
+            ids = _cut(hist[i])
+            score = sc[i] / ((5.0 + len(ids) + 1) / 6.0) ** length_penalty if length_penalty else sc[i]
+            ranked.append((score, i, ids))
+        ranked.sort(key=lambda x: -x[0])  # stable: ties keep row order
+        results.append([Hypothesis(ids, score, attn[i, : len(ids)].clone()) for score, i, ids in ranked[:num_return]])
     return results
 
 

@@ -31,6 +31,15 @@ def test_batch_equals_one_image_at_a_time():
         assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
         for s, b in zip(single, batched[i]):
             assert abs(s.score - b.score) < 1e-4
+    # asking for fewer gives the best of them, with the same scores and maps, and with a length penalty
+    for penalty in (0.0, 0.7):
+        every = beam_search(dec, feats, beam_size=3, max_len=10, num_return=3, length_penalty=penalty)
+        best2 = beam_search(dec, feats, beam_size=3, max_len=10, num_return=2, length_penalty=penalty)
+        for all_hyps, two in zip(every, best2):
+            assert len(two) == 2 and [h.score for h in all_hyps] == sorted((h.score for h in all_hyps), reverse=True)
+            for a, b in zip(all_hyps, two):
+                assert a.tokens == b.tokens and a.score == b.score
+                torch.testing.assert_close(a.attention, b.attention)
 
 
 def test_beam_is_at_least_as_good_as_greedy_and_attention_is_aligned():
