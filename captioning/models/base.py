@@ -40,7 +40,7 @@ class Encoder(nn.Module):
     def optimize_for_inference(self) -> Encoder:
         """Freeze the encoder for good, fold each BatchNorm into the convolution before it and keep the
         convolution weights channels-last: the same features (to float rounding) from fewer passes over
-        the activations (a batch of 64 shapes images encodes about 2x faster on a CPU). In place, and for
+        the activations (64 shapes images: ~18 ms against 25-32 ms on the 2-core CPU). In place, and for
         inference only: the folded encoder cannot be trained any more, since the BatchNorm statistics
         are baked into its weights."""
         self.set_frozen(True)  # eval mode from now on: folding uses the running statistics
