@@ -1,7 +1,10 @@
 """Attention overlays: the only file that draws.
 
-One panel for the image, then one per generated word with its attention map upsampled smoothly
-(bicubic) to the image, coloured and blended over it, the word written on the panel.
+One panel for the image, then one per generated word with its attention map upsampled (bilinear,
+cell centres at the centres of the image regions they cover, no overshoot at the border) to the
+image, coloured and blended over it, the word written on the panel. Panels keep the image's aspect
+ratio: the model saw the whole image (squashed to its input size, not cropped), so the grid covers
+the whole picture however it is shaped.
 """
 
 from __future__ import annotations
@@ -32,17 +35,34 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def overlay(image: Image.Image, attention: np.ndarray | torch.Tensor, size: int) -> Image.Image:
-    """Blend one attention map (h,w) over ``image`` resized to ``size`` x ``size``."""
+def _panel_size(image: Image.Image, longest: int) -> tuple[int, int]:
+    """(width, height) of a panel whose longer side is ``longest``, with the image's aspect ratio."""
+    w, h = image.size
+    if w >= h:
+        return longest, max(1, round(longest * h / w))
+    return max(1, round(longest * w / h)), longest
+
+
+def overlay(image: Image.Image, attention: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> Image.Image:
+    """Blend one attention map (h,w) over ``image`` resized to ``size`` (width, height; an int: square)."""
+    width, height = (size, size) if isinstance(size, int) else size
     base = image.convert("RGB")
-    if base.size != (size, size):
-        base = base.resize((size, size), Image.BICUBIC)
-    att = torch.as_tensor(attention, dtype=torch.float32).cpu().numpy()
-    heat = np.asarray(Image.fromarray(att, mode="F").resize((size, size), Image.BICUBIC))
-    heat = heat - heat.min()
-    heat = heat / heat.max() if heat.max() > 0 else heat
+    if base.size != (width, height):
+        base = base.resize((width, height), Image.BICUBIC)
+    heat = heatmap(attention, width, height)
     blended = 0.45 * np.asarray(base, dtype=np.float32) + 0.55 * _colorize(heat).astype(np.float32)
     return Image.fromarray(blended.astype(np.uint8))
+
+
+def heatmap(attention: np.ndarray | torch.Tensor, width: int, height: int) -> np.ndarray:
+    """One attention map (h,w), row-major like the grid, upsampled to (height,width) and scaled to [0,1]."""
+    att = torch.as_tensor(attention, dtype=torch.float32).cpu()
+    # bilinear, not bicubic: bicubic overshoots next to the border, so of two cells with equal weight
+    # the one at the edge looked hotter (and a corner cell peaked at the image corner, not its centre)
+    heat = torch.nn.functional.interpolate(att[None, None], size=(height, width), mode="bilinear", align_corners=False)
+    heat = heat[0, 0].numpy()  # (height,width)
+    heat = heat - heat.min()
+    return heat / heat.max() if heat.max() > 0 else heat
 
 
 def attention_figure(
@@ -52,18 +72,20 @@ def attention_figure(
     panel_size: int = 224,
     columns: int = 5,
 ) -> Image.Image:
-    """The image followed by one overlay panel per word; attention (T,h,w) aligned with ``words``."""
+    """The image followed by one overlay panel per word; attention (T,h,w) aligned with ``words``.
+    Panels are ``panel_size`` on the image's longer side and keep its aspect ratio."""
     n = len(words) + 1
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
     pad = 4
-    fig = Image.new("RGB", (cols * (panel_size + pad) + pad, rows * (panel_size + pad) + pad), (255, 255, 255))
+    pw, ph = _panel_size(image, panel_size)
+    fig = Image.new("RGB", (cols * (pw + pad) + pad, rows * (ph + pad) + pad), (255, 255, 255))
     font = _font(max(12, panel_size // 12))
-    base = image.convert("RGB").resize((panel_size, panel_size), Image.BICUBIC)  # once, not per word
+    base = image.convert("RGB").resize((pw, ph), Image.BICUBIC)  # once, not per word
     panels = [(base.copy(), "<image>")]
-    panels += [(overlay(base, attention[t], panel_size), w) for t, w in enumerate(words)]
+    panels += [(overlay(base, attention[t], (pw, ph)), w) for t, w in enumerate(words)]
     for k, (panel, label) in enumerate(panels):
-        x, y = pad + (k % cols) * (panel_size + pad), pad + (k // cols) * (panel_size + pad)
+        x, y = pad + (k % cols) * (pw + pad), pad + (k // cols) * (ph + pad)
         draw = ImageDraw.Draw(panel)
         box = draw.textbbox((4, 2), label, font=font)
         draw.rectangle((box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2), fill=(0, 0, 0))
