@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", help="checkpoint (default: newest best checkpoint under --runs)")
     parser.add_argument("--runs", default="runs", help="where `python train.py` writes runs")
     parser.add_argument("--beam-size", type=int, default=None, help="beam width (default: the checkpoint's)")
+    parser.add_argument(
+        "--length-penalty", type=float, default=None, help="GNMT length penalty alpha (default: the checkpoint's)"
+    )
     parser.add_argument("--out", default=".", help="folder for the <stem>_attention.png overlays")
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one, else cpu), cpu, cuda:1 ...")
     parser.add_argument("--batch-size", type=int, default=16, help="images captioned together in one search")
@@ -58,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(args.ckpt) if args.ckpt else find_latest_checkpoint(args.runs)
         if not args.ckpt:  # say which model captions: the newest run may not be the one the user means
             print(f"checkpoint: {ckpt}", file=sys.stderr)
-        captioner = Captioner.from_checkpoint(ckpt, device=device, beam_size=args.beam_size)
+        captioner = Captioner.from_checkpoint(
+            ckpt, device=device, beam_size=args.beam_size, length_penalty=args.length_penalty
+        )
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

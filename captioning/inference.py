@@ -76,6 +76,7 @@ class Captioner:
         beam_size: int = 3,
         max_len: int = 24,
         device: str | torch.device = "cpu",
+        length_penalty: float = 0.0,
     ):
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
@@ -83,14 +84,19 @@ class Captioner:
         self.vocab = vocab
         self.transform = EvalTransform(image_size, mean, std)
         self.grid = tuple(grid)
-        self.beam_size, self.max_len = beam_size, max_len
+        self.beam_size, self.max_len, self.length_penalty = beam_size, max_len, length_penalty
         self.device = torch.device(device)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device | None = None, beam_size: int | None = None
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        beam_size: int | None = None,
+        length_penalty: float | None = None,
     ) -> Captioner:
-        """Rebuild the model from a checkpoint written by training (on any device, CPU by default)."""
+        """Rebuild the model from a checkpoint written by training (on any device, CPU by default). The
+        search settings default to the checkpoint's: those its validation scores were measured with."""
         device = torch.device(device or "cpu")
         ckpt = read_checkpoint(path, map_location="cpu")
         meta = ckpt["captioning"]
@@ -113,6 +119,7 @@ class Captioner:
             beam_size=beam_size if beam_size is not None else search.get("beam_size", 3),
             max_len=search.get("max_len", 24),
             device=device,
+            length_penalty=length_penalty if length_penalty is not None else search.get("length_penalty", 0.0),
         )
 
     @torch.no_grad()
@@ -143,7 +150,13 @@ class Captioner:
         pil = [load_image(im) if isinstance(im, (str, Path)) else to_rgb(im) for im in images]
         x = torch.stack([self.transform(im) for im in pil]).to(self.device)  # (B,3,H,W)
         enc = self.net.encode(x)
-        hyps = beam_search(self.net.decoder, enc.features, beam_size=beam_size, max_len=self.max_len)
+        hyps = beam_search(
+            self.net.decoder,
+            enc.features,
+            beam_size=beam_size,
+            max_len=self.max_len,
+            length_penalty=self.length_penalty,
+        )
         h, w = enc.grid
         out = []
         for hyp in hyps:

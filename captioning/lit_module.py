@@ -444,5 +444,9 @@ class CaptionModule(pl.LightningModule):
                 "std": [float(s) for s in self.hparams.std],
             },
             "grid": list(self.grid),
-            "search": {"beam_size": int(self.hparams.beam_size), "max_len": int(self.hparams.max_decode_len)},
+            "search": {
+                "beam_size": int(self.hparams.beam_size),
+                "max_len": int(self.hparams.max_decode_len),
+                "length_penalty": float(self.hparams.length_penalty),  # what validation picked best.ckpt with
+            },
         }

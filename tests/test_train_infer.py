@@ -50,6 +50,31 @@ def test_checkpoint_loads_weights_only_and_carries_what_inference_needs(tiny_ckp
     assert meta["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
     assert meta["preprocess"]["image_size"] == 64 and meta["grid"] == [8, 8]
     assert meta["model"]["encoder"] == "small_cnn"
+    assert meta["search"] == {"beam_size": 2, "max_len": 12, "length_penalty": 0.0}
+
+
+def test_inference_searches_with_the_checkpoints_length_penalty(tiny_ckpt, tmp_path):
+    """Validation picked best.ckpt with model.length_penalty: inference uses the same by default (it
+    always used 0 before), and --length-penalty / the argument override it."""
+    from captioning.decoding import beam_search
+
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    ckpt["captioning"]["search"]["length_penalty"] = 1.5
+    path = tmp_path / "lp.ckpt"
+    torch.save(ckpt, path)
+    assert Captioner.from_checkpoint(path).length_penalty == 1.5
+    assert Captioner.from_checkpoint(path, length_penalty=0.0).length_penalty == 0.0
+    captioner = Captioner.from_checkpoint(path)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    got = captioner.caption(image)
+    x = captioner.transform(image)[None]
+    want = beam_search(
+        captioner.net.decoder, captioner.net.encode(x).features, beam_size=2, max_len=12, length_penalty=1.5
+    )
+    assert got.tokens  # a penalty changes the score of a non-empty caption
+    assert got.tokens == [captioner.vocab.tokens[i] for i in want[0][0].tokens] and got.score == want[0][0].score
+    proc = run_script(str(ROOT / "infer.py"), "--help", cwd=tmp_path)
+    assert "--length-penalty" in proc.stdout
 
 
 def test_save_load_gives_the_same_caption_as_the_trained_module(tiny_ckpt, tiny_shapes):
