@@ -210,6 +210,13 @@ def test_step_and_forward_never_read_a_value_back_to_the_host(decoder):
     assert mode.reads == 1
 
 
+def test_a_transformer_refuses_an_attention_layer_it_does_not_have():
+    for bad in (2, -3):
+        with pytest.raises(ValueError, match=f"attention_layer must be in \\[-2, 1\\] for 2 layers, got {bad}"):
+            TransformerDecoder(V, C, dim=8, heads=2, layers=2, attention_layer=bad)
+    assert TransformerDecoder(V, C, dim=8, heads=2, layers=2, attention_layer=-2).attention_layer == 0
+
+
 def test_a_transformer_refuses_positions_past_its_table():
     decoder = TransformerDecoder(V, C, dim=24, heads=4, layers=1, max_len=4).eval()
     feats = torch.randn(B, N, C)

@@ -128,6 +128,10 @@ class TransformerDecoder(Decoder):
     ):
         super().__init__()
         self.vocab_size, self.dim = vocab_size, dim
+        if not -layers <= attention_layer < layers:  # a wrap-around would show (and train) another layer
+            raise ValueError(
+                f"attention_layer must be in [{-layers}, {layers - 1}] for {layers} layers, got {attention_layer}"
+            )
         self.attention_layer = attention_layer % layers
         self.embed = nn.Embedding(vocab_size, dim)
         self.register_buffer("positions", sinusoidal_positions(max_len, dim), persistent=False)
