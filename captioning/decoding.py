@@ -238,15 +238,14 @@ def _trace(
     sc = scores.tolist()
     results = []
     for first in range(0, r, per_image):
-        ranked = []  # (final score, row, words): ranked first, so only the kept ones copy their attention
+        ranked = []  # (final score, row): ranked first, so only the kept ones copy their attention
         for i in range(first, first + per_image):
             if sc[i] == float("-inf"):
                 continue
-            ids = _cut(hist[i])
-            score = sc[i] / ((5.0 + len(ids) + 1) / 6.0) ** length_penalty if length_penalty else sc[i]
-            ranked.append((score, i, ids))
+            length = len(_cut(hist[i]))
+            ranked.append((sc[i] / ((5.0 + length + 1) / 6.0) ** length_penalty if length_penalty else sc[i], i))
         ranked.sort(key=lambda x: -x[0])  # stable: ties keep row order
-        results.append([Hypothesis(ids, score, attn[i, : len(ids)].clone()) for score, i, ids in ranked[:num_return]])
+        results.append([_finish(hist[i], score, attn[i]) for score, i in ranked[:num_return]])
     return results
 
 
