@@ -109,7 +109,7 @@ def test_chunked_inference_attention_equals_one_piece(monkeypatch):
     whole = att(feats, keys, query)  # autograd on: one piece
     monkeypatch.setattr(attention, "CPU_CHUNK_BYTES", 2 * m * N * 10 * 4)  # 2 images' (M,N,A) fp32
     calls = []
-    monkeypatch.setattr(att, "_score", lambda k, q: calls.append(k.size(0)) or type(att)._score(att, k, q))
+    monkeypatch.setattr(att, "_score", lambda k, q, *a: calls.append(k.size(0)) or type(att)._score(att, k, q, *a))
     with torch.no_grad():
         chunked = att(feats, keys, query)
         single = att(feats[:1], keys[:1], query[:m])
