@@ -8,6 +8,12 @@ encoder + beam search over ``--images`` images, batched and one by one, and prin
 Random-initialised models run a fixed ``--steps`` steps (min_len = max_len) so that both modes do
 the same work; checkpoints decode as in inference.
 
+The two modes alternate: each of ``--repeats`` rounds times one batched search and one pass over the
+images one at a time, back to back, so that both see the same machine. On a shared machine whose
+speed drifts between runs, timing all batched repeats first and all one-by-one repeats after
+compares two different machines. Printed: the best rate of each mode, their ratio, and the median
+and range of the per-round ratios (each from one batched and one one-by-one run seconds apart).
+
 ``--parents`` also prints, per step of the batched search, the share of the kept rows whose parent
 row is distinct (beams with the same parent share its state, hence its attention): how much an
 "once per distinct parent" step could save.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import time
 
 import torch
@@ -58,14 +65,19 @@ def _distinct_parents(search) -> list[float]:
     return shares
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _alternate(batched, one_by_one, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``batched()`` and of ``one_by_one()`` in each of ``rounds`` rounds, run back to back
+    (after one warm-up of each)."""
+    batched()
+    one_by_one()
+    times = [(_seconds(batched), _seconds(one_by_one)) for _ in range(rounds)]
+    return [t[0] for t in times], [t[1] for t in times]
 
 
 def main() -> None:
@@ -75,7 +87,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="rounds of one batched + one one-by-one run")
     p.add_argument("--ckpt", nargs="*", default=[], help="checkpoints to time instead of random models")
     p.add_argument("--parents", action="store_true", help="print the share of distinct parents per step")
     args = p.parse_args()
@@ -94,14 +106,20 @@ def main() -> None:
             net.encoder.optimize_for_inference()  # as Captioner.from_checkpoint runs it
             models.append((name, net, args.image_size, args.steps, args.steps))
     print(f"beam search, {args.images} images, K={args.beam}, device={device}, torch {torch.__version__}")
-    print(f"{'model':<40} {'batched cap/s':>14} {'one-by-one cap/s':>17} {'speed-up':>9}")
+    print(f"rounds: {args.repeats}, each one batched search and one pass one image at a time, alternating")
+    columns = f"{'batched cap/s':>14} {'one-by-one cap/s':>17} {'best/best':>10} {'per round: median (range)':>27}"
+    print(f"{'model':<40} {columns}")
     for name, net, size, min_len, max_len in models:
         images = torch.randn(args.images, 3, size, size, device=device)
         search = functools.partial(_search, net, beam=args.beam, min_len=min_len, max_len=max_len)
-        batched = _time(lambda: search(images), args.repeats)  # noqa: B023 (called at once)
         one_by_one = lambda: [search(images[i : i + 1]) for i in range(args.images)]  # noqa: B023
-        single = _time(one_by_one, max(1, args.repeats // 2))
-        print(f"{name:<40} {args.images / batched:>14.1f} {args.images / single:>17.1f} {single / batched:>8.1f}x")
+        batched, single = _alternate(lambda: search(images), one_by_one, args.repeats)  # noqa: B023
+        ratios = sorted(s / b for b, s in zip(batched, single))
+        median = statistics.median(ratios)
+        spread = f"{median:.1f}x ({ratios[0]:.1f}-{ratios[-1]:.1f}x)"
+        best = min(single) / min(batched)
+        rates = f"{args.images / min(batched):>14.1f} {args.images / min(single):>17.1f}"
+        print(f"{name:<40} {rates} {best:>9.1f}x {spread:>27}")
         if args.parents:
             shares = _distinct_parents(lambda: search(images))  # noqa: B023 (called at once)
             print(f"  distinct parents per step: {' '.join(f'{x:.2f}' for x in shares)}")
