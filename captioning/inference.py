@@ -18,12 +18,15 @@ from captioning.data.images import load_image, to_rgb
 from captioning.data.transforms import EvalTransform
 from captioning.decoding import beam_search
 from captioning.models.net import CaptionNet
-from captioning.vocab import Vocabulary
+from captioning.vocab import Vocabulary, detokenize
 
 
 @dataclass
 class Caption:
-    """A generated caption with the attention map (T,h,w) of each of its T words."""
+    """A generated caption with the attention map (T,h,w) of each of its T tokens.
+
+    ``text`` is for display (``vocab.detokenize``: "a man's hat", where ``tokens`` has "man", "'s").
+    """
 
     text: str
     tokens: list[str]
@@ -162,5 +165,6 @@ class Captioner:
         for hyp in hyps:
             best = hyp[0]
             words = [self.vocab.tokens[i] for i in best.tokens]
-            out.append(Caption(" ".join(words), words, best.score, best.attention.reshape(-1, h, w)))  # (T,N)->(T,h,w)
+            attention = best.attention.reshape(-1, h, w)  # (T,N) -> (T,h,w)
+            out.append(Caption(detokenize(words), words, best.score, attention))
         return out

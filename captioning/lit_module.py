@@ -24,7 +24,7 @@ from captioning.decoding import beam_search
 from captioning.metrics import score_captions, shapes_scores
 from captioning.models.encoders import load_encoder_weights
 from captioning.models.net import CaptionNet
-from captioning.vocab import Vocabulary
+from captioning.vocab import Vocabulary, detokenize
 
 CHECKPOINT_FORMAT = 1
 
@@ -351,7 +351,7 @@ class CaptionModule(pl.LightningModule):
         ids = [records[i].image_id for i, _, _ in outputs]
         metrics = score_captions(
             {image_id: records[i].captions for image_id, (i, _, _) in zip(ids, outputs)},
-            {image_id: " ".join(w) for image_id, w in zip(ids, words)},
+            {image_id: detokenize(w) for image_id, w in zip(ids, words)},
             meteor=meteor,
         )
         if all(records[i].objects is not None for i, _, _ in outputs):
@@ -359,7 +359,7 @@ class CaptionModule(pl.LightningModule):
             objects = [records[i].objects for i, _, _ in outputs]
             metrics.update(shapes_scores(words, [a for _, _, a in outputs], self.grid, objects, sizes))
         # COCO's results format (what pycocotools' loadRes reads) has the annotation file's integer ids
-        captions = [{"image_id": _results_id(image_id), "caption": " ".join(w)} for image_id, w in zip(ids, words)]
+        captions = [{"image_id": _results_id(image_id), "caption": detokenize(w)} for image_id, w in zip(ids, words)]
         return metrics, captions
 
     def on_validation_epoch_end(self) -> None:

@@ -1,9 +1,13 @@
 """Tokenisation and the word vocabulary.
 
-``tokenize`` needs no NLTK data download: captions are lowercased, punctuation other than
-commas is dropped and text is split on whitespace, which is what caption datasets (and the
-coco-caption PTB tokeniser, after punctuation removal) amount to. Commas are kept as their own
-token because list captions ("a red circle , a blue square and ...") read better with them.
+``tokenize`` splits a caption into the words that evaluation sees: the tokens of the coco-caption
+PTB tokeniser (``captioning.cocoeval.ptb_tokenize``, pure Python, no NLTK data download), less the
+punctuation that pycocoevalcap drops, so that a caption the model learnt word for word scores as
+the reference it came from ("t-shirt", "3.5", "10:30", "u.s.", "&" stay one token each; "man's" is
+"man" + "'s", "don't" is "do" + "n't"). Commas are kept as their own token, because list captions
+("a red circle , a blue square and ...") read better with them; scoring drops them again.
+``detokenize`` joins tokens back into display text ("a man's t-shirt, red"), which the PTB
+tokeniser splits into the same tokens.
 
 A :class:`Vocabulary` is stored as a plain list of tokens (index = position), so it travels in a
 checkpoint without pickling any object.
@@ -15,22 +19,39 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from captioning.cocoeval import PUNCTUATIONS, ptb_tokenize
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-_PUNCT = re.compile(r"[^\w\s,']")
-_COMMA = re.compile(r",")
+#: PTB tokens that ``tokenize`` leaves out: pycocoevalcap's punctuation except the comma, and bracket tokens
+#: (pycocoevalcap keeps "-lrb-" for "(", a word no caption should be taught to say)
+_DROP = frozenset(t.lower() for t in PUNCTUATIONS if t != ",") | {"-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", "-rcb-"}
+_TAG = re.compile(r"<.*>\Z")  # the lexer keeps "<b>" or "<end>" as one token: markup, never a word
+#: tokens written onto the word before them in display text (the PTB tokeniser splits them off again)
+_ATTACHED = frozenset([",", "'s", "'re", "'ve", "'ll", "'m", "'d", "n't", "'"])
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase ``text``, drop punctuation except commas (kept as tokens), split on whitespace.
+    """Lowercased PTB tokens of ``text`` without punctuation (commas kept) or markup tags.
 
-    Apostrophes stay inside words ("man's", "don't") but quotes around a word go ("'stop'" is "stop"),
-    and angle brackets go with the other punctuation, so a caption's text never yields a special
-    token such as ``<end>``."""
-    text = _PUNCT.sub(" ", text.lower())
-    text = _COMMA.sub(" , ", text)
-    return [w for w in (t.strip("'") for t in text.split()) if w]
+    What is left is what pycocoevalcap scores (plus commas), so a special token such as ``<end>``
+    never comes out of a caption's text: the lexer reads it as a tag, which is dropped."""
+    return [t for t in ptb_tokenize(text) if t not in _DROP and not _TAG.match(t)]
+
+
+def detokenize(tokens: Sequence[str]) -> str:
+    """Display text of tokens: clitics ("'s", "n't") and commas written onto the word before them.
+
+    ``tokenize(detokenize(t)) == t`` for what ``tokenize`` returns, so scoring the display text scores the
+    tokens."""
+    out: list[str] = []
+    for tok in tokens:
+        if out and tok in _ATTACHED:
+            out[-1] += tok
+        else:
+            out.append(tok)
+    return " ".join(out)
 
 
 class Vocabulary:

@@ -1,4 +1,7 @@
-from captioning.vocab import SPECIALS, Vocabulary, tokenize
+import json
+from pathlib import Path
+
+from captioning.vocab import SPECIALS, Vocabulary, detokenize, tokenize
 
 
 def test_tokenize_lowercases_and_drops_punctuation_but_keeps_commas():
@@ -9,18 +12,46 @@ def test_tokenize_lowercases_and_drops_punctuation_but_keeps_commas():
 
 def test_tokenize_strips_quotes_around_words_and_never_makes_a_special_token():
     assert tokenize("A sign that says 'STOP', a man's hat") == [
-        "a",
-        "sign",
-        "that",
-        "says",
-        "stop",
-        ",",
-        "a",
-        "man's",
-        "hat",
-    ]
+        "a", "sign", "that", "says", "stop", ",", "a", "man", "'s", "hat",
+    ]  # fmt: skip
     assert tokenize('a "stop" sign') == tokenize("a 'stop' sign") == ["a", "stop", "sign"]
-    assert tokenize("a man <b>runs</b> <end> home ''") == ["a", "man", "b", "runs", "b", "end", "home"]
+    assert tokenize("a man <b>runs</b> <end> home ''") == ["a", "man", "runs", "home"]
+    assert not set(tokenize("<pad> <start> <end> <unk> (<unk>)")) & set(SPECIALS)
+
+
+def test_tokenize_keeps_the_words_the_ptb_tokenizer_keeps():
+    """Hyphenated words, decimals, times, abbreviations and "&" stay one token, as the references'
+    PTB tokenisation has them: a caption learnt word for word must score as its reference."""
+    assert tokenize("A man in a T-shirt holds 3.5 kg at 10:30 in the U.S. & waves.") == [
+        "a", "man", "in", "a", "t-shirt", "holds", "3.5", "kg", "at", "10:30", "in", "the", "u.s.", "&", "waves",
+    ]  # fmt: skip
+    # a curly apostrophe is a possessive too, and brackets are not words
+    assert tokenize("the man’s dog (big) doesn't bark") == ["the", "man", "'s", "dog", "big", "does", "n't", "bark"]
+
+
+def _fixture_captions() -> list[tuple[str, str]]:
+    """(raw caption, its tokens by the Java PTB tokenizer as pycocoevalcap runs it) from the metrics fixture."""
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "coco_metrics_fixture.json").read_text())
+    raws = [r for img in fixture["images"] for r in img["references"]] + [img["candidate"] for img in fixture["images"]]
+    ptb = fixture["ptb_tokenized"]
+    java = [r for refs in ptb["references"] for r in refs] + list(ptb["candidates"])
+    assert len(raws) == len(java) > 100
+    return list(zip(raws, java))
+
+
+def test_tokenize_equals_the_java_ptb_tokenizer_on_the_metrics_fixture():
+    """Every fixture caption: ``tokenize`` (less commas) == what pycocoevalcap scored (less bracket tokens)."""
+    brackets = {"-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", "-rcb-"}
+    for raw, java in _fixture_captions():
+        assert [t for t in tokenize(raw) if t != ","] == [t for t in java.split() if t not in brackets], raw
+
+
+def test_detokenize_writes_clitics_and_commas_onto_words_and_tokenizes_back():
+    tokens = ["a", "man", "'s", "t-shirt", ",", "he", "does", "n't", "run"]
+    assert detokenize(tokens) == "a man's t-shirt, he doesn't run"
+    assert detokenize([",", "a"]) == ", a" and detokenize([]) == ""
+    for raw, _ in _fixture_captions():
+        assert tokenize(detokenize(tokenize(raw))) == tokenize(raw), raw
 
 
 def test_build_respects_min_freq_and_is_order_independent():
