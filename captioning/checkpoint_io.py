@@ -1,10 +1,11 @@
 """Checkpoint reading and writing that can be trusted.
 
 - Reading: always ``torch.load(weights_only=True)``, so a checkpoint can never run code; a file
-  holding anything else is refused as untrusted, a truncated file is named as such, tensors saved
+  holding anything else is refused as untrusted, a truncated or corrupt file is named as such, tensors saved
   on a GPU are mapped to wherever they are loaded (the CPU by default).
 - Writing: to a temporary file in the same folder, flushed to disk, then renamed over the target
-  (``os.replace`` is atomic), so a crash during a save leaves the previous checkpoint intact.
+  (``os.replace`` is atomic), so a crash during a save leaves the previous checkpoint intact; the
+  file gets the permissions ``open()`` would give it (or the replaced file's).
 
 Inference uses these directly (without importing Lightning); training uses them through
 :class:`captioning.cli.SafeCheckpointIO` (resume, validate, test).
@@ -33,20 +34,65 @@ def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        reason = _unpickler_reason(e)
+        if "GLOBAL" in reason:  # a class or function: loading the object could run its code
+            raise CheckpointError(
+                f"{path}: refused: the file holds objects that are not plain tensors and containers, so it is "
+                f"untrusted and was not loaded ({reason})"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({reason})") from None
+    except Exception as e:  # a damaged zip or pickle surfaces as any of RuntimeError, KeyError, IndexError, ...
         raise CheckpointError(
-            f"{path}: refused: the file holds objects that are not plain tensors and containers, so it is "
-            f"untrusted and was not loaded ({str(e).splitlines()[0]})"
+            f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__}: {e})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({e})") from None
+
+
+def _unpickler_reason(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only error says about this file, without its general advice paragraphs."""
+    reason = []
+    for line in str(e).splitlines():
+        line = line.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        elif line.startswith(("Weights only load failed", "Check the documentation", "(1)", "(2)")):
+            continue
+        if line:
+            reason.append(line)
+    return " ".join(reason) or str(e).splitlines()[0]
+
+
+def _new_file_mode(path: Path) -> int:
+    """Permissions for a checkpoint written to ``path``: the old file's where there is one, else what
+    ``open()`` would give (0o666 less the umask). ``mkstemp`` creates 0o600, which would leave a
+    checkpoint unreadable to the rest of a team sharing the runs folder."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it, even for a moment,
+    would affect files other threads create meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """Save ``obj`` so that ``path`` holds either the old file or the complete new one, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

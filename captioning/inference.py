@@ -103,22 +103,27 @@ class Captioner:
         device = torch.device(device or "cpu")
         ckpt = read_checkpoint(path, map_location="cpu")
         meta = ckpt["captioning"]
-        vocab = Vocabulary(meta["vocab"])
-        net = CaptionNet(len(vocab), **meta["model"])
-        state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        try:
+            vocab = Vocabulary(meta["vocab"])
+            net = CaptionNet(len(vocab), **meta["model"])
+            pre, search, grid = meta["preprocess"], meta.get("search", {}), tuple(meta["grid"])
+            image_size, mean, std = pre["image_size"], pre["mean"], pre["std"]
+            state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a damaged or hand-edited file
+            what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise CheckpointError(f"{path}: the captioning metadata is incomplete or malformed ({what})") from None
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not match the stored model configuration ({e})") from None
         net.encoder.optimize_for_inference()  # BatchNorm folded into the convolutions: this net only infers
-        pre, search = meta["preprocess"], meta.get("search", {})
         return cls(
             net,
             vocab,
-            pre["image_size"],
-            pre["mean"],
-            pre["std"],
-            tuple(meta["grid"]),
+            image_size,
+            mean,
+            std,
+            grid,
             beam_size=beam_size if beam_size is not None else search.get("beam_size", 3),
             max_len=search.get("max_len", 24),
             device=device,

@@ -79,6 +79,47 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
+def test_a_corrupt_checkpoint_is_named_corrupt_not_untrusted(tmp_path, monkeypatch):
+    legacy = tmp_path / "legacy.ckpt"  # the pre-zip pickle format: damage reaches the unpickler itself
+    torch.save({"step": 1}, legacy, _use_new_zipfile_serialization=False)
+    data = bytearray(legacy.read_bytes())
+    data[-3] = 0xFF  # an opcode the unpickler does not know
+    legacy.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
+        load_weights_only(legacy)
+    assert str(legacy) in str(e.value) and "untrusted" not in str(e.value)
+    # whatever a damaged archive raises inside torch.load, the error names the file
+    good = tmp_path / "good.ckpt"
+    atomic_torch_save({"step": 1}, good)
+    for exc in (KeyError("data/0"), IndexError("list index out of range"), UnicodeDecodeError("utf-8", b"", 0, 1, "x")):
+        monkeypatch.setattr(torch, "load", lambda *a, _exc=exc, **k: (_ for _ in ()).throw(_exc))
+        with pytest.raises(CheckpointError, match=f"{good}: not a readable checkpoint, truncated or corrupt"):
+            load_weights_only(good)
+
+
+def test_a_checkpoint_with_damaged_metadata_is_an_error_naming_the_file(tmp_path, tiny_ckpt):
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    for damage in ("preprocess", "vocab", "grid"):
+        broken = dict(ckpt, captioning={k: v for k, v in ckpt["captioning"].items() if k != damage})
+        path = tmp_path / f"no-{damage}.ckpt"
+        torch.save(broken, path)
+        with pytest.raises(CheckpointError, match=f"{path}: the captioning metadata is incomplete.*{damage}"):
+            Captioner.from_checkpoint(path)
+
+
+def test_checkpoints_are_written_with_the_usual_permissions(tmp_path):
+    """mkstemp makes 0600 files: a checkpoint must get what open() would give (umask), or keep the old file's."""
+    old = os.umask(0o022)
+    try:
+        atomic_torch_save({"step": 1}, tmp_path / "new.ckpt")
+        assert (tmp_path / "new.ckpt").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "new.ckpt").chmod(0o640)
+        atomic_torch_save({"step": 2}, tmp_path / "new.ckpt")
+        assert (tmp_path / "new.ckpt").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
 def test_resuming_from_a_missing_checkpoint_is_an_error(tmp_path):
     missing = tmp_path / "nope.ckpt"
     proc = run_script(str(ROOT / "train.py"), "fit", "-c", str(TINY), "--ckpt_path", str(missing), cwd=tmp_path)
