@@ -30,10 +30,10 @@ def _cell_geometry(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[
 
 
 def _points_inside(cell: int, box: Sequence[float], grid: tuple[int, int], image_size: tuple[int, int]) -> bool:
-    """Is the centre of ``cell`` inside ``box`` enlarged by half a cell?"""
+    """Is the centre of ``cell`` inside ``box`` (pixels, inclusive) enlarged by half a cell on every side?"""
     _, gw, cw, ch = _cell_geometry(grid, image_size)
-    cx, cy = (cell % gw + 0.5) * cw, (cell // gw + 0.5) * ch
-    x0, y0, x1, y1 = box
+    cx, cy = (cell % gw + 0.5) * cw, (cell // gw + 0.5) * ch  # cell centre, in pixel-edge coordinates
+    x0, y0, x1, y1 = box[0], box[1], box[2] + 1, box[3] + 1  # inclusive pixel box -> its area's edges
     return x0 - cw / 2 <= cx <= x1 + cw / 2 and y0 - ch / 2 <= cy <= y1 + ch / 2
 
 

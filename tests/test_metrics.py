@@ -34,13 +34,24 @@ def test_pointing_counts_hits_on_the_named_objects():
 
 
 def test_pointing_allows_half_a_cell_and_skips_ambiguous_nouns():
-    # cell 18 = row 2, col 2: centre (20,20), 5 px outside the circle box but within half a cell (4 px)? no: 20 > 15+4
-    assert pointing_hits(CAP, _attention([18] * 12), (8, 8), OBJ, (64, 64))[0] == 0
+    # the circle covers pixels 0..15, i.e. [0,16); half a cell (4 px) more reaches 20. Cell 27 = row 3, col 3:
+    # centre (28,28), outside
+    assert pointing_hits(CAP, _attention([27] * 12), (8, 8), OBJ, (64, 64))[0] == 0
     # cell 9 = centre (12,12), inside [0-4, 15+4]
     assert pointing_hits(CAP, _attention([9] * 4 + [63] * 8), (8, 8), OBJ, (64, 64)) == (2, 2)
     # a bare "circle" when two circles exist matches no single object: not a trial
     two = OBJ + [{"shape": "circle", "color": "green", "size": "large", "box": [40, 0, 63, 20]}]
     assert pointing_hits(["a", "circle"], torch.ones(2, 64) / 64, (8, 8), two, (64, 64)) == (0, 0)
+
+
+def test_pointing_tolerance_is_the_same_on_every_side_of_the_box():
+    """Pixels 24..31 cover [24,32): cells centred 4 px (half a cell) before and after it both point at it."""
+    square = [{"shape": "square", "color": "red", "size": "small", "box": [24, 24, 31, 31]}]
+    words = ["a", "small", "red", "square"]
+    for cell in (2 * 8 + 2, 4 * 8 + 4, 2 * 8 + 4, 4 * 8 + 2):  # centres (20,20), (36,36), (36,20), (20,36)
+        assert pointing_hits(words, torch.eye(64)[[cell] * 4], (8, 8), square, (64, 64)) == (1, 1), cell
+    for cell in (1 * 8 + 1, 5 * 8 + 5):  # centres (12,12), (44,44): 12 px away
+        assert pointing_hits(words, torch.eye(64)[[cell] * 4], (8, 8), square, (64, 64)) == (0, 1), cell
 
 
 def test_shapes_scores_object_and_full_accuracy():
