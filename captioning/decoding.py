@@ -36,6 +36,7 @@ def _single_path(
     decoder: Decoder, features: torch.Tensor, max_len: int, choose: Callable[[torch.Tensor], torch.Tensor]
 ) -> list[Hypothesis]:
     """Decode one path per image, ``choose`` picking the next word ids (B,) from log-probs (B,V)."""
+    _check_max_len(max_len)
     b = features.size(0)
     state = decoder.init_state(features)
     tokens = torch.full((b,), Vocabulary.start_id, dtype=torch.long, device=features.device)
@@ -54,9 +55,17 @@ def _single_path(
         done = done | (tokens == Vocabulary.end_id)
         if bool(done.all()):
             break
+    if not out_tokens:  # max_len 0: empty captions, as beam search gives
+        empty = torch.zeros(0, features.size(1))  # (0,N)
+        return [Hypothesis([], 0.0, empty.clone()) for _ in range(b)]
     seq = torch.stack(out_tokens, 1).cpu()  # (B,T)
     attn = torch.stack(out_attn, 1).cpu()  # (B,T,N)
     return [_finish(seq[i].tolist(), float(scores[i]), attn[i]) for i in range(b)]
+
+
+def _check_max_len(max_len: int) -> None:
+    if max_len < 0:
+        raise ValueError(f"max_len must be at least 0, got {max_len}")
 
 
 def _never_special(logp: torch.Tensor) -> torch.Tensor:
@@ -116,6 +125,7 @@ def beam_search(
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+    _check_max_len(max_len)
     b, n, _ = features.shape
     k = beam_size
     device = features.device

@@ -1,8 +1,9 @@
 """Search: beam 1 == greedy, batch == one at a time, and the edge cases never crash."""
 
+import pytest
 import torch
 
-from captioning.decoding import beam_search, greedy
+from captioning.decoding import beam_search, greedy, sample
 from captioning.models.base import Decoder
 from captioning.models.lstm import LSTMDecoder
 from captioning.vocab import Vocabulary
@@ -108,6 +109,22 @@ def test_model_that_never_ends_stops_at_max_len():
     for h in beam_search(dec, feats, beam_size=3, max_len=7):
         assert h[0].tokens == [4] * 7 and h[0].attention.shape == (7, 4)
     assert greedy(dec, feats, max_len=7)[0].tokens == [4] * 7
+
+
+def test_max_len_zero_gives_empty_captions_in_every_search_and_negative_is_an_error():
+    dec, feats = _decoder(), torch.randn(3, 9, 6)
+    searches = [
+        lambda m: [h[0] for h in beam_search(dec, feats, beam_size=2, max_len=m)],
+        lambda m: greedy(dec, feats, max_len=m),
+        lambda m: sample(dec, feats, max_len=m, generator=torch.Generator().manual_seed(0)),
+    ]
+    for search in searches:
+        hyps = search(0)
+        assert len(hyps) == 3
+        for h in hyps:
+            assert h.tokens == [] and h.score == 0.0 and h.attention.shape == (0, 9)
+        with pytest.raises(ValueError, match="max_len must be at least 0, got -1"):
+            search(-1)
 
 
 def test_all_beams_end_at_first_step_and_beam_wider_than_vocab():
