@@ -1,10 +1,15 @@
 """The image loader: every mode ends as RGB; every failure names the file and the cause."""
 
+import builtins
+import errno
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.data.images import ImageLoadError, load_image
+from captioning.data.images import ImageLoadError, check_image, load_image
 
 
 def test_rgba_is_composited_on_white(tmp_path):
@@ -47,3 +52,40 @@ def test_truncated_jpeg_and_pixel_limit(tmp_path):
     Image.new("RGB", (100, 100)).save(big)
     with pytest.raises(ImageLoadError, match="over the limit"):
         load_image(big, max_pixels=5000)
+
+
+def _deny_reading(monkeypatch, path):
+    """Make opening ``path`` fail as it does for a file without read permission (tests run as root here,
+    where chmod does not stop reading)."""
+    real_open = builtins.open
+
+    def fake_open(file, *args, **kwargs):
+        if Path(file) == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+def test_an_unreadable_file_is_reported_as_permission_denied_not_truncated(tmp_path, monkeypatch):
+    p = tmp_path / "locked.jpg"
+    Image.new("RGB", (8, 8)).save(p)
+    _deny_reading(monkeypatch, p)
+    with pytest.raises(ImageLoadError) as e:
+        load_image(p)
+    assert str(e.value).startswith(f"{p}: ") and "permission denied" in str(e.value)
+    assert "truncated" not in str(e.value) and "decode" not in str(e.value)
+    assert check_image(p) == "permission denied"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files without permission")
+def test_a_file_without_read_permission_is_reported_as_such(tmp_path):
+    p = tmp_path / "locked.png"
+    Image.new("RGB", (8, 8)).save(p)
+    p.chmod(0)
+    try:
+        with pytest.raises(ImageLoadError, match="permission denied"):
+            load_image(p)
+        assert check_image(p) == "permission denied"
+    finally:
+        p.chmod(0o644)

@@ -3,13 +3,16 @@
 Whatever the file holds, the result is an 8-bit RGB image: EXIF orientation applied,
 transparency composited on white, 16-bit greyscale scaled (not clipped) to 8 bits, CMYK /
 greyscale / palette converted, frame 0 of animations. Every failure raises
-:class:`ImageLoadError` naming the file and the cause.
+:class:`ImageLoadError` naming the file and the cause; its ``reason`` is the short word
+:func:`check_image` gives for the same file.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -19,25 +22,50 @@ MAX_PIXELS = 89_478_485
 
 
 class ImageLoadError(ValueError):
-    """An image could not be loaded; the message names the file and the cause."""
+    """An image could not be loaded; the message names the file and the cause.
+
+    ``reason`` is the cause in one of :func:`check_image`'s words ("missing", "permission denied" ...).
+    """
+
+    def __init__(self, message: str, reason: str = "not an image"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _open_file(path: Path) -> BinaryIO:
+    """``path`` opened for reading, or :class:`ImageLoadError` saying why the file itself cannot be read
+    (before any decoding: an unreadable file is not a broken image)."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise ImageLoadError(f"{path}: no such file", "missing") from None
+    except (IsADirectoryError, PermissionError) as e:
+        if path.is_dir():  # Windows refuses to open a folder with a PermissionError
+            raise ImageLoadError(f"{path}: is a directory, not an image", "not an image") from None
+        if isinstance(e, IsADirectoryError):
+            raise
+        raise ImageLoadError(f"{path}: permission denied, cannot read the file", "permission denied") from None
+    except OSError as e:
+        raise ImageLoadError(f"{path}: cannot read the file ({e.strerror or e})", "unreadable") from None
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open ``path`` as an 8-bit RGB PIL image, or raise :class:`ImageLoadError`."""
     path = Path(path)
-    if not path.exists():
-        raise ImageLoadError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageLoadError(f"{path}: is a directory, not an image")
-    if path.stat().st_size == 0:
-        raise ImageLoadError(f"{path}: empty file (0 bytes)")
+    with _open_file(path) as f:
+        return _load(path, f, max_pixels)
+
+
+def _load(path: Path, f: BinaryIO, max_pixels: int) -> Image.Image:
+    if os.fstat(f.fileno()).st_size == 0:
+        raise ImageLoadError(f"{path}: empty file (0 bytes)", "empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(f)
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageLoadError(f"{path}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
+                raise ImageLoadError(f"{path}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels}", "too large")
             img.seek(0)  # animated images: first frame
             img.load()
     except ImageLoadError:
@@ -45,8 +73,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path}: not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{path}: cannot decode image ({e})") from None
-    return to_rgb(img)
+        raise ImageLoadError(f"{path}: cannot decode image ({e})", "truncated") from None
+    return to_rgb(img)  # while the file is open: TIFF reads its EXIF from it
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -74,22 +102,18 @@ def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
 
     Reads the header and the last bytes only. A JPEG without its end marker or a PNG without its
     IEND chunk (a cut-off download) is then fully decoded to confirm. Reasons: "missing",
-    "empty file", "not an image", "too large", "truncated".
+    "permission denied", "unreadable" (another error reading the file), "empty file", "not an image",
+    "too large", "truncated".
     """
     path = Path(path)
-    try:
-        st = path.stat()
-    except OSError:
-        return "missing"
-    if path.is_dir():
-        return "not an image"
-    if st.st_size == 0:
-        return "empty file"
     markers = {"JPEG": (b"\xff\xd9", 1024), "PNG": (b"IEND", 64)}
     try:
         # one open for the header and the tail; no warnings filter here: scans run in threads, and
         # changing the global filters from several threads is not safe
-        with open(path, "rb") as f:
+        with _open_file(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return "empty file"
             img = Image.open(f)
             w, h = img.size
             marker, span = markers.get(img.format, (b"", 0))
@@ -97,8 +121,10 @@ def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
                 return "too large"
             if not marker:
                 return None
-            f.seek(max(0, st.st_size - span))
+            f.seek(max(0, size - span))
             complete = marker in f.read()
+    except ImageLoadError as e:
+        return e.reason
     except (UnidentifiedImageError, Image.DecompressionBombError):
         return "not an image"
     except (OSError, SyntaxError, ValueError):
@@ -106,6 +132,6 @@ def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
     if not complete:
         try:
             load_image(path, max_pixels)
-        except ImageLoadError:
-            return "truncated"
+        except ImageLoadError as e:
+            return e.reason
     return None
