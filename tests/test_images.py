@@ -3,13 +3,16 @@
 import builtins
 import errno
 import os
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.data.images import ImageLoadError, check_image, load_image
+from captioning.data.images import MAX_PIXELS, ImageLoadError, check_image, load_image
 
 
 def test_rgba_is_composited_on_white(tmp_path):
@@ -89,3 +92,66 @@ def test_a_file_without_read_permission_is_reported_as_such(tmp_path):
         assert check_image(p) == "permission denied"
     finally:
         p.chmod(0o644)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width`` x ``height`` pixels over a few bytes of image data: Pillow
+    opens it without decoding, so a huge size costs nothing to test."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    )
+
+
+def test_an_image_over_pillows_own_bomb_limit_is_reported_as_too_large(tmp_path):
+    p = tmp_path / "huge.png"
+    _png_header_only(p, 20_000, 10_000)  # 200M pixels: Pillow's DecompressionBombError, not "not an image"
+    with pytest.raises(ImageLoadError) as e:
+        load_image(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: image too large: ") and "200000000 pixels" in msg and str(MAX_PIXELS) in msg
+    assert e.value.reason == "too large" and check_image(p) == "too large"
+
+
+def test_max_pixels_is_the_limit_that_applies_even_above_pillows_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses over 2000 pixels, warns over 1000
+    ok, big = tmp_path / "ok.png", tmp_path / "big.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(ok)  # 4096 pixels
+    Image.new("RGB", (100, 100)).save(big)  # 10000 pixels
+    assert load_image(ok, max_pixels=5000).getpixel((0, 0)) == (1, 2, 3)
+    assert check_image(ok, max_pixels=5000) is None
+    with pytest.raises(ImageLoadError) as e:
+        load_image(big, max_pixels=5000)
+    assert (
+        str(e.value) == f"{big}: image too large: 100x100 = 10000 pixels is over the limit of 5000 pixels (max_pixels)"
+    )
+    assert check_image(big, max_pixels=5000) == "too large"
+
+
+def test_the_data_loaders_apply_the_configured_max_pixels(tmp_path, monkeypatch):
+    from captioning.data.datamodule import EvalImages, TrainCaptions
+    from captioning.data.features import _Images
+    from captioning.data.records import CaptionRecord
+    from captioning.data.transforms import EvalTransform
+    from captioning.vocab import Vocabulary
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    p = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(p)  # 4096 pixels
+    records = [CaptionRecord(p, ["a red square"], [["a", "red", "square"]], "a", "train")]
+    t = EvalTransform(16)
+    vocab = Vocabulary.build([["a", "red", "square"]])
+    for limit, loads in [(5000, True), (4095, False)]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            items = [
+                EvalImages(records, t, max_pixels=limit)[0],
+                TrainCaptions(records, vocab, t, 8, max_pixels=limit)[0, 0],
+            ]
+        assert all((item is not None) == loads for item in items), limit
+        assert loads or sum("image too large" in str(w.message) for w in caught) == 2
+        assert _Images([p], t, max_pixels=limit)[0][2] == loads

@@ -108,9 +108,10 @@ class TrainCaptions(Dataset):
         seed: int = 0,
         captions_per_image: int = 1,
         features: FeatureCache | None = None,
+        max_pixels: int = MAX_PIXELS,
     ):
         self.records, self.transform, self.seed = records, transform, seed
-        self.captions_per_image, self.features = captions_per_image, features
+        self.captions_per_image, self.features, self.max_pixels = captions_per_image, features, max_pixels
         self.encoded = [[vocab.encode(t, max_len) for t in r.tokens] for r in records]
 
     def __len__(self) -> int:
@@ -124,14 +125,14 @@ class TrainCaptions(Dataset):
         if self.features is not None:
             feats, valid = self.features.open()
             return (torch.from_numpy(np.array(feats[i])), tokens) if valid[i] else None  # (N,C)
-        return _load_or_none(self.records[i].image_path, self.transform, tokens)
+        return _load_or_none(self.records[i].image_path, self.transform, tokens, self.max_pixels)
 
 
-def _load_or_none(path: Path, transform: EvalTransform, payload):
+def _load_or_none(path: Path, transform: EvalTransform, payload, max_pixels: int = MAX_PIXELS):
     """(image tensor, payload), or None after a warning when the image cannot be loaded: one bad
     file never stops a run (every DDP rank still gets its batch, one image shorter)."""
     try:
-        return transform(load_image(path)), payload
+        return transform(load_image(path, max_pixels)), payload
     except ImageLoadError as e:
         warnings.warn(f"skipping image: {e}", stacklevel=2)
         return None
@@ -140,14 +141,14 @@ def _load_or_none(path: Path, transform: EvalTransform, payload):
 class EvalImages(Dataset):
     """One item per image: (image (3,H,W), record index), or None when it cannot be loaded."""
 
-    def __init__(self, records: list[CaptionRecord], transform: EvalTransform):
-        self.records, self.transform = records, transform
+    def __init__(self, records: list[CaptionRecord], transform: EvalTransform, max_pixels: int = MAX_PIXELS):
+        self.records, self.transform, self.max_pixels = records, transform, max_pixels
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
-        return _load_or_none(self.records[i].image_path, self.transform, i)
+        return _load_or_none(self.records[i].image_path, self.transform, i, self.max_pixels)
 
 
 def collate_train(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -338,6 +339,7 @@ class CaptionDataModule(pl.LightningDataModule):
                     batch_size=self.eval_batch_size,
                     num_workers=self.num_workers,
                     progress=bool(trainer.progress_bar_callback),
+                    max_pixels=self.max_pixels,
                 )
             trainer.strategy.barrier("feature_cache")
             if not cache.exists():
@@ -379,6 +381,7 @@ class CaptionDataModule(pl.LightningDataModule):
             seed,
             self.captions_per_image,
             self.train_features(),
+            max_pixels=self.max_pixels,
         )
         if self.train_sampler is None:
             world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
@@ -387,7 +390,8 @@ class CaptionDataModule(pl.LightningDataModule):
         return self._loader(ds, self.batch_size, self.train_sampler, collate_train)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return self._loader(EvalImages(self.records(split), self.transform()), self.eval_batch_size, None, collate_eval)
+        images = EvalImages(self.records(split), self.transform(), self.max_pixels)
+        return self._loader(images, self.eval_batch_size, None, collate_eval)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from captioning.data.images import ImageLoadError, load_image
+from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
 from captioning.data.tempfiles import remove_orphans
 from captioning.data.transforms import EvalTransform
 from captioning.models.base import Encoder
@@ -57,15 +57,15 @@ def dataset_fingerprint(paths: Sequence[Path]) -> str:
 
 
 class _Images(Dataset):
-    def __init__(self, paths: Sequence[Path], transform: EvalTransform):
-        self.paths, self.transform = list(paths), transform
+    def __init__(self, paths: Sequence[Path], transform: EvalTransform, max_pixels: int = MAX_PIXELS):
+        self.paths, self.transform, self.max_pixels = list(paths), transform, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
         try:
-            return self.transform(load_image(self.paths[i])), i, True
+            return self.transform(load_image(self.paths[i], self.max_pixels)), i, True
         except ImageLoadError as e:
             print(f"feature cache: skipping {e}", flush=True)
             size = self.transform.size
@@ -132,15 +132,18 @@ class FeatureCache:
         batch_size: int = 64,
         num_workers: int = 0,
         progress: bool = True,
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
         """Encode every image once with ``encoder`` (the one the key was made from) and the cache's
-        transform, and write the cache (temporary file, renamed when complete)."""
+        transform, and write the cache (temporary file, renamed when complete); an image that cannot be
+        loaded (``max_pixels`` as in :func:`load_image`) gets a row marked invalid."""
         from tqdm import tqdm
 
         self.folder.mkdir(parents=True, exist_ok=True)
         was_training = encoder.training
         encoder.eval()
-        loader = DataLoader(_Images(self.paths, self.transform), batch_size=batch_size, num_workers=num_workers)
+        images = _Images(self.paths, self.transform, max_pixels)
+        loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
         tmp = self.file.with_name(self.file.name + f".tmp{os.getpid()}")
         for orphan in remove_orphans(self.folder, f"{self.name}-*.npy.tmp*"):  # a killed build's partial file
             print(f"feature cache: removed {orphan}, left by a build that was killed")

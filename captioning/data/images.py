@@ -10,14 +10,16 @@ greyscale / palette converted, frame 0 of animations. Every failure raises
 from __future__ import annotations
 
 import os
-import warnings
+import re
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-#: images with more pixels than this are refused before decoding (decompression bombs)
+#: images with more pixels than this are refused before decoding (decompression bombs), unless the
+#: caller gives another limit; Pillow's own default limit
 MAX_PIXELS = 89_478_485
 
 
@@ -50,31 +52,76 @@ def _open_file(path: Path) -> BinaryIO:
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open ``path`` as an 8-bit RGB PIL image, or raise :class:`ImageLoadError`."""
+    """Open ``path`` as an 8-bit RGB PIL image, or raise :class:`ImageLoadError`.
+
+    ``max_pixels`` is the one pixel limit: an image over it is refused before decoding, one under it
+    is loaded even when that is over Pillow's own decompression-bomb limit (see :func:`_allow_pixels`).
+    """
     path = Path(path)
     with _open_file(path) as f:
-        return _load(path, f, max_pixels)
+        img = _open_image(path, f, max_pixels)
+        _decode(path, img, max_pixels)
+        return to_rgb(img)  # while the file is open: TIFF reads its EXIF from it
 
 
-def _load(path: Path, f: BinaryIO, max_pixels: int) -> Image.Image:
+_pillow_limit_lock = threading.Lock()
+
+
+def _allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's own decompression-bomb limit to ``max_pixels`` when it is lower.
+
+    Pillow refuses images over ``2 * Image.MAX_IMAGE_PIXELS`` (and warns above it) on its own; left
+    alone, it would overrule a larger configured ``max_pixels``. The setting is process-wide, so it is
+    only ever raised, to a limit someone asked for, never lowered (another caller may need more).
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        with _pillow_limit_lock:  # check again under the lock: a concurrent call may have raised it further
+            if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+                Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _too_large(
+    path: Path, max_pixels: int, size: tuple[int, int] | None = None, bomb: Exception | None = None
+) -> ImageLoadError:
+    if size is not None:
+        what = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels"
+    else:  # Pillow refused it before we saw its size; its message has the pixel count
+        found = re.search(r"\((\d+) pixels\)", str(bomb))
+        what = f"{found.group(1)} pixels" if found else f"more pixels than Pillow allows ({bomb})"
+    message = f"{path}: image too large: {what} is over the limit of {max_pixels} pixels (max_pixels)"
+    return ImageLoadError(message, "too large")
+
+
+def _open_image(path: Path, f: BinaryIO, max_pixels: int) -> Image.Image:
+    """The image in ``f`` with only its header read, or :class:`ImageLoadError` (empty file, not an
+    image, more than ``max_pixels`` pixels)."""
     if os.fstat(f.fileno()).st_size == 0:
         raise ImageLoadError(f"{path}: empty file (0 bytes)", "empty file")
+    _allow_pixels(max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(f)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageLoadError(f"{path}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels}", "too large")
-            img.seek(0)  # animated images: first frame
-            img.load()
-    except ImageLoadError:
-        raise
+        img = Image.open(f)
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path}: not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    # an image over Pillow's limit is over max_pixels too (_allow_pixels); the warning is an error
+    # only where warnings are turned into errors
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _too_large(path, max_pixels, bomb=e) from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"{path}: cannot decode image ({e})", "truncated") from None
-    return to_rgb(img)  # while the file is open: TIFF reads its EXIF from it
+    if img.width * img.height > max_pixels:
+        raise _too_large(path, max_pixels, img.size)
+    return img
+
+
+def _decode(path: Path, img: Image.Image, max_pixels: int) -> None:
+    """Decode frame 0 of ``img`` (the one the loader uses) in full, or raise :class:`ImageLoadError`."""
+    try:
+        img.seek(0)
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a GIF frame or TIFF tile
+        raise _too_large(path, max_pixels, bomb=e) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(f"{path}: cannot decode image ({e})", "truncated") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -111,27 +158,14 @@ def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
         # one open for the header and the tail; no warnings filter here: scans run in threads, and
         # changing the global filters from several threads is not safe
         with _open_file(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return "empty file"
-            img = Image.open(f)
-            w, h = img.size
+            img = _open_image(path, f, max_pixels)
             marker, span = markers.get(img.format, (b"", 0))
-            if w * h > max_pixels:
-                return "too large"
             if not marker:
                 return None
-            f.seek(max(0, size - span))
-            complete = marker in f.read()
+            f.seek(max(0, os.fstat(f.fileno()).st_size - span))
+            if marker in f.read():
+                return None
+        load_image(path, max_pixels)  # no end marker: decode it all to confirm
     except ImageLoadError as e:
         return e.reason
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        return "not an image"
-    except (OSError, SyntaxError, ValueError):
-        return "truncated"
-    if not complete:
-        try:
-            load_image(path, max_pixels)
-        except ImageLoadError as e:
-            return e.reason
     return None
