@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile, features
 
 from captioning.data.images import MAX_PIXELS, ImageLoadError, check_image, load_image
 
@@ -155,3 +155,67 @@ def test_the_data_loaders_apply_the_configured_max_pixels(tmp_path, monkeypatch)
         assert all((item is not None) == loads for item in items), limit
         assert loads or sum("image too large" in str(w.message) for w in caught) == 2
         assert _Images([p], t, max_pixels=limit)[0][2] == loads
+
+
+def _noise(width: int = 48, height: int = 40, seed: int = 0) -> Image.Image:
+    """Random pixels: they do not compress, so a cut at a fraction of the file is that far into the pixels."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _two_frames(fmt: str):
+    def save(img: Image.Image, path: Path) -> None:
+        img.save(path, format=fmt, save_all=True, append_images=[_noise(seed=1)])
+
+    return save
+
+
+#: format -> how to write an image in it
+FORMATS = {
+    "jpeg": lambda img, p: img.save(p, format="JPEG", quality=95),
+    "png": lambda img, p: img.save(p, format="PNG"),
+    "bmp": lambda img, p: img.save(p, format="BMP"),
+    "bmp-rle": lambda img, p: img.quantize(256).save(p, format="BMP", compression="rle8"),
+    "gif": lambda img, p: img.save(p, format="GIF"),
+    "tiff": lambda img, p: img.save(p, format="TIFF"),
+    "mpo": _two_frames("MPO"),
+    "ppm": lambda img, p: img.save(p, format="PPM"),
+    "tga": lambda img, p: img.save(p, format="TGA"),
+    "webp": lambda img, p: img.save(p, format="WEBP", lossless=True),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_cut_off_file_of_any_format_is_reported_as_truncated(tmp_path, fmt):
+    if fmt == "webp" and not features.check("webp"):
+        pytest.skip("this Pillow has no WebP support")
+    p = tmp_path / f"cut.{fmt}"
+    FORMATS[fmt](_noise(), p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) * 2 // 5])  # inside the first frame's pixels: a broken download
+    with pytest.raises(ImageLoadError) as e:
+        load_image(p)
+    assert str(e.value).startswith(f"{p}: truncated file") and e.value.reason == "truncated"
+    assert check_image(p) == "truncated"
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "MPO"])
+def test_a_multi_frame_file_cut_in_a_later_frame_fails_the_scan_but_its_first_frame_loads(tmp_path, fmt):
+    p = tmp_path / f"cut.{fmt.lower()}"
+    _two_frames(fmt)(_noise(), p)
+    assert check_image(p) is None
+    first = np.asarray(load_image(p))
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) * 9 // 10])
+    assert check_image(p) == "truncated"
+    assert np.array_equal(np.asarray(load_image(p)), first)
+
+
+def test_truncated_files_are_refused_even_where_pillow_is_told_to_load_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some programs set it
+    p = tmp_path / "cut.bmp"
+    _noise().save(p)
+    p.write_bytes(p.read_bytes()[:3000])
+    with pytest.raises(ImageLoadError, match="truncated"):
+        load_image(p)
+    assert check_image(p) == "truncated"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the program's own setting is back

@@ -4,19 +4,23 @@ Whatever the file holds, the result is an 8-bit RGB image: EXIF orientation appl
 transparency composited on white, 16-bit greyscale scaled (not clipped) to 8 bits, CMYK /
 greyscale / palette converted, frame 0 of animations. Every failure raises
 :class:`ImageLoadError` naming the file and the cause; its ``reason`` is the short word
-:func:`check_image` gives for the same file.
+:func:`check_image` gives for the same file. A cut-off file is an error in every format: decoding
+runs with Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` off even where a program turned it on.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 #: images with more pixels than this are refused before decoding (decompression bombs), unless the
 #: caller gives another limit; Pillow's own default limit
@@ -106,22 +110,78 @@ def _open_image(path: Path, f: BinaryIO, max_pixels: int) -> Image.Image:
     # only where warnings are turned into errors
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _too_large(path, max_pixels, bomb=e) from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"{path}: cannot decode image ({e})", "truncated") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _undecodable(path, e, f) from None
     if img.width * img.height > max_pixels:
         raise _too_large(path, max_pixels, img.size)
     return img
 
 
-def _decode(path: Path, img: Image.Image, max_pixels: int) -> None:
-    """Decode frame 0 of ``img`` (the one the loader uses) in full, or raise :class:`ImageLoadError`."""
+def _undecodable(path: Path, e: Exception, f: BinaryIO | None = None) -> ImageLoadError:
+    """The error for a file Pillow recognised but could not decode: cut off ("truncated": Pillow's
+    message says so, the data ran out, or the file is shorter than its header says) or otherwise
+    broken ("corrupt")."""
+    if isinstance(e, EOFError) or "truncated" in str(e).lower() or _shorter_than_declared(f):
+        return ImageLoadError(
+            f"{path}: truncated file (its data ends too early), cannot decode image ({e})", "truncated"
+        )
+    return ImageLoadError(f"{path}: cannot decode image, corrupt data ({e})", "corrupt")
+
+
+def _shorter_than_declared(f: BinaryIO | None) -> bool:
+    """True for a RIFF file (WebP) shorter than the length in its header: libwebp only says it
+    "could not create decoder object" for a cut-off file."""
+    if f is None:
+        return False
     try:
-        img.seek(0)
-        img.load()
+        f.seek(0)
+        head = f.read(12)
+        size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):  # closed or unseekable: no verdict
+        return False
+    return len(head) == 12 and head[:4] == b"RIFF" and size < struct.unpack("<I", head[4:8])[0] + 8
+
+
+_truncation_lock = threading.Lock()
+_decoding = 0  # decodes running under _refuse_truncated, in all threads
+_saved_load_truncated = False
+
+
+@contextmanager
+def _refuse_truncated() -> Iterator[None]:
+    """Decode with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, even where the process turned it on.
+
+    With it on, Pillow fills the missing part of a cut-off file with black (or stops early) and says
+    nothing. It is a process-wide switch: the first of overlapping decodes (threads of a scan) turns it
+    off and the last one puts the caller's value back.
+    """
+    global _decoding, _saved_load_truncated
+    with _truncation_lock:
+        if _decoding == 0:
+            _saved_load_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _decoding += 1
+    try:
+        yield
+    finally:
+        with _truncation_lock:
+            _decoding -= 1
+            if _decoding == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _saved_load_truncated
+
+
+def _decode(path: Path, img: Image.Image, max_pixels: int, all_frames: bool = False) -> None:
+    """Decode frame 0 of ``img`` (the one the loader uses), or with ``all_frames`` every frame, in
+    full, or raise :class:`ImageLoadError`."""
+    try:
+        with _refuse_truncated():
+            for frame in range(getattr(img, "n_frames", 1) if all_frames else 1):  # single-frame formats: none
+                img.seek(frame)
+                img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a GIF frame or TIFF tile
         raise _too_large(path, max_pixels, bomb=e) from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"{path}: cannot decode image ({e})", "truncated") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _undecodable(path, e, getattr(img, "fp", None)) from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -144,28 +204,38 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
-    """Why ``path`` cannot be used as an image, or None when it can: a cheap check for scanning a dataset.
+#: formats whose files end with a marker: (marker, how many bytes at the end to look for it in).
+#: Not MPO: every frame of it ends with the JPEG end marker, so a file cut early in its second frame
+#: still has the first frame's marker near its end.
+_END_MARKERS = {"JPEG": (b"\xff\xd9", 1024), "PNG": (b"IEND", 64)}
 
-    Reads the header and the last bytes only. A JPEG without its end marker or a PNG without its
-    IEND chunk (a cut-off download) is then fully decoded to confirm. Reasons: "missing",
+
+def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why ``path`` cannot be used as an image, or None when it can: a check for scanning a dataset,
+    cheap where the format allows.
+
+    JPEG and PNG files are read at the header and the last bytes only; one without its end marker (a
+    cut-off download) is then decoded in full to confirm. Other formats (MPO, GIF, BMP, TIFF, WebP ...)
+    have no end marker to rely on and are always decoded in full, so a cut-off file of any format is
+    found. Every frame is decoded: a multi-frame file (animated GIF, MPO) cut after its
+    first frame is a broken download and reported "truncated", although :func:`load_image`, which
+    uses frame 0 only, could still read it. Reasons (:attr:`ImageLoadError.reason`): "missing",
     "permission denied", "unreadable" (another error reading the file), "empty file", "not an image",
-    "too large", "truncated".
+    "too large", "truncated", "corrupt".
     """
     path = Path(path)
-    markers = {"JPEG": (b"\xff\xd9", 1024), "PNG": (b"IEND", 64)}
     try:
-        # one open for the header and the tail; no warnings filter here: scans run in threads, and
-        # changing the global filters from several threads is not safe
+        # no warnings filter here: scans run in threads, and changing the global filters from
+        # several threads is not safe
         with _open_file(path) as f:
             img = _open_image(path, f, max_pixels)
-            marker, span = markers.get(img.format, (b"", 0))
-            if not marker:
-                return None
-            f.seek(max(0, os.fstat(f.fileno()).st_size - span))
-            if marker in f.read():
-                return None
-        load_image(path, max_pixels)  # no end marker: decode it all to confirm
+            marker, span = _END_MARKERS.get(img.format, (b"", 0))
+            if marker:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - span))
+                if marker in f.read():
+                    return None
+                img = _open_image(path, f, max_pixels)  # again: reading the tail moved the file position
+            _decode(path, img, max_pixels, all_frames=True)
     except ImageLoadError as e:
         return e.reason
     return None
