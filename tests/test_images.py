@@ -219,3 +219,35 @@ def test_truncated_files_are_refused_even_where_pillow_is_told_to_load_them(tmp_
         load_image(p)
     assert check_image(p) == "truncated"
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the program's own setting is back
+
+
+def _greys(path: Path) -> list[int]:
+    img = load_image(path)
+    assert img.mode == "RGB"
+    return [img.getpixel((x, 0))[0] for x in range(img.width)]
+
+
+def test_float_images_are_read_in_0_1_and_clipped(tmp_path):
+    p = tmp_path / "f.tiff"
+    values = [0.0, 0.25, 0.5, 1.0, 1.5, -0.5, float("nan")]
+    Image.fromarray(np.array([values], dtype=np.float32)).save(p)  # mode F
+    assert Image.open(p).mode == "F"
+    assert _greys(p) == [0, 64, 128, 255, 255, 0, 0]
+
+
+def test_16_bit_data_opened_as_mode_I_is_scaled_by_16_bits_even_when_dark(tmp_path):
+    p = tmp_path / "dark.pgm"
+    # a 16-bit PGM (Pillow opens it as mode "I") whose brightest pixel is 255 of 65535: nearly black,
+    # not stretched to white because its values happen to fit in 8 bits
+    p.write_bytes(b"P5\n3 1\n65535\n" + np.array([[0, 128, 255]], dtype=">u2").tobytes())
+    assert Image.open(p).mode == "I"
+    assert _greys(p) == [0, 0, 1]
+    p.write_bytes(b"P5\n3 1\n65535\n" + np.array([[255, 32768, 65535]], dtype=">u2").tobytes())
+    assert _greys(p) == [1, 128, 255]
+
+
+def test_a_32_bit_tiff_is_scaled_by_its_own_bit_depth(tmp_path):
+    p = tmp_path / "i32.tiff"
+    Image.fromarray(np.array([[0, 2**30, 2**31 - 1, -5]], dtype=np.int32)).save(p)  # signed 32-bit samples
+    assert Image.open(p).mode == "I"
+    assert _greys(p) == [0, 128, 255, 0]

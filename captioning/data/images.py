@@ -1,8 +1,10 @@
 """The one image loader, shared by training and inference.
 
 Whatever the file holds, the result is an 8-bit RGB image: EXIF orientation applied,
-transparency composited on white, 16-bit greyscale scaled (not clipped) to 8 bits, CMYK /
-greyscale / palette converted, frame 0 of animations. Every failure raises
+transparency composited on white, CMYK / greyscale / palette converted, frame 0 of animations, and
+high-bit-depth greyscale scaled (not clipped) to 8 bits by its declared range, never by its pixel
+values: 16-bit (I;16, and the 16-bit data Pillow opens as I) by 65535, a TIFF by its BitsPerSample,
+float (F) images read as [0, 1]; values outside the range are clipped, NaN is black. Every failure raises
 :class:`ImageLoadError` naming the file and the cause; its ``reason`` is the short word
 :func:`check_image` gives for the same file. A cut-off file is an error in every format: decoding
 runs with Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` off even where a program turned it on.
@@ -186,13 +188,12 @@ def _decode(path: Path, img: Image.Image, max_pixels: int, all_frames: bool = Fa
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Normalise any PIL mode to RGB (see module docstring)."""
+    top = _top_value(img)  # before exif_transpose, which drops a TIFF's tags
     if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         # only then: exif_transpose copies even an image it does not turn, and this runs per loaded image
         img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in _HIGH_BIT_MODES:
+        img = _to_8bit(img, top)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -202,6 +203,35 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
+
+
+#: modes with more than 8 bits a sample: 16-bit, 32-bit integer and 32-bit float greyscale
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _top_value(img: Image.Image) -> float:
+    """The value that becomes 255 (white) in ``img``: 1.0 for float ("F") images, the convention for
+    float pixels; for integer modes the top of the bit depth the file declares (a TIFF's BitsPerSample,
+    signed or not), else of 16 bits: Pillow opens 16-bit PNG, TIFF and PGM data as I;16 or I, PGM
+    with other maxvals already stretched to 16 bits. The range is never guessed from the pixel values,
+    which would make a dark image bright."""
+    if img.mode == "F":
+        return 1.0
+    tags = getattr(img, "tag_v2", None)  # TIFF only
+    bits = tags.get(258) if tags is not None else None  # BitsPerSample, one entry per band
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    if not isinstance(bits, int) or not 1 <= bits <= 32:
+        bits = 16
+    signed = tags is not None and tags.get(339) in (2, (2,))  # SampleFormat 2: two's complement
+    return float(2 ** (bits - 1) - 1 if signed else 2**bits - 1)
+
+
+def _to_8bit(img: Image.Image, top: float) -> Image.Image:
+    """A high-bit-depth greyscale image as 8-bit "L", ``[0, top]`` scaled to ``[0, 255]``: values
+    outside are clipped and NaN becomes black."""
+    arr = np.asarray(img).astype(np.float64)
+    scaled = np.nan_to_num(arr * (255.0 / top), nan=0.0, posinf=255.0, neginf=0.0)  # (H,W)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
 #: formats whose files end with a marker: (marker, how many bytes at the end to look for it in).
