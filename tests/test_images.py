@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
-from captioning.data.images import MAX_PIXELS, ImageLoadError, check_image, load_image
+from captioning.data.images import MAX_PIXELS, ImageLoadError, check_image, load_image, to_rgb
 
 
 def test_rgba_is_composited_on_white(tmp_path):
@@ -251,3 +251,55 @@ def test_a_32_bit_tiff_is_scaled_by_its_own_bit_depth(tmp_path):
     Image.fromarray(np.array([[0, 2**30, 2**31 - 1, -5]], dtype=np.int32)).save(p)  # signed 32-bit samples
     assert Image.open(p).mode == "I"
     assert _greys(p) == [0, 128, 255, 0]
+
+
+WHITE, RED = (255, 255, 255), (200, 0, 0)
+
+
+def _row(mode: str, pixels: list) -> Image.Image:
+    img = Image.new(mode, (len(pixels), 1))
+    img.putdata(pixels)
+    return img
+
+
+def _palette_row(mode: str, indices: list) -> Image.Image:
+    img = _row(mode, indices)
+    img.putpalette([10, 20, 30, *RED])  # index 0: a dark blue, 1: red
+    return img
+
+
+#: name -> (write the file, the RGB pixels load_image must give): every kind of transparency on white
+TRANSPARENT = {
+    "rgb_trns.png": (lambda p: _row("RGB", [(10, 20, 30), RED]).save(p, transparency=(10, 20, 30)), [WHITE, RED]),
+    "l_trns.png": (lambda p: _row("L", [40, 90]).save(p, transparency=40), [WHITE, (90, 90, 90)]),
+    # 1001 and the transparent 1000 are both 4 in 8 bits: only the transparent level turns white
+    "i16_trns.png": (
+        lambda p: Image.fromarray(np.array([[1000, 1001, 60000]], dtype=np.uint16)).save(p, transparency=1000),
+        [WHITE, (4, 4, 4), (233, 233, 233)],
+    ),
+    "p_trns.png": (lambda p: _palette_row("P", [0, 1]).save(p, transparency=0), [WHITE, RED]),
+    "p_trns.gif": (lambda p: _palette_row("P", [0, 1]).save(p, transparency=0), [WHITE, RED]),
+    "la.png": (lambda p: _row("LA", [(40, 0), (90, 255)]).save(p), [WHITE, (90, 90, 90)]),
+    "rgba.png": (
+        lambda p: _row("RGBA", [(10, 20, 30, 0), (*RED, 255), (0, 0, 0, 128)]).save(p),
+        [WHITE, RED, (127,) * 3],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", TRANSPARENT)
+def test_every_kind_of_transparency_is_composited_on_white(tmp_path, name):
+    write, want = TRANSPARENT[name]
+    p = tmp_path / name
+    write(p)
+    img = load_image(p)
+    assert img.mode == "RGB"
+    got = [img.getpixel((x, 0)) for x in range(img.width)]
+    assert all(max(abs(a - b) for a, b in zip(g, w)) <= 1 for g, w in zip(got, want)), (got, want)
+
+
+def test_palette_with_alpha_in_memory_is_composited_on_white():
+    pa = _palette_row("PA", [0, 1])  # Pillow cannot write PA files; a program can hand one to the captioner
+    pa.putalpha(_row("L", [0, 255]))
+    img = to_rgb(pa)
+    assert img.mode == "RGB" and [img.getpixel((x, 0)) for x in range(2)] == [WHITE, RED]

@@ -1,13 +1,17 @@
 """The one image loader, shared by training and inference.
 
-Whatever the file holds, the result is an 8-bit RGB image: EXIF orientation applied,
-transparency composited on white, CMYK / greyscale / palette converted, frame 0 of animations, and
-high-bit-depth greyscale scaled (not clipped) to 8 bits by its declared range, never by its pixel
-values: 16-bit (I;16, and the 16-bit data Pillow opens as I) by 65535, a TIFF by its BitsPerSample,
-float (F) images read as [0, 1]; values outside the range are clipped, NaN is black. Every failure raises
-:class:`ImageLoadError` naming the file and the cause; its ``reason`` is the short word
-:func:`check_image` gives for the same file. A cut-off file is an error in every format: decoding
-runs with Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` off even where a program turned it on.
+Whatever the file holds, the result is an 8-bit RGB image: EXIF orientation applied, frame 0 of
+animations, CMYK / greyscale / palette converted, and
+
+- transparency composited on white (255, 255, 255), whatever carries it: an alpha band (RGBA, LA,
+  PA) or a transparent colour / palette entries (PNG tRNS, GIF) in P, RGB, L or 16-bit grey;
+- high-bit-depth greyscale scaled (not clipped) to 8 bits by its declared range, never by its
+  pixel values: 16-bit (I;16, and the 16-bit data Pillow opens as I) by 65535, a TIFF by its
+  BitsPerSample, float (F) images read as [0, 1]; values outside the range are clipped, NaN is black.
+
+Every failure raises :class:`ImageLoadError` naming the file and the cause; its ``reason`` is the
+short word :func:`check_image` gives for the same file. A cut-off file is an error in every format:
+decoding runs with Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` off even where a program turned it on.
 """
 
 from __future__ import annotations
@@ -194,9 +198,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = ImageOps.exif_transpose(img)
     if img.mode in _HIGH_BIT_MODES:
         img = _to_8bit(img, top)
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode == "La":  # premultiplied alpha (in memory only) converts to RGBA through LA
+        img = img.convert("LA")
+    if img.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in img.info:
+        # an alpha band, or a transparent colour / palette entries (PNG tRNS, GIF): convert() turns
+        # either into alpha, which is then laid over white
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -228,10 +234,16 @@ def _top_value(img: Image.Image) -> float:
 
 def _to_8bit(img: Image.Image, top: float) -> Image.Image:
     """A high-bit-depth greyscale image as 8-bit "L", ``[0, top]`` scaled to ``[0, 255]``: values
-    outside are clipped and NaN becomes black."""
-    arr = np.asarray(img).astype(np.float64)
-    scaled = np.nan_to_num(arr * (255.0 / top), nan=0.0, posinf=255.0, neginf=0.0)  # (H,W)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    outside are clipped and NaN becomes black. A transparent grey level (16-bit PNG tRNS) becomes
+    an alpha band ("LA"): after scaling, other levels could share its 8-bit value."""
+    arr = np.asarray(img)
+    scaled = np.nan_to_num(arr.astype(np.float64) * (255.0 / top), nan=0.0, posinf=255.0, neginf=0.0)  # (H,W)
+    grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    transparent = img.info.get("transparency")
+    if not isinstance(transparent, (int, float)):
+        return grey
+    alpha = Image.fromarray(np.where(arr == transparent, 0, 255).astype(np.uint8))  # (H,W)
+    return Image.merge("LA", (grey, alpha))
 
 
 #: formats whose files end with a marker: (marker, how many bytes at the end to look for it in).
