@@ -269,6 +269,78 @@ def test_fraction_validation(tmp_path, val, test):
         read_captions_file(path, val_fraction=val, test_fraction=test)
 
 
+# --- Karpathy JSON ------------------------------------------------------------------------------
+
+GOOD_IMAGE = {
+    "filename": "ok.jpg",
+    "split": "train",
+    "imgid": 0,
+    "sentences": [{"raw": "A dog.", "tokens": ["a", "dog"]}],
+}
+
+
+@pytest.mark.parametrize(
+    "second, where, cause",
+    [
+        ("b.jpg", "images[1]", "must be an object with 'filename' and 'sentences', got str 'b.jpg'"),
+        ({"sentences": []}, "images[1]", "has no 'filename'"),
+        ({"filename": "b.jpg"}, "images[1]", "has no 'sentences'"),
+        ({"filename": 7, "sentences": []}, "images[1]", "'filename' must be a non-empty string, got int 7"),
+        ({"filename": "b.jpg", "filepath": 3, "sentences": []}, "images[1] (b.jpg)", "'filepath' must be a string"),
+        ({"filename": "b.jpg", "split": ["val"], "sentences": []}, "images[1] (b.jpg)", "'split' must be a string"),
+        (
+            {"filename": "b.jpg", "sentences": "a dog"},
+            "images[1] (b.jpg)",
+            "'sentences' must be a list, got str 'a dog'",
+        ),
+        ({"filename": "b.jpg", "sentences": ["a dog"]}, "images[1] (b.jpg): sentences[0]", "must be an object"),
+        (
+            {"filename": "b.jpg", "sentences": [{"raw": "x"}, {}]},
+            "images[1] (b.jpg): sentences[1]",
+            "neither 'raw' nor 'tokens'",
+        ),
+        ({"filename": "b.jpg", "sentences": [{"raw": 5}]}, "images[1] (b.jpg): sentences[0]", "'raw' must be a string"),
+        (
+            {"filename": "b.jpg", "sentences": [{"tokens": [1, 2]}]},
+            "images[1] (b.jpg): sentences[0]",
+            "list of strings",
+        ),
+        # a string would be split into characters; it is refused, with the list it may have meant
+        (
+            {"filename": "b.jpg", "sentences": [{"raw": "A dog.", "tokens": "a dog"}]},
+            "images[1] (b.jpg): sentences[0]",
+            "'tokens' must be a list of strings (a list such as ['a', 'dog']), got str 'a dog'",
+        ),
+    ],
+)
+def test_karpathy_malformed_entry_names_file_image_and_cause(tmp_path, second, where, cause):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": [GOOD_IMAGE, second]}))
+    with pytest.raises(ValueError) as e:
+        read_karpathy_json(path)
+    assert str(e.value).startswith(f"{path}: {where}") and cause in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("images", [{"0": GOOD_IMAGE}, "ok.jpg", None])
+def test_karpathy_images_that_are_not_a_list(tmp_path, images):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": images}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: 'images' must be a list of image entries, got ")):
+        read_karpathy_json(path)
+
+
+def test_karpathy_sentence_with_only_raw_or_only_tokens(tmp_path):
+    path = tmp_path / "dataset.json"
+    img = {
+        "filename": "a.jpg",
+        "sentences": [{"raw": "A Dog, running."}, {"tokens": ["A", "cat"]}, {"raw": "x", "tokens": []}],
+    }
+    path.write_text(json.dumps({"images": [img]}))
+    (rec,) = read_karpathy_json(path)
+    assert rec.captions == ["A Dog, running.", "A cat", "x"]
+    assert rec.tokens == [["a", "dog", ",", "running"], ["a", "cat"], ["x"]]
+
+
 # --- dispatcher --------------------------------------------------------------------------------
 
 

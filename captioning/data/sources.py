@@ -16,7 +16,8 @@ Three formats, one record type (:func:`read_records` picks the reader by name):
 
 Readers are deliberately dumb: they neither check that image files exist nor drop empty
 captions (the data module's validation counts those), but a malformed file raises
-``FileNotFoundError`` / ``ValueError`` whose message starts with ``path:line:``.
+``FileNotFoundError`` / ``ValueError`` whose message starts with ``path:line:`` (a Karpathy JSON:
+``path: images[i] (filename):``) and says what is wrong.
 """
 
 from __future__ import annotations
@@ -48,19 +49,28 @@ def read_karpathy_json(
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict) or "images" not in data:
         raise ValueError(f"{path}: not a Karpathy-format file (no 'images' list)")
+    if not isinstance(data["images"], list):
+        raise ValueError(f"{path}: 'images' must be a list of image entries, got {_kind(data['images'])}")
     root = Path(image_root) if image_root is not None else path.parent
     records = []
     for i, img in enumerate(data["images"]):
-        try:
-            filename = img["filename"]
-            sentences = img["sentences"]
-        except KeyError as e:
-            raise ValueError(f"{path}: images[{i}] has no {e.args[0]!r}") from e
+        where = f"{path}: images[{i}]"
+        if not isinstance(img, dict):
+            raise ValueError(f"{where} must be an object with 'filename' and 'sentences', got {_kind(img)}")
+        for key in ("filename", "sentences"):
+            if key not in img:
+                raise ValueError(f"{where} has no {key!r}")
+        filename = img["filename"]
+        if not isinstance(filename, str) or not filename:
+            raise ValueError(f"{where}: 'filename' must be a non-empty string, got {_kind(filename)}")
+        where = f"{where} ({filename})"
+        for key in ("filepath", "split"):
+            if not isinstance(img.get(key, ""), str):
+                raise ValueError(f"{where}: {key!r} must be a string, got {_kind(img[key])}")
         split = img.get("split", "train")
         if split == "restval" and restval_to_train:
             split = "train"
-        raws = [s.get("raw", " ".join(s.get("tokens", []))) for s in sentences]
-        toks = [[t.lower() for t in s["tokens"]] if s.get("tokens") else tokenize(r) for s, r in zip(sentences, raws)]
+        raws, toks = _karpathy_sentences(where, img["sentences"])
         records.append(
             CaptionRecord(
                 image_path=root / img.get("filepath", "") / filename,
@@ -72,6 +82,41 @@ def read_karpathy_json(
             )
         )
     return records
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type and a glimpse of it, for error messages: ``str 'a dog'``."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def _karpathy_sentences(where: str, sentences: Any) -> tuple[list[str], list[list[str]]]:
+    """(raw captions, lower-cased tokens) of one image's ``sentences``; a sentence needs ``raw`` or
+    ``tokens`` (the one missing is made from the other), ``tokens`` a list of strings.
+
+    A string ``tokens`` is refused rather than guessed at: split on spaces it would keep punctuation
+    on words ("dog."), read as a sentence it would be tokenised again, and nothing says which it is.
+    """
+    if not isinstance(sentences, list):
+        raise ValueError(f"{where}: 'sentences' must be a list, got {_kind(sentences)}")
+    raws, toks = [], []
+    for j, s in enumerate(sentences):
+        here = f"{where}: sentences[{j}]"
+        if not isinstance(s, dict):
+            raise ValueError(f"{here} must be an object with 'raw' and/or 'tokens', got {_kind(s)}")
+        if "raw" not in s and "tokens" not in s:
+            raise ValueError(f"{here} has neither 'raw' nor 'tokens'")
+        raw, tokens = s.get("raw"), s.get("tokens")
+        if raw is not None and not isinstance(raw, str):
+            raise ValueError(f"{here}: 'raw' must be a string, got {_kind(raw)}")
+        if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+            hint = f" (a list such as {tokens.split()!r})" if isinstance(tokens, str) else ""
+            raise ValueError(f"{here}: 'tokens' must be a list of strings{hint}, got {_kind(tokens)}")
+        if raw is None:
+            raw = " ".join(tokens or [])
+        raws.append(raw)
+        toks.append([t.lower() for t in tokens] if tokens else tokenize(raw))
+    return raws, toks
 
 
 FLICKR8K_SPLIT_FILES = {
