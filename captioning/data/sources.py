@@ -12,7 +12,7 @@ Three formats, one record type (:func:`read_records` picks the reader by name):
 - ``captions`` (:func:`read_captions_file`): a plain folder of images plus a ``.jsonl``
   (``{"image": ..., "captions": [...], "split": ...}`` per line) or ``.csv`` (``image``,
   ``caption``, optional ``split`` columns) file; without splits, images are split by ratio with a
-  fixed seed.
+  fixed seed, each by a hash of its name (adding images never moves others between splits).
 
 Readers are deliberately dumb: they neither check that image files exist nor drop empty
 captions (the data module's validation counts those), but a malformed file raises
@@ -23,8 +23,8 @@ captions (the data module's validation counts those), but a malformed file raise
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -264,16 +264,29 @@ def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
 
 
 def ratio_splits(image_ids: list[str], val_fraction: float, test_fraction: float, seed: int = 0) -> dict[str, str]:
-    """Assign ids to train/val/test by ratio, reproducibly and independently of the ids' order.
+    """Assign ids to train/val/test by ratio, each id by itself: its split depends only on the id and
+    ``seed``, never on which other ids there are or their order.
 
-    The sorted ids are shuffled with ``random.Random(seed)``; the first ``round(n * test_fraction)``
-    go to test, the next ``round(n * val_fraction)`` to val, the rest to train.
+    A seeded hash of the id, read as a number ``u`` in [0, 1), puts it in test when
+    ``u < test_fraction``, in val when ``u < test_fraction + val_fraction``, else in train. So adding
+    or removing images never moves another image between splits (no test image ever leaks into train
+    when a dataset grows), and raising a fraction only moves images out of train. The sizes are right
+    on average: with n images a split gets about ``n * fraction`` (binomial, give or take
+    ``sqrt(n * fraction)``), so a split of a tiny dataset can come out empty.
     """
     _check_fractions(val_fraction, test_fraction)
-    ids = sorted(set(image_ids))
-    random.Random(seed).shuffle(ids)
-    n_test, n_val = round(len(ids) * test_fraction), round(len(ids) * val_fraction)
-    return {name: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, name in enumerate(ids)}
+    splits = {}
+    for name in image_ids:
+        u = _unit_hash(f"{seed}\0{name}")
+        splits[name] = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+    return splits
+
+
+def _unit_hash(text: str) -> float:
+    """``text`` hashed to a number in [0, 1), the same in every run and on every machine (Python's own
+    ``hash`` of a string changes from run to run)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
