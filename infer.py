@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from PIL.Image import Image
 
 
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         found = f"{torch.cuda.device_count()} CUDA devices" if torch.cuda.is_available() else "no CUDA device"
         print(f"error: --device {args.device}: {found} here; use --device cpu or auto", file=sys.stderr)
+        return 2
+    problem = unusable_device(device)
+    if problem:
+        print(f"error: --device {args.device}: {problem}; available here: {available_devices()}", file=sys.stderr)
         return 2
     try:
         ckpt = Path(args.ckpt) if args.ckpt else find_latest_checkpoint(args.runs)
@@ -114,6 +119,34 @@ def main(argv: list[str] | None = None) -> int:
     if batch:
         caption_batch()
     return 1 if failures else 0
+
+
+def unusable_device(device: torch.device) -> str | None:
+    """Why ``device`` (a valid name) cannot caption on this machine, or None when it can; CUDA is
+    checked by the caller."""
+    import torch
+
+    if device.type in ("cpu", "cuda"):
+        return None
+    if device.type == "meta":
+        return "the meta device holds tensor shapes, not data, so it cannot compute a caption"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "no MPS (Apple GPU) device here"
+    try:  # any other backend (xpu, hpu ...): one tiny op shows whether it is built in and present
+        torch.zeros(1, device=device).add_(1).cpu()
+    except Exception as e:  # the backend's own error, whatever its type: shown, not raised
+        return f"not usable here ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+    return None
+
+
+def available_devices() -> str:
+    """The devices this machine can caption on, for error messages: ``cpu, cuda:0, cuda:1``."""
+    import torch
+
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return ", ".join(found)
 
 
 if __name__ == "__main__":

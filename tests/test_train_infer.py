@@ -122,6 +122,22 @@ def test_infer_writes_overlay_and_reports_bad_inputs(tiny_run, tiny_ckpt, tmp_pa
     assert f"{bad}: not an image" in proc.stderr and f"{missing}: no such file" in proc.stderr
 
 
+@pytest.mark.parametrize("device, cause", [("mps", "no MPS (Apple GPU) device here"), ("meta", "meta device")])
+def test_infer_refuses_a_device_it_cannot_caption_on_in_one_line(tiny_ckpt, tmp_path, device, cause):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    img = tmp_path / "scene.png"
+    Image.new("RGB", (64, 64), (230, 230, 230)).save(img)
+    proc = run_script(str(ROOT / "infer.py"), str(img), "--ckpt", str(tiny_ckpt), "--device", device, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --device {device}: ") and cause in errors[0], errors
+    assert errors[0].endswith(
+        "available here: " + ", ".join(["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))])
+    )
+    assert not (tmp_path / "scene_attention.png").exists()
+
+
 def test_a_pil_image_gets_the_caption_of_its_file(tiny_ckpt, tiny_shapes, tmp_path):
     """Captioner normalises an image passed as a PIL object as it does a file: alpha onto white,
     EXIF orientation applied (once)."""
