@@ -5,8 +5,8 @@ animations, CMYK / greyscale / palette converted, and
 
 - transparency composited on white (255, 255, 255), whatever carries it: an alpha band (RGBA, LA,
   PA) or a transparent colour / palette entries (PNG tRNS, GIF) in P, RGB, L or 16-bit grey;
-- high-bit-depth greyscale scaled (not clipped) to 8 bits by its declared range, never by its
-  pixel values: 16-bit (I;16, and the 16-bit data Pillow opens as I) by 65535, a TIFF by its
+- high-bit-depth greyscale scaled to 8 bits (not cut off at 255) by its declared range, never by
+  its pixel values: 16-bit (I;16, and the 16-bit data Pillow opens as I) by 65535, a TIFF by its
   BitsPerSample, float (F) images read as [0, 1]; values outside the range are clipped, NaN is black.
 
 Every failure raises :class:`ImageLoadError` naming the file and the cause; its ``reason`` is the
@@ -112,8 +112,9 @@ def _open_image(path: Path, f: BinaryIO, max_pixels: int) -> Image.Image:
         img = Image.open(f)
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path}: not an image file PIL can read") from None
-    # an image over Pillow's limit is over max_pixels too (_allow_pixels); the warning is an error
-    # only where warnings are turned into errors
+    # Pillow warns, or past twice its limit raises, only for an image over max_pixels (_allow_pixels).
+    # Its warning is left to the warnings filters: changing them is not thread-safe, and scans run in
+    # threads; where the filters turn it into an error, it is caught here.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _too_large(path, max_pixels, bomb=e) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -181,7 +182,7 @@ def _decode(path: Path, img: Image.Image, max_pixels: int, all_frames: bool = Fa
     full, or raise :class:`ImageLoadError`."""
     try:
         with _refuse_truncated():
-            for frame in range(getattr(img, "n_frames", 1) if all_frames else 1):  # single-frame formats: none
+            for frame in range(getattr(img, "n_frames", 1) if all_frames else 1):  # no n_frames: one frame
                 img.seek(frame)
                 img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a GIF frame or TIFF tile
@@ -259,16 +260,14 @@ def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
     JPEG and PNG files are read at the header and the last bytes only; one without its end marker (a
     cut-off download) is then decoded in full to confirm. Other formats (MPO, GIF, BMP, TIFF, WebP ...)
     have no end marker to rely on and are always decoded in full, so a cut-off file of any format is
-    found. Every frame is decoded: a multi-frame file (animated GIF, MPO) cut after its
-    first frame is a broken download and reported "truncated", although :func:`load_image`, which
-    uses frame 0 only, could still read it. Reasons (:attr:`ImageLoadError.reason`): "missing",
+    found. Every frame is decoded: a multi-frame file (animated GIF, MPO) cut after its first frame
+    is a broken download and reported "truncated", although :func:`load_image`, which uses frame 0
+    only, could still read it. Reasons (:attr:`ImageLoadError.reason`): "missing",
     "permission denied", "unreadable" (another error reading the file), "empty file", "not an image",
     "too large", "truncated", "corrupt".
     """
     path = Path(path)
     try:
-        # no warnings filter here: scans run in threads, and changing the global filters from
-        # several threads is not safe
         with _open_file(path) as f:
             img = _open_image(path, f, max_pixels)
             marker, span = _END_MARKERS.get(img.format, (b"", 0))
