@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from captioning.data.sources import ratio_splits, read_captions_file, read_flickr8k, read_karpathy_json, read_records
+from captioning.vocab import tokenize
 
 TOKENS = (
     "1000268201_693b08cb0e.jpg#0\tA child in a pink dress .\n"
@@ -354,7 +355,7 @@ def test_karpathy_sentence_with_only_raw_or_only_tokens(tmp_path):
     path.write_text(json.dumps({"images": [img]}))
     (rec,) = read_karpathy_json(path)
     assert rec.captions == ["A Dog, running.", "A cat", "x"]
-    assert rec.tokens == [["a", "dog", ",", "running"], ["a", "cat"], ["x"]]
+    assert rec.tokens == [tokenize("A Dog, running."), ["a", "cat"], ["x"]]
 
 
 # --- dispatcher --------------------------------------------------------------------------------
