@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
-from captioning.data.tempfiles import remove_orphans
+from captioning.data.tempfiles import locked_temp, remove_orphans
 from captioning.data.transforms import EvalTransform
 from captioning.models.base import Encoder
 
@@ -144,36 +144,36 @@ class FeatureCache:
         encoder.eval()
         images = _Images(self.paths, self.transform, max_pixels)
         loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
-        tmp = self.file.with_name(self.file.name + f".tmp{os.getpid()}")
         for orphan in remove_orphans(self.folder, f"{self.name}-*.npy.tmp*"):  # a killed build's partial file
             print(f"feature cache: removed {orphan}, left by a build that was killed")
         valid = np.zeros(len(self.paths), dtype=bool)
         out = None
-        try:
-            bar = tqdm(loader, desc=f"feature cache {self.name}", unit="batch", disable=not progress)
-            for images, index, ok in bar:
-                feats = encoder(images.to(device)).features  # (b,3,H,W) -> (b,N,C)
-                if out is None:  # the grid size is known after the first batch
-                    shape = (len(self.paths), feats.size(1), feats.size(2))
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_DTYPES[self.dtype], shape=shape)
-                rows = feats.float().cpu().numpy()  # (b,N,C)
-                with np.errstate(over="ignore"):  # an overflow is reported just below, with the remedy
-                    stored = rows.astype(_DTYPES[self.dtype])
-                if not np.isfinite(stored).all() and np.isfinite(rows).all():
-                    raise ValueError(
-                        f"feature cache {self.name}: features up to {np.abs(rows).max():.4g} overflow {self.dtype}; "
-                        "use data.cache_dtype float32 (or an encoder with trained weights)"
-                    )
-                out[index.numpy()] = stored
-                valid[index.numpy()] = ok.numpy()
-            if out is None:
-                raise ValueError(f"feature cache {self.name}: no images to encode")
-            out.flush()
-            del out
-            os.replace(tmp, self.file)
-        finally:
-            tmp.unlink(missing_ok=True)
-            encoder.train(was_training)
+        # locked while we write it, so another process's clean-up above never takes it for a killed build's
+        with locked_temp(self.folder, f"{self.file.name}.tmp") as tmp:
+            try:
+                bar = tqdm(loader, desc=f"feature cache {self.name}", unit="batch", disable=not progress)
+                for images, index, ok in bar:
+                    feats = encoder(images.to(device)).features  # (b,3,H,W) -> (b,N,C)
+                    if out is None:  # the grid size is known after the first batch
+                        shape = (len(self.paths), feats.size(1), feats.size(2))
+                        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_DTYPES[self.dtype], shape=shape)
+                    rows = feats.float().cpu().numpy()  # (b,N,C)
+                    with np.errstate(over="ignore"):  # an overflow is reported just below, with the remedy
+                        stored = rows.astype(_DTYPES[self.dtype])
+                    if not np.isfinite(stored).all() and np.isfinite(rows).all():
+                        raise ValueError(
+                            f"feature cache {self.name}: features up to {np.abs(rows).max():.4g} overflow "
+                            f"{self.dtype}; use data.cache_dtype float32 (or an encoder with trained weights)"
+                        )
+                    out[index.numpy()] = stored
+                    valid[index.numpy()] = ok.numpy()
+                if out is None:
+                    raise ValueError(f"feature cache {self.name}: no images to encode")
+                out.flush()
+                del out
+                os.replace(tmp, self.file)
+            finally:
+                encoder.train(was_training)
         meta = {**self.description, "key": self.key, "complete": True, "invalid": np.flatnonzero(~valid).tolist()}
         self.meta_file.write_text(json.dumps(meta, indent=1) + "\n")
         for stale in self.folder.glob(f"{self.name}-*.npy"):

@@ -17,7 +17,6 @@ relation back out of a generated caption for the object / full accuracy metrics.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from captioning.data.tempfiles import remove_orphans
+from captioning.data.tempfiles import locked_temp, remove_orphans
 from captioning.vocab import tokenize
 
 SHAPES = ("circle", "square", "triangle")
@@ -160,6 +159,38 @@ def _check_replaceable(root: Path) -> None:
         )
 
 
+def _write_set(folder: Path, config: ShapesConfig, params: dict, progress: bool, desc: str) -> None:
+    """Draw the scenes of ``config`` and write them (``images/`` and the JSON) into the empty ``folder``."""
+    (folder / "images").mkdir()
+    rng = random.Random(config.seed)
+    splits = ["train"] * config.num_train + ["val"] * config.num_val + ["test"] * config.num_test
+    images, sent_id = [], 0
+    iterator = enumerate(splits)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(splits), desc=desc, leave=False)
+    for i, split in iterator:
+        img, objects = make_scene(rng, config.image_size, config.noise_std)
+        filename = f"{i:06d}.png"
+        img.save(folder / "images" / filename, compress_level=1)
+        raws = make_captions(rng, objects)
+        sentences = [{"raw": r, "tokens": tokenize(r), "imgid": i, "sentid": sent_id + j} for j, r in enumerate(raws)]
+        images.append(
+            {
+                "filepath": "images",
+                "filename": filename,
+                "imgid": i,
+                "split": split,
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+                "objects": objects,
+            }
+        )
+        sent_id += len(sentences)
+    (folder / JSON_NAME).write_text(json.dumps({"dataset": "shapes", "params": params, "images": images}))
+
+
 def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: bool = True) -> Path:
     """Write the dataset under ``root`` (unless an identical one is there); returns the JSON path.
 
@@ -177,41 +208,13 @@ def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: 
             pass  # unreadable: regenerate
     _check_replaceable(root)
     root = root.resolve()  # "." has no name to put beside it
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     remove_orphans(root.parent, f".{root.name}.tmp-*")  # folders of generations that were killed
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    rng = random.Random(config.seed)
-    splits = ["train"] * config.num_train + ["val"] * config.num_val + ["test"] * config.num_test
-    images, sent_id = [], 0
-    iterator = enumerate(splits)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, total=len(splits), desc=f"generating shapes in {root}", leave=False)
-    for i, split in iterator:
-        img, objects = make_scene(rng, config.image_size, config.noise_std)
-        filename = f"{i:06d}.png"
-        img.save(tmp / "images" / filename, compress_level=1)
-        raws = make_captions(rng, objects)
-        sentences = [{"raw": r, "tokens": tokenize(r), "imgid": i, "sentid": sent_id + j} for j, r in enumerate(raws)]
-        images.append(
-            {
-                "filepath": "images",
-                "filename": filename,
-                "imgid": i,
-                "split": split,
-                "sentids": [s["sentid"] for s in sentences],
-                "sentences": sentences,
-                "objects": objects,
-            }
-        )
-        sent_id += len(sentences)
-    (tmp / JSON_NAME).write_text(json.dumps({"dataset": "shapes", "params": params, "images": images}))
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(root)
+    # locked while we write it, so another process's clean-up above never takes it for a killed run's
+    with locked_temp(root.parent, f".{root.name}.tmp-", directory=True) as tmp:
+        _write_set(tmp, config, params, progress, f"generating shapes in {root}")
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
     return json_path
 
 
