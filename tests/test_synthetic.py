@@ -1,9 +1,17 @@
 import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
 
 import pytest
 
+from captioning.data import synthetic
 from captioning.data.sources import read_karpathy_json
 from captioning.data.synthetic import COLORS, SHAPES, ShapesConfig, fully_correct, generate, objects_correct
+
+from conftest import ROOT
 
 
 def _overlap(a, b):
@@ -79,3 +87,71 @@ def test_generation_never_replaces_a_folder_that_holds_other_files(tmp_path, mon
     assert not (tmp_path / ".empty.tmp-999999999").exists()
     generate(tmp_path / "empty", ShapesConfig(num_train=3, num_val=1, num_test=1, seed=3), progress=False)
     assert len(list((tmp_path / "empty" / "images").iterdir())) == 5
+
+
+def _generate_in_subprocess(root, cfg: ShapesConfig, **popen) -> subprocess.Popen:
+    """Another process calling generate(root, cfg); it prints how many scenes it drew, and its error if any."""
+    script = textwrap.dedent(
+        f"""
+        from captioning.data import synthetic
+        drawn = []
+        make_scene = synthetic.make_scene
+        synthetic.make_scene = lambda *a: drawn.append(1) or make_scene(*a)
+        try:
+            synthetic.generate({str(root)!r}, synthetic.{cfg!r}, progress=False)
+        except RuntimeError as e:
+            print("error:", e, "(after", len(drawn), "scenes)", flush=True)
+        else:
+            print("drew", len(drawn), "scenes", flush=True)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def _contents(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_set_is_not_replaced_while_another_process_reads_it(tmp_path):
+    """This process reads a set; another asks for other parameters in the same folder: it is refused,
+    naming the folder and why, instead of deleting and redrawing the images under this reader."""
+    root = tmp_path / "shapes"
+    generate(root, ShapesConfig(num_train=4, num_val=1, num_test=1, seed=3), progress=False)
+    before = _contents(root)
+    other = _generate_in_subprocess(root, ShapesConfig(num_train=5, num_val=1, num_test=1, seed=4))
+    out, _ = other.communicate(timeout=120)
+    assert out.startswith(f"error: {root.resolve()}: holds a shapes set with other parameters that another running")
+    assert out.endswith("(after 0 scenes)\n")  # refused before drawing anything
+    assert _contents(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shapes.lock", "shapes"]  # no temporary folder left
+
+
+def test_concurrent_generations_of_one_set_wait_for_one_instead_of_replacing_it(tmp_path, monkeypatch):
+    """A generation is under way (held mid-scene here) when a second process asks for the same set: it
+    says it waits, then reads the finished set without drawing a scene or touching a file."""
+    root, cfg = tmp_path / "shapes", ShapesConfig(num_train=4, num_val=1, num_test=1, seed=3)
+    started, resume = threading.Event(), threading.Event()
+    make_scene = synthetic.make_scene
+
+    def paused_scene(*args):
+        started.set()
+        assert resume.wait(timeout=120)
+        return make_scene(*args)
+
+    monkeypatch.setattr(synthetic, "make_scene", paused_scene)
+    first = threading.Thread(target=generate, args=(root, cfg), kwargs={"progress": False})
+    first.start()
+    second = None
+    try:
+        assert started.wait(timeout=120)
+        second = _generate_in_subprocess(root, cfg)
+        said = second.stdout.readline()  # the first thing it says, whatever happens
+    finally:
+        resume.set()
+        first.join()
+    written = _contents(root)
+    rest, _ = second.communicate(timeout=120)
+    assert said.startswith(f"shapes set: waiting for another process generating {root.resolve()}")
+    assert rest == "drew 0 scenes\n"
+    assert _contents(root) == written and len(json.loads((root / "dataset_shapes.json").read_text())["images"]) == 6

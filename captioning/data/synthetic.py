@@ -8,7 +8,7 @@ bounding box, so attention can be checked against where the objects really are.
 
 The set is written once as PNG files plus a Karpathy-format JSON (with an extra ``objects`` list
 per image), so training reads it through the same reader as COCO and Flickr. It is regenerated
-only when its parameters change.
+only when its parameters change, never under another process reading it (see :func:`generate`).
 
 This file also owns the shapes caption grammar: :func:`parse_caption` reads the objects and the
 relation back out of a generated caption for the object / full accuracy metrics.
@@ -16,7 +16,9 @@ relation back out of a generated caption for the object / full accuracy metrics.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from captioning.data.tempfiles import locked_temp, remove_orphans
+from captioning.data.tempfiles import file_lock, locked_temp, remove_orphans
 from captioning.vocab import tokenize
 
 SHAPES = ("circle", "square", "triangle")
@@ -191,30 +193,104 @@ def _write_set(folder: Path, config: ShapesConfig, params: dict, progress: bool,
     (folder / JSON_NAME).write_text(json.dumps({"dataset": "shapes", "params": params, "images": images}))
 
 
+#: root -> fd of the set's JSON on which this process holds a shared lock, kept open for its lifetime
+_READING: dict[Path, int] = {}
+
+
+def _matches(json_path: Path, params: dict) -> bool:
+    """A complete set of ``params`` is at ``json_path`` (the JSON is written last, so it marks completion)."""
+    try:
+        return json.loads(json_path.read_text()).get("params") == params
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False  # missing or unreadable: regenerate
+
+
+def _hold(root: Path) -> None:
+    """Mark the set under ``root`` as read by this process for as long as it lives: a shared flock on its
+    JSON (inherited by forked data-loader workers), which a process about to replace the set must take
+    over exclusively first."""
+    _release(root)
+    fd = os.open(root / JSON_NAME, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _READING[root] = fd
+
+
+def _release(root: Path) -> None:
+    fd = _READING.pop(root, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _take_over(root: Path) -> int | None:
+    """Make sure no other process reads the set at ``root`` before it is replaced (its records name image
+    files by path, which would become other scenes under it, or disappear): an exclusive lock on its
+    JSON, held until the replacement is done; its fd (None when there is no JSON to hold)."""
+    _release(root)  # this process asked for other parameters: it is done with the old set
+    try:
+        fd = os.open(root / JSON_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(
+            f"{root}: holds a shapes set with other parameters that another running process is reading; "
+            "generating this one there would replace its images under it: wait for that run to end, or "
+            "point data_dir at another folder"
+        ) from None
+    return fd
+
+
+def _swap(root: Path, new: Path) -> None:
+    """Put the finished set ``new`` at ``root``. The old set is moved aside first, not deleted in place:
+    the new one appears in one rename, and a kill in between leaves a temporary-named folder, unlocked,
+    that the next generation removes as an orphan."""
+    if not root.exists():
+        new.rename(root)
+        return
+    aside = root.parent / f".{root.name}.tmp-replaced-{os.getpid()}"
+    root.rename(aside)
+    new.rename(root)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: bool = True) -> Path:
     """Write the dataset under ``root`` (unless an identical one is there); returns the JSON path.
 
     Written to a temporary folder first and renamed into place, so an interrupted run never
-    leaves a half-written set that looks complete.
+    leaves a half-written set that looks complete. Safe to call from several processes at once
+    (DDP ranks, nodes or jobs sharing the folder): one generates while the others wait for it
+    (on a lock file ``.{root name}.lock`` beside ``root``) and then read its set. A set is never
+    replaced while another process reads it: this process holds a shared lock on the JSON of the
+    set it returns for as long as it runs, and replacing a set needs that lock exclusively.
     """
     root = Path(root)
     json_path = root / JSON_NAME
     params = {"format_version": FORMAT_VERSION, **asdict(config)}
-    if json_path.is_file():
-        try:
-            if json.loads(json_path.read_text()).get("params") == params:
-                return json_path
-        except (json.JSONDecodeError, OSError):
-            pass  # unreadable: regenerate
-    _check_replaceable(root)
+    found = _matches(json_path, params)
+    if not found:
+        _check_replaceable(root)  # before the lock file: a refused folder gets nothing written beside it
     root = root.resolve()  # "." has no name to put beside it
-    remove_orphans(root.parent, f".{root.name}.tmp-*")  # folders of generations that were killed
-    # locked while we write it, so another process's clean-up above never takes it for a killed run's
-    with locked_temp(root.parent, f".{root.name}.tmp-", directory=True) as tmp:
-        _write_set(tmp, config, params, progress, f"generating shapes in {root}")
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
+    if found and not os.access(root.parent, os.W_OK):
+        return json_path  # a read-only copy: nothing can replace it, so nothing to coordinate
+    lock = root.parent / f".{root.name}.lock"
+    with file_lock(lock, wait_message=f"shapes set: waiting for another process generating {root} ({lock})"):
+        if _matches(json_path, params):  # there already, or generated by the process we waited for
+            _hold(root)
+            return json_path
+        _check_replaceable(root)
+        old = _take_over(root)
+        try:
+            remove_orphans(root.parent, f".{root.name}.tmp-*")  # folders of generations that were killed
+            # locked while we write it, so another process's clean-up above never takes it for a killed run's
+            with locked_temp(root.parent, f".{root.name}.tmp-", directory=True) as tmp:
+                _write_set(tmp, config, params, progress, f"generating shapes in {root}")
+                _swap(root, tmp)
+        finally:
+            if old is not None:
+                os.close(old)
+        _hold(root)
     return json_path
 
 

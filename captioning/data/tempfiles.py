@@ -99,3 +99,24 @@ def remove_orphans(folder: Path, pattern: str) -> list[Path]:
         finally:
             os.close(fd)
     return removed
+
+
+@contextmanager
+def file_lock(path: Path, shared: bool = False, wait_message: str | None = None) -> Iterator[int]:
+    """Hold an flock on the lock file ``path`` for the ``with`` block; yields its fd. The file is created
+    if missing and never deleted (deleting a lock file lets two processes lock two different files of
+    one name). ``wait_message`` is printed when another process holds the lock, before waiting for it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if wait_message:
+                print(wait_message, flush=True)
+            fcntl.flock(fd, mode)
+        yield fd
+    finally:
+        os.close(fd)
