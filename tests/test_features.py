@@ -6,13 +6,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torchvision
 
-from captioning.data.datamodule import TrainCaptions, collate_train
+from captioning.data.datamodule import CaptionDataModule, TrainCaptions, collate_train
 from captioning.data.features import FeatureCache, encoder_fingerprint
 from captioning.data.images import load_image
 from captioning.data.sources import read_karpathy_json
@@ -185,7 +187,8 @@ def test_fit_loads_a_local_weights_file_and_reuses_its_feature_cache(tmp_path, r
     files = _files(cache_dir)
     assert len(files) == 2, files
     (npy,) = [n for n in files if n.endswith(".npy")]
-    assert npy.startswith("shapes-dataset_shapes-train-") and npy[:-4] + ".json" in files
+    assert re.fullmatch(r"shapes-dataset_shapes-[0-9a-f]{8}-train-[0-9a-f]{16}\.npy", npy), npy
+    assert npy[:-4] + ".json" in files
     meta = json.loads((cache_dir / (npy[:-4] + ".json")).read_text())
     # the cache holds features of the file's weights
     ref = TorchvisionEncoder("resnet18", stage=4, grid=None, freeze=True)
@@ -248,3 +251,53 @@ def test_features_that_overflow_float16_are_refused_not_stored_as_inf(tiny_shape
     ok = FeatureCache(tmp_path / "cache", "big-train", paths, enc, small, dtype="float32")
     ok.build(enc, progress=False)
     assert torch.isfinite(torch.from_numpy(ok.open()[0][:])).all()
+
+
+# --- cache names: one per data source -----------------------------------------------------------------
+
+
+def _module_with_trainer(annotations: Path, image_root: Path, cache_dir: Path, encoder) -> CaptionDataModule:
+    """A data module as a Trainer on one process sees it: rank 0, the model's frozen encoder."""
+    dm = CaptionDataModule(
+        "karpathy", str(annotations), str(image_root), image_size=32, cache_dir=str(cache_dir), feature_cache=True
+    )
+    module = SimpleNamespace(net=SimpleNamespace(encoder=encoder), device=torch.device("cpu"))
+    strategy = SimpleNamespace(barrier=lambda name=None: None)
+    dm.trainer = SimpleNamespace(
+        lightning_module=module, is_global_zero=True, strategy=strategy, progress_bar_callback=None
+    )
+    return dm
+
+
+def test_two_sources_with_one_file_stem_keep_their_own_caches(tiny_shapes, tmp_path):
+    """Two Karpathy files both called dataset.json, in two folders, with different images: each gets a
+    cache of its own, and building one never removes the other's as stale. A changed source still
+    replaces its own stale cache."""
+    data = json.loads(tiny_shapes.read_text())
+    sources = []
+    for folder, take in (("a", slice(0, 8)), ("b", slice(8, 14))):
+        path = tmp_path / folder / "dataset.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({**data, "images": [im for im in data["images"] if im["split"] == "train"][take]}))
+        sources.append(path)
+    enc, cache_dir = _frozen_cnn(), tmp_path / "cache"
+    a = _module_with_trainer(sources[0], tiny_shapes.parent, cache_dir, enc)
+    b = _module_with_trainer(sources[1], tiny_shapes.parent, cache_dir, enc)
+    cache_a = a.train_features()
+    cache_b = b.train_features()
+    assert cache_a.exists() and cache_b.exists()
+    assert cache_a.open()[0].shape[0] == 8 and cache_b.open()[0].shape[0] == 6
+    assert len(list(cache_dir.glob("*.npy"))) == 2
+    assert a.cache_name("train") != b.cache_name("train")
+    assert a.cache_name("train").startswith("karpathy-dataset-") and a.cache_name("train").endswith("-train")
+
+    # the same file read with another image root is another source too
+    elsewhere = _module_with_trainer(sources[0], tmp_path / "elsewhere", cache_dir, enc)
+    assert elsewhere.cache_name("train") != a.cache_name("train")
+
+    # source a changed (an image fewer): its cache is rebuilt and its old one (only) removed
+    edited = json.loads(sources[0].read_text())
+    sources[0].write_text(json.dumps({**edited, "images": edited["images"][:7]}))
+    rebuilt = _module_with_trainer(sources[0], tiny_shapes.parent, cache_dir, enc).train_features()
+    assert rebuilt.file != cache_a.file and not cache_a.file.exists() and cache_b.exists()
+    assert sorted(p.name for p in cache_dir.glob("*.npy")) == sorted([rebuilt.file.name, cache_b.file.name])

@@ -8,6 +8,8 @@ images alone; their references are looked up by index in :meth:`CaptionDataModul
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import warnings
@@ -313,6 +315,21 @@ class CaptionDataModule(pl.LightningDataModule):
 
     # -- feature cache ----------------------------------------------------------------------
 
+    def cache_name(self, split: str) -> str:
+        """The feature cache name of ``split``: readable (reader, annotation file's stem, split) and unique to
+        the data source, so that two sources of one stem (two ``dataset.json`` in different folders) never
+        share a name and a rebuild of one never removes the other's cache as stale. The hash covers what
+        picks the records: the resolved annotation file, the image root and the reader's options. What
+        the features depend on (encoder, weights, preprocessing, dtype, image files) is in the key."""
+        source = {
+            "dataset": self.dataset,
+            "annotations": str(self.source.resolve()),
+            "image_root": str(Path(self.image_root).resolve()) if self.image_root else None,
+            "options": self.source_options,
+        }
+        digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.dataset}-{self.source.stem}-{digest}-{split}"
+
     def train_features(self) -> FeatureCache | None:
         """The training split's feature cache (``feature_cache``), built on first use by global rank
         0 with the model's frozen encoder while the other ranks wait; None without a cache."""
@@ -329,7 +346,7 @@ class CaptionDataModule(pl.LightningDataModule):
                     "data.feature_cache needs a frozen encoder (model.freeze_encoder: true): "
                     "the features of an encoder that is being trained change at every step"
                 )
-            name = f"{self.dataset}-{self.source.stem}-train"
+            name = self.cache_name("train")
             paths = [r.image_path for r in self.records("train")]
             cache = FeatureCache(self.cache_dir, name, paths, encoder, self.transform(), self.cache_dtype)
             if trainer.is_global_zero and not cache.exists():

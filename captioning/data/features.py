@@ -9,8 +9,9 @@ A cache file is named by a key that hashes everything its contents depend on: th
 architecture and weights (a hash of its state dict, so any change of weights is seen), the
 preprocessing (image size, mean, std), the storage dtype and the dataset (image paths with
 their sizes and modification times). A change of any of them gives a new key and a rebuild;
-older files of the same dataset split are removed then. A build writes to a temporary file and
-renames it when complete, so an interrupted build never leaves a cache that looks valid.
+older files of the same name (one data source's split) are removed then. A build writes to a
+temporary file and renames it when complete, so an interrupted build never leaves a cache that
+looks valid.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,8 +79,9 @@ class FeatureCache:
 
     Args:
         folder: where cache files live (``data/cache`` by default in the data module).
-        name: a readable prefix, e.g. ``"coco-train"``; files of the same name with another key
-            are stale and removed when this one is built.
+        name: a readable prefix unique to the data source and split, e.g.
+            ``"karpathy-dataset_coco-1a2b3c4d-train"`` (see the data module's ``cache_name``); files of
+            the same name with another key are stale and removed when this one is built.
         paths: the images, in dataset order (row i of the cache is image i).
         encoder: the frozen encoder (its weights are part of the key).
         transform: the preprocessing applied before the encoder.
@@ -177,7 +180,8 @@ class FeatureCache:
         meta = {**self.description, "key": self.key, "complete": True, "invalid": np.flatnonzero(~valid).tolist()}
         self.meta_file.write_text(json.dumps(meta, indent=1) + "\n")
         for stale in self.folder.glob(f"{self.name}-*.npy"):
-            if stale != self.file:
+            # only this name's own keys: a longer name that merely starts with ours is another cache
+            if stale != self.file and re.fullmatch(rf"{re.escape(self.name)}-[0-9a-f]{{16}}\.npy", stale.name):
                 stale.unlink(missing_ok=True)
                 stale.with_suffix(".json").unlink(missing_ok=True)
                 print(f"feature cache: removed stale {stale}")
