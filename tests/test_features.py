@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torchvision
 
+from captioning.data import features
 from captioning.data.datamodule import CaptionDataModule, TrainCaptions, collate_train
 from captioning.data.features import FeatureCache, encoder_fingerprint
 from captioning.data.images import load_image
@@ -185,8 +187,9 @@ def test_fit_loads_a_local_weights_file_and_reuses_its_feature_cache(tmp_path, r
 
     cache_dir = tmp_path / "data" / "cache"
     files = _files(cache_dir)
-    assert len(files) == 2, files
+    assert len(files) == 3, files  # the cache, its description and the lock the ranks wait on
     (npy,) = [n for n in files if n.endswith(".npy")]
+    assert npy.rsplit("-", 1)[0] + ".lock" in files
     assert re.fullmatch(r"shapes-dataset_shapes-[0-9a-f]{8}-train-[0-9a-f]{16}\.npy", npy), npy
     assert npy[:-4] + ".json" in files
     meta = json.loads((cache_dir / (npy[:-4] + ".json")).read_text())
@@ -256,15 +259,21 @@ def test_features_that_overflow_float16_are_refused_not_stored_as_inf(tiny_shape
 # --- cache names: one per data source -----------------------------------------------------------------
 
 
-def _module_with_trainer(annotations: Path, image_root: Path, cache_dir: Path, encoder) -> CaptionDataModule:
-    """A data module as a Trainer on one process sees it: rank 0, the model's frozen encoder."""
+def _module_with_trainer(
+    annotations: Path, image_root: Path, cache_dir: Path, encoder, rank: int = 0, barrier=lambda name=None: None
+) -> CaptionDataModule:
+    """A data module as a Trainer sees it on DDP rank ``rank`` (by default the only process): the model's
+    frozen encoder, and the strategy's ``barrier``."""
     dm = CaptionDataModule(
         "karpathy", str(annotations), str(image_root), image_size=32, cache_dir=str(cache_dir), feature_cache=True
     )
     module = SimpleNamespace(net=SimpleNamespace(encoder=encoder), device=torch.device("cpu"))
-    strategy = SimpleNamespace(barrier=lambda name=None: None)
     dm.trainer = SimpleNamespace(
-        lightning_module=module, is_global_zero=True, strategy=strategy, progress_bar_callback=None
+        lightning_module=module,
+        is_global_zero=rank == 0,
+        global_rank=rank,
+        strategy=SimpleNamespace(barrier=barrier),
+        progress_bar_callback=None,
     )
     return dm
 
@@ -301,3 +310,77 @@ def test_two_sources_with_one_file_stem_keep_their_own_caches(tiny_shapes, tmp_p
     rebuilt = _module_with_trainer(sources[0], tiny_shapes.parent, cache_dir, enc).train_features()
     assert rebuilt.file != cache_a.file and not cache_a.file.exists() and cache_b.exists()
     assert sorted(p.name for p in cache_dir.glob("*.npy")) == sorted([rebuilt.file.name, cache_b.file.name])
+
+
+# --- DDP: the other ranks wait for rank 0's build on a lock file, not in a collective -----------------
+
+
+def _two_ranks(tiny_shapes, cache_dir, monkeypatch, fail: bool = False):
+    """Rank 0 and rank 1 (threads here: flock treats their lock files' descriptors as two processes do)
+    ask for the training cache at once. Rank 0's build is held until rank 1 waits for it; the fake
+    strategy's barrier records when it is called, and waits for both ranks as a collective does.
+    Returns (events, what each rank's train_features returned or raised)."""
+    events, results = [], {}
+    gate, waiting = threading.Barrier(2), threading.Event()
+    real_file_lock = features.file_lock
+
+    def watched_file_lock(path, shared=False, wait_message=None):
+        if shared:
+            waiting.set()  # rank 1 goes to wait for the cache
+        return real_file_lock(path, shared, wait_message)
+
+    monkeypatch.setattr(features, "file_lock", watched_file_lock, raising=False)
+
+    def encode(module, args):
+        waiting.wait(timeout=60)  # only the old code, whose rank 1 waits in the barrier, lets this time out
+        events.append("encode")
+        if fail:
+            raise RuntimeError("out of memory")
+
+    encoders = [_frozen_cnn(), _frozen_cnn()]  # the same weights on both ranks (drawn here, not in the threads)
+
+    def run(rank):
+        enc = encoders[rank]
+        if rank == 0:
+            enc.register_forward_pre_hook(encode)
+
+        def barrier(name=None):
+            events.append(f"barrier {rank}")
+            gate.wait(timeout=60)
+
+        dm = _module_with_trainer(tiny_shapes, tiny_shapes.parent, cache_dir, enc, rank, barrier)
+        try:
+            results[rank] = dm.train_features()
+        except Exception as e:
+            results[rank] = e
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return events, results
+
+
+def test_ranks_wait_for_rank_0s_cache_build_outside_any_collective(tiny_shapes, tmp_path, monkeypatch):
+    """The one barrier is passed before the build starts, so no rank sits in a collective (with its
+    30-minute timeout) while rank 0 encodes COCO; rank 1 gets the finished cache all the same."""
+    events, results = _two_ranks(tiny_shapes, tmp_path / "cache", monkeypatch)
+    assert isinstance(results[0], FeatureCache), results[0]
+    assert isinstance(results[1], FeatureCache), results[1]
+    assert sorted(events[:2]) == ["barrier 0", "barrier 1"] and set(events[2:]) == {"encode"}
+    assert results[1].file == results[0].file and results[1].exists()
+    assert results[1].open()[0].shape == (48, 16, 8)
+
+
+def test_when_rank_0s_build_fails_the_other_ranks_stop_with_an_error_instead_of_waiting(
+    tiny_shapes, tmp_path, monkeypatch
+):
+    events, results = _two_ranks(tiny_shapes, tmp_path / "cache", monkeypatch, fail=True)
+    assert str(results[0]) == "out of memory"
+    assert isinstance(results[1], RuntimeError)
+    assert str(results[1]).endswith(
+        "the feature cache was not written (rank 0 failed to build it: see its error; with "
+        "several nodes, data.cache_dir must be a folder they all share)"
+    )
+    assert not list((tmp_path / "cache").glob("*.npy*"))  # nothing half-written left either

@@ -332,7 +332,8 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def train_features(self) -> FeatureCache | None:
         """The training split's feature cache (``feature_cache``), built on first use by global rank
-        0 with the model's frozen encoder while the other ranks wait; None without a cache."""
+        0 with the model's frozen encoder while the other ranks wait on a lock file, not in a
+        collective (see :meth:`FeatureCache.build_or_wait`); None without a cache."""
         if not self.feature_cache:
             return None
         if self._train_cache is None:
@@ -349,18 +350,17 @@ class CaptionDataModule(pl.LightningDataModule):
             name = self.cache_name("train")
             paths = [r.image_path for r in self.records("train")]
             cache = FeatureCache(self.cache_dir, name, paths, encoder, self.transform(), self.cache_dtype)
-            if trainer.is_global_zero and not cache.exists():
-                cache.build(
-                    encoder,
-                    device=module.device,
-                    batch_size=self.eval_batch_size,
-                    num_workers=self.num_workers,
-                    progress=bool(trainer.progress_bar_callback),
-                    max_pixels=self.max_pixels,
-                )
-            trainer.strategy.barrier("feature_cache")
-            if not cache.exists():
-                raise RuntimeError(f"{cache.file}: the feature cache was not written")
+            cache.build_or_wait(
+                encoder,
+                builder=trainer.is_global_zero,
+                barrier=lambda: trainer.strategy.barrier("feature_cache"),
+                rank=trainer.global_rank,
+                device=module.device,
+                batch_size=self.eval_batch_size,
+                num_workers=self.num_workers,
+                progress=bool(trainer.progress_bar_callback),
+                max_pixels=self.max_pixels,
+            )
             self._train_cache = cache
         return self._train_cache
 

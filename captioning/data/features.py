@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
-from captioning.data.tempfiles import locked_temp, remove_orphans
+from captioning.data.tempfiles import file_lock, locked_temp, remove_orphans, try_lock
 from captioning.data.transforms import EvalTransform
 from captioning.models.base import Encoder
 
@@ -185,6 +185,40 @@ class FeatureCache:
                 stale.unlink(missing_ok=True)
                 stale.with_suffix(".json").unlink(missing_ok=True)
                 print(f"feature cache: removed stale {stale}")
+
+    def build_or_wait(
+        self, encoder: Encoder, builder: bool, barrier: Callable[[], None], rank: int = 0, **build_options
+    ) -> None:
+        """Have the cache on disk in each of several processes that need it (DDP ranks): the ``builder``
+        (global rank 0) builds it unless it exists; the others wait for it on the lock file
+        ``{name}.lock`` in the cache folder, not in a collective, whose timeout (30 minutes by default)
+        a long build (COCO) would exceed. ``barrier`` runs once, in every process, before the build:
+        past it the builder holds the lock, so a waiter cannot find it free too early. Another run
+        building the same cache is waited for in the same way (and not built twice).
+        ``build_options`` go to :meth:`build`. Raises when the cache is not there in the end."""
+        lock = self.folder / f"{self.name}.lock"
+        held = try_lock(lock) if builder else None
+        try:
+            barrier()
+            if builder:
+                if held is None:  # another run builds this cache now: wait, then build if it did not
+                    with file_lock(lock, wait_message=f"feature cache: waiting for another run building {self.name}"):
+                        if not self.exists():
+                            self.build(encoder, **build_options)
+                elif not self.exists():
+                    self.build(encoder, **build_options)
+            else:
+                message = f"feature cache: rank {rank} waits for rank 0 to build {self.file}"
+                with file_lock(lock, shared=True, wait_message=message):
+                    pass  # rank 0 let go of the lock: it built the cache, or it failed
+        finally:
+            if held is not None:
+                os.close(held)
+        if not self.exists():
+            raise RuntimeError(
+                f"{self.file}: the feature cache was not written (rank 0 failed to build it: see its error; with "
+                "several nodes, data.cache_dir must be a folder they all share)"
+            )
 
     def open(self) -> tuple[np.ndarray, np.ndarray]:
         """(features (I,N,C) memory-mapped read-only, valid (I,) bool)."""

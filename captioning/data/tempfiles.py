@@ -120,3 +120,17 @@ def file_lock(path: Path, shared: bool = False, wait_message: str | None = None)
         yield fd
     finally:
         os.close(fd)
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive flock on the lock file ``path`` (created if missing, never deleted) if no other
+    process holds it now: its fd, to close when done; None when it is held."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
