@@ -54,8 +54,10 @@ class CheckpointOnSigterm(pl.Callback):
 
 def _results_id(image_id: str) -> int | str:
     """A record's id as the COCO results format wants it: numeric ids (COCO's cocoid) as integers, any
-    other name (a Flickr or CSV file name, or "0007", which would collide with "7") as written."""
-    return int(image_id) if image_id.isdigit() and str(int(image_id)) == image_id else image_id
+    other name (a Flickr or CSV file name, or "0007", which would collide with "7") as written.
+
+    ``isdecimal``, not ``isdigit``: superscripts such as "²" are digits that ``int`` refuses."""
+    return int(image_id) if image_id.isdecimal() and str(int(image_id)) == image_id else image_id
 
 
 class CaptionModule(pl.LightningModule):

@@ -40,3 +40,13 @@ def test_ddp_gathers_deduplicates_and_scores_like_one_process(single, tiny_ckpt,
     assert sorted(captions, key=lambda c: c["image_id"]) == sorted(single_captions, key=lambda c: c["image_id"])
     for k in KEYS:
         assert metrics[k] == pytest.approx(single_metrics[k], abs=1e-9), k
+
+
+def test_results_ids_are_integers_only_for_plain_decimal_names():
+    """COCO's results format wants the annotation file's integer ids; any other name stays as written. "²" is
+    a digit to str.isdigit but not a number to int(): before, it crashed the scoring of the whole split."""
+    from captioning.lit_module import _results_id
+
+    assert _results_id("7") == 7 and _results_id("391895") == 391895
+    for name in ("²", "version_²", "0007", "٣", "12.jpg", ""):
+        assert _results_id(name) == name
