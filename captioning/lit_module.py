@@ -81,7 +81,9 @@ class CaptionModule(pl.LightningModule):
         label_smoothing, alpha_c: loss terms. ``alpha_c`` weights the doubly stochastic term; the
             paper used 1, but on shapes (64 cells, ~10 words) 1 spreads attention so much that
             pointing accuracy falls from 0.98 to 0.63 (12-epoch runs), so the default is 0.1.
-        beam_size, max_decode_len, length_penalty: search used in validation and test.
+        beam_size, length_penalty: search used in validation and test.
+        max_decode_len: the longest caption that search writes; with the transformer decoder at most
+            ``max_len``, which its position table covers (checked here).
         val_meteor, test_meteor: compute METEOR (needs Java and pycocoevalcap; slow to start) in
             validation / test. The other coco-caption metrics are always computed.
         image_size, mean, std: preprocessing, set from the data by the CLI, stored for inference.
@@ -133,6 +135,13 @@ class CaptionModule(pl.LightningModule):
             raise ValueError("model.vocab is empty: it is set from the data module's training captions")
         if lr_schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"model.lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
+        if decoder == "transformer" and max_decode_len > max_len:
+            # the search feeds word t at position t: past the position table it would stop the first
+            # validation, after a whole epoch of training, so the two are checked here instead
+            raise ValueError(
+                f"model.max_decode_len ({max_decode_len}) is more than model.max_len ({max_len}), the positions "
+                f"the transformer decoder's table covers: lower model.max_decode_len or raise model.max_len"
+            )
         self.save_hyperparameters()
         self.vocab = Vocabulary(vocab)
         self.arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items() if k in _ARCH_KEYS}

@@ -243,3 +243,23 @@ def test_a_training_step_never_reads_a_value_back_to_the_host(decoder_name):
         loss, _ = module.loss(images, tokens)
         loss.backward()
     assert mode.reads == 0
+
+
+def test_a_transformer_module_refuses_a_search_longer_than_its_position_table():
+    """max_decode_len > max_len used to pass construction and a whole epoch, then stop the first validation."""
+    from captioning.decoding import beam_search
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    small = dict(vocab=[*SPECIALS, *"abcdef"], decoder="transformer", hidden_dim=16, num_heads=2, num_layers=1)
+    small |= dict(encoder_channels=(8, 8, 8, 8), max_len=8)
+    with pytest.raises(ValueError, match=r"model.max_decode_len \(9\) is more than model.max_len \(8\)"):
+        CaptionModule(**small, max_decode_len=9)
+    torch.manual_seed(0)
+    module = CaptionModule(**small, max_decode_len=8).eval()
+    feats = torch.randn(2, 16, module.net.encoder.out_dim)
+    # the limit is exact: a search that never ends early reads positions 0 .. max_len - 1
+    hyps = beam_search(module.net.decoder, feats, beam_size=2, max_len=8, min_len=8)
+    assert [len(h[0].tokens) for h in hyps] == [8, 8]
+    # the LSTM has no position table, so nothing limits its search
+    CaptionModule(**{**small, "decoder": "lstm"}, max_decode_len=9)
