@@ -18,6 +18,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from captioning.decoding import beam_search
@@ -68,8 +69,9 @@ class CaptionModule(pl.LightningModule):
         encoder ... max_len: architecture, see :class:`CaptionNet`.
         encoder_weights: pretrained encoder weights, a torchvision weights name or a local file;
             loaded when fitting starts (not when a checkpoint is restored).
-        lr, encoder_lr, weight_decay, warmup_steps: AdamW with a linear warmup; ``encoder_lr``
-            (default ``lr``) for a fine-tuned encoder.
+        lr, encoder_lr, weight_decay: AdamW; ``encoder_lr`` (default ``lr``) for a fine-tuned encoder.
+        warmup_steps: optimizer steps of the linear warmup, at most a tenth of the run's: a longer
+            warmup is cut to that, with a warning.
         lr_schedule: after the warmup, "cosine" (to 0 at the last step), "step" (times
             ``lr_decay`` every ``lr_decay_epochs`` epochs, the classic Show-Attend-Tell recipe) or
             "constant".
@@ -170,7 +172,14 @@ class CaptionModule(pl.LightningModule):
             groups.append({"params": enc, "lr": hp.encoder_lr or hp.lr})
         opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
+        # a warmup longer than a tenth of the run would leave short runs (smoke tests, a few epochs with the
+        # default 100 steps) mostly warming up; cut, but said, so a longer one is never a silent surprise
         warmup = min(hp.warmup_steps, total // 10)
+        if warmup < hp.warmup_steps:
+            rank_zero_warn(
+                f"model.warmup_steps ({hp.warmup_steps}) is more than a tenth of this run's {total} optimizer "
+                f"steps: the warmup is cut to {warmup} steps"
+            )
         # optimizer steps per epoch, from the loader (known once estimated_stepping_batches has set it up):
         # total // max_epochs was wrong whenever max_steps ends training first, or max_epochs is -1
         batches = self.trainer.num_training_batches
