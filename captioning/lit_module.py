@@ -68,7 +68,8 @@ class CaptionModule(pl.LightningModule):
         vocab: token list (set from the data by the CLI).
         encoder ... max_len: architecture, see :class:`CaptionNet`.
         encoder_weights: pretrained encoder weights, a torchvision weights name or a local file;
-            loaded when fitting starts (not when a checkpoint is restored).
+            loaded when a fresh fit starts. A fit resumed from a checkpoint takes the encoder from
+            the checkpoint and needs neither the file nor a download.
         lr, encoder_lr, weight_decay: AdamW; ``encoder_lr`` (default ``lr``) for a fine-tuned encoder.
         warmup_steps: optimizer steps of the linear warmup, at most a tenth of the run's: a longer
             warmup is cut to that, with a warning.
@@ -154,16 +155,26 @@ class CaptionModule(pl.LightningModule):
     # -- set-up -----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.encoder_weights and not getattr(self, "_weights_loaded", False):
-            load_encoder_weights(self.net.encoder, self.hparams.encoder_weights)
-            self._weights_loaded = True
         if self.hparams.channels_last:
             self.net.encoder.to(memory_format=torch.channels_last)
         if stage == "fit" and self.hparams.compile_decoder and not getattr(self, "_compiled", False):
             self.net.decoder.compile()  # in place: parameter names (and checkpoints) stay as they are
             self._compiled = True
 
+    def _load_pretrained_encoder(self) -> None:
+        """``encoder_weights`` into the encoder, once, unless a checkpoint was restored: a resumed fit (or a
+        module loaded from a checkpoint) already holds the encoder's weights, which the pretrained ones
+        would overwrite, and needs neither the file nor a download."""
+        hp = self.hparams
+        if hp.encoder_weights and not getattr(self, "_weights_loaded", False) and not getattr(self, "_restored", False):
+            load_encoder_weights(self.net.encoder, hp.encoder_weights)
+            self._weights_loaded = True
+
     def configure_optimizers(self):
+        # the first hook after Lightning restores a checkpoint (setup() runs before the restore, so it cannot
+        # tell a resume), and before anything reads the encoder: estimated_stepping_batches below builds
+        # the feature cache with it
+        self._load_pretrained_encoder()
         hp = self.hparams
         enc = [p for p in self.net.encoder.parameters() if p.requires_grad]
         dec = list(self.net.decoder.parameters())
@@ -410,6 +421,7 @@ class CaptionModule(pl.LightningModule):
         meta = checkpoint.get("captioning")
         if meta is not None:
             self._check_matches(meta)
+        self._restored = True  # the encoder's weights come from the checkpoint (_load_pretrained_encoder)
         resume = checkpoint.get("resume")
         if not resume or self._trainer is None or self.trainer.state.fn != "fit":
             return

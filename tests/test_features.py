@@ -384,3 +384,34 @@ def test_when_rank_0s_build_fails_the_other_ranks_stop_with_an_error_instead_of_
         "several nodes, data.cache_dir must be a folder they all share)"
     )
     assert not list((tmp_path / "cache").glob("*.npy*"))  # nothing half-written left either
+
+
+def test_a_resume_needs_no_weights_file_but_a_fresh_fit_names_the_missing_one(tmp_path, r18_file):
+    """The checkpoint holds the encoder's weights: before, a resume loaded the file again (to be overwritten
+    by the checkpoint) and stopped when it was gone."""
+    source, state = r18_file
+    path = tmp_path / "r18.pth"
+    path.write_bytes(source.read_bytes())
+    args = [str(ROOT / "train.py"), "fit", "-c", str(ROOT / "configs" / "tiny.yaml"), "--model.encoder", "resnet18"]
+    args += ["--model.encoder_weights", str(path), "--model.freeze_encoder", "true", "--data.num_train", "16"]
+    args += ["--data.num_val", "4", "--data.num_test", "4", "--trainer.limit_val_batches", "0"]
+    args += ["--trainer.num_sanity_val_steps", "0", "--test_after_fit", "false", "--trainer.max_epochs", "10"]
+    first = run_script(*args, "--trainer.max_steps", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    last = tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
+
+    path.unlink()
+    resumed = run_script(*args, "--trainer.max_steps", "3", "--ckpt_path", str(last), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    ckpts = [
+        torch.load(p, map_location="cpu", weights_only=True) for p in tmp_path.glob("runs/tiny/*/checkpoints/last.ckpt")
+    ]
+    ckpt = max(ckpts, key=lambda c: c["global_step"])
+    assert ckpt["global_step"] == 3
+    # the frozen encoder still has the file's weights, restored from the checkpoint
+    torch.testing.assert_close(ckpt["state_dict"]["net.encoder.body.0.weight"], state["conv1.weight"], atol=0, rtol=0)
+
+    fresh = run_script(*args, "--trainer.max_steps", "1", cwd=tmp_path)
+    assert fresh.returncode != 0
+    assert f"{path}: encoder weights file not found" in fresh.stderr
