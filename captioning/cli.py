@@ -49,6 +49,16 @@ class CaptionCLI(LightningCLI):
         parser.link_arguments("data.std", "model.std")
         parser.link_arguments("data.vocab_tokens", "model.vocab", apply_on="instantiate")
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # after parsing, ckpt_path is the same whether a flag or a config file gave it; and before LightningCLI
+        # reads the checkpoint's hyperparameters into the config (its own torch.load, which would meet an
+        # untrusted file first, and would skip "last", which is no file)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        if config is not None and "ckpt_path" in config:
+            config.ckpt_path = resolve_ckpt_path(config.ckpt_path, subcommand)
+
     def instantiate_trainer(self, **kwargs: Any):
         # the checkpoint plugin joins here, not through ``trainer_defaults``: a default is written into
         # the run's config.yaml, where an instance becomes "Unable to serialize instance ...", and
@@ -84,24 +94,26 @@ class CaptionCLI(LightningCLI):
                 print(f"test metrics: {run / 'test_metrics.json'}")
 
 
-def _ckpt_path_argument(argv: list[str]) -> str | None:
-    for i, a in enumerate(argv):
-        if a == "--ckpt_path" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--ckpt_path="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _replace_ckpt_path(argv: list[str], path: str) -> list[str]:
-    out = []
-    for i, a in enumerate(argv):
-        if a.startswith("--ckpt_path="):
-            a = f"--ckpt_path={path}"
-        elif i > 0 and argv[i - 1] == "--ckpt_path":
-            a = path
-        out.append(a)
-    return out
+def resolve_ckpt_path(ckpt_path: str | None, subcommand: str | None = "fit") -> str | None:
+    """``ckpt_path`` as the command line or a config file gave it, resolved and checked before anything else
+    touches it (the data, the model, the run directory): "last" is the newest ``last.ckpt`` under ./runs, and
+    a missing, truncated or untrusted file ends the program with an error naming it."""
+    if ckpt_path is not None:
+        ckpt_path = str(ckpt_path)
+    if ckpt_path == "last":
+        # Lightning would look for "last" only in the new run's folder and, finding nothing, start
+        # afresh in silence; here it means the newest last.ckpt of any run under ./runs.
+        found = sorted(Path("runs").glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            sys.exit("error: ckpt_path last: no last.ckpt under runs/ to resume from")
+        ckpt_path = str(found[-1])
+        print(f"{'resuming from' if subcommand == 'fit' else 'using'} {ckpt_path}", file=sys.stderr)
+    if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
+        try:
+            load_weights_only(ckpt_path)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
+    return ckpt_path
 
 
 def with_default_config(argv: list[str]) -> list[str]:
@@ -128,22 +140,6 @@ def main(args: list[str] | None = None) -> CaptionCLI:
             sys.argv[1:] = argv
         else:
             args = argv
-    ckpt_path = _ckpt_path_argument(argv)
-    if ckpt_path == "last":
-        # Lightning would look for "last" only in the new run's folder and, finding nothing, start
-        # afresh in silence; here it means the newest last.ckpt of any run under ./runs.
-        found = sorted(Path("runs").glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            sys.exit("error: --ckpt_path last: no last.ckpt under runs/ to resume from")
-        ckpt_path = str(found[-1])
-        argv = _replace_ckpt_path(argv, ckpt_path)
-        args = argv
-        print(f"resuming from {ckpt_path}", file=sys.stderr)
-    if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
-        try:  # refuse a missing, truncated or untrusted checkpoint before anything else touches it
-            load_weights_only(ckpt_path)
-        except CheckpointError as e:
-            sys.exit(f"error: {e}")
     # args=None: LightningCLI reads sys.argv itself (passing both makes it warn)
     return CaptionCLI(
         CaptionModule,

@@ -91,6 +91,23 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     assert sorted(_losses(tmp_path / "runs" / "tiny" / "version_1")) == [7, 8]
 
 
+def test_ckpt_path_last_in_a_config_file_resumes_like_the_flag(tmp_path):
+    """Before, only a --ckpt_path flag was looked at: `ckpt_path: last` in a config file reached Lightning,
+    which found no last.ckpt in the new run's folder and started afresh in silence."""
+    quick = "trainer:\n  limit_val_batches: 0\n  num_sanity_val_steps: 0\n"
+    resume = "ckpt_path: last\n" + quick + "  max_steps: 8\n  max_epochs: 2\n"
+    proc = _fit(tmp_path, config=resume)
+    assert proc.returncode != 0 and "no last.ckpt under runs/ to resume from" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()  # no fresh run was started
+
+    assert _fit(tmp_path, config=quick).returncode == 0
+    proc = _fit(tmp_path, config=resume)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = Path("runs/tiny/version_0/checkpoints/last.ckpt")
+    assert f"resuming from {last}" in proc.stderr
+    assert f"Restored all states from the checkpoint at {last}" in proc.stderr
+
+
 MID_EPOCH_VALIDATION = """
 trainer:
   max_steps: 12
