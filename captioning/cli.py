@@ -4,16 +4,24 @@
   ``model.mean`` and ``model.std`` from its preprocessing, so the checkpoint carries them.
 - ``fit`` ends by testing the best checkpoint and writing ``test_metrics.json`` in the run
   directory, whose path is printed.
+- ``fit --ckpt_path`` (a path, or "last" for the newest ``runs/**/last.ckpt``; the flag or the config
+  key) continues the run the checkpoint belongs to, in its run directory: the best score so far and
+  ``best.ckpt`` carry on (a worse validation does not replace it), and ``metrics.csv`` keeps the rows
+  of the steps before the checkpoint.
 """
 
 from __future__ import annotations
 
+import csv
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import CSVLogger
 
 from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_weights_only
 from captioning.data.datamodule import CaptionDataModule
@@ -33,6 +41,18 @@ class SafeCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: str | Path) -> None:
         Path(path).unlink(missing_ok=True)
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Writes a fit's ``config.yaml`` without its ``ckpt_path``: a resumed run writes into the run directory it
+    continues, and ``python train.py fit -c runs/.../config.yaml`` must still train that configuration
+    again, not resume the run a second time."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.config.get("ckpt_path") is not None:
+            self.config = self.config.clone()
+            self.config.ckpt_path = None
+        super().setup(trainer, pl_module, stage)
 
 
 class CaptionCLI(LightningCLI):
@@ -56,8 +76,11 @@ class CaptionCLI(LightningCLI):
         # untrusted file first, and would skip "last", which is no file)
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else self.config
+        self._resume_step = None  # the checkpoint's global step, when it is a file
         if config is not None and "ckpt_path" in config:
-            config.ckpt_path = resolve_ckpt_path(config.ckpt_path, subcommand)
+            config.ckpt_path, ckpt = resolve_ckpt_path(config.ckpt_path, subcommand)
+            if ckpt is not None:
+                self._resume_step = int(ckpt.get("global_step", 0))
 
     def instantiate_trainer(self, **kwargs: Any):
         # the checkpoint plugin joins here, not through ``trainer_defaults``: a default is written into
@@ -70,11 +93,43 @@ class CaptionCLI(LightningCLI):
         return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
 
     def before_fit(self) -> None:
+        ckpt_path = self.config.fit.get("ckpt_path")
+        if ckpt_path and self._resume_step is not None:
+            self._continue_run(Path(ckpt_path), self._resume_step)
         # fix the logger's version (its run directory) now: with a spawning strategy (ddp_spawn)
         # each spawn would otherwise pick the next free version, and the test after fit would
         # write its results into a new folder instead of beside the checkpoints
         for logger in self.trainer.loggers:
             _ = logger.version
+
+    def _continue_run(self, ckpt: Path, step: int) -> None:
+        """Resuming from ``<save_dir>/<name>/<version>/checkpoints/<file>`` of this run's logger: log into that
+        version again. In a new version, ModelCheckpoint's folder would change, and Lightning then drops
+        the best score it restores, so the first validation after the resume would write ``best.ckpt``
+        whatever its score."""
+        ckpt = ckpt.resolve()
+        run = ckpt.parent.parent
+        continued = []
+        for logger in self.trainer.loggers:
+            root = getattr(logger, "root_dir", None)
+            # CSVLogger and TensorBoardLogger take a version only in their constructor, built from the config
+            # before the checkpoint is known; ``_version`` is what their ``version`` reads
+            if ckpt.parent.name == "checkpoints" and root and Path(root).resolve() == run.parent:
+                if hasattr(logger, "_version"):
+                    logger._version = run.name
+                    continued.append(logger)
+        if not continued:
+            print(
+                f"{ckpt} is not in a run directory of this run's logger: the resumed run logs to a new one, "
+                "and its best.ckpt starts again from its own validations",
+                file=sys.stderr,
+            )
+            return
+        if self.trainer.is_global_zero:
+            print(f"continuing the run in {continued[0].log_dir}", file=sys.stderr)
+            for logger in continued:
+                if isinstance(logger, CSVLogger):
+                    _keep_metrics_before(logger, step)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -94,10 +149,29 @@ class CaptionCLI(LightningCLI):
                 print(f"test metrics: {run / 'test_metrics.json'}")
 
 
-def resolve_ckpt_path(ckpt_path: str | None, subcommand: str | None = "fit") -> str | None:
+def _keep_metrics_before(logger: CSVLogger, step: int) -> None:
+    """Lightning's CSV writer deletes the ``metrics.csv`` it finds in its folder: a resumed run keeps the rows
+    of the steps before its checkpoint and appends its own after them (the rows of later steps are the
+    interrupted part of the run, which it logs again)."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdecimal() and int(r["step"]) < step]
+    with warnings.catch_warnings():  # "Previous log files in this directory will be deleted": not so here
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
+        writer = logger.experiment  # opening the writer deletes the file; the rows go back in first
+    for row in rows:
+        writer.log_metrics({k: v for k, v in row.items() if k not in ("step", None) and v != ""}, int(row["step"]))
+
+
+def resolve_ckpt_path(ckpt_path: str | None, subcommand: str | None = "fit") -> tuple[str | None, dict | None]:
     """``ckpt_path`` as the command line or a config file gave it, resolved and checked before anything else
     touches it (the data, the model, the run directory): "last" is the newest ``last.ckpt`` under ./runs, and
-    a missing, truncated or untrusted file ends the program with an error naming it."""
+    a missing, truncated or untrusted file ends the program with an error naming it.
+
+    Returns the path and the checkpoint it holds (None for no path or Lightning's "best", "hpc", "registry").
+    """
     if ckpt_path is not None:
         ckpt_path = str(ckpt_path)
     if ckpt_path == "last":
@@ -108,12 +182,12 @@ def resolve_ckpt_path(ckpt_path: str | None, subcommand: str | None = "fit") -> 
             sys.exit("error: ckpt_path last: no last.ckpt under runs/ to resume from")
         ckpt_path = str(found[-1])
         print(f"{'resuming from' if subcommand == 'fit' else 'using'} {ckpt_path}", file=sys.stderr)
-    if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
-        try:
-            load_weights_only(ckpt_path)
-        except CheckpointError as e:
-            sys.exit(f"error: {e}")
-    return ckpt_path
+    if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+        return ckpt_path, None
+    try:
+        return ckpt_path, load_weights_only(ckpt_path)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
 
 
 def with_default_config(argv: list[str]) -> list[str]:
@@ -145,5 +219,6 @@ def main(args: list[str] | None = None) -> CaptionCLI:
         CaptionModule,
         CaptionDataModule,
         args=args,
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
     )

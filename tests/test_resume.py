@@ -6,6 +6,8 @@ import csv
 import os
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, TINY, run_script
 
 CONFIG = """
@@ -53,12 +55,15 @@ def test_sigkill_after_step_7_then_resume_gives_the_same_losses(tmp_path):
     kill = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=7"]
     proc = _fit(killed, *kill)
     assert proc.returncode != 0  # killed
-    for version, step in ((1, 3), (2, 6)):
-        ckpt = next(killed.glob(f"runs/tiny/version_0/checkpoints/step={step}.ckpt"))
-        proc = _fit(killed, "--ckpt_path", str(ckpt))
+    run = killed / "runs" / "tiny" / "version_0"
+    for step in (3, 6):
+        proc = _fit(killed, "--ckpt_path", str(run / "checkpoints" / f"step={step}.ckpt"))
         assert proc.returncode == 0, proc.stderr[-3000:]
-        resumed = _losses(killed / "runs" / "tiny" / f"version_{version}")
-        assert sorted(resumed) == list(range(step, 12)), sorted(resumed)
+        # the resumed run logs into the run it continues, after the rows of the steps before its checkpoint
+        with open(run / "metrics.csv") as f:
+            steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+        assert steps == sorted(set(steps)) and steps[steps.index(step) :] == list(range(step, 12)), steps
+        resumed = {s: loss for s, loss in _losses(run).items() if s >= step}
         for s, loss in resumed.items():
             assert loss == reference[s], (step, s, loss, reference[s])
 
@@ -88,7 +93,9 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     proc = _fit(tmp_path, "--ckpt_path", "last", "--trainer.max_steps", "9")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming from {last.relative_to(tmp_path)}" in proc.stderr
-    assert sorted(_losses(tmp_path / "runs" / "tiny" / "version_1")) == [7, 8]
+    # steps 0-6 logged before the SIGTERM, 7 and 8 after the resume, in the same run directory
+    assert sorted(_losses(tmp_path / "runs" / "tiny" / "version_0")) == list(range(9))
+    assert not (tmp_path / "runs" / "tiny" / "version_1").exists()
 
 
 def test_ckpt_path_last_in_a_config_file_resumes_like_the_flag(tmp_path):
@@ -106,6 +113,51 @@ def test_ckpt_path_last_in_a_config_file_resumes_like_the_flag(tmp_path):
     last = Path("runs/tiny/version_0/checkpoints/last.ckpt")
     assert f"resuming from {last}" in proc.stderr
     assert f"Restored all states from the checkpoint at {last}" in proc.stderr
+
+
+def _best_state(ckpt: Path) -> dict:
+    """The state of the ModelCheckpoint that keeps best.ckpt, as the checkpoint ``ckpt`` carries it."""
+    import torch
+
+    callbacks = torch.load(ckpt, weights_only=True)["callbacks"]
+    return next(v for k, v in callbacks.items() if "'monitor': 'val/cider_d'" in k)
+
+
+def test_a_resumed_run_continues_its_directory_and_only_a_better_score_replaces_best_ckpt(tmp_path):
+    """Before, a resumed run logged to a new version: ModelCheckpoint's folder changed, Lightning dropped the
+    best score it restored, and the first validation after the resume wrote best.ckpt whatever its score."""
+    import torch
+
+    # epochs, not max_steps: Lightning 2.6 resumes a max_steps run from an epoch's end checkpoint (last.ckpt) as
+    # if that epoch were still to be closed, and counts it twice against max_epochs
+    quick = "trainer:\n  num_sanity_val_steps: 0\n  max_steps: -1\n"
+    assert _fit(tmp_path, config=quick).returncode == 0  # 6 steps, one epoch, validated at its end
+    ckpts = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
+    best = (ckpts / "best.ckpt").read_bytes()
+    score = _best_state(ckpts / "best.ckpt")["best_model_score"]
+    assert score is not None and score > -1
+
+    worse = ["--trainer.callbacks+=fake_score.FakeScore", "--trainer.callbacks.value=-1"]
+    proc = _fit(tmp_path, "--ckpt_path", "last", *worse, config=quick + "  max_epochs: 2\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs" / "tiny").iterdir()] == ["version_0"]  # no new run directory
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert (ckpts / "best.ckpt").read_bytes() == best  # the worse validation left it alone
+    state = _best_state(ckpts / "last.ckpt")
+    assert state["best_model_score"] == score and Path(state["best_model_path"]).name == "best.ckpt"
+    # metrics.csv goes on from the first part's rows; config.yaml stays the run's recipe, trained again with -c
+    with open(ckpts.parent / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(12))
+    assert [float(r["val/cider_d"]) for r in rows if r["val/cider_d"]] == [pytest.approx(float(score)), -1.0]
+    assert "ckpt_path: null" in (ckpts.parent / "config.yaml").read_text()
+
+    better = ["--trainer.callbacks+=fake_score.FakeScore", "--trainer.callbacks.value=10"]
+    proc = _fit(tmp_path, "--ckpt_path", "last", *better, config=quick + "  max_epochs: 3\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]  # replaced in place, no best-v1
+    assert torch.load(ckpts / "best.ckpt", weights_only=True)["global_step"] == 18
+    assert _best_state(ckpts / "best.ckpt")["best_model_score"] == 10
 
 
 MID_EPOCH_VALIDATION = """
