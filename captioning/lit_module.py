@@ -12,6 +12,8 @@ import inspect
 import json
 import math
 import random
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,11 +40,63 @@ class CheckpointOnSigterm(pl.Callback):
 
     Lightning turns SIGTERM into ``SIGTERMException`` at the next batch boundary, where the state
     is consistent; the checkpoint goes next to the run's other checkpoints.
+
+    With gradient accumulation (``accumulate_grad_batches`` > 1) a batch boundary inside a window is not
+    enough: the gradients accumulated so far are in no checkpoint, so a resume from there would take the
+    window's optimizer step without them. Lightning is told of the signal only when the window ends (at
+    most ``accumulate_grad_batches - 1`` more batches), so the checkpoint is at an optimizer step and a
+    resume continues exactly as the uninterrupted run.
     """
+
+    def __init__(self) -> None:
+        self._lightning_handler = None  # Lightning's SIGTERM handler while ours stands in front of it
+        self._in_window = False  # a window's batches have begun and its optimizer step has not been taken
+        self._pending: tuple | None = None  # (signum, frame) of a SIGTERM held back until the window ends
+        self._announced = False
+        self._step_before = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning has installed its handler by now (a signal handler is the main thread's to set)
+        if trainer.accumulate_grad_batches > 1 and threading.current_thread() is threading.main_thread():
+            handler = signal.getsignal(signal.SIGTERM)
+            if callable(handler):
+                self._lightning_handler = handler
+                signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame) -> None:
+        if self._in_window:
+            self._pending = (signum, frame)  # no print here: a handler may interrupt a print to the same stream
+        else:
+            self._lightning_handler(signum, frame)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._in_window, self._step_before = True, trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step_before:  # gradients accumulated, no optimizer step yet
+            if self._pending is not None and not self._announced:
+                print("SIGTERM: finishing the gradient accumulation window before saving", flush=True)
+                self._announced = True
+            return
+        self._in_window = False
+        if self._pending is not None:
+            # Lightning raises SIGTERMException at the end of this same batch, after this hook
+            pending, self._pending = self._pending, None
+            self._lightning_handler(*pending)
+
+    def _restore_handler(self) -> None:
+        if self._lightning_handler is not None:
+            signal.signal(signal.SIGTERM, self._lightning_handler)
+            self._lightning_handler = None
+        self._in_window, self._pending, self._announced = False, None, False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handler()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+        self._restore_handler()
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
         ckpt = trainer.checkpoint_callback

@@ -1,5 +1,6 @@
 """Test helper callback: send a signal (SIGKILL by default) to the training process right after a
-given global step."""
+given global step; with ``mid_window``, after the first batch at that step that only accumulated
+gradients (no optimizer step), i.e. inside a gradient-accumulation window."""
 
 import os
 import signal
@@ -8,9 +9,14 @@ from pytorch_lightning import Callback
 
 
 class KillAtStep(Callback):
-    def __init__(self, step: int = 7, signal_name: str = "SIGKILL"):
-        self.step, self.signal = step, getattr(signal, signal_name)
+    def __init__(self, step: int = 7, signal_name: str = "SIGKILL", mid_window: bool = False):
+        self.step, self.signal, self.mid_window = step, getattr(signal, signal_name), mid_window
+        self._step_before = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step_before = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
+        stepped = trainer.global_step != self._step_before
+        if trainer.global_step == self.step and not (self.mid_window and stepped):
             os.kill(os.getpid(), self.signal)

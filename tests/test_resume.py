@@ -160,6 +160,47 @@ def test_a_resumed_run_continues_its_directory_and_only_a_better_score_replaces_
     assert _best_state(ckpts / "best.ckpt")["best_model_score"] == 10
 
 
+ACCUMULATE = """
+trainer:
+  max_steps: 8
+  max_epochs: 10
+  accumulate_grad_batches: 2
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+"""
+
+
+def _rows(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training row, in order (a step logged twice would show)."""
+    with open(run_dir / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_sigterm_inside_an_accumulation_window_saves_at_its_end_and_resumes_exactly(tmp_path):
+    """2 batches per optimizer step, SIGTERM after the first batch of step 4's window: before, last.ckpt was
+    written there, without the batch's accumulated gradient, and the resumed run took step 4 on the second
+    batch alone. Now the window is finished first, and the checkpoint is at step 5."""
+    import torch
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    assert _fit(whole, config=ACCUMULATE).returncode == 0
+    reference = _rows(whole / "runs" / "tiny" / "version_0")
+    assert [s for s, _ in reference] == list(range(8))  # one row per optimizer step
+
+    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=4"]
+    term += ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.mid_window=true"]
+    proc = _fit(killed, *term, config=ACCUMULATE)
+    assert "SIGTERM: saved" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "SIGTERM: finishing the gradient accumulation window before saving" in proc.stdout
+    last = killed / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    proc = _fit(killed, "--ckpt_path", str(last), config=ACCUMULATE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _rows(killed / "runs" / "tiny" / "version_0") == reference
+
+
 MID_EPOCH_VALIDATION = """
 trainer:
   max_steps: 12
