@@ -115,6 +115,31 @@ def _results_id(image_id: str) -> int | str:
     return int(image_id) if image_id.isdecimal() and str(int(image_id)) == image_id else image_id
 
 
+def _resume_after_epoch_end(checkpoint: dict) -> bool:
+    """Make a checkpoint written at an epoch's end (``on_train_epoch_end``: that epoch processed, not yet
+    completed) read as one written when the next epoch starts; True when it was such a checkpoint.
+
+    Why: with ``max_steps`` set, Lightning 2.6 treats every resume as a restart inside an epoch
+    (``_FitLoop.restarting``), and took this state for a restart inside the finished epoch: the resumed
+    run drew that epoch's data order again, counted it twice against ``max_epochs`` (stopping one epoch
+    early) and logged every step one too high. A checkpoint taken as the next epoch starts is a state
+    it restores exactly. Without ``max_steps`` Lightning handles this checkpoint itself.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop:
+        return False
+    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+    t = epochs["total"]
+    if not (batches.get("is_last_batch") and t["ready"] == t["started"] == t["processed"] == t["completed"] + 1):
+        return False
+    for part in ("total", "current"):
+        epochs[part]["completed"] = epochs[part]["processed"]
+        epochs[part]["ready"] = epochs[part]["processed"] + 1  # the next epoch is ready, not yet started
+    batches["current"] = {k: 0 for k in batches["current"]}  # and none of its batches
+    batches["is_last_batch"] = False
+    return True
+
+
 class CaptionModule(pl.LightningModule):
     """Trains a :class:`CaptionNet`.
 
@@ -476,6 +501,9 @@ class CaptionModule(pl.LightningModule):
         if meta is not None:
             self._check_matches(meta)
         self._restored = True  # the encoder's weights come from the checkpoint (_load_pretrained_encoder)
+        if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.max_steps != -1:
+            # Lightning then counts the logged steps from a restart's rule; the first batch sets them right
+            self._align_logged_step = _resume_after_epoch_end(checkpoint)
         resume = checkpoint.get("resume")
         if not resume or self._trainer is None or self.trainer.state.fn != "fit":
             return
@@ -501,6 +529,11 @@ class CaptionModule(pl.LightningModule):
             raise ValueError(f"model configuration mismatch ({sides})")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if getattr(self, "_align_logged_step", False):
+            # the step loggers write (batches that took an optimizer step) is the optimizer's step count in
+            # an uninterrupted run of one optimizer; Lightning's restart rule was made for another checkpoint
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+            self._align_logged_step = False
         rng = getattr(self, "_pending_rng", None)
         if rng is not None:
             torch.set_rng_state(rng["torch"])

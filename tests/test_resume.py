@@ -235,3 +235,39 @@ def test_a_checkpoint_written_by_a_mid_epoch_validation_resumes_exactly(tmp_path
     assert sorted(again) == list(range(3, 12)), sorted(again)
     for step, loss in again.items():
         assert loss == reference[step], (step, loss, reference[step])
+
+
+EPOCH_END_CONFIG = """
+trainer:
+  max_steps: 1000
+  max_epochs: 4
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args:
+        filename: last
+        save_top_k: 1
+        save_on_train_epoch_end: true
+        enable_version_counter: false
+"""
+
+
+def test_a_step_limited_run_resumes_exactly_from_a_checkpoint_written_at_an_epochs_end(tmp_path):
+    """With max_steps set (iteration-based training), Lightning 2.6 took a last.ckpt written at an epoch's end
+    for a restart inside that epoch: the resumed run re-drew that epoch's data order, logged every step one
+    too high and, counting the epoch twice, stopped one epoch early."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    assert _fit(whole, config=EPOCH_END_CONFIG).returncode == 0
+    reference = _losses(next(whole.glob("runs/tiny/version_*")))
+    assert sorted(reference) == list(range(24))  # 4 epochs of 6 batches
+
+    # killed at the last batch of the second epoch: last.ckpt is the one written at the first epoch's end
+    kill = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=12"]
+    assert _fit(killed, *kill, config=EPOCH_END_CONFIG).returncode != 0
+    run = killed / "runs" / "tiny" / "version_0"
+    proc = _fit(killed, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), config=EPOCH_END_CONFIG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _losses(run) == reference

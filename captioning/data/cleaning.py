@@ -2,8 +2,9 @@
 
 - Images: a missing, zero-byte, non-image, truncated or oversized file is left out and counted
   by reason (:func:`captioning.data.images.check_image`, run over a thread pool: JPEG and PNG by
-  their headers and end markers, other formats by a full decode). Above ``max_bad_fraction`` of bad images the run stops: that many
-  bad files means a wrong path or a broken download, not a few odd images.
+  their headers and end markers, other formats by a full decode). Above ``max_bad_fraction`` of
+  bad images the run stops: that many bad files means a wrong path or a broken download, not a
+  few odd images.
 - Captions: empty or punctuation-only captions are dropped and counted; an image left with no
   caption is left out.
 - Ids: a second record with an image id already seen in its split is left out and counted.
