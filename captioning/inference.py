@@ -7,6 +7,7 @@ arguments, preprocessing, grid; ``checkpoint["state_dict"]``: weights). It is re
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,16 @@ class Captioner:
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not match the stored model configuration ({e})") from None
         net.encoder.optimize_for_inference()  # BatchNorm folded into the convolutions: this net only infers
+        max_len = int(search.get("max_len", 24))
+        positions = getattr(net.decoder, "positions", None)  # the transformer's position table (P,D)
+        if positions is not None and max_len > positions.size(0):
+            # a checkpoint from before training refused this: its search would step past the table
+            warnings.warn(
+                f"{path}: its search length ({max_len}) is more than the transformer's position table covers "
+                f"({positions.size(0)}); captions are cut at {positions.size(0)} words",
+                stacklevel=2,
+            )
+            max_len = positions.size(0)
         return cls(
             net,
             vocab,
@@ -125,7 +136,7 @@ class Captioner:
             std,
             grid,
             beam_size=beam_size if beam_size is not None else search.get("beam_size", 3),
-            max_len=search.get("max_len", 24),
+            max_len=max_len,
             device=device,
             length_penalty=length_penalty if length_penalty is not None else search.get("length_penalty", 0.0),
         )

@@ -107,6 +107,32 @@ def test_a_checkpoint_with_damaged_metadata_is_an_error_naming_the_file(tmp_path
             Captioner.from_checkpoint(path)
 
 
+def test_an_old_transformer_checkpoint_searching_past_its_position_table_is_cut_with_a_warning(tmp_path):
+    """Training now refuses max_decode_len > max_len; a checkpoint written before that would make inference
+    step past the transformer's position table (an IndexError mid-search): it is cut to the table instead."""
+    from captioning.models.net import CaptionNet
+    from captioning.vocab import SPECIALS
+
+    torch.manual_seed(0)
+    model = {"decoder": "transformer", "hidden_dim": 16, "num_heads": 2, "num_layers": 1, "max_len": 5}
+    model.update(encoder_channels=(8, 8, 8, 8), tie_embeddings=False)
+    vocab = [*SPECIALS, "red", "circle"]
+    net = CaptionNet(len(vocab), **model)
+    with torch.no_grad():  # a model that never ends: "red" at every step, as many as the search allows
+        net.decoder.norm.weight.zero_()  # the final norm gives a vector of ones whatever it reads
+        net.decoder.norm.bias.fill_(1.0)
+        net.decoder.out.weight.zero_()
+        net.decoder.out.weight[len(SPECIALS)] = 1.0
+    path = tmp_path / "old.ckpt"
+    meta = {"vocab": vocab, "model": model, "grid": [4, 4], "search": {"beam_size": 2, "max_len": 9}}
+    meta["preprocess"] = {"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
+    torch.save({"captioning": meta, "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, path)
+    with pytest.warns(UserWarning, match=r"search length \(9\) is more than .* \(5\); captions are cut at 5"):
+        captioner = Captioner.from_checkpoint(path)
+    caption = captioner.caption(Image.new("RGB", (64, 64), (200, 60, 60)))
+    assert caption.tokens == ["red"] * 5 and caption.attention.shape[0] == 5
+
+
 def test_checkpoints_are_written_with_the_usual_permissions(tmp_path):
     """mkstemp makes 0600 files: a checkpoint must get what open() would give (umask), or keep the old file's."""
     old = os.umask(0o022)
