@@ -10,20 +10,23 @@ import pytest
 
 from conftest import ROOT, TINY, run_script
 
-CONFIG = """
+
+def _config(max_steps: int, max_epochs: int, checkpoint: str) -> str:
+    """A run without validation that logs every step; ``checkpoint``: the ModelCheckpoint's init_args."""
+    return f"""
 trainer:
-  max_steps: 12
-  max_epochs: 10
+  max_steps: {max_steps}
+  max_epochs: {max_epochs}
   limit_val_batches: 0
   num_sanity_val_steps: 0
   log_every_n_steps: 1
   callbacks:
     - class_path: pytorch_lightning.callbacks.ModelCheckpoint
-      init_args:
-        filename: "{step}"
-        every_n_train_steps: 3
-        save_top_k: -1
+      init_args: {checkpoint}
 """
+
+
+CONFIG = _config(12, 10, '{filename: "{step}", every_n_train_steps: 3, save_top_k: -1}')
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -237,21 +240,9 @@ def test_a_checkpoint_written_by_a_mid_epoch_validation_resumes_exactly(tmp_path
         assert loss == reference[step], (step, loss, reference[step])
 
 
-EPOCH_END_CONFIG = """
-trainer:
-  max_steps: 1000
-  max_epochs: 4
-  limit_val_batches: 0
-  num_sanity_val_steps: 0
-  log_every_n_steps: 1
-  callbacks:
-    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
-      init_args:
-        filename: last
-        save_top_k: 1
-        save_on_train_epoch_end: true
-        enable_version_counter: false
-"""
+EPOCH_END_CONFIG = _config(
+    1000, 4, "{filename: last, save_top_k: 1, save_on_train_epoch_end: true, enable_version_counter: false}"
+)
 
 
 def test_a_step_limited_run_resumes_exactly_from_a_checkpoint_written_at_an_epochs_end(tmp_path):
