@@ -458,10 +458,11 @@ class CaptionModule(pl.LightningModule):
                 )
             return {}, []
         words = [self.vocab.decode(toks) for _, toks, _ in outputs]
+        texts = [detokenize(w) for w in words]  # what is scored is what the results file holds
         ids = [records[i].image_id for i, _, _ in outputs]
         metrics = score_captions(
             {image_id: records[i].captions for image_id, (i, _, _) in zip(ids, outputs)},
-            {image_id: detokenize(w) for image_id, w in zip(ids, words)},
+            dict(zip(ids, texts)),
             meteor=meteor,
         )
         if all(records[i].objects is not None for i, _, _ in outputs):
@@ -469,7 +470,7 @@ class CaptionModule(pl.LightningModule):
             objects = [records[i].objects for i, _, _ in outputs]
             metrics.update(shapes_scores(words, [a for _, _, a in outputs], self.grid, objects, sizes))
         # COCO's results format (what pycocotools' loadRes reads) has the annotation file's integer ids
-        captions = [{"image_id": _results_id(image_id), "caption": detokenize(w)} for image_id, w in zip(ids, words)]
+        captions = [{"image_id": _results_id(image_id), "caption": text} for image_id, text in zip(ids, texts)]
         return metrics, captions
 
     def on_validation_epoch_end(self) -> None:

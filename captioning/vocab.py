@@ -24,9 +24,10 @@ from captioning.cocoeval import PUNCTUATIONS, ptb_tokenize
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-#: PTB tokens that ``tokenize`` leaves out: pycocoevalcap's punctuation except the comma, and bracket tokens
-#: (pycocoevalcap keeps "-lrb-" for "(", a word no caption should be taught to say)
-_DROP = frozenset(t.lower() for t in PUNCTUATIONS if t != ",") | {"-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", "-rcb-"}
+#: PTB tokens that ``tokenize`` leaves out: pycocoevalcap's punctuation except the comma, and every bracket
+#: token. Lowercased, its "-LRB-"/"-RRB-"/"-LCB-"/"-RCB-" match the lexer's lowercased brackets, which
+#: pycocoevalcap itself keeps as words ("-lrb-" for "("): words no caption should be taught to say.
+_DROP = frozenset(t.lower() for t in PUNCTUATIONS if t != ",") | {"-lsb-", "-rsb-"}
 _TAG = re.compile(r"<.*>\Z")  # the lexer keeps "<b>" or "<end>" as one token: markup, never a word
 #: tokens written onto the word before them in display text (the PTB tokeniser splits them off again)
 _ATTACHED = frozenset([",", "'s", "'re", "'ve", "'ll", "'m", "'d", "n't", "'"])

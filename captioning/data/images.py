@@ -193,7 +193,8 @@ def _decode(path: Path, img: Image.Image, max_pixels: int, all_frames: bool = Fa
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Normalise any PIL mode to RGB (see module docstring)."""
-    top = _top_value(img)  # before exif_transpose, which drops a TIFF's tags
+    # read before exif_transpose, which drops a TIFF's tags (and keeps the mode)
+    top = _top_value(img) if img.mode in _HIGH_BIT_MODES else None
     if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         # only then: exif_transpose copies even an image it does not turn, and this runs per loaded image
         img = ImageOps.exif_transpose(img)

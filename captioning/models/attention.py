@@ -77,10 +77,10 @@ class AdditiveAttention(nn.Module):
 
         ``via_sigmoid``: return v^T sigmoid(2 (keys + q)) instead, which the caller maps to the same
         score (tanh(x) = 2 sigmoid(2x) - 1; the two differ by float32 rounding, ~1e-7). Why: PyTorch's
-        CPU tanh on large tensors goes to MKL, which on AMD CPUs runs ~6x slower than sigmoid (1.3 vs
-        0.2 ns per element on an AMD EPYC, 2 threads), and this pass is the largest elementwise
-        cost of a batched search. Only for float32: in bfloat16 sigmoid near 1/2 is coarser than tanh
-        near 0.
+        CPU tanh goes to MKL, which on AMD CPUs runs ~5x slower than sigmoid (2.3 vs 0.5 ns per element
+        for one chunk on an AMD EPYC, 2 threads: ``benchmarks/cpu_elementwise.py``), and this pass is the
+        largest elementwise cost of a batched search. Only for float32: in bfloat16 sigmoid near 1/2 is
+        coarser than tanh near 0.
         """
         hidden = keys.unsqueeze(1) + q  # (B,M,N,A): the largest tensor of a step
         # in place: one (B,M,N,A) buffer, not two; the score is a matrix-vector product against the
