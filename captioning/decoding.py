@@ -119,7 +119,8 @@ def beam_search(
     Finished beams stay in the beam with a frozen score (they can only be extended by <pad> at
     no cost), so the search ends when every beam of every image has finished or at ``max_len``;
     unfinished beams at ``max_len`` are returned as they are. With ``length_penalty`` alpha > 0,
-    final scores are divided by GNMT's ((5 + len) / 6) ** alpha.
+    final scores are divided by GNMT's ((5 + len) / 6) ** alpha, len counting the scored tokens: the
+    words and, for a hypothesis that ended, its <end>.
 
     Returns, per image, the ``num_return`` best hypotheses, best first.
     """
@@ -252,8 +253,10 @@ def _trace(
         for i in range(first, first + per_image):
             if sc[i] == float("-inf"):
                 continue
-            length = len(_cut(hist[i]))
-            ranked.append((sc[i] / ((5.0 + length + 1) / 6.0) ** length_penalty if length_penalty else sc[i], i))
+            # GNMT's |Y| counts the tokens the score sums over: the words, and <end> only where the
+            # hypothesis ended (a beam cut at max_len has no <end> log-probability in its score)
+            length = len(_cut(hist[i])) + (Vocabulary.end_id in hist[i])
+            ranked.append((sc[i] / ((5.0 + length) / 6.0) ** length_penalty if length_penalty else sc[i], i))
         ranked.sort(key=lambda x: -x[0])  # stable: ties keep row order
         results.append([_finish(hist[i], score, attn[i]) for score, i in ranked[:num_return]])
     return results

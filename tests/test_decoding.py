@@ -137,10 +137,12 @@ def test_all_beams_end_at_first_step_and_beam_wider_than_vocab():
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
 
 
-def _enumerate_best(dec, feats, max_len):
-    """Exhaustive search: every word sequence that ends with <end> or reaches max_len."""
+def _enumerate(dec, feats, max_len, length_penalty=0.0):
+    """Exhaustive search: every word sequence that ends with <end> or reaches max_len, as (score, words),
+    best first. With a length penalty, GNMT's |Y| is the number of scored tokens: the words, plus <end>
+    when the sequence ended."""
     words = [i for i in range(dec.vocab_size) if i not in (Vocabulary.pad_id, Vocabulary.start_id)]
-    best = (float("-inf"), None)
+    found = []
     frontier = [((), 0.0, dec.init_state(feats))]
     for depth in range(max_len):
         nxt = []
@@ -152,11 +154,16 @@ def _enumerate_best(dec, feats, max_len):
                 s = score + float(logp[w])
                 if w == Vocabulary.end_id or depth == max_len - 1:
                     out = seq if w == Vocabulary.end_id else seq + (w,)
-                    best = max(best, (s, out), key=lambda x: x[0])
+                    scored = len(out) + (w == Vocabulary.end_id)
+                    found.append((s / ((5.0 + scored) / 6.0) ** length_penalty, out))
                 else:
                     nxt.append((seq + (w,), s, new_state))
         frontier = nxt
-    return best
+    return sorted(found, key=lambda x: -x[0])
+
+
+def _enumerate_best(dec, feats, max_len):
+    return _enumerate(dec, feats, max_len)[0]
 
 
 def test_beam_search_finds_the_exhaustive_optimum():
@@ -169,6 +176,23 @@ def test_beam_search_finds_the_exhaustive_optimum():
         hyp = beam_search(dec, feats, beam_size=16, max_len=3)[0][0]
         assert tuple(hyp.tokens) == seq
         assert abs(hyp.score - score) < 1e-4
+
+
+@torch.no_grad()
+def test_length_penalty_ranks_finished_and_cut_hypotheses_alike():
+    """A beam wide enough to keep every sequence must rank them as exhaustive enumeration does, with a
+    length penalty too: a hypothesis cut at max_len has no <end> in its score, so its length counts one
+    token fewer than an ended one's (counting one more favoured cut hypotheses over ended ones)."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        dec = LSTMDecoder(6, 4, embed_dim=4, hidden_dim=8, attention_dim=4).eval()
+        feats = torch.randn(1, 5, 4) * 2
+        for alpha in (1.0, 2.0):
+            want = _enumerate(dec, feats, max_len=3, length_penalty=alpha)[:4]
+            got = beam_search(dec, feats, beam_size=64, max_len=3, length_penalty=alpha, num_return=4)[0]
+            assert [tuple(h.tokens) for h in got] == [seq for _, seq in want]
+            for h, (score, _) in zip(got, want):
+                assert abs(h.score - score) < 1e-4
 
 
 def test_min_len_and_ngram_blocking():
