@@ -122,10 +122,15 @@ def beam_search(
     final scores are divided by GNMT's ((5 + len) / 6) ** alpha, len counting the scored tokens: the
     words and, for a hypothesis that ended, its <end>.
 
-    Returns, per image, the ``num_return`` best hypotheses, best first.
+    Returns, per image, the ``num_return`` (1 .. ``beam_size``) best hypotheses, best first; fewer only
+    where fewer than that many word sequences exist (a beam wider than the vocabulary allows).
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+    # the search keeps only beam_size hypotheses per image: more could not be returned, and a slice by
+    # num_return <= 0 gave none (0) or all but the last (-1) without a word
+    if not 1 <= num_return <= beam_size:
+        raise ValueError(f"num_return must be between 1 and beam_size ({beam_size}), got {num_return}")
     _check_max_len(max_len)
     b, n, _ = features.shape
     k = beam_size

@@ -102,6 +102,16 @@ def test_finished_images_leave_the_batch_and_results_do_not_change():
             torch.testing.assert_close(s.attention, b.attention)
 
 
+def test_num_return_outside_one_to_beam_size_is_an_error():
+    """The search keeps beam_size hypotheses: asking for more silently gave fewer, and 0 or -1 sliced the
+    ranking to none or to all but the last."""
+    dec, feats = _decoder(), torch.randn(2, 9, 6)
+    for num_return in (3, 0, -1):
+        with pytest.raises(ValueError, match=f"num_return must be between 1 and beam_size \\(2\\), got {num_return}"):
+            beam_search(dec, feats, beam_size=2, max_len=4, num_return=num_return)
+    assert [len(h) for h in beam_search(dec, feats, beam_size=2, max_len=4, num_return=2)] == [2, 2]
+
+
 def test_model_that_never_ends_stops_at_max_len():
     logits = torch.full((6,), -10.0)
     logits[4] = 0.0  # always word 4, never <end>
