@@ -8,13 +8,15 @@ Images are captioned --batch-size at a time in one batched beam search (the same
 at a time, faster). Prints "<path>: <caption>" per image, in the order given, and writes
 <stem>_attention.png into --out (default: the current directory); when two inputs share a stem
 (a/img.png, b/img.png) the later ones get img-2_attention.png, img-3_attention.png ... so no
-overlay of this run overwrites another. A file that cannot be read is reported with its cause on
+overlay of this run overwrites another, nor one of the input images (x.png's overlay becomes
+x-2_attention.png when x_attention.png is itself an input). A file that cannot be read is reported with its cause on
 stderr; the other images are still captioned, and the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,11 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {out_dir}: cannot make that folder ({e.strerror or e})", file=sys.stderr)
         return 2
     overlays: set[Path] = set()  # written by this run: a shared stem must not overwrite one of them
+    # the input files themselves, by device and inode: `infer.py x.png x_attention.png` must not write
+    # x.png's overlay over the input x_attention.png (nor over it through another spelling of its path:
+    # a link, or other letter case on a case-insensitive file system)
+    inputs = {(st.st_dev, st.st_ino) for st in map(_stat, args.images) if st is not None}
 
     def overlay_path(name: str) -> Path:
         stem, n = Path(name).stem, 1
         target = out_dir / f"{stem}_attention.png"
-        while target in overlays:
+        while target in overlays or (st := _stat(target)) is not None and (st.st_dev, st.st_ino) in inputs:
             n += 1
             target = out_dir / f"{stem}-{n}_attention.png"
         overlays.add(target)
@@ -119,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if batch:
         caption_batch()
     return 1 if failures else 0
+
+
+def _stat(path: str | Path) -> os.stat_result | None:
+    """``os.stat`` of an existing file, None for anything else (missing, a URL, unreadable)."""
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
 
 
 def unusable_device(device: torch.device) -> str | None:

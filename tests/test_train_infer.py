@@ -250,3 +250,19 @@ def test_without_a_best_checkpoint_the_error_points_at_the_last_one(tmp_path):
     assert f"is {last}: pass it with --ckpt" in str(err.value) and "tiny/version_0" in str(err.value)
     (last.parent / "best.ckpt").write_bytes(b"")
     assert find_latest_checkpoint(tmp_path / "runs") == last.parent / "best.ckpt"
+
+
+def test_infer_never_writes_an_overlay_over_one_of_its_input_images(tiny_ckpt, tiny_shapes, tmp_path):
+    """`infer.py x.png x_attention.png`: x.png's overlay would be named x_attention.png, the second input;
+    it goes to x-2_attention.png instead, and the input keeps its bytes."""
+    images = tiny_shapes.parent / "images"
+    first, second = tmp_path / "x.png", tmp_path / "x_attention.png"
+    first.write_bytes((images / "000000.png").read_bytes())
+    second.write_bytes((images / "000001.png").read_bytes())
+    original = second.read_bytes()
+    args = [str(first), str(second), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path)]
+    proc = run_script(str(ROOT / "infer.py"), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert second.read_bytes() == original
+    assert f"attention overlay: {tmp_path / 'x-2_attention.png'}" in proc.stderr
+    assert (tmp_path / "x-2_attention.png").is_file() and (tmp_path / "x_attention_attention.png").is_file()
