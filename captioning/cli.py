@@ -8,11 +8,16 @@
   key) continues the run the checkpoint belongs to, in its run directory: the best score so far and
   ``best.ckpt`` carry on (a worse validation does not replace it), and ``metrics.csv`` keeps the rows
   of the steps before the checkpoint.
+- With ``--ckpt_path`` (fit, validate, test) the model's options come from the checkpoint, over those of
+  the config files, so a run's checkpoint is read with the model it was trained as; ``--model.*`` flags
+  on the command line still win over both (``test --ckpt_path best.ckpt --model.beam_size 5``). An
+  architecture flag the checkpoint's weights do not have is refused, naming both sides.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -64,10 +69,8 @@ class CaptionCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True, help="score the test split after fit")
-        parser.link_arguments("data.image_size", "model.image_size")
-        parser.link_arguments("data.mean", "model.mean")
-        parser.link_arguments("data.std", "model.std")
-        parser.link_arguments("data.vocab_tokens", "model.vocab", apply_on="instantiate")
+        for target, source in LINKED_FROM_DATA.items():
+            parser.link_arguments(source, f"model.{target}", apply_on="instantiate" if target == "vocab" else "parse")
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -77,10 +80,27 @@ class CaptionCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else self.config
         self._resume_step = None  # the checkpoint's global step, when it is a file
-        if config is not None and "ckpt_path" in config:
-            config.ckpt_path, ckpt = resolve_ckpt_path(config.ckpt_path, subcommand)
-            if ckpt is not None:
-                self._resume_step = int(ckpt.get("global_step", 0))
+        if config is None or "ckpt_path" not in config:
+            return
+        config.ckpt_path, ckpt = resolve_ckpt_path(config.ckpt_path, subcommand)
+        if ckpt is None:
+            return
+        self._resume_step = int(ckpt.get("global_step", 0))
+        hparams = checkpoint_model_options(ckpt)
+        if hparams and (args is None or isinstance(args, list)):
+            # LightningCLI's own _parse_ckpt_path (skipped below) merges the checkpoint's options over the
+            # finished config, so over the command line too: `test --ckpt_path best.ckpt --model.beam_size 5`
+            # searched with the checkpoint's beam, silently, and a resume's architecture flags never reached
+            # the check that refuses them. Parsed again with the checkpoint's options as one more config,
+            # after the config files and before the flags, each keeps its place.
+            argv = list(sys.argv[1:] if args is None else args)
+            resolved = config.ckpt_path
+            self.config = parser.parse_args(with_checkpoint_options(argv, subcommand, hparams))
+            self.config[subcommand].ckpt_path = resolved
+
+    def _parse_ckpt_path(self) -> None:
+        # done in parse_arguments, in the order of the command line (see there)
+        pass
 
     def instantiate_trainer(self, **kwargs: Any):
         # the checkpoint plugin joins here, not through ``trainer_defaults``: a default is written into
@@ -163,6 +183,40 @@ def _keep_metrics_before(logger: CSVLogger, step: int) -> None:
         writer = logger.experiment  # opening the writer deletes the file; the rows go back in first
     for row in rows:
         writer.log_metrics({k: v for k, v in row.items() if k not in ("step", None) and v != ""}, int(row["step"]))
+
+
+#: model options set from the data module (see ``add_arguments_to_parser``): what the data says wins over
+#: any checkpoint, so these never come from one
+LINKED_FROM_DATA = {
+    "image_size": "data.image_size",
+    "mean": "data.mean",
+    "std": "data.std",
+    "vocab": "data.vocab_tokens",
+}
+
+
+def checkpoint_model_options(ckpt: dict) -> dict[str, Any]:
+    """The model options a Lightning checkpoint was trained with (its ``hyper_parameters``), less the ones
+    linked from the data and Lightning's private keys."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    return {k: v for k, v in hparams.items() if not k.startswith("_") and k not in LINKED_FROM_DATA}
+
+
+def with_checkpoint_options(argv: list[str], subcommand: str, hparams: dict[str, Any]) -> list[str]:
+    """``argv`` with ``--model <the checkpoint's options>`` right after the subcommand's last config file
+    (or the subcommand itself): later arguments override earlier ones, so the checkpoint's options win
+    over the config files and the ``--model.*`` flags that follow win over the checkpoint."""
+    start = argv.index(subcommand) + 1 if subcommand in argv else 0
+    at = start
+    i = start
+    while i < len(argv):
+        if argv[i] in ("-c", "--config"):
+            at = i = i + 2
+            continue
+        if argv[i].startswith("--config="):
+            at = i + 1
+        i += 1
+    return [*argv[:at], "--model", json.dumps(hparams), *argv[at:]]
 
 
 def resolve_ckpt_path(ckpt_path: str | None, subcommand: str | None = "fit") -> tuple[str | None, dict | None]:

@@ -50,3 +50,23 @@ def test_results_ids_are_integers_only_for_plain_decimal_names():
     assert _results_id("7") == 7 and _results_id("391895") == 391895
     for name in ("²", "version_²", "0007", "٣", "12.jpg", ""):
         assert _results_id(name) == name
+
+
+def test_model_flags_win_over_the_checkpoint_and_the_checkpoint_over_the_config_file(tiny_ckpt, tmp_path):
+    """With --ckpt_path the checkpoint's model options replace the config file's (a config of another width
+    still reads the checkpoint), but --model.* flags on the command line replace the checkpoint's. Before,
+    LightningCLI merged the checkpoint's options over the flags too: --model.max_decode_len 3 was ignored
+    in silence (captions of 12 words), and a resume with another architecture flag went on with the
+    checkpoint's instead of being refused."""
+    other = tmp_path / "tiny48.yaml"
+    other.write_text(TINY.read_text().replace("hidden_dim: 32", "hidden_dim: 48"))
+    assert "hidden_dim: 48" in other.read_text()
+    flags = ["--ckpt_path", str(tiny_ckpt), "--model.max_decode_len", "3"]
+    proc = run_script(str(ROOT / "train.py"), "test", "-c", str(other), *flags, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    captions = read_json(next(tmp_path.glob("runs/tiny/*/test_captions.json")))
+    assert len(captions) == 16 and all(len(c["caption"].split()) <= 3 for c in captions)
+    resume = ["fit", "-c", str(TINY), "--ckpt_path", str(tiny_ckpt), "--model.hidden_dim", "48"]
+    proc = run_script(str(ROOT / "train.py"), *resume, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "model configuration mismatch (hidden_dim: checkpoint 32 vs config 48)" in proc.stderr
