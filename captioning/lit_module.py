@@ -259,7 +259,8 @@ class CaptionModule(pl.LightningModule):
         dec = list(self.net.decoder.parameters())
         groups = [{"params": dec, "lr": hp.lr}]
         if enc:
-            groups.append({"params": enc, "lr": hp.encoder_lr or hp.lr})
+            # `is None`, not `or`: an encoder_lr of 0 is a value (keep the encoder's weights), not "unset"
+            groups.append({"params": enc, "lr": hp.lr if hp.encoder_lr is None else hp.encoder_lr})
         opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         # a warmup longer than a tenth of the run would leave short runs (smoke tests, a few epochs with the

@@ -77,3 +77,24 @@ def test_a_compiled_decoder_trains_on_fixed_length_captions_with_the_same_loss()
         plain, _ = module.loss(images, tokens)
         torch.testing.assert_close(padded, plain)
     assert seen == [7, 3, 7, 5]  # training steps: always 8 tokens -> 7 decoder inputs; plain: L - 1
+
+
+def test_an_encoder_lr_of_zero_is_applied_not_taken_for_unset():
+    """Before, ``encoder_lr or lr`` gave a fine-tuned encoder the decoder's LR when encoder_lr was 0."""
+    import types
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    def group_lrs(encoder_lr):
+        module = CaptionModule(
+            vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, encoder_lr=encoder_lr
+        )
+        module._trainer = types.SimpleNamespace(
+            estimated_stepping_batches=100, num_training_batches=10, accumulate_grad_batches=1, max_epochs=10
+        )
+        opt = module.configure_optimizers()["optimizer"]
+        return [g["initial_lr"] for g in opt.param_groups]  # (decoder, encoder), before the warmup's factor
+
+    assert group_lrs(0.0) == [0.002, 0.0]
+    assert group_lrs(None) == [0.002, 0.002] and group_lrs(1e-4) == [0.002, 1e-4]
