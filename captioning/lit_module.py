@@ -107,6 +107,12 @@ class CheckpointOnSigterm(pl.Callback):
         print(f"SIGTERM: saved {folder / 'last.ckpt'} at step {trainer.global_step}", flush=True)
 
 
+def _same_numbers(a, b) -> bool:
+    """A number or a list of numbers equal to float32 rounding (mean and std pass through YAML and float)."""
+    a, b = (list(x) if isinstance(x, list | tuple) else [x] for x in (a, b))
+    return len(a) == len(b) and all(math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
+
+
 def _results_id(image_id: str) -> int | str:
     """A record's id as the COCO results format wants it: numeric ids (COCO's cocoid) as integers, any
     other name (a Flickr or CSV file name, or "0007", which would collide with "7") as written.
@@ -514,8 +520,8 @@ class CaptionModule(pl.LightningModule):
             self.trainer.datamodule.resume_at(resume["epoch"], resume["batches_done"])
 
     def _check_matches(self, meta: dict) -> None:
-        """Refuse a checkpoint whose vocabulary or architecture differs from this run's, naming both
-        sides, before any weights are copied or any step is taken."""
+        """Refuse a checkpoint whose vocabulary, architecture or image preprocessing differs from this
+        run's, naming both sides, before any weights are copied or any step is taken."""
         ours, theirs = list(self.vocab.tokens), list(meta["vocab"])
         if ours != theirs:
             diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -529,6 +535,19 @@ class CaptionModule(pl.LightningModule):
         if differ:
             sides = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"model configuration mismatch ({sides})")
+        # image size, mean and std come from the data options, not from the checkpoint: a model tested (or
+        # resumed) on images prepared otherwise than it was trained on scores lower, silently
+        pre = meta.get("preprocess") or {}
+        ours = {
+            "image_size": int(self.hparams.image_size),
+            "mean": [float(m) for m in self.hparams.mean],
+            "std": [float(s) for s in self.hparams.std],
+        }
+        differ = {k: (pre[k], v) for k, v in ours.items() if k in pre and not _same_numbers(pre[k], v)}
+        if differ:
+            sides = ", ".join(f"{k}: checkpoint {a!r} vs data {b!r}" for k, (a, b) in differ.items())
+            flags = " ".join(f"--data.{k} {json.dumps(a)}" for k, (a, _) in differ.items())
+            raise ValueError(f"image preprocessing mismatch ({sides}); to match the checkpoint pass {flags}")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if getattr(self, "_align_logged_step", False):

@@ -256,6 +256,22 @@ def test_resuming_with_other_data_or_config_names_both_sides(tmp_path, tiny_ckpt
     assert str(wrong) in str(e.value)
 
 
+def test_testing_a_checkpoint_on_images_prepared_otherwise_is_refused_naming_both_sides(tmp_path, tiny_ckpt):
+    """Image size, mean and std come from the data options: `test --ckpt_path` with a checkpoint trained
+    at another image size, or with another --data.mean, scored the model on images it was not trained on,
+    silently."""
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    ckpt["captioning"]["preprocess"]["image_size"] = 48  # as if trained at 48 px (the tiny config says 64)
+    trained_at_48 = tmp_path / "at48.ckpt"
+    torch.save(ckpt, trained_at_48)
+    args = ["test", "-c", str(TINY), "--ckpt_path", str(trained_at_48), "--data.mean", "[0.5, 0.5, 0.5]"]
+    proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "image preprocessing mismatch (image_size: checkpoint 48 vs data 64, mean: checkpoint [0.485" in proc.stderr
+    assert "to match the checkpoint pass --data.image_size 48 --data.mean [0.485" in proc.stderr
+    assert "test/" not in proc.stdout  # nothing was scored
+
+
 @pytest.mark.parametrize("case", ["never_ends", "ends_at_once", "wide_beam"])
 def test_decoding_edge_cases_still_give_captions_and_overlays(tmp_path, tiny_ckpt, tiny_shapes, case):
     from captioning.data.images import load_image
