@@ -316,6 +316,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _rate(row: dict) -> str:
+    """A row's rate column: ``1,234.5 captions/s``, or why the mode failed."""
+    return f"{row['rate']:,.1f} {row['unit']}" if "error" not in row else f"failed: {row['error']}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -353,14 +358,20 @@ def main(argv: list[str] | None = None) -> None:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            print(f"  done {decoder} {mode} in {row['wall']:.0f} s", file=sys.stderr, flush=True)
+            # the row's numbers now, not only in the table at the end: a run stopped by a time limit (the
+            # GPU check's) still leaves every mode measured before it
+            print(
+                f"  done {decoder} {mode} in {row['wall']:.0f} s: {_rate(row)}, {row['ms']:.1f} ms/iter, "
+                f"peak memory {row['mem']}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     print()
     print("| decoder | mode | batch (images x captions) | rate | ms/iter | peak memory |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        rate = f"{r['rate']:,.1f} {r['unit']}" if "error" not in r else f"failed: {r['error']}"
-        print(f"| {r['decoder']} | {MODES[r['mode']]} | {r['batch']} | {rate} | {r['ms']:.1f} | {r['mem']} |")
+        print(f"| {r['decoder']} | {MODES[r['mode']]} | {r['batch']} | {_rate(r)} | {r['ms']:.1f} | {r['mem']} |")
     print("(ms/iter: per training step or batched search; per image for one-at-a-time search)")
     for decoder in args.decoders:
         rate = {r["mode"]: r["rate"] for r in rows if r["decoder"] == decoder and "error" not in r}

@@ -1,0 +1,42 @@
+"""benchmarks/throughput.py, the script the one-shot GPU check runs (benchmarks/gpu_check.sh): what it leaves
+behind when it is stopped or a mode fails, at tiny sizes on the CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+# the smallest model the script builds: a few seconds on a CPU for every mode; --threads 0 leaves torch's
+# thread count (of this test process) as it is
+TINY = [
+    "--device", "cpu", "--precision", "fp32", "--threads", "0", "--encoder", "small_cnn", "--image-size", "32",
+    "--hidden", "16", "--heads", "2", "--layers", "1", "--vocab", "40", "--images-per-batch", "1",
+    "--captions-per-image", "2", "--iters", "1", "--warmup", "0", "--single-images", "1", "--steps", "2",
+]  # fmt: skip
+
+
+@pytest.fixture
+def throughput(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: it imports data_throughput
+    monkeypatch.setattr(sys, "argv", ["benchmarks/throughput.py"])
+    import throughput
+
+    return throughput
+
+
+def test_each_mode_reports_its_numbers_before_the_next_starts(throughput, monkeypatch, capsys):
+    """gpu_check.sh stops the script at its time limit: the modes measured by then must be in the log, not
+    only in the table printed after the last mode."""
+
+    def killed(*args, **kwargs):
+        raise SystemExit("stopped by the time limit")  # what a kill looks like: no table at the end
+
+    monkeypatch.setattr(throughput, "search_mode", killed)
+    with pytest.raises(SystemExit):
+        throughput.main([*TINY, "--decoders", "lstm", "--modes", "frozen,search"])
+    err = capsys.readouterr().err
+    done = [line for line in err.splitlines() if line.strip().startswith("done lstm frozen")]
+    assert done and "captions/s" in done[0] and "ms/iter" in done[0] and "peak memory" in done[0], err
