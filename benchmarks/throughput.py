@@ -54,6 +54,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -351,6 +352,10 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 row = run(args, decoder, mode, device)
             except Exception as e:  # one failing mode (OOM, a decoder bug) must not hide the others
+                # the whole traceback, not only the table's first line of the message: on a machine lent
+                # for one run, the log is all there is to find the cause from
+                print(f"  {decoder} {mode} failed:", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
                 row = dict(batch="-", rate=float("nan"), unit="-", ms=float("nan"), mem="-",
                            error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")  # fmt: skip
             row.update(decoder=decoder, mode=mode, wall=time.perf_counter() - t0)

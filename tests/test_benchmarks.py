@@ -40,3 +40,16 @@ def test_each_mode_reports_its_numbers_before_the_next_starts(throughput, monkey
     err = capsys.readouterr().err
     done = [line for line in err.splitlines() if line.strip().startswith("done lstm frozen")]
     assert done and "captions/s" in done[0] and "ms/iter" in done[0] and "peak memory" in done[0], err
+
+
+def test_a_failing_mode_leaves_its_traceback(throughput, monkeypatch, capsys):
+    """A mode that fails shows one line of its error in the table; the log must hold where it came from."""
+
+    def deep_in_the_decoder():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+
+    monkeypatch.setattr(throughput, "train_mode", lambda *args: deep_in_the_decoder())
+    throughput.main([*TINY, "--decoders", "lstm", "--modes", "frozen"])
+    out, err = capsys.readouterr()
+    assert "failed: RuntimeError: CUDA error: an illegal memory access was encountered |" in out
+    assert "Traceback" in err and "deep_in_the_decoder" in err, err
