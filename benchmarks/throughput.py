@@ -32,8 +32,10 @@ padded to its longest would be; fixed shapes also keep ``--compile`` from recomp
 
 Timings: ``--warmup`` untimed iterations, then ``--iters`` timed ones (synchronised on cuda); the
 rate is the work of the timed iterations over their total time. Peak memory: on cuda
-``torch.cuda.max_memory_allocated`` (reset before each mode, after the model is built, so it counts
-weights, optimizer state and activations); on CPU the growth of the process's peak resident set
+``torch.cuda.max_memory_allocated`` over the timed iterations (reset when the warm-up ends, with the
+model built and its optimizer state made, so it counts weights, optimizer state and activations, and
+not the one-off workspaces that cuDNN's autotuner, ``cudnn.benchmark``, allocates in the first
+iterations to try convolution algorithms); on CPU the growth of the process's peak resident set
 (VmHWM, reset through /proc/self/clear_refs) over its RSS when the mode starts, i.e. activations and
 optimizer state, not weights; "n/a" where the kernel does not offer that.
 
@@ -170,6 +172,13 @@ class PeakMemory:
         except OSError:
             self.start = None
 
+    def warmed_up(self) -> None:
+        """The warm-up is over: on cuda the peak starts again from what is allocated now (weights, optimizer
+        state, inputs), so the autotuner's trial workspaces of the first iterations do not count. On CPU
+        nothing changes: the RSS growth counts from the mode's start (optimizer state included)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # no empty_cache: the timed steps reuse the blocks
+
     def report(self) -> str:
         if self.device.type == "cuda":
             return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
@@ -182,11 +191,13 @@ class PeakMemory:
 # -- the modes ------------------------------------------------------------------------------------
 
 
-def _time(fn: Callable[[], None], warmup: int, iters: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` over ``iters`` timed calls, after ``warmup`` untimed ones."""
+def _time(fn: Callable[[], None], warmup: int, iters: int, device: torch.device, memory: PeakMemory) -> float:
+    """Seconds per call of ``fn`` over ``iters`` timed calls, after ``warmup`` untimed ones (``memory`` is told
+    when they are over)."""
     for _ in range(warmup):
         fn()
     _sync(device)
+    memory.warmed_up()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
@@ -226,7 +237,7 @@ def train_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.
 
     memory = PeakMemory(device)
     memory.reset()
-    seconds = _time(step, args.warmup, args.iters, device)
+    seconds = _time(step, args.warmup, args.iters, device, memory)
     return dict(batch=f"{b} x {m}", rate=b * m / seconds, unit="captions/s", ms=1e3 * seconds, mem=memory.report())
 
 
@@ -252,13 +263,13 @@ def search_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch
         b = args.search_images
         images = torch.randn(b, 3, size, size, device=device)  # (B,3,H,W)
         memory.reset()
-        seconds = _time(lambda: search(images), args.warmup, args.iters, device)
+        seconds = _time(lambda: search(images), args.warmup, args.iters, device, memory)
         return dict(batch=f"{b} x K={k}", rate=b / seconds, unit="images/s", ms=1e3 * seconds, mem=memory.report())
     n = args.single_images
     images = torch.randn(n, 3, size, size, device=device)  # (n,3,H,W), searched one by one
     memory.reset()
     search(images[:1])  # warm-up
-    seconds = _time(lambda: [search(images[i : i + 1]) for i in range(n)], 0, 1, device)
+    seconds = _time(lambda: [search(images[i : i + 1]) for i in range(n)], 0, 1, device, memory)
     return dict(batch=f"1 x K={k} ({n} images)", rate=n / seconds, unit="images/s", ms=1e3 * seconds / n,
                 mem=memory.report())  # fmt: skip
 

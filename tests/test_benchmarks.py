@@ -53,3 +53,38 @@ def test_a_failing_mode_leaves_its_traceback(throughput, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "failed: RuntimeError: CUDA error: an illegal memory access was encountered |" in out
     assert "Traceback" in err and "deep_in_the_decoder" in err, err
+
+
+@pytest.mark.parametrize("mode", ["frozen", "search", "search1"])
+def test_cuda_peak_memory_counts_the_timed_iterations_only(throughput, monkeypatch, mode):
+    """With cudnn.benchmark, cuDNN's first call of each convolution allocates trial workspaces through the
+    caching allocator (it empties the cache after them, but the peak counter keeps them): the peak must
+    be reset when the warm-up is over, not only before it. Run on the CPU, with a CUDA PeakMemory whose
+    torch.cuda calls are recorded."""
+    import torch
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    cuda_memory = throughput.PeakMemory
+    monkeypatch.setattr(throughput, "PeakMemory", lambda device: cuda_memory(torch.device("cuda")))
+    loss, search = throughput.CaptionModule.loss, throughput.beam_search
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            events.append("step")
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(throughput.CaptionModule, "loss", counted(loss))
+    monkeypatch.setattr(throughput, "beam_search", counted(search))
+    args = throughput.parse_args([*TINY, "--warmup", "2", "--iters", "1", "--single-images", "1"])
+    run = throughput.search_mode if mode.startswith("search") else throughput.train_mode
+    row = run(args, "lstm", mode, torch.device("cpu"))
+    assert row["mem"] == "0.00 GiB"
+    last_reset = len(events) - 1 - events[::-1].index("reset")
+    warmup = 1 if mode == "search1" else 2  # search1 warms up on one image itself
+    assert events[:last_reset].count("step") == warmup, events
+    assert events[last_reset + 1 :] == ["step"], events  # the one timed iteration
