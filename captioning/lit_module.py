@@ -240,6 +240,16 @@ class CaptionModule(pl.LightningModule):
     # -- set-up -----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        words = getattr(self.trainer.datamodule, "max_caption_len", None) if self._trainer is not None else None
+        if stage == "fit" and self.hparams.decoder == "transformer" and words is not None:
+            # teacher forcing feeds <start> and up to max_caption_len words: one position each. Checked here,
+            # not at the first batch with a long caption, which stopped the run naming model.max_len only
+            if words + 1 > self.hparams.max_len:
+                raise ValueError(
+                    f"data.max_caption_len ({words}) needs {words + 1} positions (<start> and the words), more "
+                    f"than model.max_len ({self.hparams.max_len}) the transformer decoder's table covers: lower "
+                    f"data.max_caption_len or raise model.max_len"
+                )
         if self.hparams.channels_last:
             self.net.encoder.to(memory_format=torch.channels_last)
         if stage == "fit" and self.hparams.compile_decoder and not getattr(self, "_compiled", False):

@@ -98,3 +98,16 @@ def test_an_encoder_lr_of_zero_is_applied_not_taken_for_unset():
 
     assert group_lrs(0.0) == [0.002, 0.0]
     assert group_lrs(None) == [0.002, 0.002] and group_lrs(1e-4) == [0.002, 1e-4]
+
+
+def test_a_transformer_whose_position_table_is_shorter_than_the_captions_is_refused_before_training(tmp_path):
+    """data.max_caption_len 12 needs 13 positions; with model.max_len 8 the run used to start and stop at
+    the first batch holding a long caption, naming model.max_len only."""
+    args = ["fit", "-c", str(TINY), "--model.decoder", "transformer", "--model.hidden_dim", "16"]
+    args += ["--model.num_heads", "2", "--model.num_layers", "1", "--model.max_len", "8"]
+    args += ["--model.max_decode_len", "8", "--data.max_caption_len", "12"]
+    proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "data.max_caption_len (12) needs 13 positions" in proc.stderr
+    assert "more than model.max_len (8)" in proc.stderr
+    assert "Epoch 0" not in proc.stdout
