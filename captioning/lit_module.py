@@ -574,6 +574,17 @@ class CaptionModule(pl.LightningModule):
             self._pending_rng = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the loss check in training_step sees a step's loss, not what its update did: an inf gradient under a
+        # finite loss makes AdamW write NaN weights, which an epoch's end would then save over the last good
+        # checkpoint. Refused here, before anything is written, so the files on disk stay finite.
+        bad = [
+            k for k, v in checkpoint.get("state_dict", {}).items() if v.is_floating_point() and not v.isfinite().all()
+        ]
+        if bad:
+            raise FloatingPointError(
+                f"weights are not finite at step {self.global_step} ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}): checkpoint not written, the one on disk is kept"
+            )
         # any checkpoint written during fit, also by a validation inside it (val_check_interval, best.ckpt)
         if self._trainer is not None and self.trainer.state.fn == "fit":
             state = random.getstate()

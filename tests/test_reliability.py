@@ -168,6 +168,25 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
 
 
+def test_weights_made_non_finite_by_a_step_with_a_finite_loss_are_never_checkpointed(tmp_path, monkeypatch):
+    """An inf gradient at the last step of epoch 1 (steps 6-11; the loss itself finite) makes AdamW write NaN
+    weights. Before, the checkpoints of that epoch's end were written with them (best.ckpt and last.ckpt both
+    NaN, the run then stopping at the next step's loss); now the save is refused naming the step, and the
+    checkpoints on disk are still epoch 0's, finite."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["fit", "-c", str(TINY), "--trainer.max_steps", "18", "--trainer.max_epochs", "3"]
+    args += ["--test_after_fit", "false", "--trainer.callbacks+=inf_grad.InfGradAtStep", "--trainer.callbacks.step=11"]
+    proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "weights are not finite at step 12" in proc.stderr, proc.stderr[-3000:]
+    ckpts = sorted(tmp_path.glob("runs/tiny/*/checkpoints/*.ckpt"))
+    assert [p.name for p in ckpts] == ["best.ckpt", "last.ckpt"]
+    for ckpt in ckpts:
+        loaded = load_weights_only(ckpt)
+        assert loaded["global_step"] == 6, ckpt
+        assert all(torch.isfinite(v).all() for v in loaded["state_dict"].values() if v.is_floating_point()), ckpt
+
+
 def test_infer_reports_every_bad_input_and_still_captions_the_good_ones(tmp_path, tiny_ckpt):
     good = tmp_path / "good.png"
     Image.new("RGB", (64, 64), (200, 60, 60)).save(good)
