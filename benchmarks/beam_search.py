@@ -1,7 +1,7 @@
 """Beam search throughput: B images decoded at once versus the same search one image at a time.
 
-    python benchmarks/beam_search.py [--images 64] [--beam 5] [--steps 16] [--device cpu] [--ckpt path ...]
-        [--parents]
+    python benchmarks/beam_search.py [--images 64] [--beam 5] [--steps 16] [--repeats 5] [--image-size 64]
+        [--device cpu] [--ckpt path ...] [--parents]
 
 For each decoder (LSTM and Transformer at the shapes sizes, or the given checkpoints) it times the
 encoder + beam search over ``--images`` images, batched and one by one, and prints captions/s.
