@@ -295,11 +295,13 @@ def test_score_captions_edge_cases(case):
 
 
 def test_score_captions_checks_image_ids():
-    with pytest.raises(ValueError):
+    # each with its own message: a bare ValueError also matched what the scorers raise further in (CiderD's
+    # "needs at least one set of references", numpy's "min() arg is an empty sequence") without these checks
+    with pytest.raises(ValueError, match="image ids differ: 1 without a candidate, 1 without references"):
         score_captions({"a": ["x y"]}, {"b": "x y"}, meteor=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no images to score"):
         score_captions({}, {}, meteor=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="every image needs at least one reference"):
         score_captions({"a": []}, {"a": "x"}, meteor=False)
 
 
