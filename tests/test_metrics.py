@@ -54,6 +54,26 @@ def test_pointing_tolerance_is_the_same_on_every_side_of_the_box():
         assert pointing_hits(words, torch.eye(64)[[cell] * 4], (8, 8), square, (64, 64)) == (0, 1), cell
 
 
+def test_rows_run_down_the_image_and_columns_across_it():
+    """Cell i is row i // width (y) and column i % width (x). The other tests only use cells on the grid's
+    diagonal with boxes symmetric about it, where swapping rows and columns changes nothing."""
+    top_right = [{"shape": "circle", "color": "red", "size": "small", "box": [48, 0, 63, 15]}]
+    words = ["a", "small", "red", "circle"]
+    row0_col7, row7_col0 = 0 * 8 + 7, 7 * 8 + 0  # centres (60, 4) inside the box, (4, 60) far from it
+    assert pointing_hits(words, torch.eye(64)[[row0_col7] * 4], (8, 8), top_right, (64, 64)) == (1, 1)
+    assert pointing_hits(words, torch.eye(64)[[row7_col0] * 4], (8, 8), top_right, (64, 64)) == (0, 1)
+    from captioning.metrics import attention_mass
+
+    box = top_right[0]["box"]  # cells (0, 6), (0, 7), (1, 6), (1, 7)
+    assert attention_mass(torch.eye(64)[row0_col7], box, (8, 8), (64, 64)) == 1.0
+    assert attention_mass(torch.eye(64)[row7_col0], box, (8, 8), (64, 64)) == 0.0
+    # a wide 2x4 grid over a 64x32 image (16 px cells): the box [40, 0, 63, 7] covers the top half of cell 3
+    wide = torch.zeros(8)
+    wide[3] = 1.0  # row 0, column 3
+    assert attention_mass(wide, [40, 0, 63, 7], (2, 4), (64, 32)) == 0.5
+    assert attention_mass(wide.roll(4), [40, 0, 63, 7], (2, 4), (64, 32)) == 0.0  # row 1, column 3
+
+
 def test_shapes_scores_object_and_full_accuracy():
     swapped = "a large blue square to the left of a small red circle".split()
     wrong = "a small red circle".split()
