@@ -58,6 +58,10 @@ def test_generation_is_seeded_and_only_reruns_on_parameter_change(tmp_path):
     b = generate(tmp_path / "b", cfg, progress=False)
     assert json.loads(a.read_text())["images"] == json.loads(b.read_text())["images"]
     assert (a.parent / "images" / "000000.png").read_bytes() == (b.parent / "images" / "000000.png").read_bytes()
+    # and the seed is what decides them: another seed draws other scenes
+    c = generate(tmp_path / "c", ShapesConfig(num_train=6, num_val=2, num_test=2, seed=4), progress=False)
+    assert json.loads(c.read_text())["images"] != json.loads(a.read_text())["images"]
+    assert (c.parent / "images" / "000000.png").read_bytes() != (a.parent / "images" / "000000.png").read_bytes()
     mtime = a.stat().st_mtime_ns
     generate(tmp_path / "a", cfg, progress=False)
     assert a.stat().st_mtime_ns == mtime  # same parameters: not regenerated
