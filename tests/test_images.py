@@ -169,12 +169,30 @@ def _two_frames(fmt: str):
     return save
 
 
+def _bmp_rle8(img: Image.Image, path: Path) -> None:
+    """An 8-bit RLE-compressed BMP, written by hand: Pillow's BMP writer ignores ``compression="rle8"`` and
+    wrote an uncompressed file, so the RLE decoder was never reached. One run of one pixel per pixel."""
+    p = img.quantize(256)
+    w, h = p.size
+    pal = (p.getpalette() + [0] * 768)[:768]
+    palette = b"".join(bytes([pal[3 * i + 2], pal[3 * i + 1], pal[3 * i], 0]) for i in range(256))  # BGR0
+    data = bytearray()
+    for row in np.asarray(p)[::-1].tolist():  # bottom row first
+        data += b"".join(bytes([1, v]) for v in row) + b"\x00\x00"  # runs, then end of line
+    data += b"\x00\x01"  # end of bitmap
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 8, 1, len(data), 2835, 2835, 256, 0)  # compression 1: RLE8
+    path.write_bytes(b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + palette + data)
+    with Image.open(path) as check:
+        assert check.info["compression"] == 1 and np.array_equal(np.asarray(check), np.asarray(p))
+
+
 #: format -> how to write an image in it
 FORMATS = {
     "jpeg": lambda img, p: img.save(p, format="JPEG", quality=95),
     "png": lambda img, p: img.save(p, format="PNG"),
     "bmp": lambda img, p: img.save(p, format="BMP"),
-    "bmp-rle": lambda img, p: img.quantize(256).save(p, format="BMP", compression="rle8"),
+    "bmp-rle": lambda img, p: _bmp_rle8(img, p),
     "gif": lambda img, p: img.save(p, format="GIF"),
     "tiff": lambda img, p: img.save(p, format="TIFF"),
     "mpo": _two_frames("MPO"),

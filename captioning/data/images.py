@@ -136,8 +136,9 @@ def _undecodable(path: Path, e: Exception, f: BinaryIO | None = None) -> ImageLo
 
 
 def _shorter_than_declared(f: BinaryIO | None) -> bool:
-    """True for a RIFF file (WebP) shorter than the length in its header: libwebp only says it
-    "could not create decoder object" for a cut-off file."""
+    """True for a file shorter than the length its header declares: a RIFF file (WebP), for which libwebp
+    only says it "could not create decoder object", or a BMP, whose RLE decoder only says "not enough
+    image data" when its data runs out."""
     if f is None:
         return False
     try:
@@ -146,7 +147,9 @@ def _shorter_than_declared(f: BinaryIO | None) -> bool:
         size = os.fstat(f.fileno()).st_size
     except (OSError, ValueError):  # closed or unseekable: no verdict
         return False
-    return len(head) == 12 and head[:4] == b"RIFF" and size < struct.unpack("<I", head[4:8])[0] + 8
+    if len(head) == 12 and head[:4] == b"RIFF":
+        return size < struct.unpack("<I", head[4:8])[0] + 8
+    return len(head) >= 6 and head[:2] == b"BM" and size < struct.unpack("<I", head[2:6])[0]
 
 
 _truncation_lock = threading.Lock()
