@@ -217,6 +217,26 @@ def test_a_transformer_refuses_an_attention_layer_it_does_not_have():
     assert TransformerDecoder(V, C, dim=8, heads=2, layers=2, attention_layer=-2).attention_layer == 0
 
 
+def test_a_transformer_returns_the_chosen_layers_cross_attention_and_unties_when_told():
+    """The "transformer-untied-first-layer" decoder above passed every contract test with the last layer's
+    map and tied weights too: forward and step agree with each other whichever layer they both return."""
+    torch.manual_seed(0)
+    feats, toks = torch.randn(B, N, C), torch.randint(0, V, (B, T))
+    for layer in (0, 1, -1):
+        decoder = TransformerDecoder(V, C, dim=24, heads=2, layers=3, attention_layer=layer, max_len=16).eval()
+        seen = []  # each layer's cross-attention weights (B,H,T,N), in order
+        for block in decoder.layers:
+            block.cross_attn.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out[1]))
+        _, att = decoder(feats, toks)
+        torch.testing.assert_close(att, seen[layer].mean(1))  # heads averaged
+        seen.clear()
+        _, step_att, _ = decoder.step(toks[:, 0], decoder.init_state(feats), feats)
+        torch.testing.assert_close(step_att, seen[layer].mean(1).squeeze(1))
+    for tie in (True, False):
+        decoder = TransformerDecoder(V, C, dim=24, heads=2, layers=1, tie_embeddings=tie)
+        assert (decoder.out.weight is decoder.embed.weight) == tie
+
+
 def test_a_transformer_refuses_positions_past_its_table():
     decoder = TransformerDecoder(V, C, dim=24, heads=4, layers=1, max_len=4).eval()
     feats = torch.randn(B, N, C)
