@@ -124,6 +124,28 @@ def test_chunked_inference_attention_equals_one_piece(monkeypatch):
         torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.02)
 
 
+def test_each_attention_kind_scores_by_its_own_formula():
+    """The lstm-additive and lstm-dot decoders ran every contract test, which compare a decoder with itself:
+    "dot" built as additive attention passed them all. Scores by hand from each module's weights, with
+    autograd on and off (the inference path scores in chunks, via a sigmoid)."""
+    torch.manual_seed(0)
+    feats, query = torch.randn(2, N, C), torch.randn(2, 24)
+    for kind in ("additive", "dot"):
+        att = LSTMDecoder(V, C, embed_dim=8, hidden_dim=24, attention_dim=10, attention=kind).attention
+        with torch.no_grad():
+            k, q = att.key(feats), att.query(query)  # (B,N,A), (B,A)
+            if kind == "dot":
+                scores = (k @ q.unsqueeze(-1)).squeeze(-1) / 10**0.5
+            else:
+                scores = att.score(torch.tanh(k + q.unsqueeze(1))).squeeze(-1)
+            want = scores.softmax(-1)  # (B,N)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                context, alpha = att(feats, att.precompute(feats), query)
+            torch.testing.assert_close(alpha, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(context, (want.unsqueeze(-1) * feats).sum(1), rtol=1e-5, atol=1e-6)
+
+
 def test_reorder_selects_rows(decoder):
     feats = torch.randn(B, N, C)
     state = decoder.init_state(feats)
