@@ -526,6 +526,9 @@ class CaptionModule(pl.LightningModule):
         if not resume or self._trainer is None or self.trainer.state.fn != "fit":
             return
         self._pending_rng = resume["rng"]
+        ranks = resume.get("rng_ranks")
+        if ranks and len(ranks) == self.trainer.world_size:  # the same number of processes: each its own
+            self._pending_rng = ranks[self.trainer.global_rank]
         if resume["batches_done"] and self.trainer.datamodule is not None:
             self.trainer.datamodule.resume_at(resume["epoch"], resume["batches_done"])
 
@@ -595,6 +598,13 @@ class CaptionModule(pl.LightningModule):
             }
             if self.device.type == "cuda":
                 checkpoint["resume"]["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+            if self._distributed():
+                # each rank's own: the ranks' captions differ in length, so their dropout draws and RNG states
+                # part; a resume that gave every rank rank 0's state changed rank 1's dropout. Every rank
+                # writes a checkpoint's contents (only rank 0 saves them), so all of them are here.
+                ranks: list = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(ranks, checkpoint["resume"]["rng"])
+                checkpoint["resume"]["rng_ranks"] = ranks
         checkpoint["captioning"] = {
             "format": CHECKPOINT_FORMAT,
             "vocab": list(self.vocab.tokens),
