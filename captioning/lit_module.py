@@ -46,6 +46,15 @@ class CheckpointOnSigterm(pl.Callback):
     window's optimizer step without them. Lightning is told of the signal only when the window ends (at
     most ``accumulate_grad_batches - 1`` more batches), so the checkpoint is at an optimizer step and a
     resume continues exactly as the uninterrupted run.
+
+    Under DDP (more than one process) Lightning's own path does not hold: its handler broadcasts from
+    inside the signal handler, wherever the rank is, and forwards the signal to the ranks ``ddp``
+    started, so a rank could meet another collective there and wait forever; under ``ddp_spawn`` the
+    workers never call ``on_exception``, and a ``SIGTERMException`` ends them with exit status 0, which
+    leaves the main process waiting for a result that never comes. So under DDP the signal is only
+    recorded; at each optimizer step the ranks agree (one small all-reduce) whether any of them holds
+    one, and if so all of them write ``last.ckpt`` there, together, after the step is logged and stop
+    at the next hook with exit status 143 (128 + SIGTERM).
     """
 
     def __init__(self) -> None:
@@ -54,22 +63,34 @@ class CheckpointOnSigterm(pl.Callback):
         self._pending: tuple | None = None  # (signum, frame) of a SIGTERM held back until the window ends
         self._announced = False
         self._step_before = -1
+        self._distributed = False  # more than one process: the ranks decide together at each optimizer step
+        self._stop = False  # under DDP: last.ckpt is written, the run stops at the next hook
+        self._saved = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._distributed = trainer.world_size > 1
         # Lightning has installed its handler by now (a signal handler is the main thread's to set)
-        if trainer.accumulate_grad_batches > 1 and threading.current_thread() is threading.main_thread():
+        hold = trainer.accumulate_grad_batches > 1 or self._distributed
+        if hold and threading.current_thread() is threading.main_thread():
             handler = signal.getsignal(signal.SIGTERM)
             if callable(handler):
                 self._lightning_handler = handler
                 signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame) -> None:
-        if self._in_window:
+        if self._in_window or self._distributed:
             self._pending = (signum, frame)  # no print here: a handler may interrupt a print to the same stream
         else:
             self._lightning_handler(signum, frame)
 
+    def _stop_here(self) -> None:
+        if self._stop:
+            from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException(128 + signal.SIGTERM)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._stop_here()
         self._in_window, self._step_before = True, trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
@@ -79,13 +100,26 @@ class CheckpointOnSigterm(pl.Callback):
                 self._announced = True
             return
         self._in_window = False
+        if self._distributed:
+            # every rank takes part, at the same batch: the decision and the save are collectives
+            if trainer.strategy.reduce_boolean_decision(self._pending is not None, all=False):
+                self._save(trainer)
+                self._stop = True  # after this batch is logged: at the next batch, validation or epoch end
+            return
         if self._pending is not None:
             # Lightning raises SIGTERMException at the end of this same batch, after this hook
             pending, self._pending = self._pending, None
             self._lightning_handler(*pending)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_here()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_here()
+
     def _restore_handler(self) -> None:
-        if self._lightning_handler is not None:
+        # once the ranks stop together, a late SIGTERM must not reach Lightning's handler and its broadcast
+        if self._lightning_handler is not None and not self._stop:
             signal.signal(signal.SIGTERM, self._lightning_handler)
             self._lightning_handler = None
         self._in_window, self._pending, self._announced = False, None, False
@@ -97,14 +131,19 @@ class CheckpointOnSigterm(pl.Callback):
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         self._restore_handler()
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or self._saved:
             return
+        self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
         ckpt = trainer.checkpoint_callback
         folder = (
             Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.log_dir or ".") / "checkpoints"
         )
         trainer.save_checkpoint(folder / "last.ckpt")
-        print(f"SIGTERM: saved {folder / 'last.ckpt'} at step {trainer.global_step}", flush=True)
+        self._saved = True
+        if trainer.is_global_zero:
+            print(f"SIGTERM: saved {folder / 'last.ckpt'} at step {trainer.global_step}", flush=True)
 
 
 def _same_numbers(a, b) -> bool:

@@ -8,6 +8,7 @@ with dropout off, so the only differences left are floating-point summation orde
 from __future__ import annotations
 
 import csv
+import os
 
 import pytest
 import torch
@@ -150,3 +151,73 @@ def test_a_rank_whose_batch_lost_every_image_stays_in_step_with_the_others():
     assert loss1 == 0.0 and loss0 > 0.0
     assert logs0 == logs1 == ["train/ce", "train/loss"]
     assert grads0 and grads1
+
+
+# 2 ranks of 4 images: 6 batches an epoch, 2 per optimizer step, so 3 steps an epoch
+ACCUMULATE = """
+trainer:
+  devices: 2
+  strategy: ddp_spawn
+  max_steps: 4
+  max_epochs: 10
+  accumulate_grad_batches: 2
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+data:
+  batch_size: 4
+"""
+
+
+def _fit_accumulating(cwd, *extra):
+    """train.py with ACCUMULATE, the test helpers importable in both ranks; killed after 120 s (a hang)."""
+    (cwd / "ddp.yaml").write_text(ACCUMULATE)
+    args = ["fit", "-c", str(TINY), "-c", "ddp.yaml", "--test_after_fit", "false", *extra]
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(ROOT / "tests") + (os.pathsep + old if old else "")
+    try:
+        return run_script(str(ROOT / "train.py"), *args, cwd=cwd, timeout=120)
+    finally:
+        os.environ.pop("PYTHONPATH") if old is None else os.environ.update(PYTHONPATH=old)
+
+
+def _rows(run) -> list[tuple[int, float]]:
+    """(step, loss) of every training row, in order (a step logged twice would show)."""
+    rows = csv.DictReader(open(run / "metrics.csv"))
+    return [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def accumulating_reference(tmp_path_factory):
+    whole = tmp_path_factory.mktemp("whole")
+    proc = _fit_accumulating(whole)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    reference = _rows(whole / "runs" / "tiny" / "version_0")
+    assert [s for s, _ in reference] == list(range(4))  # one row per optimizer step
+    return reference
+
+
+@pytest.mark.parametrize("rank", [None, 0], ids=["every-rank", "rank-0-only"])
+def test_sigterm_inside_an_accumulation_window_under_ddp_saves_at_its_end_and_resumes_exactly(
+    tmp_path, accumulating_reference, rank
+):
+    """Two ranks, 2 batches per optimizer step, SIGTERM after the first batch of step 1's window: to every
+    rank (a scheduler signals every task) or to rank 0 alone (Lightning broadcasts rank 0's flag). The run
+    exits, last.ckpt is written once, at step 2 (the window's end), and the resume takes the uninterrupted
+    run's steps 2 and 3 with its losses."""
+    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=1"]
+    term += ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.mid_window=true"]
+    if rank is not None:
+        term.append(f"--trainer.callbacks.rank={rank}")
+    proc = _fit_accumulating(tmp_path, *term)
+    out = proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("SIGTERM: saved") == 1, out
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"], out
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    assert [s for s, _ in _rows(run)] == [0, 1]
+
+    proc = _fit_accumulating(tmp_path, "--ckpt_path", str(last))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert _rows(run) == accumulating_reference
