@@ -65,7 +65,6 @@ class CheckpointOnSigterm(pl.Callback):
         self._step_before = -1
         self._distributed = False  # more than one process: the ranks decide together at each optimizer step
         self._stop = False  # under DDP: last.ckpt is written, the run stops at the next hook
-        self._saved = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._distributed = trainer.world_size > 1
@@ -131,7 +130,8 @@ class CheckpointOnSigterm(pl.Callback):
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         self._restore_handler()
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or self._saved:
+        # under DDP the ranks have saved together already (_stop), before stopping here
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or self._stop:
             return
         self._save(trainer)
 
@@ -141,15 +141,8 @@ class CheckpointOnSigterm(pl.Callback):
             Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.log_dir or ".") / "checkpoints"
         )
         trainer.save_checkpoint(folder / "last.ckpt")
-        self._saved = True
         if trainer.is_global_zero:
             print(f"SIGTERM: saved {folder / 'last.ckpt'} at step {trainer.global_step}", flush=True)
-
-
-def _same_numbers(a, b) -> bool:
-    """A number or a list of numbers equal to float32 rounding (mean and std pass through YAML and float)."""
-    a, b = (list(x) if isinstance(x, list | tuple) else [x] for x in (a, b))
-    return len(a) == len(b) and all(math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
 
 
 def _results_id(image_id: str) -> int | str:
@@ -590,16 +583,21 @@ class CaptionModule(pl.LightningModule):
         # image size, mean and std come from the data options, not from the checkpoint: a model tested (or
         # resumed) on images prepared otherwise than it was trained on scores lower, silently
         pre = meta.get("preprocess") or {}
-        ours = {
-            "image_size": int(self.hparams.image_size),
-            "mean": [float(m) for m in self.hparams.mean],
-            "std": [float(s) for s in self.hparams.std],
-        }
-        differ = {k: (pre[k], v) for k, v in ours.items() if k in pre and not _same_numbers(pre[k], v)}
+        # both sides come from _preprocess(): the same float() of the same options, so == is exact
+        differ = {k: (pre[k], v) for k, v in self._preprocess().items() if k in pre and pre[k] != v}
         if differ:
             sides = ", ".join(f"{k}: checkpoint {a!r} vs data {b!r}" for k, (a, b) in differ.items())
             flags = " ".join(f"--data.{k} {json.dumps(a)}" for k, (a, _) in differ.items())
             raise ValueError(f"image preprocessing mismatch ({sides}); to match the checkpoint pass {flags}")
+
+    def _preprocess(self) -> dict:
+        """How this model's images are prepared, as checkpoints store it (and inference reads it back)."""
+        hp = self.hparams
+        return {
+            "image_size": int(hp.image_size),
+            "mean": [float(m) for m in hp.mean],
+            "std": [float(s) for s in hp.std],
+        }
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if getattr(self, "_align_logged_step", False):
@@ -648,11 +646,7 @@ class CaptionModule(pl.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "vocab": list(self.vocab.tokens),
             "model": dict(self.arch),
-            "preprocess": {
-                "image_size": int(self.hparams.image_size),
-                "mean": [float(m) for m in self.hparams.mean],
-                "std": [float(s) for s in self.hparams.std],
-            },
+            "preprocess": self._preprocess(),
             "grid": list(self.grid),
             "search": {
                 "beam_size": int(self.hparams.beam_size),
