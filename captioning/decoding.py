@@ -38,6 +38,8 @@ def _single_path(
     """Decode one path per image, ``choose`` picking the next word ids (B,) from log-probs (B,V)."""
     _check_max_len(max_len)
     b = features.size(0)
+    if b == 0:  # no images: nothing to decode (the decoders' per-image attention cannot split 0 rows)
+        return []
     state = decoder.init_state(features)
     tokens = torch.full((b,), Vocabulary.start_id, dtype=torch.long, device=features.device)
     done = torch.zeros(b, dtype=torch.bool, device=features.device)
@@ -114,7 +116,8 @@ def beam_search(
     """Beam search over B images x K beams at once.
 
     ``min_len`` forbids <end> before that many words; ``no_repeat_ngram`` = n > 0 forbids any
-    word that would repeat an n-gram already in the hypothesis.
+    word that would repeat an n-gram already in the hypothesis. A beam that the two leave no word
+    to take (a tiny vocabulary) stops there and is returned like one cut at ``max_len``.
 
     Finished beams stay in the beam with a frozen score (they can only be extended by <pad> at
     no cost), so the search ends when every beam of every image has finished or at ``max_len``;
@@ -133,6 +136,8 @@ def beam_search(
         raise ValueError(f"num_return must be between 1 and beam_size ({beam_size}), got {num_return}")
     _check_max_len(max_len)
     b, n, _ = features.shape
+    if b == 0:  # no images: nothing to decode (the decoders' per-image attention cannot split 0 rows)
+        return []
     k = beam_size
     device = features.device
     # state that is the same for every beam of an image (per_image_state) keeps one row per image:
@@ -165,6 +170,12 @@ def beam_search(
         # a finished beam continues only with <pad>, at no cost
         logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
         logp[:, Vocabulary.pad_id].masked_fill_(finished, 0.0)
+        if step < min_len or history is not None:
+            # a beam that min_len and n-gram blocking leave no word at all (a tiny vocabulary) stops where
+            # it is, like one cut at max_len: <pad> at no cost. Left -inf, it died, and an image whose
+            # beams all died had no hypothesis to return
+            stuck = logp.amax(1) == float("-inf")  # (B*M,)
+            logp[:, Vocabulary.pad_id].masked_fill_(stuck, 0.0)
         cand = (scores.unsqueeze(1) + logp).view(b, m * v)  # (B,M*V)
         if m * v < k:  # fewer candidates than beams (K > V at the first step): the missing ones are dead
             cand = torch.nn.functional.pad(cand, (0, k - m * v), value=float("-inf"))  # (B,K)
@@ -181,10 +192,13 @@ def beam_search(
         sources.append(src)
         scores = top_scores.view(-1)
         # dead beams (-inf: fewer live candidates than K, e.g. K > V at the first step) count as finished
-        finished = finished.index_select(0, src) | (word == Vocabulary.end_id) | torch.isinf(scores)
+        # <pad> is picked only by finished or stuck beams
+        finished = finished.index_select(0, src) | (word == Vocabulary.end_id) | (word == Vocabulary.pad_id)
+        finished |= torch.isinf(scores)
         tokens = word
         # reading ``finished`` on the host is a device sync: only from min_len on (no beam can end
-        # before), and every few steps off the CPU; the extra steps only extend finished beams by <pad>
+        # before, bar a stuck one), and every few steps off the CPU; the extra steps only extend finished
+        # beams by <pad>
         if step < min_len or (device.type != "cpu" and step % 4 != 3):
             continue
         done = finished.view(b, k).all(1)  # (B,) images whose K beams have all ended

@@ -217,6 +217,32 @@ def test_min_len_and_ngram_blocking():
     assert len(blocked) >= 4 and len(bigrams) == len(set(bigrams))
 
 
+def test_a_beam_left_no_word_by_min_len_and_ngram_blocking_stops_there_instead_of_vanishing():
+    """One word besides the specials: <end> is forbidden until min_len and the word may appear once, so
+    after one word no beam has a word to take. The beam stops there, like one cut at max_len; it used
+    to die, and the image came back with no hypothesis at all."""
+    logits = torch.tensor([0.0, 0.0, 0.0, -1.0, -2.0])  # pad, start, end, unk, one word (4)
+    logp = logits.log_softmax(-1)
+    dec, feats = _Scripted(logits), torch.randn(3, 4, 3)
+    for k in (1, 2, 5):
+        found = beam_search(dec, feats, beam_size=k, max_len=6, min_len=4, no_repeat_ngram=1, num_return=k)
+        assert len(found) == 3
+        for hyps in found:
+            assert hyps, "an image got no hypothesis"
+            # word 4, unk or both, each once: every such sequence, best first, with its summed log-prob
+            assert all(len(set(h.tokens)) == len(h.tokens) <= 2 and set(h.tokens) <= {3, 4} for h in hyps)
+            assert hyps[0].tokens in ([3, 4], [4, 3])
+            assert abs(hyps[0].score - float(logp[3] + logp[4])) < 1e-5
+            assert hyps[0].attention.shape == (2, 4)
+
+
+def test_no_images_give_no_results_in_every_search():
+    dec, feats = _decoder(), torch.randn(0, 9, 6)
+    assert beam_search(dec, feats, beam_size=3, max_len=5) == []
+    assert greedy(dec, feats, max_len=5) == []
+    assert sample(dec, feats, max_len=5) == []
+
+
 def test_sampling_is_seeded_and_top1_is_greedy():
     from captioning.decoding import sample
 
