@@ -386,3 +386,51 @@ def test_read_records_dispatches_and_passes_kwargs(tmp_path):
 
     with pytest.raises(ValueError, match="karpathy.*flickr8k.*captions"):
         read_records("coco", karpathy)
+
+
+# --- encodings ---------------------------------------------------------------------------------
+
+
+def _latin1_files(root: Path) -> dict[str, tuple[str, Path, int]]:
+    """Each reader's file with "café" in Latin-1 on its line 2 (byte 0xe9): reader -> (reader, file, line)."""
+    root.mkdir()
+    caps = [{"raw": "A dog.", "tokens": ["a", "dog"]}]
+    karpathy = json.dumps({"images": [{"filename": "a.jpg", "split": "train", "sentences": caps}]}, indent=0)
+    karpathy = karpathy.replace("A dog.", "Un café")  # indent=0: one key a line
+    jsonl = '{"image": "a.jpg", "caption": "A dog", "split": "train"}\n{"image": "b.jpg", "caption": "Un café"}\n'
+    files = {
+        "karpathy": ("dataset.json", karpathy, karpathy[: karpathy.index("café")].count("\n") + 1),
+        "flickr8k": ("Flickr8k.token.txt", "a.jpg#0\tA dog .\na.jpg#1\tUn café .\n", 2),
+        "jsonl": ("caps.jsonl", jsonl, 2),
+        "csv": ("caps.csv", "image,caption,split\nb.jpg,Un café,train\n", 2),
+    }
+    (root / "Flickr_8k.trainImages.txt").write_text("a.jpg\n")
+    out = {}
+    for kind, (name, text, line) in files.items():
+        (root / name).write_bytes(text.encode("latin-1"))
+        out[kind] = ("captions" if kind in ("jsonl", "csv") else kind, root / name, line)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["karpathy", "flickr8k", "jsonl", "csv"])
+def test_a_file_that_is_not_utf8_is_a_value_error_naming_the_file_and_line(tmp_path, kind):
+    """A Latin-1 file used to end in a bare UnicodeDecodeError naming neither the file nor the line."""
+    reader, path, line = _latin1_files(tmp_path / "files")[kind]
+    with pytest.raises(ValueError) as e:
+        read_records(reader, path)
+    assert type(e.value) is ValueError, repr(e.value)  # not the UnicodeDecodeError subclass
+    assert str(e.value).startswith(f"{path}:{line}: not UTF-8 text (byte 0xe9 at offset "), str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["karpathy", "flickr8k", "jsonl", "csv"])
+def test_a_byte_order_mark_is_skipped(tmp_path, kind):
+    """Windows editors start UTF-8 files with a byte-order mark: it is not part of the first image name
+    (which would put that Flickr8k image in no split) nor a JSON error."""
+    reader, path, _ = _latin1_files(tmp_path / "files")[kind]
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().decode("latin-1").encode("utf-8"))
+    splits_file = tmp_path / "files" / "Flickr_8k.trainImages.txt"
+    splits_file.write_bytes(b"\xef\xbb\xbfa.jpg\n")
+    records = read_records(reader, path)
+    first = records[0]
+    assert first.image_path.name == ("b.jpg" if kind == "csv" else "a.jpg") and first.split == "train", first
+    assert any("café" in c for r in records for c in r.captions)

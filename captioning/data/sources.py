@@ -17,13 +17,16 @@ Three formats, one record type (:func:`read_records` picks the reader by name):
 Readers are deliberately dumb: they neither check that image files exist nor drop empty
 captions (the data module's validation counts those), but a malformed file raises
 ``FileNotFoundError`` / ``ValueError`` whose message starts with ``path:line:`` (a Karpathy JSON:
-``path: images[i] (filename):``) and says what is wrong.
+``path: images[i] (filename):``) and says what is wrong. Every file is read as UTF-8 (a leading
+byte-order mark, as Windows editors write, is skipped); a file in another encoding is such a
+``ValueError`` naming the line of the first byte that is not UTF-8.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ def read_karpathy_json(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Karpathy JSON not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict) or "images" not in data:
@@ -82,6 +85,25 @@ def read_karpathy_json(
             )
         )
     return records
+
+
+def _read_text(path: Path) -> str:
+    """The text of ``path`` decoded as UTF-8 without a leading byte-order mark, or ``ValueError`` naming
+    the file, the line and the byte that is not UTF-8.
+
+    Read whole, not line by line: a stream's decoding error points into a buffered chunk, not at the
+    line to fix. The encoding is always UTF-8, never the locale's, so a file reads the same everywhere;
+    the mark is dropped because it would otherwise become part of the first image name (that image
+    then in no split) or of the first JSON value.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+        ) from None
 
 
 def _kind(value: Any) -> str:
@@ -152,7 +174,7 @@ def _flickr8k_splits(splits_dir: Path) -> dict[str, str]:
     splits: dict[str, str] = {}
     source: dict[str, Path] = {}
     for f, split in found:
-        for line in f.read_text(encoding="utf-8").splitlines():
+        for line in _read_text(f).splitlines():
             name = line.strip()
             if not name or source.get(name) == f:
                 continue
@@ -176,7 +198,8 @@ def read_flickr8k(
     if not token_file.is_file():
         raise FileNotFoundError(f"{token_file}: Flickr8k token file not found")
     captions: dict[str, list[str]] = {}
-    with token_file.open(encoding="utf-8") as f:
+    # newline=None: lines end at \n, \r\n or \r, as in a file opened in text mode
+    with io.StringIO(_read_text(token_file), newline=None) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -207,7 +230,7 @@ def _split_name(path: Path, lineno: int, value: Any) -> str | None:
 def _read_jsonl(path: Path) -> list[tuple[int, str, list[str], str | None]]:
     """``(line, image, captions, split)`` per non-blank line of a JSONL captions file."""
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with io.StringIO(_read_text(path), newline=None) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -239,8 +262,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, str, list[str], str | None]]:
 def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
     """``(line, image, [caption], split)`` per row of a CSV captions file with a header row."""
     rows = []
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would rename 'image'
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    # _read_text drops the byte-order mark spreadsheet exports often start with (it would rename 'image');
+    # newline="": the csv module finds the line ends itself (a quoted caption may span lines)
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
