@@ -434,3 +434,14 @@ def test_a_byte_order_mark_is_skipped(tmp_path, kind):
     first = records[0]
     assert first.image_path.name == ("b.jpg" if kind == "csv" else "a.jpg") and first.split == "train", first
     assert any("café" in c for r in records for c in r.captions)
+
+
+def test_a_coco_annotation_file_given_as_karpathy_json_is_named_as_such(tmp_path):
+    """COCO's captions_train2014.json also has an 'images' list; it used to be refused only as an entry
+    without 'filename' (it has 'file_name'), which does not say that the file is the wrong one."""
+    path = tmp_path / "captions_train2014.json"
+    images = [{"id": 9, "file_name": "COCO_train2014_000000000009.jpg", "height": 480, "width": 640}]
+    path.write_text(json.dumps({"info": {}, "images": images, "annotations": [{"image_id": 9, "caption": "A cat."}]}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: a COCO annotation file")) as e:
+        read_karpathy_json(path)
+    assert "dataset_coco.json" in str(e.value)

@@ -54,6 +54,14 @@ def read_karpathy_json(
         raise ValueError(f"{path}: not a Karpathy-format file (no 'images' list)")
     if not isinstance(data["images"], list):
         raise ValueError(f"{path}: 'images' must be a list of image entries, got {_kind(data['images'])}")
+    first = data["images"][0] if data["images"] else None
+    if "annotations" in data and isinstance(first, dict) and "sentences" not in first:
+        # COCO's own captions_*.json also has an 'images' list, so without this its first entry would only be
+        # said to lack 'filename' (it has 'file_name'), which reads as a typo to fix rather than the wrong file
+        raise ValueError(
+            f"{path}: a COCO annotation file ('images' and 'annotations', such as captions_train2014.json), not a "
+            "Karpathy-format file: use dataset_coco.json from Karpathy's caption_datasets.zip (see data/README.md)"
+        )
     root = Path(image_root) if image_root is not None else path.parent
     records = []
     for i, img in enumerate(data["images"]):
