@@ -8,6 +8,8 @@
   key) continues the run the checkpoint belongs to, in its run directory: the best score so far and
   ``best.ckpt`` carry on (a worse validation does not replace it), and ``metrics.csv`` keeps the rows
   of the steps before the checkpoint.
+- ``validate``/``test --ckpt_path`` use the checkpoint's vocabulary (``data.vocabulary``), not one built from
+  the data's training captions, so a model can be scored on another dataset.
 - With ``--ckpt_path`` (fit, validate, test) the model's options come from the checkpoint, over those of
   the config files, so a run's checkpoint is read with the model it was trained as; ``--model.*`` flags
   on the command line still win over both (``test --ckpt_path best.ckpt --model.beam_size 5``). An
@@ -97,6 +99,13 @@ class CaptionCLI(LightningCLI):
             resolved = config.ckpt_path
             self.config = parser.parse_args(with_checkpoint_options(argv, subcommand, hparams))
             self.config[subcommand].ckpt_path = resolved
+        vocab = (ckpt.get("captioning") or {}).get("vocab")
+        data = self.config[subcommand].get("data")
+        if subcommand in ("validate", "test") and vocab and data is not None and data.get("vocabulary") is None:
+            # the model reads and writes the checkpoint's words, whatever data it is scored on: a vocabulary
+            # built from this data's training captions refused a model tested on another dataset (the
+            # references are scored as text, so they need no ids). A resume (fit) still refuses other data.
+            data.vocabulary = list(vocab)
 
     def _parse_ckpt_path(self) -> None:
         # done in parse_arguments, in the order of the command line (see there)

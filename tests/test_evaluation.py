@@ -70,3 +70,14 @@ def test_model_flags_win_over_the_checkpoint_and_the_checkpoint_over_the_config_
     proc = run_script(str(ROOT / "train.py"), *resume, cwd=tmp_path)
     assert proc.returncode != 0
     assert "model configuration mismatch (hidden_dim: checkpoint 32 vs config 48)" in proc.stderr
+
+
+def test_test_scores_with_the_checkpoint_vocabulary_whatever_the_data_would_build(single, tiny_ckpt, tmp_path):
+    """`test --ckpt_path` on data whose training captions give another vocabulary (a model tested on
+    another dataset; here min_word_freq 1000 makes almost every word <unk>) scores the model with its own
+    words: the same captions and numbers as on the data it was trained on. It was refused as a
+    vocabulary mismatch. A resume (fit) still refuses it (test_reliability)."""
+    metrics, captions = _test_run(tmp_path, tiny_ckpt, "--data.min_word_freq", "1000")
+    single_metrics, single_captions = single
+    assert captions == single_captions
+    assert metrics == single_metrics

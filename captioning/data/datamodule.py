@@ -201,6 +201,9 @@ class CaptionDataModule(pl.LightningDataModule):
             runs once per image); 1 draws one caption per image per epoch; 0 takes all of them.
         num_workers: data-loader worker processes.
         min_word_freq: words rarer than this in the training captions become ``<unk>``.
+        vocabulary: a model's token list (as its checkpoint stores it) to use instead of building one from
+            the training captions; ``validate``/``test --ckpt_path`` set it to the checkpoint's, so a model
+            is scored on any dataset with the words it was trained with.
         max_caption_len: training captions are cut to this many words.
         check_images: scan every image once at set-up (header and end marker; see
             :func:`captioning.data.images.check_image`) and leave bad ones out, counted by reason.
@@ -231,6 +234,7 @@ class CaptionDataModule(pl.LightningDataModule):
         captions_per_image: int = 1,
         num_workers: int = 0,
         min_word_freq: int = 1,
+        vocabulary: list[str] | None = None,
         max_caption_len: int = 24,
         check_images: bool = True,
         max_bad_fraction: float = 0.01,
@@ -262,7 +266,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.feature_cache, self.cache_dir, self.cache_dtype = feature_cache, cache_dir, cache_dtype
         self.shapes_config = ShapesConfig(num_train, num_val, num_test, image_size, shapes_seed)
         self._records: dict[str, list[CaptionRecord]] | None = None
-        self._vocab: Vocabulary | None = None
+        self._vocab: Vocabulary | None = Vocabulary(vocabulary) if vocabulary is not None else None
         self.report: DataReport | None = None
         self.train_sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None
@@ -303,7 +307,7 @@ class CaptionDataModule(pl.LightningDataModule):
 
     @property
     def vocab(self) -> Vocabulary:
-        """Vocabulary of the training captions."""
+        """Vocabulary of the training captions (or the ``vocabulary`` given)."""
         if self._vocab is None:
             self._vocab = Vocabulary.build((t for r in self.records("train") for t in r.tokens), self.min_word_freq)
         return self._vocab
