@@ -4,7 +4,9 @@ One panel for the image, then one per generated word with its attention map upsa
 cell centres at the centres of the image regions they cover, no overshoot at the border) to the
 image, coloured and blended over it, the word written on the panel. Panels keep the image's aspect
 ratio: the model saw the whole image (squashed to its input size, not cropped), so the grid covers
-the whole picture however it is shaped.
+the whole picture however it is shaped. The image is drawn as the model saw it: a PIL image given
+as it was opened is normalised like the loader does (EXIF orientation, transparency on white,
+16-bit greyscale scaled), so the maps land where the model looked.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from captioning.data.images import to_rgb
 
 # a "jet"-like colour ramp: dark blue -> cyan -> yellow -> red
 _RAMP = np.array([[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0], [128, 0, 0]], dtype=np.float32)
@@ -46,7 +50,7 @@ def _panel_size(image: Image.Image, longest: int) -> tuple[int, int]:
 def overlay(image: Image.Image, attention: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> Image.Image:
     """Blend one attention map (h,w) over ``image`` resized to ``size`` (width, height; an int: square)."""
     width, height = (size, size) if isinstance(size, int) else size
-    base = image.convert("RGB")
+    base = to_rgb(image)  # what the model saw: an EXIF-rotated photo upright, transparency on white
     if base.size != (width, height):
         base = base.resize((width, height), Image.BICUBIC)
     heat = heatmap(attention, width, height)
@@ -74,6 +78,10 @@ def attention_figure(
 ) -> Image.Image:
     """The image followed by one overlay panel per word; attention (T,h,w) aligned with ``words``.
     Panels are ``panel_size`` on the image's longer side and keep its aspect ratio."""
+    # the loader's normalisation, as Captioner applies it: the attention grid is in the frame of the
+    # EXIF-transposed image, so an image drawn as stored put each map on the wrong region (and with a
+    # rotated aspect); convert("RGB") also showed 16-bit greyscale white and transparency black
+    image = to_rgb(image)
     n = len(words) + 1
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
@@ -81,7 +89,7 @@ def attention_figure(
     pw, ph = _panel_size(image, panel_size)
     fig = Image.new("RGB", (cols * (pw + pad) + pad, rows * (ph + pad) + pad), (255, 255, 255))
     font = _font(max(12, panel_size // 12))
-    base = image.convert("RGB").resize((pw, ph), Image.BICUBIC)  # once, not per word
+    base = image.resize((pw, ph), Image.BICUBIC)  # once, not per word
     panels = [(base.copy(), "<image>")]
     panels += [(overlay(base, attention[t], (pw, ph)), w) for t, w in enumerate(words)]
     for k, (panel, label) in enumerate(panels):

@@ -42,3 +42,30 @@ def test_a_wide_image_keeps_its_shape_and_the_grid_covers_it_row_major():
     assert fig.size == (3 * (224 + 4) + 4, 112 + 8)  # three 224x112 panels in a row, 4 px apart
     tall = attention_figure(image.rotate(90, expand=True), ["a"], one.t()[None], panel_size=224)
     assert tall.size == (2 * (112 + 4) + 4, 224 + 8)
+
+
+def test_the_figure_draws_the_image_as_the_model_saw_it(tmp_path):
+    """Captioner normalises a PIL image (EXIF orientation, 16-bit grey, transparency on white) before
+    the encoder; the figure drew it as stored (convert("RGB")): an EXIF-rotated photo lay on its side
+    under maps computed on the upright one, 16-bit grey showed white and transparency black."""
+    stored = Image.new("RGB", (120, 60), (0, 0, 0))
+    stored.paste((255, 0, 0), (0, 0, 60, 60))  # left half red as stored: the top half once upright
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    photo = Image.open(tmp_path / "rotated.jpg")
+    one = torch.zeros(1, 2, 2)
+    one[0, 0, 0] = 1.0  # top-left cell of the upright image
+    fig = attention_figure(photo, ["a"], one, panel_size=224)
+    assert fig.size == (2 * (112 + 4) + 4, 224 + 8)  # two upright 112x224 panels, not 224x112
+    panel = np.asarray(fig, dtype=np.float32)[4 : 4 + 224, 4 : 4 + 112]  # the image panel (H,W,3)
+    assert panel[150:, :, 0].mean() < 60  # black at the bottom of the upright image
+    top = panel[40:100, 20:100]  # below the label: red at the top of the upright image
+    assert top[..., 0].mean() > 200 and top[..., 2].mean() < 60
+    grey = Image.fromarray(np.full((32, 32), 20000, dtype=np.uint16))  # 16-bit, about 31% of full scale
+    assert grey.mode == "I;16"
+    panel = np.asarray(attention_figure(grey, [], torch.zeros(0, 2, 2), panel_size=64))[40:60, 10:60]
+    assert abs(panel.mean() - 78) < 3  # 20000 / 65535 * 255, not white
+    clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # fully transparent: on white, as the model saw it
+    panel = np.asarray(attention_figure(clear, [], torch.zeros(0, 2, 2), panel_size=64))[40:60, 10:60]
+    assert panel.min() == 255
