@@ -9,8 +9,9 @@ at a time, faster). Prints "<path>: <caption>" per image, in the order given, an
 <stem>_attention.png into --out (default: the current directory); when two inputs share a stem
 (a/img.png, b/img.png) the later ones get img-2_attention.png, img-3_attention.png ... so no
 overlay of this run overwrites another, nor one of the input images (x.png's overlay becomes
-x-2_attention.png when x_attention.png is itself an input). A file that cannot be read is reported with its cause on
-stderr; the other images are still captioned, and the exit status is 1.
+x-2_attention.png when x_attention.png is itself an input). A file that cannot be read, or an overlay that cannot
+be written, is reported with its cause on stderr; the other images are still captioned, and the exit status is 1.
+An --out folder that cannot be made or written to is refused before any image is read (exit status 2).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a file of that name, no permission, a read-only place ...
         print(f"error: --out {out_dir}: cannot make that folder ({e.strerror or e})", file=sys.stderr)
         return 2
+    try:  # a folder that exists but takes no files would otherwise fail at the first overlay, with a traceback
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        print(f"error: --out {out_dir}: cannot write there ({e.strerror or e})", file=sys.stderr)
+        return 2
     overlays: set[Path] = set()  # written by this run: a shared stem must not overwrite one of them
     # the input files themselves, by device and inode: `infer.py x.png x_attention.png` must not write
     # x.png's overlay over the input x_attention.png (nor over it through another spelling of its path:
@@ -98,14 +105,22 @@ def main(argv: list[str] | None = None) -> int:
 
     batch: list[tuple[str, Image]] = []  # (name, image) waiting for the next batched search
 
-    def caption_batch() -> None:
+    def caption_batch() -> int:
+        """Caption and draw the waiting images; returns how many overlays could not be written."""
+        unwritten = 0
         captions = captioner.caption_batch([image for _, image in batch], batch_size=args.batch_size)
         for (name, image), cap in zip(batch, captions):
-            target = overlay_path(name)
-            attention_figure(image, cap.tokens, cap.attention).save(target)
             print(f"{name}: {cap.text}", flush=True)
+            target = overlay_path(name)
+            try:
+                attention_figure(image, cap.tokens, cap.attention).save(target)
+            except OSError as e:  # a folder in the overlay's place, a full disk ...: the caption still counts
+                print(f"error: {target}: cannot write the attention overlay ({e.strerror or e})", file=sys.stderr)
+                unwritten += 1
+                continue
             print(f"  attention overlay: {target}", file=sys.stderr)
         batch.clear()
+        return unwritten
 
     failures = 0
     for name in args.images:
@@ -121,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         batch.append((name, image))
         if len(batch) == args.batch_size:
-            caption_batch()
+            failures += caption_batch()
     if batch:
-        caption_batch()
+        failures += caption_batch()
     return 1 if failures else 0
 
 

@@ -266,3 +266,35 @@ def test_infer_never_writes_an_overlay_over_one_of_its_input_images(tiny_ckpt, t
     assert second.read_bytes() == original
     assert f"attention overlay: {tmp_path / 'x-2_attention.png'}" in proc.stderr
     assert (tmp_path / "x-2_attention.png").is_file() and (tmp_path / "x_attention_attention.png").is_file()
+
+
+def test_an_overlay_that_cannot_be_written_is_reported_and_the_captions_still_come(tiny_ckpt, tiny_shapes, tmp_path):
+    """A failed overlay save (here a folder in its place; a full disk, a read-only file) was a traceback:
+    the rest of the images went uncaptioned and that image's caption was never printed."""
+    images = [tiny_shapes.parent / "images" / f"00000{i}.png" for i in (2, 3)]
+    (tmp_path / "o" / "000002_attention.png").mkdir(parents=True)
+    args = [*map(str, images), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "o")]
+    proc = run_script(str(ROOT / "infer.py"), *args, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert [line.split(": ")[0] for line in proc.stdout.splitlines()] == [str(p) for p in images]
+    target = tmp_path / "o" / "000002_attention.png"
+    assert f"error: {target}: cannot write the attention overlay (Is a directory)" in proc.stderr
+    assert (tmp_path / "o" / "000003_attention.png").is_file()
+
+
+def test_an_out_folder_that_takes_no_files_is_refused_before_captioning(tiny_ckpt, tmp_path):
+    """An existing --out folder without write permission passed the mkdir check and failed at the first
+    overlay with a traceback."""
+    image = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(image)
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        if os.access(out, os.W_OK):
+            pytest.skip("this user may write to a read-only folder (root)")
+        proc = run_script(str(ROOT / "infer.py"), str(image), "--ckpt", str(tiny_ckpt), "--out", str(out), cwd=tmp_path)
+    finally:
+        out.chmod(0o755)
+    assert proc.returncode == 2 and f"error: --out {out}: cannot write there" in proc.stderr, proc.stderr
+    assert proc.stdout == ""
