@@ -7,6 +7,7 @@ arguments, preprocessing, grid; ``checkpoint["state_dict"]``: weights). It is re
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,8 @@ class Captioner:
         """Caption several images, ``batch_size`` at a time through one batched beam search each (the same
         captions as one at a time; the batch bounds memory, so a long list does not hold every image's
         activations at once). Paths are read only when their batch comes."""
+        if isinstance(images, (str, os.PathLike, Image.Image)):  # a str would be captioned letter by letter
+            raise TypeError(f"caption_batch takes a list of images, got one {type(images).__name__}: use caption()")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         beam_size = self.beam_size if beam_size is None else beam_size
@@ -166,7 +169,7 @@ class Captioner:
     def _caption_batch(self, images: list[str | Path | Image.Image], beam_size: int) -> list[Caption]:
         # a PIL image given directly is normalised as a file is (alpha onto white, EXIF orientation,
         # 16-bit scaled), so an image gives the same caption whether passed as a path or as an image
-        pil = [load_image(im) if isinstance(im, (str, Path)) else to_rgb(im) for im in images]
+        pil = [_as_rgb(im) for im in images]
         x = torch.stack([self.transform(im) for im in pil]).to(self.device)  # (B,3,H,W)
         enc = self.net.encode(x)
         hyps = beam_search(
@@ -184,3 +187,16 @@ class Captioner:
             attention = best.attention.reshape(-1, h, w)  # (T,N) -> (T,h,w)
             out.append(Caption(detokenize(words), words, best.score, attention))
         return out
+
+
+def _as_rgb(image: str | os.PathLike | Image.Image) -> Image.Image:
+    """A path read by the loader, or a PIL image normalised as the loader does; anything else (a tensor,
+    an array) is a TypeError saying what is taken, not an AttributeError from deep inside PIL code."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    raise TypeError(
+        f"an image to caption is a path or a PIL image, got {type(image).__name__} "
+        "(an array: PIL.Image.fromarray(array) first)"
+    )

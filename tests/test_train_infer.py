@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -298,3 +299,18 @@ def test_an_out_folder_that_takes_no_files_is_refused_before_captioning(tiny_ckp
         out.chmod(0o755)
     assert proc.returncode == 2 and f"error: --out {out}: cannot write there" in proc.stderr, proc.stderr
     assert proc.stdout == ""
+
+
+def test_an_image_of_a_type_captioner_does_not_take_is_a_clear_type_error(tiny_ckpt, tmp_path):
+    """A tensor or an array reached PIL code and failed with "'Tensor' object has no attribute 'getexif'";
+    one path given to caption_batch was captioned letter by letter ("i: no such file")."""
+    captioner = Captioner.from_checkpoint(tiny_ckpt)
+    for image in (torch.rand(3, 64, 64), np.zeros((64, 64, 3), dtype=np.uint8)):
+        with pytest.raises(TypeError, match=f"a path or a PIL image, got {type(image).__name__}"):
+            captioner.caption(image)
+    path = tmp_path / "image.png"
+    Image.new("RGB", (64, 64)).save(path)
+    for one in (str(path), path, Image.open(path)):
+        with pytest.raises(TypeError, match=r"takes a list of images.*use caption\(\)"):
+            captioner.caption_batch(one)
+    assert captioner.caption(path).text == captioner.caption_batch([os.fspath(path)])[0].text
