@@ -89,15 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {out_dir}: cannot write there ({e.strerror or e})", file=sys.stderr)
         return 2
     overlays: set[Path] = set()  # written by this run: a shared stem must not overwrite one of them
-    # the input files themselves, by device and inode: `infer.py x.png x_attention.png` must not write
-    # x.png's overlay over the input x_attention.png (nor over it through another spelling of its path:
-    # a link, or other letter case on a case-insensitive file system)
-    inputs = {(st.st_dev, st.st_ino) for st in map(_stat, args.images) if st is not None}
+    # files not to write over, by device and inode: the input files themselves (`infer.py x.png x_attention.png`
+    # must not write x.png's overlay over the input x_attention.png) and, once written, this run's overlays;
+    # by inode, not path, so that no other spelling of the path reaches them either: a link, or other letter
+    # case on a case-insensitive file system (the macOS default), where a/IMG.png's overlay was written over
+    # b/img.png's
+    keep = {(st.st_dev, st.st_ino) for st in map(_stat, args.images) if st is not None}
 
     def overlay_path(name: str) -> Path:
         stem, n = Path(name).stem, 1
         target = out_dir / f"{stem}_attention.png"
-        while target in overlays or (st := _stat(target)) is not None and (st.st_dev, st.st_ino) in inputs:
+        while target in overlays or (st := _stat(target)) is not None and (st.st_dev, st.st_ino) in keep:
             n += 1
             target = out_dir / f"{stem}-{n}_attention.png"
         overlays.add(target)
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {target}: cannot write the attention overlay ({e.strerror or e})", file=sys.stderr)
                 unwritten += 1
                 continue
+            if (st := _stat(target)) is not None:
+                keep.add((st.st_dev, st.st_ino))
             print(f"  attention overlay: {target}", file=sys.stderr)
         batch.clear()
         return unwritten

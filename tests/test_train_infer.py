@@ -314,3 +314,24 @@ def test_an_image_of_a_type_captioner_does_not_take_is_a_clear_type_error(tiny_c
         with pytest.raises(TypeError, match=r"takes a list of images.*use caption\(\)"):
             captioner.caption_batch(one)
     assert captioner.caption(path).text == captioner.caption_batch([os.fspath(path)])[0].text
+
+
+def test_no_overlay_of_a_run_is_written_over_another_through_a_second_spelling_of_its_path(tiny_ckpt, tmp_path):
+    """On a case-insensitive file system (macOS's default) a/IMG.png's overlay IMG_attention.png and b/img.png's
+    img_attention.png are one file: the second overwrote the first. This file system is case-sensitive, so a
+    link stands in for the second spelling; overlays already written are now recognised by inode."""
+    images = []
+    for folder, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / folder).mkdir()
+        images.append(tmp_path / folder / f"{folder}.png")
+        Image.new("RGB", (64, 64), colour).save(images[-1])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "b_attention.png").symlink_to("a_attention.png")  # b's overlay path is another name of a's
+    args = [*map(str, images), "--ckpt", str(tiny_ckpt), "--out", str(out)]
+    proc = run_script(str(ROOT / "infer.py"), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"attention overlay: {out / 'b-2_attention.png'}" in proc.stderr, proc.stderr
+    first = np.asarray(Image.open(out / "a_attention.png"))[150, 100]  # the <image> panel, below its label
+    assert tuple(first) == (255, 0, 0), "a's overlay was overwritten"
+    assert tuple(np.asarray(Image.open(out / "b-2_attention.png"))[150, 100]) == (0, 0, 255)
