@@ -52,19 +52,29 @@ def find_latest_checkpoint(root: str | Path = "runs") -> Path:
     root = Path(root)
     runs = {}  # checkpoints folder -> time of its newest checkpoint
     for ckpt in root.glob("**/checkpoints/*.ckpt"):
-        runs[ckpt.parent] = max(runs.get(ckpt.parent, 0.0), ckpt.stat().st_mtime)
+        if (mtime := _mtime(ckpt)) is not None:
+            runs[ckpt.parent] = max(runs.get(ckpt.parent, 0.0), mtime)
     if not runs:
         raise CheckpointError(f"{root}: no checkpoint found; train one with `python train.py` or pass --ckpt")
     newest = max(runs, key=runs.get)
-    best = sorted(newest.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    best = sorted((t, p) for p in newest.glob("best*.ckpt") if (t := _mtime(p)) is not None)  # (mtime, path)
     if best:
-        return best[-1]
+        return best[-1][1]
     last = newest / "last.ckpt"
     named = f"its last checkpoint is {last}: pass it" if last.is_file() else "pass a checkpoint"
     raise CheckpointError(
         f"{root}: the newest run ({newest.parent}) has no best checkpoint (best.ckpt needs a validation); "
         f"{named} with --ckpt"
     )
+
+
+def _mtime(path: Path) -> float | None:
+    """When ``path`` was last written, None where it is not there: a dangling link, or a checkpoint that a
+    running training replaced between the listing and this look (a traceback before)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 class Captioner:

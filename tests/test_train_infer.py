@@ -335,3 +335,15 @@ def test_no_overlay_of_a_run_is_written_over_another_through_a_second_spelling_o
     first = np.asarray(Image.open(out / "a_attention.png"))[150, 100]  # the <image> panel, below its label
     assert tuple(first) == (255, 0, 0), "a's overlay was overwritten"
     assert tuple(np.asarray(Image.open(out / "b-2_attention.png"))[150, 100]) == (0, 0, 255)
+
+
+def test_a_dangling_checkpoint_link_under_runs_is_passed_over(tmp_path):
+    """A link to a removed checkpoint (or one replaced between the listing and its stat) was a
+    FileNotFoundError traceback from find_latest_checkpoint."""
+    checkpoints = tmp_path / "runs" / "x" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "best.ckpt").symlink_to("removed.ckpt")
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        find_latest_checkpoint(tmp_path / "runs")
+    (checkpoints / "best-v1.ckpt").write_bytes(b"")
+    assert find_latest_checkpoint(tmp_path / "runs") == checkpoints / "best-v1.ckpt"
