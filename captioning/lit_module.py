@@ -178,6 +178,14 @@ def _resume_after_epoch_end(checkpoint: dict) -> bool:
     return True
 
 
+def _check_ranges(**options: tuple[float | None, bool, str]) -> None:
+    """Raise one ValueError naming every ``model.<name>`` whose value is out of range: each option is
+    (value, in range, the range in words)."""
+    bad = [f"model.{name} must be {rule}, got {value!r}" for name, (value, ok, rule) in options.items() if not ok]
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
 class CaptionModule(pl.LightningModule):
     """Trains a :class:`CaptionNet`.
 
@@ -255,6 +263,21 @@ class CaptionModule(pl.LightningModule):
             raise ValueError("model.vocab is empty: it is set from the data module's training captions")
         if lr_schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"model.lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
+        # checked here, before any data is generated or step taken: AdamW checks only its default lr, not a
+        # group's, so a negative model.lr trained (uphill) without a word, a negative warmup was no warmup, and
+        # beam_size 0 or label_smoothing 1.5 stopped the run only at the first validation or step
+        _check_ranges(
+            lr=(lr, lr > 0, "> 0"),
+            encoder_lr=(encoder_lr, encoder_lr is None or encoder_lr >= 0, ">= 0 (0 keeps the encoder's weights)"),
+            weight_decay=(weight_decay, weight_decay >= 0, ">= 0"),
+            warmup_steps=(warmup_steps, warmup_steps >= 0, ">= 0"),
+            lr_decay=(lr_decay, 0 < lr_decay <= 1, "in (0, 1]"),
+            lr_decay_epochs=(lr_decay_epochs, lr_decay_epochs >= 1, ">= 1"),
+            label_smoothing=(label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
+            alpha_c=(alpha_c, alpha_c >= 0, ">= 0"),
+            beam_size=(beam_size, beam_size >= 1, ">= 1"),
+            max_decode_len=(max_decode_len, max_decode_len >= 1, ">= 1"),
+        )
         if decoder == "transformer" and max_decode_len > max_len:
             # the search feeds word t at position t: past the position table it would stop the first
             # validation, after a whole epoch of training, so the two are checked here instead

@@ -114,3 +114,53 @@ def test_a_transformer_whose_position_table_is_shorter_than_the_captions_is_refu
     assert "data.max_caption_len (12) needs 13 positions" in proc.stderr
     assert "more than model.max_len (8)" in proc.stderr
     assert "Sanity Checking" not in proc.stdout and "Epoch 0" not in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("lr", -1e-3, "model.lr must be > 0, got -0.001"),
+        ("encoder_lr", -1e-4, "model.encoder_lr must be >= 0"),
+        ("weight_decay", -0.1, "model.weight_decay must be >= 0"),
+        ("warmup_steps", -5, "model.warmup_steps must be >= 0, got -5"),
+        ("lr_decay_epochs", 0, "model.lr_decay_epochs must be >= 1, got 0"),
+        ("lr_decay", 0.0, "model.lr_decay must be in (0, 1]"),
+        ("label_smoothing", 1.5, "model.label_smoothing must be in [0, 1), got 1.5"),
+        ("alpha_c", -0.1, "model.alpha_c must be >= 0"),
+        ("beam_size", 0, "model.beam_size must be >= 1, got 0"),
+        ("max_decode_len", 0, "model.max_decode_len must be >= 1, got 0"),
+    ],
+)
+def test_nonsense_model_options_are_refused_when_the_module_is_built(option, value, message):
+    """Before, AdamW (which checks only its default lr, not a group's) trained with a negative lr, uphill and
+    silently; a negative warmup was no warmup; beam_size 0, label_smoothing 1.5 and lr_decay_epochs 0 stopped
+    the run only at the first validation or step, the last with a bare ZeroDivisionError."""
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    with pytest.raises(ValueError) as info:
+        CaptionModule(
+            vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, **{option: value}
+        )
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("image_size", 0, "data.image_size must be >= 1, got 0"),
+        ("max_caption_len", 0, "data.max_caption_len must be >= 1, got 0"),
+        ("captions_per_image", -1, "data.captions_per_image must be >= 0"),
+        ("batch_size", 0, "data.batch_size must be >= 1, got 0"),
+        ("std", (0.2, 0.0, 0.2), "data.std must be 3 values (R, G, B), each > 0"),
+    ],
+)
+def test_nonsense_data_options_are_refused_before_any_data_is_read(tmp_path, option, value, message):
+    """Before, image_size 0 failed inside the shapes generator (empty range for randrange()), and
+    max_caption_len 0 or captions_per_image -1 trained on empty (or every) caption without a word."""
+    from captioning.data.datamodule import CaptionDataModule
+
+    with pytest.raises(ValueError) as info:
+        CaptionDataModule(data_dir=str(tmp_path / "shapes"), **{option: value})
+    assert message in str(info.value)
+    assert not (tmp_path / "shapes").exists()
