@@ -197,10 +197,10 @@ class CaptionModule(pl.LightningModule):
             the checkpoint and needs neither the file nor a download.
         lr, encoder_lr, weight_decay: AdamW; ``encoder_lr`` (default ``lr``) for a fine-tuned encoder.
         warmup_steps: optimizer steps of the linear warmup, at most a tenth of the run's: a longer
-            warmup is cut to that, with a warning.
-        lr_schedule: after the warmup, "cosine" (to 0 at the last step), "step" (times
-            ``lr_decay`` every ``lr_decay_epochs`` epochs, the classic Show-Attend-Tell recipe) or
-            "constant".
+            warmup is cut to that, with a warning (a run without an end keeps it whole).
+        lr_schedule: after the warmup, "cosine" (to 0 at the last step; needs a run with an end),
+            "step" (times ``lr_decay`` every ``lr_decay_epochs`` epochs, the classic Show-Attend-Tell
+            recipe) or "constant".
         channels_last: run the encoder in channels-last memory format (faster convolutions on
             GPUs with tensor cores; same results).
         compile_decoder: ``torch.compile`` the decoder for training (one-off compile time; the
@@ -333,23 +333,41 @@ class CaptionModule(pl.LightningModule):
             # `is None`, not `or`: an encoder_lr of 0 is a value (keep the encoder's weights), not "unset"
             groups.append({"params": enc, "lr": hp.lr if hp.encoder_lr is None else hp.encoder_lr})
         opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = self.trainer.estimated_stepping_batches  # inf: no trainer.max_steps and max_epochs -1
+        if math.isfinite(total):
+            total = max(int(total), 1)
+        elif hp.lr_schedule == "cosine":
+            # int(inf) stopped such a run with a bare OverflowError, whatever its schedule
+            raise ValueError(
+                "model.lr_schedule 'cosine' decays to 0 at the run's last step, but this run has no last step "
+                "(trainer.max_epochs -1 and no trainer.max_steps): set one of them, or use lr_schedule 'step' or "
+                "'constant' (e.g. with early stopping)"
+            )
         # a warmup longer than a tenth of the run would leave short runs (smoke tests, a few epochs with the
-        # default 100 steps) mostly warming up; cut, but said, so a longer one is never a silent surprise
-        warmup = min(hp.warmup_steps, total // 10)
+        # default 100 steps) mostly warming up; cut, but said, so a longer one is never a silent surprise.
+        # A run without an end has no tenth: its warmup is taken as given
+        warmup = min(hp.warmup_steps, total // 10) if math.isfinite(total) else hp.warmup_steps
         if warmup < hp.warmup_steps:
             rank_zero_warn(
                 f"model.warmup_steps ({hp.warmup_steps}) is more than a tenth of this run's {total} optimizer "
                 f"steps: the warmup is cut to {warmup} steps"
             )
-        # optimizer steps per epoch, from the loader (known once estimated_stepping_batches has set it up):
-        # total // max_epochs was wrong whenever max_steps ends training first, or max_epochs is -1
+        # optimizer steps per epoch, from the loader: total // max_epochs was wrong whenever max_steps ends
+        # training first, or max_epochs is -1. estimated_stepping_batches sets the loader up only when it needs
+        # it: with max_epochs -1 it returns max_steps (or inf) first, and the step schedule, reading the unset
+        # inf here, decayed never (or, in an endless run, turned every LR into NaN after the warmup)
+        if hp.lr_schedule == "step" and self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()  # as estimated_stepping_batches does when it needs the loader
         batches = self.trainer.num_training_batches
         if math.isfinite(batches) and batches > 0:
             steps_per_epoch = max(math.ceil(batches / self.trainer.accumulate_grad_batches), 1)
-        else:
+        elif math.isfinite(total):
             epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
             steps_per_epoch = max(total // epochs, 1)
+        elif hp.lr_schedule == "step":
+            raise ValueError("model.lr_schedule 'step' needs the length of an epoch, and this run's loader has none")
+        else:
+            steps_per_epoch = 1  # unused: only the step schedule reads it
 
         def schedule(step: int) -> float:
             if step < warmup:

@@ -164,3 +164,44 @@ def test_nonsense_data_options_are_refused_before_any_data_is_read(tmp_path, opt
         CaptionDataModule(data_dir=str(tmp_path / "shapes"), **{option: value})
     assert message in str(info.value)
     assert not (tmp_path / "shapes").exists()
+
+
+@pytest.mark.parametrize("max_steps", [20, -1])
+def test_with_max_epochs_minus_one_the_step_schedule_decays_every_epoch_and_cosine_needs_an_end(max_steps):
+    """trainer.max_epochs -1: Lightning's estimated_stepping_batches returns max_steps (or inf) without setting
+    the loader up, so num_training_batches was still inf: with max_steps the step schedule took the whole run
+    for one epoch and never decayed; without (an endless, early-stopped run) int(inf) stopped the run with a
+    bare OverflowError, whatever model.lr_schedule said."""
+    import types
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    def optimizers(**options):
+        module = CaptionModule(
+            vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, **options
+        )
+        # as Lightning's Trainer with max_epochs -1: num_training_batches stays inf until fit_loop.setup_data()
+        trainer = types.SimpleNamespace(
+            estimated_stepping_batches=float("inf") if max_steps == -1 else max_steps,
+            num_training_batches=float("inf"),
+            train_dataloader=None,
+            accumulate_grad_batches=2,
+            max_epochs=-1,
+        )
+        trainer.fit_loop = types.SimpleNamespace(setup_data=lambda: setattr(trainer, "num_training_batches", 6))
+        module._trainer = trainer
+        return module.configure_optimizers()
+
+    step = optimizers(lr_schedule="step", warmup_steps=2, lr_decay=0.5, lr_decay_epochs=1)
+    opt, sched = step["optimizer"], step["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # a warmup of 2 steps (a tenth of 20; an endless run's as given), then halved every epoch of 3 optimizer steps
+    assert lrs == pytest.approx([0.001, 0.002, 0.002, 0.001, 0.001, 0.001, 0.0005, 0.0005])
+    if max_steps == -1:
+        with pytest.raises(ValueError, match="model.lr_schedule 'cosine' decays to 0 at the run's last step"):
+            optimizers(lr_schedule="cosine")
