@@ -186,6 +186,23 @@ def _check_ranges(**options: tuple[float | None, bool, str]) -> None:
         raise ValueError("; ".join(bad))
 
 
+def _split_decay(group: dict, weight_decay: float) -> list[dict]:
+    """An optimizer group as (its weight matrices and kernels, decayed; its biases and norm gains and shifts,
+    not decayed): decay pulls a BatchNorm or LayerNorm gain towards 0, which rescales the layer instead of
+    regularising it, and a bias does not add capacity to regularise (the AdamW recipe of nanoGPT and timm:
+    only tensors of 2 or more dimensions decay)."""
+    matrices = [p for p in group["params"] if p.ndim >= 2]
+    vectors = [p for p in group["params"] if p.ndim < 2]
+    return [
+        part
+        for part in (
+            {**group, "params": matrices, "weight_decay": weight_decay},
+            {**group, "params": vectors, "weight_decay": 0.0},
+        )
+        if part["params"]
+    ]
+
+
 class CaptionModule(pl.LightningModule):
     """Trains a :class:`CaptionNet`.
 
@@ -196,6 +213,9 @@ class CaptionModule(pl.LightningModule):
             loaded when a fresh fit starts. A fit resumed from a checkpoint takes the encoder from
             the checkpoint and needs neither the file nor a download.
         lr, encoder_lr, weight_decay: AdamW; ``encoder_lr`` (default ``lr``) for a fine-tuned encoder.
+            ``weight_decay`` applies to weight matrices and convolution kernels only: biases and the
+            gains and shifts of BatchNorm and LayerNorm are not decayed. With ``weight_decay`` > 0 the
+            decoder's (and a fine-tuned encoder's) group is split in two, decayed and not.
         warmup_steps: optimizer steps of the linear warmup, at most a tenth of the run's: a longer
             warmup is cut to that, with a warning (a run without an end keeps it whole).
         lr_schedule: after the warmup, "cosine" (to 0 at the last step; needs a run with an end),
@@ -332,6 +352,8 @@ class CaptionModule(pl.LightningModule):
         if enc:
             # `is None`, not `or`: an encoder_lr of 0 is a value (keep the encoder's weights), not "unset"
             groups.append({"params": enc, "lr": hp.lr if hp.encoder_lr is None else hp.encoder_lr})
+        if hp.weight_decay > 0:
+            groups = [part for group in groups for part in _split_decay(group, hp.weight_decay)]
         opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
         total = self.trainer.estimated_stepping_batches  # inf: no trainer.max_steps and max_epochs -1
         if math.isfinite(total):

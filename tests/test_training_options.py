@@ -205,3 +205,54 @@ def test_with_max_epochs_minus_one_the_step_schedule_decays_every_epoch_and_cosi
     if max_steps == -1:
         with pytest.raises(ValueError, match="model.lr_schedule 'cosine' decays to 0 at the run's last step"):
             optimizers(lr_schedule="cosine")
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "transformer"])
+def test_weight_decay_shrinks_weight_matrices_but_not_biases_or_norm_gains(decoder):
+    """Before, one weight_decay applied to every parameter: AdamW pulled the BatchNorm and LayerNorm gains and
+    every bias towards 0 too. A step with zero gradients is decay alone: it must leave them as they were."""
+    import types
+
+    import torch
+    from torch import nn
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    torch.manual_seed(0)
+    module = CaptionModule(
+        vocab=[*SPECIALS, "a", "b"],
+        decoder=decoder,
+        encoder_channels=(8, 8, 8, 8),
+        embed_dim=8,
+        hidden_dim=8,
+        attention_dim=8,
+        num_heads=2,
+        weight_decay=0.5,
+        encoder_lr=1e-3,
+        warmup_steps=0,
+    )
+    module._trainer = types.SimpleNamespace(
+        estimated_stepping_batches=100, num_training_batches=10, accumulate_grad_batches=1, max_epochs=10
+    )
+    opt = module.configure_optimizers()["optimizer"]
+    norms = {id(p) for m in module.modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) for p in m.parameters()}
+    kept = {n for n, p in module.named_parameters() if id(p) in norms or n.endswith("bias") or ".bias_" in n}
+    assert any(".bias" in n for n in kept) and len(norms) >= 2  # there is something of each kind to check
+    # every trainable parameter in exactly one group, the encoder's at encoder_lr
+    in_groups = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(in_groups) == sorted(id(p) for p in module.parameters())
+    encoder = {id(p) for p in module.net.encoder.parameters()}
+    for g in opt.param_groups:
+        assert g["lr"] == (1e-3 if id(g["params"][0]) in encoder else 0.002)
+
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in module.named_parameters():
+        if n in kept:
+            assert torch.equal(p, before[n]), n
+        else:  # AdamW's decoupled decay: p * (1 - lr * weight_decay)
+            lr = 1e-3 if id(p) in encoder else 0.002
+            torch.testing.assert_close(p, before[n] * (1 - lr * 0.5), msg=n)
