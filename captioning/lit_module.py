@@ -355,6 +355,8 @@ class CaptionModule(pl.LightningModule):
         if hp.weight_decay > 0:
             groups = [part for group in groups for part in _split_decay(group, hp.weight_decay)]
         opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        # what this run's options give each group, for a resume to apply over the checkpoint's (on_train_start)
+        self._group_options = [(g["lr"], g["weight_decay"]) for g in opt.param_groups]
         total = self.trainer.estimated_stepping_batches  # inf: no trainer.max_steps and max_epochs -1
         if math.isfinite(total):
             total = max(int(total), 1)
@@ -661,6 +663,23 @@ class CaptionModule(pl.LightningModule):
             "mean": [float(m) for m in hp.mean],
             "std": [float(s) for s in hp.std],
         }
+
+    def on_train_start(self) -> None:
+        """A resume restores the optimizer's groups from the checkpoint, their lr and weight_decay with them, over
+        this run's options: a ``--model.lr``, ``encoder_lr`` or ``weight_decay`` flag given with ``--ckpt_path``
+        (which wins over the checkpoint's options, see cli.py) was not applied, silently, while the checkpoints
+        the run then wrote recorded it. Set here, after the restore and before the first step; the schedule's
+        position (and the optimizer's moments) are kept. Without such a flag the values are the same."""
+        wanted = getattr(self, "_group_options", None)
+        if not getattr(self, "_restored", False) or not wanted or not self.trainer.lr_scheduler_configs:
+            return
+        opt, sched = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler
+        for i, (group, (lr, weight_decay)) in enumerate(zip(opt.param_groups, wanted)):
+            group["weight_decay"] = weight_decay
+            if group["initial_lr"] != lr:
+                group["initial_lr"] = sched.base_lrs[i] = lr
+                group["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)  # the LR of the step it resumes at
+        sched._last_lr = [group["lr"] for group in opt.param_groups]
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if getattr(self, "_align_logged_step", False):

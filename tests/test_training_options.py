@@ -256,3 +256,44 @@ def test_weight_decay_shrinks_weight_matrices_but_not_biases_or_norm_gains(decod
         else:  # AdamW's decoupled decay: p * (1 - lr * weight_decay)
             lr = 1e-3 if id(p) in encoder else 0.002
             torch.testing.assert_close(p, before[n] * (1 - lr * 0.5), msg=n)
+
+
+def test_lr_and_weight_decay_flags_given_with_a_resume_are_applied_at_the_schedules_position():
+    """Lightning's restore writes the checkpoint's optimizer groups (lr, initial_lr, weight_decay) and the
+    scheduler's base LRs over this run's: `fit --ckpt_path ... --model.lr 5e-4` trained on at the checkpoint's
+    LR, silently, while its new checkpoints recorded 5e-4."""
+    import types
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    def configured(**options):
+        module = CaptionModule(
+            vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, warmup_steps=0, **options
+        )
+        module._trainer = types.SimpleNamespace(
+            estimated_stepping_batches=10, num_training_batches=10, accumulate_grad_batches=1, max_epochs=1
+        )
+        out = module.configure_optimizers()
+        return module, out["optimizer"], out["lr_scheduler"]["scheduler"]
+
+    _, opt, sched = configured(lr=2e-3, weight_decay=0.01)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    module, resumed_opt, resumed_sched = configured(lr=5e-4, encoder_lr=1e-4, weight_decay=0.1)
+    resumed_opt.load_state_dict(opt.state_dict())  # what Lightning's restore does
+    resumed_sched.load_state_dict(sched.state_dict())
+    module._restored = True
+    module._trainer.optimizers = [resumed_opt]
+    module._trainer.lr_scheduler_configs = [types.SimpleNamespace(scheduler=resumed_sched)]
+    module.on_train_start()
+    cosine_at_3 = 0.5 * (1 + math.cos(math.pi * 3 / 10))
+    encoder = {id(p) for p in module.net.encoder.parameters()}
+    for group in resumed_opt.param_groups:
+        base = 1e-4 if id(group["params"][0]) in encoder else 5e-4
+        assert group["lr"] == pytest.approx(base * cosine_at_3) and group["initial_lr"] == base
+        assert group["weight_decay"] in (0.0, 0.1)  # vectors are not decayed (see the test above)
+    assert any(group["weight_decay"] == 0.1 for group in resumed_opt.param_groups)
+    assert resumed_sched.get_last_lr() == [group["lr"] for group in resumed_opt.param_groups]
+    assert resumed_sched.last_epoch == 3  # the schedule's position is the checkpoint's
