@@ -355,6 +355,7 @@ class CaptionModule(pl.LightningModule):
         if hp.weight_decay > 0:
             groups = [part for group in groups for part in _split_decay(group, hp.weight_decay)]
         opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        self._check_resumable(opt)
         # what this run's options give each group, for a resume to apply over the checkpoint's (on_train_start)
         self._group_options = [(g["lr"], g["weight_decay"]) for g in opt.param_groups]
         total = self.trainer.estimated_stepping_batches  # inf: no trainer.max_steps and max_epochs -1
@@ -616,6 +617,10 @@ class CaptionModule(pl.LightningModule):
         if meta is not None:
             self._check_matches(meta)
         self._restored = True  # the encoder's weights come from the checkpoint (_load_pretrained_encoder)
+        states = checkpoint.get("optimizer_states")
+        if states:  # its optimizer's group sizes and weight decay, for configure_optimizers to compare
+            hparams = checkpoint.get("hyper_parameters") or {}
+            self._ckpt_groups = ([len(g["params"]) for g in states[0]["param_groups"]], hparams.get("weight_decay"))
         if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.max_steps != -1:
             # Lightning then counts the logged steps from a restart's rule; the first batch sets them right
             self._align_logged_step = _resume_after_epoch_end(checkpoint)
@@ -663,6 +668,27 @@ class CaptionModule(pl.LightningModule):
             "mean": [float(m) for m in hp.mean],
             "std": [float(s) for s in hp.std],
         }
+
+    def _check_resumable(self, opt: torch.optim.Optimizer) -> None:
+        """Refuse, naming the cause, a resume whose optimizer groups differ from the checkpoint's: Lightning
+        would stop at the restore with only "loaded state dict has a different number of parameter groups".
+        Weight decay > 0 splits each group in two (decayed and not), so switching it on or off changes them."""
+        ckpt = getattr(self, "_ckpt_groups", None)  # set by on_load_checkpoint, which runs before this
+        if ckpt is None:
+            return
+        (theirs, their_decay), ours = ckpt, [len(g["params"]) for g in opt.param_groups]
+        if theirs == ours:
+            return
+        why = (
+            f"model.weight_decay: checkpoint {their_decay} vs this run {self.hparams.weight_decay}; weight decay > 0 "
+            "splits each group into decayed weight matrices and undecayed biases and norms"
+            if their_decay is not None and (their_decay > 0) != (self.hparams.weight_decay > 0)
+            else "a checkpoint written before weight decay left biases and norms alone, or other trainable parameters"
+        )
+        raise ValueError(
+            f"cannot resume: the checkpoint's optimizer has parameter groups of {theirs} tensors, this run's options "
+            f"give {ours} ({why}); resume with the checkpoint's options, or start a new fit"
+        )
 
     def on_train_start(self) -> None:
         """A resume restores the optimizer's groups from the checkpoint, their lr and weight_decay with them, over
