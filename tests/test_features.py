@@ -224,6 +224,35 @@ def test_load_encoder_weights_refuses_wrong_files_clearly(tmp_path, r18_file):
         load_encoder_weights(SmallCNN(), str(path))
 
 
+def test_weights_files_as_real_checkpoints_store_them_load_and_other_objects_are_named(tmp_path, r18_file):
+    """Files as they come: a training checkpoint's "state_dict" / "model" entry, the "module." prefix of a
+    DataParallel / DDP model, and no BatchNorm num_batches_tracked (files from before PyTorch 0.4.1, which
+    load_state_dict itself accepts) were refused as "missing ['0.weight', ...]" or "missing [...
+    num_batches_tracked]"; a file holding a list or a tensor was an AttributeError without the file's name."""
+    path, state = r18_file
+    ddp = {f"module.{k}": v for k, v in state.items()}
+    files = {
+        "model.pth": {"model": state, "epoch": 3},
+        "ddp.pth": {"state_dict": ddp, "epoch": 3},
+        "no_counters.pth": {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")},
+    }
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+        enc = TorchvisionEncoder("resnet18", stage=2, freeze=True)
+        load_encoder_weights(enc, str(tmp_path / name))
+        torch.testing.assert_close(enc.body[0].weight, state["conv1.weight"], atol=0, rtol=0)
+        torch.testing.assert_close(enc.body[1].running_mean, state["bn1.running_mean"], atol=0, rtol=0)
+        torch.testing.assert_close(enc.body[5][1].bn2.weight, state["layer2.1.bn2.weight"], atol=0, rtol=0)
+    for name, obj in (("list.pth", [1, 2]), ("tensor.pth", torch.zeros(3)), ("numbers.pth", {"conv1.weight": 3})):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ValueError, match=rf"{tmp_path / name}: not a state dict"):
+            load_encoder_weights(TorchvisionEncoder("resnet18"), str(tmp_path / name))
+    other = tmp_path / "lightning.ckpt"  # another prefix: the error shows the file's own keys
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()}}, other)
+    with pytest.raises(ValueError, match=rf"{other}: .*first: \['backbone.conv1.weight'"):
+        load_encoder_weights(TorchvisionEncoder("resnet18"), str(other))
+
+
 def test_weights_of_the_wrong_shape_name_the_file(tmp_path, r18_file):
     path, state = r18_file
     bottleneck = {**state, "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}  # what resnet50 has there

@@ -110,7 +110,10 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
     ``weights`` is a local file (a state dict of the full torchvision model, loaded with
     ``weights_only=True``) or a torchvision weights name such as ``"DEFAULT"`` or
     ``"IMAGENET1K_V2"`` (fetched through torchvision's weights API, which downloads once into
-    the torch hub cache).
+    the torch hub cache). A file may hold the state dict under ``"state_dict"`` or ``"model"`` (as
+    training checkpoints do) and with the ``"module."`` prefix of a DataParallel / DDP model; BatchNorm
+    ``num_batches_tracked`` counters may be absent (files from before PyTorch 0.4.1 have none, and
+    ``load_state_dict`` itself accepts that).
     """
     if not isinstance(encoder, TorchvisionEncoder):
         raise ValueError(f"pretrained weights need a torchvision encoder, not {type(encoder).__name__}")
@@ -122,8 +125,14 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path}: cannot load encoder weights ({e})") from e
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+        for wrapper in ("state_dict", "model"):  # a training checkpoint: the weights and more
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: not a state dict (a dict of tensors) but a {type(state).__name__}")
+        if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel / DDP wrapper
+            state = {k[len("module.") :]: v for k, v in state.items()}
     else:
         enum = torchvision.models.get_model_weights(encoder.arch)
         try:
@@ -140,7 +149,8 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
             mapped[f"{names.index(head)}.{rest}"] = v
     # check everything before copying anything, so a wrong file leaves the encoder untouched
     own = encoder.body.state_dict()
-    missing = [k for k in own if k not in mapped]
+    # a missing BatchNorm counter is filled in by load_state_dict (0); it is not used with momentum set
+    missing = [k for k in own if k not in mapped and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in mapped if k not in own]
     shapes = [
         f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}"
@@ -153,5 +163,7 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
         if items
     ]
     if problems:
+        if not mapped:  # no ResNet names at all: show the file's own, so another prefix or format is plain
+            problems.append(f"none of its {len(state)} keys is a ResNet's (first: {list(state)[:3]})")
         raise ValueError(f"{weights}: weights do not fit {encoder.arch}: " + "; ".join(problems))
     encoder.body.load_state_dict(mapped)
