@@ -253,6 +253,26 @@ def test_weights_files_as_real_checkpoints_store_them_load_and_other_objects_are
         load_encoder_weights(TorchvisionEncoder("resnet18"), str(other))
 
 
+def test_torchvision_weights_that_cannot_be_downloaded_or_do_not_exist_are_named(monkeypatch):
+    """Offline, a torchvision weights name ended in urllib's bare "URLError: Name or service not known",
+    naming neither the weights nor their URL; a missing file without a .pt/.pth/.bin suffix was only an
+    "unknown weights" name."""
+    import urllib.error
+
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(
+        OSError, match=r"DEFAULT: cannot get torchvision's resnet18 weights IMAGENET1K_V1 from https://"
+    ):
+        load_encoder_weights(TorchvisionEncoder("resnet18"), "DEFAULT")
+    with pytest.raises(ValueError, match=r"'r101.ckpt' for resnet18: no such file, nor one of .*'IMAGENET1K_V1'"):
+        load_encoder_weights(TorchvisionEncoder("resnet18"), "r101.ckpt")
+
+
 def test_weights_of_the_wrong_shape_name_the_file(tmp_path, r18_file):
     path, state = r18_file
     bottleneck = {**state, "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}  # what resnet50 has there

@@ -138,8 +138,17 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
         try:
             spec = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
         except KeyError:
-            raise ValueError(f"unknown weights {weights!r} for {encoder.arch}: {[w.name for w in enum]}") from None
-        state = spec.get_state_dict(progress=True)
+            raise ValueError(
+                f"unknown weights {weights!r} for {encoder.arch}: no such file, nor one of torchvision's names "
+                f"{['DEFAULT', *(w.name for w in enum)]}"
+            ) from None
+        try:
+            state = spec.get_state_dict(progress=True)
+        except OSError as e:  # offline (URLError), a proxy, a full or read-only hub cache
+            raise OSError(
+                f"{weights}: cannot get torchvision's {encoder.arch} weights {spec.name} from {spec.url} ({e}); "
+                "without a network, pass a local state-dict file"
+            ) from e
     # torchvision's names ("conv1.weight", "layer1.0...") -> our Sequential's indices
     names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
     mapped = {}
