@@ -119,7 +119,7 @@ def build(args: argparse.Namespace, decoder: str, freeze: bool, compile_decoder:
     module = CaptionModule(
         vocab=vocab,
         encoder=args.encoder,
-        encoder_grid=args.grid,
+        encoder_grid=None if args.encoder == "small_cnn" else args.grid,  # small_cnn's grid is the image size / 8
         freeze_encoder=freeze,
         decoder=decoder,
         embed_dim=args.hidden,
@@ -303,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (cuda 3, cpu 1)")
     p.add_argument("--encoder", default="resnet101", help="resnet18 ... resnet152 or small_cnn")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--grid", type=int, default=14, help="pool the encoder output to grid x grid")
+    p.add_argument("--grid", type=int, default=14, help="pool a ResNet's output to grid x grid")
     p.add_argument("--hidden", type=int, default=512, help="embed = hidden = attention width; Transformer width")
     p.add_argument("--heads", type=int, default=8, help="Transformer heads")
     p.add_argument("--layers", type=int, default=3, help="Transformer layers")

@@ -297,7 +297,15 @@ class CaptionModule(pl.LightningModule):
             alpha_c=(alpha_c, alpha_c >= 0, ">= 0"),
             beam_size=(beam_size, beam_size >= 1, ">= 1"),
             max_decode_len=(max_decode_len, max_decode_len >= 1, ">= 1"),
+            encoder_grid=(encoder_grid, encoder_grid is None or encoder_grid >= 0, ">= 0 (0 or null: no pooling)"),
         )
+        if encoder == "small_cnn" and (encoder_stage != 4 or encoder_grid):
+            # SmallCNN has neither stages nor pooling: model.encoder_grid 4 trained on the 8x8 grid, silently
+            raise ValueError(
+                f"model.encoder_stage ({encoder_stage}) and model.encoder_grid ({encoder_grid}) shape a torchvision "
+                "ResNet's grid; small_cnn has none of either (its grid is the image size / 8; model.encoder_channels "
+                "sets its widths): leave them at 4 and null, or choose a ResNet encoder"
+            )
         if decoder == "transformer" and max_decode_len > max_len:
             # the search feeds word t at position t: past the position table it would stop the first
             # validation, after a whole epoch of training, so the two are checked here instead

@@ -129,6 +129,9 @@ def test_a_transformer_whose_position_table_is_shorter_than_the_captions_is_refu
         ("alpha_c", -0.1, "model.alpha_c must be >= 0"),
         ("beam_size", 0, "model.beam_size must be >= 1, got 0"),
         ("max_decode_len", 0, "model.max_decode_len must be >= 1, got 0"),
+        ("encoder_grid", -2, "model.encoder_grid must be >= 0 (0 or null: no pooling), got -2"),
+        ("encoder_grid", 4, "model.encoder_stage (4) and model.encoder_grid (4) shape a torchvision ResNet's grid"),
+        ("encoder_stage", 3, "small_cnn has none of either"),
     ],
 )
 def test_nonsense_model_options_are_refused_when_the_module_is_built(option, value, message):
