@@ -104,7 +104,10 @@ def shapes_scores(
     objects: Sequence[Sequence[dict]],
     image_sizes: Sequence[tuple[int, int]],
 ) -> dict[str, float]:
-    """object_accuracy, full_accuracy and pointing_accuracy over a set of shapes images."""
+    """Shapes metrics over a set of images: ``object_accuracy`` and ``full_accuracy`` (per caption), and the
+    grounding of :func:`grounding_counts` pooled over all captions: ``pointing_accuracy`` (shape nouns),
+    ``pointing_accuracy_color`` (colour words), ``attention_mass_shape`` / ``attention_mass_color`` and
+    ``pointing_trials`` (the number of shape nouns scored). A ratio with no trials is reported as 0.0."""
     n = max(len(candidates), 1)
     total: dict[str, float] = {}
     for toks, att, objs, size in zip(candidates, attentions, objects, image_sizes):
