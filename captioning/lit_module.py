@@ -487,8 +487,18 @@ class CaptionModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         inputs, tokens, skipped = batch if len(batch) == 3 else (*batch, 0)
-        if skipped:
-            self.log("train/skipped_images", float(skipped), reduce_fx="sum", on_step=False, on_epoch=True)
+        # every rank, every step (0 when none), synced: the epoch's count is the sum over steps and ranks. Logged
+        # only where images were skipped and unsynced, under DDP it showed rank 0's count alone
+        # a fill on the device, not a float: Lightning would copy a float from the host, which waits for the GPU
+        self.log(
+            "train/skipped_images",
+            torch.full((), float(skipped), device=self.device),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=1,
+        )
         if inputs.size(0) == 0:
             # every image of this batch failed to load: a zero loss that still touches every parameter
             # (DDP's gradient all-reduce), and the same collectives as loss() and the logs below, which

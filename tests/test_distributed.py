@@ -121,7 +121,7 @@ def _rank_with_an_empty_batch(rank: int, port: int, out: dict) -> None:
 
     def log(name, value, sync_dist=False, **kw):  # Lightning's sync_dist=True is an all-reduce per value
         if sync_dist:
-            torch.distributed.all_reduce(value.detach().clone())
+            torch.distributed.all_reduce(torch.as_tensor(value).detach().clone())
             logged[name] = value
 
     m.log = log
@@ -149,7 +149,8 @@ def test_a_rank_whose_batch_lost_every_image_stays_in_step_with_the_others():
     mp.spawn(_rank_with_an_empty_batch, args=(port, out), nprocs=2)
     (loss0, logs0, grads0), (loss1, logs1, grads1) = out[0], out[1]
     assert loss1 == 0.0 and loss0 > 0.0
-    assert logs0 == logs1 == ["train/ce", "train/loss"]
+    # the skipped-image count too: logged by rank 1 alone, and unsynced, it was rank 0's count under DDP
+    assert logs0 == logs1 == ["train/ce", "train/loss", "train/skipped_images"]
     assert grads0 and grads1
 
 
