@@ -1,7 +1,7 @@
 """Caption images and write per-word attention overlays.
 
     python infer.py image.jpg [more.jpg ...] [--ckpt path] [--beam-size K] [--length-penalty A] [--out dir]
-        [--batch-size 16]
+        [--batch-size 16] [--device auto] [--max-pixels N] [--runs runs]
 
 Without --ckpt the best checkpoint of the newest `python train.py` run (under runs/) is used.
 Images are captioned --batch-size at a time in one batched beam search (the same captions as one

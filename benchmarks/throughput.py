@@ -5,7 +5,8 @@
         [--decoders lstm,transformer] [--modes frozen,finetune,cached,search,search1]
         [--images-per-batch B] [--captions-per-image 5] [--iters N] [--warmup N] [--search-images B]
         [--single-images N] [--encoder resnet101] [--image-size 256] [--grid 14] [--hidden 512]
-        [--vocab 9490] [--beam 5] [--steps 16] [--compile] [--channels-last] [--threads N] [--seed 0]
+        [--heads 8] [--layers 3] [--vocab 9490] [--beam 5] [--steps 16] [--compile] [--channels-last] [--threads N]
+        [--seed 0]
 
 The COCO-scale model (the defaults on cuda): ResNet-101 (random weights: speed does not depend on
 them) at 256x256, pooled to a 14x14 grid of 2048 channels (N = 196, C = 2048); embedding, attention

@@ -1,4 +1,4 @@
-"""Caption search over any :class:`~captioning.models.base.Decoder`: greedy and batched beam search.
+"""Caption search over any :class:`~captioning.models.base.Decoder`: greedy, sampling and batched beam search.
 
 Search only calls ``init_state`` / ``step`` / ``reorder``; it never reaches into a decoder. Every
 hypothesis carries the attention map of each of its tokens, which is what the overlays show.
