@@ -2,7 +2,8 @@
 
     python benchmarks/data_throughput.py [--images 256] [--workers 0,1,2] [--batch-size 32] [--image-size 256]
         [--encoder resnet50] [--grid N] [--hidden 512] [--vocab 10000] [--captions-per-image 5]
-        [--encoder-weights W] [--epoch-workers 0] [--cache-dtype float16] [--device cpu] [--threads T] [--work DIR]
+        [--encoder-weights W] [--epoch-workers 0] [--cache-dtype float16] [--device cpu] [--threads T] [--seed 0]
+        [--work DIR]
 
 The benchmark writes its own data (into a temporary folder, or ``--work DIR`` where it is kept and
 reused): ``--images`` JPEGs of Flickr size (500x375, every fourth one 375x500; smooth shapes plus
@@ -214,7 +215,12 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--encoder", default="resnet50", help="resnet18 ... resnet152 or small_cnn")
     p.add_argument("--encoder-weights", default=None, help="a state-dict file or torchvision weights name")
-    p.add_argument("--grid", type=int, default=None, help="pool the encoder grid to grid x grid (default: native)")
+    p.add_argument(
+        "--grid",
+        type=int,
+        default=None,
+        help="pool a ResNet's grid to grid x grid (default: native; small_cnn refuses it)",
+    )
     p.add_argument("--hidden", type=int, default=512, help="LSTM embed = hidden = attention width")
     p.add_argument("--vocab", type=int, default=10000, help="words (COCO Karpathy: ~9.5k at min count 5)")
     p.add_argument("--captions-per-image", type=int, default=5)
