@@ -1,7 +1,8 @@
 """Command line for training: a LightningCLI that wires data to model and scores the test split.
 
-- ``model.vocab`` comes from the data module's training captions; ``model.image_size``,
-  ``model.mean`` and ``model.std`` from its preprocessing, so the checkpoint carries them.
+- ``model.vocab`` comes from the data module (built from its training captions, or ``data.vocabulary``
+  when that is set); ``model.image_size``, ``model.mean`` and ``model.std`` from its preprocessing, so
+  the checkpoint carries them.
 - ``fit`` ends by testing the best checkpoint and writing ``test_metrics.json`` in the run
   directory, whose path is printed.
 - ``fit --ckpt_path`` (a path, or "last" for the newest ``runs/**/last.ckpt``; the flag or the config
