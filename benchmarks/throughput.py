@@ -348,9 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":  # the machine may be shared: the load average says how much of it this run had
         print("load average (1, 5, 15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     mean_words = sum(n * p for n, p in CAPTION_WORDS.items())
+    side = -(-args.image_size // 8) if args.encoder == "small_cnn" else args.grid  # small_cnn: no pooling (--grid)
     print(
         f"model: {args.encoder} (random weights) at {args.image_size}x{args.image_size} -> "
-        f"grid {args.grid}x{args.grid}; "
+        f"grid {side}x{side}; "
         f"LSTM E=H=A={args.hidden}; Transformer D={args.hidden}, {args.heads} heads, {args.layers} layers; "
         f"V={args.vocab}; captions {min(CAPTION_WORDS)}-{max(CAPTION_WORDS)} words (mean {mean_words:.1f}), "
         f"padded to L={max(CAPTION_WORDS) + 2}; search K={args.beam}, {args.steps} steps; "
