@@ -231,6 +231,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="folder for the data and the cache (default: a temporary one)")
     args = p.parse_args()
+    if args.encoder == "small_cnn" and args.grid:  # refused by the model too, but only after part 1 had run
+        p.error("--grid pools a ResNet's output; small_cnn has no pooling")
     sys.stdout.reconfigure(line_buffering=True)  # progress of a long run shows as it happens
     device = torch.device(args.device)
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
