@@ -361,15 +361,3 @@ def test_a_validation_split_whose_images_all_fail_says_so(tmp_path, tiny_shapes)
     proc = run_script(str(ROOT / "train.py"), *args, "--trainer.num_sanity_val_steps", "0", cwd=tmp_path)
     assert proc.returncode != 0
     assert "val split: none of its 16 images could be loaded" in proc.stderr, proc.stderr[-3000:]
-
-
-def test_a_resume_that_switches_weight_decay_on_is_refused_naming_it(tmp_path, tiny_ckpt):
-    """Weight decay > 0 splits each optimizer group into decayed matrices and undecayed biases and norms, so a
-    resume of a run trained without it cannot restore the optimizer: Lightning stopped with only "loaded state
-    dict has a different number of parameter groups", naming no option."""
-    args = ["fit", "-c", str(TINY), "--ckpt_path", str(tiny_ckpt), "--model.weight_decay", "0.01"]
-    proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "cannot resume: the checkpoint's optimizer has parameter groups of" in proc.stderr
-    assert "model.weight_decay: checkpoint 0.0 vs this run 0.01" in proc.stderr
-    assert "Epoch 0" not in proc.stdout

@@ -300,3 +300,39 @@ def test_lr_and_weight_decay_flags_given_with_a_resume_are_applied_at_the_schedu
     assert any(group["weight_decay"] == 0.1 for group in resumed_opt.param_groups)
     assert resumed_sched.get_last_lr() == [group["lr"] for group in resumed_opt.param_groups]
     assert resumed_sched.last_epoch == 3  # the schedule's position is the checkpoint's
+
+
+def test_a_resume_that_switches_weight_decay_on_is_refused_naming_it():
+    """Weight decay > 0 splits each optimizer group into decayed matrices and undecayed biases and norms, so a
+    resume of a run trained without it cannot restore the optimizer: Lightning stopped with only "loaded state
+    dict has a different number of parameter groups", naming no option."""
+    import types
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    def module(weight_decay):
+        return CaptionModule(
+            vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, weight_decay=weight_decay
+        )
+
+    def configure(m):
+        m._trainer = types.SimpleNamespace(
+            estimated_stepping_batches=10, num_training_batches=10, accumulate_grad_batches=1, max_epochs=1
+        )
+        return m.configure_optimizers()
+
+    trained = module(0.0)
+    checkpoint = {
+        "optimizer_states": [configure(trained)["optimizer"].state_dict()],
+        "hyper_parameters": dict(trained.hparams),
+    }
+    same = module(0.0)
+    same.on_load_checkpoint(checkpoint)  # what Lightning calls before configure_optimizers on a resume
+    configure(same)  # the same groups: no complaint
+    resumed = module(0.01)
+    resumed.on_load_checkpoint(checkpoint)
+    with pytest.raises(ValueError) as info:
+        configure(resumed)
+    assert "cannot resume: the checkpoint's optimizer has parameter groups of" in str(info.value)
+    assert "model.weight_decay: checkpoint 0.0 vs this run 0.01" in str(info.value)
