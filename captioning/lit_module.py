@@ -487,9 +487,9 @@ class CaptionModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         inputs, tokens, skipped = batch if len(batch) == 3 else (*batch, 0)
-        # every rank, every step (0 when none), synced: the epoch's count is the sum over steps and ranks. Logged
-        # only where images were skipped and unsynced, under DDP it showed rank 0's count alone
-        # a fill on the device, not a float: Lightning would copy a float from the host, which waits for the GPU
+        # every rank, every step (0 when none), synced: the epoch's count is the sum over steps and ranks (logged
+        # only where images were skipped, and unsynced, it showed rank 0's count alone under DDP). A fill on the
+        # device, not a float, which Lightning would copy from the host, waiting for the GPU at every step
         self.log(
             "train/skipped_images",
             torch.full((), float(skipped), device=self.device),
