@@ -458,7 +458,9 @@ class CaptionModule(pl.LightningModule):
         mask = targets != Vocabulary.pad_id  # (B,M,T)
         real = mask.any(-1)  # (B,M): captions that exist
         coverage = (alpha.float() * mask.unsqueeze(-1)).sum(2)  # (B,M,N): total attention each cell received
-        dsa_sum = ((1.0 - coverage) ** 2).mean(-1)[real].sum()
+        # weighted by ``real``, not indexed with it: a boolean index (and its backward) is a nonzero(), which on
+        # a GPU copies the count to the host and waits for every queued kernel, at every step
+        dsa_sum = (((1.0 - coverage) ** 2).mean(-1) * real).sum()  # (B,M) -> ()
         words, captions = self._global_count(mask.sum()), self._global_count(real.sum())
         scale = float(torch.distributed.get_world_size()) if self._distributed() else 1.0
         ce = ce_sum * scale / words.clamp(min=1)

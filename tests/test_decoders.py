@@ -205,16 +205,27 @@ def test_overfits_one_small_batch(make):
     assert [h.tokens for h in hyps] == caps[:, 1:-1].tolist()
 
 
+aten = torch.ops.aten
+#: ops whose output size depends on the values: on a GPU they copy a count back to the host and wait
+_SIZED_BY_VALUES = {aten.nonzero.default, aten.masked_select.default}
+#: indexing ops that are such an op (a nonzero()) when an index is a boolean mask
+_MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+
 class HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value back to the host (``int(t)``, ``t.item()``, ``bool(t)``): on a
-    GPU each one waits for every queued kernel."""
+    """Counts reads of a tensor's value back to the host (``int(t)``, ``t.item()``, ``bool(t)``) and ops
+    whose output size depends on the values (``nonzero``, ``masked_select``, ``t[mask]`` and its backward):
+    on a GPU each one waits for every queued kernel. On a CPU the second kind reads nothing back through
+    ``_local_scalar_dense``, so it is counted by name."""
 
     def __init__(self):
         super().__init__()
         self.reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func is aten._local_scalar_dense.default or func in _SIZED_BY_VALUES:
+            self.reads += 1
+        elif func in _MASK_INDEXING and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
             self.reads += 1
         return func(*args, **(kwargs or {}))
 
@@ -230,6 +241,10 @@ def test_step_and_forward_never_read_a_value_back_to_the_host(decoder):
     with HostReads() as mode:  # the counter itself sees a read
         int(toks.max())
     assert mode.reads == 1
+    with HostReads() as mode:  # and a boolean-mask index, forward and backward
+        x = feats.requires_grad_()
+        x[toks[:, 0] > V // 2].sum().backward()
+    assert mode.reads == 2
 
 
 def test_a_transformer_refuses_an_attention_layer_it_does_not_have():
@@ -278,9 +293,12 @@ def test_a_training_step_never_reads_a_value_back_to_the_host(decoder_name):
     from captioning.vocab import SPECIALS
 
     torch.manual_seed(0)
-    module = CaptionModule(vocab=[*SPECIALS, *"abcdefgh"], encoder="small_cnn", decoder=decoder_name, image_size=64)
+    module = CaptionModule(
+        vocab=[*SPECIALS, *"abcdefgh"], encoder="small_cnn", decoder=decoder_name, image_size=64, label_smoothing=0.1
+    )
     images, tokens = torch.randn(2, 3, 64, 64), torch.randint(4, 12, (2, 3, 6))  # (B,3,H,W), (B,M,L)
     tokens[..., 0] = 1  # <start>
+    tokens[1, 2] = 0  # image 1 has two captions: an all-<pad> row, which the loss leaves out
     with HostReads() as mode:
         loss, _ = module.loss(images, tokens)
         loss.backward()
