@@ -265,3 +265,57 @@ def test_hypotheses_own_their_attention_rather_than_viewing_the_batch():
         att = h.attention
         assert att.shape == (len(h.tokens), 9)
         assert att.untyped_storage().nbytes() == att.numel() * att.element_size()
+
+
+class _EndsAfter(Decoder):
+    """Image i prefers <end> from its step ``features[i, 0, 0]`` on, and before that random words that differ by
+    step (``features[i, 3 + t % 6]``), so that no two hypotheses tie."""
+
+    def __init__(self, v: int = 8):
+        super().__init__()
+        self.vocab_size = v
+
+    def init_state(self, features):
+        return {"t": features.new_zeros(features.size(0), 1)}  # (R,1) steps taken
+
+    def step(self, tokens, state, features):
+        m = tokens.size(0) // features.size(0)
+        per_row = features.repeat_interleave(m, 0)  # (R,N,C), rows grouped by image
+        table = per_row[:, 3:9, : self.vocab_size]  # (R,6,V)
+        at = (state["t"].long() % 6).unsqueeze(-1).expand(-1, 1, self.vocab_size)  # (R,1,V)
+        logits = table.gather(1, at).squeeze(1)  # (R,V)
+        due = state["t"][:, 0] >= per_row[:, 0, 0]  # (R,)
+        logits[:, Vocabulary.end_id] = torch.where(due, 10.0, -10.0)
+        n = features.size(1)
+        return logits, per_row[:, 2, :n].softmax(-1), {"t": state["t"] + 1}
+
+
+def test_the_gpus_every_fourth_step_reads_give_the_cpus_results(monkeypatch):
+    """Off the CPU, beam search reads ``finished`` on the host only every 4th step (a device sync each), so
+    finished beams run up to 3 more steps on <pad> and images leave the batch later: a path the CPU suite
+    never took. Forced here on the CPU, it must give the same hypotheses as reading at every step."""
+    import captioning.decoding
+
+    dec, removed = _EndsAfter(), []
+    select = captioning.decoding._select
+
+    def recording(decoder, state, static, rows, images=None):
+        removed.append(images is not None)  # images given: some leave the batch
+        return select(decoder, state, static, rows, images)
+
+    monkeypatch.setattr(captioning.decoding, "_select", recording)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        feats = torch.randn(5, 9, 9)  # (B,N,C)
+        feats[:, 0, 0] = torch.tensor([1.0, 3.0, 5.0, 9.0, 12.0])  # each image ends at its own step
+        options = dict(beam_size=1 + seed % 3, max_len=14, min_len=seed % 3, no_repeat_ngram=seed % 3)
+        options |= dict(length_penalty=0.7 * (seed % 2), num_return=1 + seed % 3 // 2)
+        monkeypatch.setattr(captioning.decoding, "_host_read_every", lambda device: 1)
+        every_step = beam_search(dec, feats, **options)
+        monkeypatch.setattr(captioning.decoding, "_host_read_every", lambda device: 4)
+        every_fourth = beam_search(dec, feats, **options)
+        for cpu, gpu in zip(every_step, every_fourth, strict=True):
+            assert [(h.tokens, h.score) for h in cpu] == [(h.tokens, h.score) for h in gpu]
+            for a, b in zip(cpu, gpu):
+                torch.testing.assert_close(a.attention, b.attention)
+    assert any(removed)  # images did leave the batch part-way
