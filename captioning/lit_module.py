@@ -461,19 +461,23 @@ class CaptionModule(pl.LightningModule):
         # weighted by ``real``, not indexed with it: a boolean index (and its backward) is a nonzero(), which on
         # a GPU copies the count to the host and waits for every queued kernel, at every step
         dsa_sum = (((1.0 - coverage) ** 2).mean(-1) * real).sum()  # (B,M) -> ()
-        words, captions = self._global_count(mask.sum()), self._global_count(real.sum())
+        # one all-reduce: the words and captions of the whole batch, and whether any rank's loss is not finite
+        bad = ~torch.isfinite(ce_sum + dsa_sum)
+        words, captions, non_finite = self._global_sums(torch.stack([mask.sum(), real.sum(), bad]))
         scale = float(torch.distributed.get_world_size()) if self._distributed() else 1.0
-        ce = ce_sum * scale / words.clamp(min=1)
+        # a rank whose loss is not finite stops the run (training_step); made NaN on every rank, so all stop
+        # together instead of the others waiting for its gradients in DDP's all-reduce until the timeout
+        nan_if_any = torch.where(non_finite > 0, float("nan"), 0.0)  # ()
+        ce = ce_sum * scale / words.clamp(min=1) + nan_if_any
         dsa = dsa_sum * scale / captions.clamp(min=1)
         return ce + self.hparams.alpha_c * dsa, ce
 
-    def _global_count(self, n: torch.Tensor) -> torch.Tensor:
-        """A count summed over DDP ranks (the local count in one process)."""
-        n = n.to(torch.float32)
+    def _global_sums(self, counts: torch.Tensor) -> torch.Tensor:
+        """Counts (3,) summed over DDP ranks (the local counts in one process), as float32."""
+        counts = counts.to(torch.float32)
         if self._distributed():
-            n = n.clone()
-            torch.distributed.all_reduce(n)
-        return n
+            torch.distributed.all_reduce(counts)
+        return counts
 
     def _fixed_length(self, tokens: torch.Tensor) -> torch.Tensor:
         """With ``compile_decoder``, tokens (B,M,L) padded to the longest caption the data can give:
@@ -507,8 +511,7 @@ class CaptionModule(pl.LightningModule):
             # the other ranks are waiting in: without them they would wait forever (or, on NCCL, pair
             # with the wrong collective)
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-            for _ in ("words", "captions"):
-                self._global_count(torch.zeros((), device=zero.device))
+            self._global_sums(torch.zeros(3, device=zero.device))  # words, captions, non-finite: none
             self.log("train/loss", zero, prog_bar=True, batch_size=1, sync_dist=True)
             self.log("train/ce", zero, batch_size=1, sync_dist=True)
             return zero

@@ -154,6 +154,46 @@ def test_a_rank_whose_batch_lost_every_image_stays_in_step_with_the_others():
     assert grads0 and grads1
 
 
+def _rank_with_a_nan_batch(rank: int, port: int, out: dict) -> None:
+    """Rank 1's images are NaN (its loss is NaN); rank 0's are fine. Records what training_step did on each."""
+    import datetime
+    import os
+    import types
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    torch.manual_seed(0)
+    m = CaptionModule(vocab=[*SPECIALS, *"abcdefgh"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+    m._trainer = types.SimpleNamespace(world_size=2, global_step=3)  # what _distributed() and the message read
+    m.log = lambda *a, sync_dist=False, **kw: None  # the epoch-end syncs of these logs are Lightning's
+    tokens = torch.tensor([[[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]]]).repeat(2, 1, 1)  # (2 images, 2 captions, L)
+    images = torch.full((2, 3, 64, 64), float("nan")) if rank == 1 else torch.randn(2, 3, 64, 64)
+    try:
+        m.training_step((images, tokens, 0), 0)
+        out[rank] = "went on"
+    except FloatingPointError as e:
+        out[rank] = str(e)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank():
+    """Before, only the rank with the NaN loss raised; the others went on to the backward, where DDP's gradient
+    all-reduce waited for the stopped rank until the timeout (30 minutes on NCCL by default)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_rank_with_a_nan_batch, args=(port, out), nprocs=2)
+    assert out[0] == out[1] == "loss is nan at step 3", dict(out)
+
+
 # 2 ranks of 4 images: 6 batches an epoch, 2 per optimizer step, so 3 steps an epoch
 ACCUMULATE = """
 trainer:
