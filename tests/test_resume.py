@@ -262,3 +262,62 @@ def test_a_step_limited_run_resumes_exactly_from_a_checkpoint_written_at_an_epoc
     proc = _fit(killed, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), config=EPOCH_END_CONFIG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _losses(run) == reference
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+class _Echo:
+    """A data set whose item is the (index, epoch) the sampler gave."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[int, int]:
+        return item
+
+
+def _resumed_epochs(resume: tuple[int, int], first_epoch: int) -> list[list[tuple[int, int]]]:
+    """The (index, epoch) items a resumed run's loader gives in its first two epochs, with 2 workers and
+    Lightning's order of calls on a resume: the iterator is made (by setup_data; the workers start drawing from
+    it at once) before set_epoch, and that iterator is the first epoch's."""
+    from torch.utils.data import DataLoader
+
+    from captioning.data.datamodule import CaptionDataModule, EpochSampler
+
+    dm = CaptionDataModule(batch_size=2)
+    dm.train_sampler = EpochSampler(10, seed=0)
+    dm.resume_at(*resume)  # (epoch, batches done), as on_load_checkpoint calls it, before the loader is made
+    loader = DataLoader(
+        _Echo(),
+        batch_size=2,
+        sampler=dm.train_sampler,
+        collate_fn=_as_list,
+        num_workers=2,
+        persistent_workers=True,
+    )
+    made_early = iter(loader)
+    dm.train_sampler.set_epoch(first_epoch)
+    epochs = [[x for batch in made_early for x in batch]]
+    dm.train_sampler.set_epoch(first_epoch + 1)
+    epochs.append([x for batch in iter(loader) for x in batch])
+    return epochs
+
+
+def _order(epoch: int) -> list[tuple[int, int]]:
+    from captioning.data.datamodule import EpochSampler
+
+    sampler = EpochSampler(10, seed=0)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_a_resumed_loader_with_workers_continues_where_the_checkpoint_stopped():
+    """With data-loader workers a resume was not exact: the workers drew the resumed epoch's items as the iterator
+    was made, before set_epoch gave the sampler the checkpoint's epoch and position, so that epoch was trained
+    from epoch 0's start and the skip fell on the next epoch."""
+    # mid-epoch: epoch 1 after its first 2 batches of 2 items, then epoch 2 whole
+    assert _resumed_epochs((1, 2), first_epoch=1) == [_order(1)[4:], _order(2)]
+    # written at epoch 1's end (all 5 batches done): Lightning goes on with epoch 2, whole
+    assert _resumed_epochs((1, 5), first_epoch=2) == [_order(2), _order(3)]

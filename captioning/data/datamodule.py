@@ -62,12 +62,20 @@ class EpochSampler(DistributedSampler):
         self.num_replicas, self.rank, self.shuffle, self.drop_last = num_replicas, rank, True, False
         self.num_samples = math.ceil(size / num_replicas)
         self.total_size = self.num_samples * num_replicas
-        self.resume: tuple[int, int] | None = None  # (epoch, items of this rank already trained on)
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        """Continue at ``epoch`` after this rank's first ``start`` items. Taken now, not at ``set_epoch``: a loader
+        with workers draws its first items as its iterator is made, and Lightning makes a resumed run's iterator
+        before it calls ``set_epoch`` (and keeps it), so that epoch was drawn from epoch 0's start, and the skip
+        fell on the next epoch."""
+        if start >= self.num_samples:  # written at the epoch's end: the next epoch, from its start
+            epoch, start = epoch + 1, 0
+        self.epoch, self.start = epoch, start
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a resumed position holds for its own epoch only
         self.epoch = epoch
-        if self.resume is not None and self.resume[0] == epoch:
-            self.start, self.resume = self.resume[1], None
 
     def __iter__(self):
         # modulo 2**63: an unseeded process has a random 64-bit seed, which the product would overflow
@@ -320,7 +328,7 @@ class CaptionDataModule(pl.LightningDataModule):
         """Start the training data of ``epoch`` after its first ``batches_done`` batches (of each rank)."""
         self._resume = (epoch, batches_done * self.batch_size)
         if self.train_sampler is not None:
-            self.train_sampler.resume = self._resume
+            self.train_sampler.resume_at(*self._resume)
 
     @property
     def vocab(self) -> Vocabulary:
@@ -424,7 +432,8 @@ class CaptionDataModule(pl.LightningDataModule):
         if self.train_sampler is None:
             world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
             self.train_sampler = EpochSampler(len(ds), seed, world, rank)
-            self.train_sampler.resume = self._resume
+            if self._resume is not None:
+                self.train_sampler.resume_at(*self._resume)
         return self._loader(ds, self.batch_size, self.train_sampler, collate_train)
 
     def _eval_loader(self, split: str) -> DataLoader:
