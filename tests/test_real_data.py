@@ -442,3 +442,19 @@ def test_the_training_order_works_in_an_unseeded_process():
         torch.seed()  # what an unseeded process has: a random 64-bit initial seed
         sampler = EpochSampler(5, torch.initial_seed())
         assert sorted(i for i, _ in sampler) == list(range(5))
+
+
+def test_loaders_pin_their_batches_only_for_a_gpu_trainer(tmp_path):
+    """Lightning copies batches to a GPU with non_blocking=True, which is only asynchronous from pinned memory;
+    before, no loader pinned, so every batch copy made the host wait. On the CPU pinning would only cost."""
+    import types
+
+    import torch
+
+    from captioning.data.datamodule import CaptionDataModule
+
+    dm = CaptionDataModule(data_dir=str(tmp_path / "shapes"))
+    assert not dm._loader(list(range(4)), 2).pin_memory  # no trainer yet
+    for device, pinned in ((torch.device("cpu"), False), (torch.device("cuda", 0), True)):
+        dm.trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=device))
+        assert dm._loader(list(range(4)), 2).pin_memory is pinned, device

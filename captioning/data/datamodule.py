@@ -398,6 +398,11 @@ class CaptionDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         self._load()
 
+    def _on_gpu(self) -> bool:
+        """Whether the trainer this data module serves runs on a CUDA device."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None, collate=None) -> DataLoader:
         return DataLoader(
             dataset,
@@ -407,6 +412,9 @@ class CaptionDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=collate,
             drop_last=False,
+            # page-locked batches when training on a GPU: Lightning copies them with non_blocking=True, which
+            # from pageable memory is a synchronous copy (the host waits), from pinned memory an overlapped one
+            pin_memory=self._on_gpu(),
             # every iterator draws its workers' base seed from this generator, not from the global RNG:
             # a resumed run makes the next epoch's iterator before the checkpoint's RNG state is put
             # back, so a draw from the global RNG would shift every later dropout mask. (Our data draws
