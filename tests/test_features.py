@@ -464,3 +464,28 @@ def test_a_resume_needs_no_weights_file_but_a_fresh_fit_names_the_missing_one(tm
     fresh = run_script(*args, "--trainer.max_steps", "1", cwd=tmp_path)
     assert fresh.returncode != 0
     assert f"{path}: encoder weights file not found" in fresh.stderr
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_the_build_and_leaves_no_file(
+    tiny_shapes, tmp_path, monkeypatch
+):
+    """The cache file is memory-mapped and sparse, so a disk too small for it failed only when the writes
+    reached its end, deep into the build (hours for COCO); now the first batch's grid gives its size."""
+    import collections
+
+    from captioning.data import features
+
+    paths = [r.image_path for r in _train_records(tiny_shapes, 4)]
+    enc = _frozen_cnn()
+    cache = FeatureCache(tmp_path / "cache", "set-train", paths, enc, EvalTransform(32))
+    usage = collections.namedtuple("usage", "total used free")
+    need = 4 * 16 * 8 * 2  # 4 images x (4x4 grid) x 8 channels, float16
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage(10**9, 0, need - 1))
+    with pytest.raises(
+        OSError, match=r"feature cache set-train: needs 1,024 bytes \(0.0 GiB\) in .*cache, which has 1,023 free"
+    ):
+        cache.build(enc, progress=False)
+    assert not cache.exists() and list((tmp_path / "cache").glob("*.npy*")) == []
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage(10**9, 0, need))
+    cache.build(enc, progress=False)
+    assert cache.exists()

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -159,6 +160,7 @@ class FeatureCache:
                     feats = encoder(images.to(device)).features  # (b,3,H,W) -> (b,N,C)
                     if out is None:  # the grid size is known after the first batch
                         shape = (len(self.paths), feats.size(1), feats.size(2))
+                        self._check_space(shape)
                         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_DTYPES[self.dtype], shape=shape)
                     rows = feats.float().cpu().numpy()  # (b,N,C)
                     with np.errstate(over="ignore"):  # an overflow is reported just below, with the remedy
@@ -185,6 +187,19 @@ class FeatureCache:
                 stale.unlink(missing_ok=True)
                 stale.with_suffix(".json").unlink(missing_ok=True)
                 print(f"feature cache: removed stale {stale}")
+
+    def _check_space(self, shape: tuple[int, int, int]) -> None:
+        """Refuse a build the cache folder's disk cannot hold, before encoding the rest: the memory-mapped
+        file is sparse, so a full disk showed only as an error deep into the build (COCO's train split at
+        14x14x2048 in float16 is ~91 GB, hours of encoding on a CPU)."""
+        need = int(np.prod(shape)) * np.dtype(_DTYPES[self.dtype]).itemsize
+        free = shutil.disk_usage(self.folder).free
+        if need > free:
+            raise OSError(
+                f"feature cache {self.name}: needs {need:,} bytes ({need / 2**30:.1f} GiB) in {self.folder}, which "
+                f"has {free:,} free: free some space, point data.cache_dir at a larger disk, or set "
+                "data.feature_cache false"
+            )
 
     def build_or_wait(
         self, encoder: Encoder, builder: bool, barrier: Callable[[], None], rank: int = 0, **build_options
