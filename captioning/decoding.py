@@ -116,8 +116,9 @@ def beam_search(
     """Beam search over B images x K beams at once.
 
     ``min_len`` forbids <end> before that many words; ``no_repeat_ngram`` = n > 0 forbids any
-    word that would repeat an n-gram already in the hypothesis. A beam that the two leave no word
-    to take (a tiny vocabulary) stops there and is returned like one cut at ``max_len``.
+    word that would repeat an n-gram already in the hypothesis. A beam that the two leave no word to
+    take dies, unless they leave its image no candidate at all (a tiny vocabulary): then the image's
+    beams stop there and are returned like ones cut at ``max_len``.
 
     Finished beams stay in the beam with a frozen score (they can only be extended by <pad> at
     no cost), so the search ends when every beam of every image has finished or at ``max_len``;
@@ -171,13 +172,16 @@ def beam_search(
         # a finished beam continues only with <pad>, at no cost
         logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
         logp[:, Vocabulary.pad_id].masked_fill_(finished, 0.0)
-        if step < min_len or history is not None:
-            # a beam that min_len and n-gram blocking leave no word at all (a tiny vocabulary) stops where
-            # it is, like one cut at max_len: <pad> at no cost. Left -inf, it died, and an image whose
-            # beams all died had no hypothesis to return
-            stuck = logp.amax(1) == float("-inf")  # (B*M,)
-            logp[:, Vocabulary.pad_id].masked_fill_(stuck, 0.0)
         cand = (scores.unsqueeze(1) + logp).view(b, m * v)  # (B,M*V)
+        if step < min_len or history is not None:
+            # an image that min_len and n-gram blocking leave no candidate at all (a tiny vocabulary): its
+            # beams stop where they are, like ones cut at max_len (<pad> at no cost), or it would have no
+            # hypothesis to return. Only then: where any candidate is left, a stuck beam dies as before, so
+            # that it never beats a longer caption that keeps to min_len
+            none_left = (cand.amax(1) == float("-inf")).repeat_interleave(m)  # (B*M,)
+            stuck = none_left & (logp.amax(1) == float("-inf"))  # (B*M,) rows of such images with no word
+            logp[:, Vocabulary.pad_id].masked_fill_(stuck, 0.0)
+            cand = (scores.unsqueeze(1) + logp).view(b, m * v)  # (B,M*V)
         if m * v < k:  # fewer candidates than beams (K > V at the first step): the missing ones are dead
             cand = torch.nn.functional.pad(cand, (0, k - m * v), value=float("-inf"))  # (B,K)
         top_scores, top_idx = cand.topk(k, dim=1)  # (B,K)
@@ -193,7 +197,7 @@ def beam_search(
         sources.append(src)
         scores = top_scores.view(-1)
         # dead beams (-inf: fewer live candidates than K, e.g. K > V at the first step) count as finished
-        # <pad> is picked only by finished or stuck beams
+        # <pad> is picked only by finished beams and those of an image left no candidate
         finished = finished.index_select(0, src) | (word == Vocabulary.end_id) | (word == Vocabulary.pad_id)
         finished |= torch.isinf(scores)
         tokens = word

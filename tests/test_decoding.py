@@ -236,6 +236,28 @@ def test_a_beam_left_no_word_by_min_len_and_ngram_blocking_stops_there_instead_o
             assert hyps[0].attention.shape == (2, 4)
 
 
+def test_a_stuck_beam_never_beats_a_caption_that_keeps_to_min_len():
+    """Three words, n-gram blocking and a long min_len: beams get stuck (no word left) while others go on.
+    A stuck beam must die, as before, wherever its image has any candidate left: kept with a frozen score, it
+    outranked the longer captions that keep to min_len (its score sums fewer words and no <end>). Only an
+    image left no candidate at all gets its stuck beams back, so that it still has a caption."""
+    fallbacks = 0
+    for seed in range(24):
+        torch.manual_seed(seed)
+        dec = LSTMDecoder(6, 6, embed_dim=8, hidden_dim=16, attention_dim=8).eval()  # words 3, 4, 5
+        feats = torch.randn(4, 9, 6)
+        for min_len in (6, 8):
+            found = beam_search(dec, feats, beam_size=4, max_len=12, min_len=min_len, no_repeat_ngram=2, num_return=4)
+            for hyps in found:
+                assert hyps, (seed, min_len)  # every image gets a caption
+                keep = [h for h in hyps if len(h.tokens) >= min_len]
+                if keep:  # a stuck (shorter) hypothesis never comes back beside one that keeps to min_len
+                    assert keep == hyps, (seed, min_len, [h.tokens for h in hyps])
+                else:
+                    fallbacks += 1
+    assert fallbacks > 0  # the fallback itself was exercised
+
+
 def test_no_images_give_no_results_in_every_search():
     dec, feats = _decoder(), torch.randn(0, 9, 6)
     assert beam_search(dec, feats, beam_size=3, max_len=5) == []
