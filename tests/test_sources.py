@@ -420,6 +420,13 @@ def test_a_file_that_is_not_utf8_is_a_value_error_naming_the_file_and_line(tmp_p
         read_records(reader, path)
     assert type(e.value) is ValueError, repr(e.value)  # not the UnicodeDecodeError subclass
     assert str(e.value).startswith(f"{path}:{line}: not UTF-8 text (byte 0xe9 at offset "), str(e.value)
+    # the same file behind a byte-order mark: the same line and byte, the offset 3 further on (the decoder
+    # counts from after the mark, which gave the byte 3 before the bad one, and on a line break the line before)
+    offset = path.read_bytes().index(b"\xe9")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    with pytest.raises(ValueError) as e:
+        read_records(reader, path)
+    assert str(e.value).startswith(f"{path}:{line}: not UTF-8 text (byte 0xe9 at offset {offset + 3});"), str(e.value)
 
 
 @pytest.mark.parametrize("kind", ["karpathy", "flickr8k", "jsonl", "csv"])

@@ -108,9 +108,10 @@ def _read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
+        at = e.start + len(data) - len(e.object)  # e.start counts from after a byte-order mark
+        line = data.count(b"\n", 0, at) + 1
         raise ValueError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[at]:02x} at offset {at}); save the file as UTF-8"
         ) from None
 
 
