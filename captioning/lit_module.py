@@ -511,7 +511,10 @@ class CaptionModule(pl.LightningModule):
             # the other ranks are waiting in: without them they would wait forever (or, on NCCL, pair
             # with the wrong collective)
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-            self._global_sums(torch.zeros(3, device=zero.device))  # words, captions, non-finite: none
+            _, _, non_finite = self._global_sums(torch.zeros(3, device=zero.device))  # words, captions, non-finite
+            if not torch.isfinite(zero + torch.where(non_finite > 0, float("nan"), 0.0)):
+                # another rank's loss is not finite: it stops, so this rank must too (see loss())
+                raise FloatingPointError(f"loss is nan at step {self.global_step} (on another rank)")
             self.log("train/loss", zero, prog_bar=True, batch_size=1, sync_dist=True)
             self.log("train/ce", zero, batch_size=1, sync_dist=True)
             return zero

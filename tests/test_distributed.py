@@ -154,8 +154,9 @@ def test_a_rank_whose_batch_lost_every_image_stays_in_step_with_the_others():
     assert grads0 and grads1
 
 
-def _rank_with_a_nan_batch(rank: int, port: int, out: dict) -> None:
-    """Rank 1's images are NaN (its loss is NaN); rank 0's are fine. Records what training_step did on each."""
+def _rank_with_a_nan_batch(rank: int, port: int, out: dict, rank0_empty: bool = False) -> None:
+    """Rank 1's images are NaN (its loss is NaN); rank 0's are fine, or (``rank0_empty``) all failed to load.
+    Records what training_step did on each."""
     import datetime
     import os
     import types
@@ -171,17 +172,22 @@ def _rank_with_a_nan_batch(rank: int, port: int, out: dict) -> None:
     m.log = lambda *a, sync_dist=False, **kw: None  # the epoch-end syncs of these logs are Lightning's
     tokens = torch.tensor([[[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]]]).repeat(2, 1, 1)  # (2 images, 2 captions, L)
     images = torch.full((2, 3, 64, 64), float("nan")) if rank == 1 else torch.randn(2, 3, 64, 64)
+    batch = (images, tokens, 0)
+    if rank == 0 and rank0_empty:
+        batch = (torch.empty(0, 3, 64, 64), torch.empty(0, 2, 5, dtype=torch.long), 2)
     try:
-        m.training_step((images, tokens, 0), 0)
+        m.training_step(batch, 0)
         out[rank] = "went on"
     except FloatingPointError as e:
         out[rank] = str(e)
     torch.distributed.destroy_process_group()
 
 
-def test_a_nan_loss_on_one_rank_stops_every_rank():
+@pytest.mark.parametrize("rank0_empty", [False, True], ids=["rank-0-fine", "rank-0-lost-every-image"])
+def test_a_nan_loss_on_one_rank_stops_every_rank(rank0_empty):
     """Before, only the rank with the NaN loss raised; the others went on to the backward, where DDP's gradient
-    all-reduce waited for the stopped rank until the timeout (30 minutes on NCCL by default)."""
+    all-reduce waited for the stopped rank until the timeout (30 minutes on NCCL by default). A rank whose batch
+    lost every image takes another path through the step, and must stop too."""
     import socket
 
     import torch.multiprocessing as mp
@@ -190,8 +196,9 @@ def test_a_nan_loss_on_one_rank_stops_every_rank():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_rank_with_a_nan_batch, args=(port, out), nprocs=2)
-    assert out[0] == out[1] == "loss is nan at step 3", dict(out)
+    mp.spawn(_rank_with_a_nan_batch, args=(port, out, rank0_empty), nprocs=2)
+    assert out[1] == "loss is nan at step 3", dict(out)
+    assert out[0] == ("loss is nan at step 3 (on another rank)" if rank0_empty else out[1]), dict(out)
 
 
 # 2 ranks of 4 images: 6 batches an epoch, 2 per optimizer step, so 3 steps an epoch
