@@ -304,7 +304,8 @@ class CaptionModule(pl.LightningModule):
             raise ValueError(
                 f"model.encoder_stage ({encoder_stage}) and model.encoder_grid ({encoder_grid}) shape a torchvision "
                 "ResNet's grid; small_cnn has none of either (its grid is the image size / 8; model.encoder_channels "
-                "sets its widths): leave them at 4 and null, or choose a ResNet encoder"
+                "sets its widths): leave them at 4 and null (--model.encoder_stage 4 --model.encoder_grid null, also "
+                "for a checkpoint that was trained with them, which they never changed), or choose a ResNet encoder"
             )
         if decoder == "transformer" and max_decode_len > max_len:
             # the search feeds word t at position t: past the position table it would stop the first

@@ -3,6 +3,7 @@ images, and a fit through train.py that loads a weights file the test writes."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -232,7 +233,8 @@ def test_weights_files_as_real_checkpoints_store_them_load_and_other_objects_are
     path, state = r18_file
     ddp = {f"module.{k}": v for k, v in state.items()}
     files = {
-        "model.pth": {"model": state, "epoch": 3},
+        # as torchvision's reference scripts save it: their argparse options beside the weights
+        "model.pth": {"model": state, "epoch": 3, "args": argparse.Namespace(lr=0.1, model="resnet18")},
         "ddp.pth": {"state_dict": ddp, "epoch": 3},
         "no_counters.pth": {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")},
     }

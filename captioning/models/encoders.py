@@ -13,6 +13,8 @@ Constructors build the architecture only. Pretrained weights are loaded explicit
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -121,8 +123,12 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
     if path.suffix in (".pt", ".pth", ".bin") or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"{path}: encoder weights file not found")
+        # torchvision's reference training scripts save their argparse options beside the weights ("args"):
+        # a plain attribute bag, safe to allow (torch >= 2.5; before, such a file is refused below)
+        allow = getattr(torch.serialization, "safe_globals", None)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path}: cannot load encoder weights ({e})") from e
         for wrapper in ("state_dict", "model"):  # a training checkpoint: the weights and more
