@@ -27,6 +27,7 @@ from captioning.decoding import beam_search
 from captioning.metrics import score_captions, shapes_scores
 from captioning.models.encoders import load_encoder_weights
 from captioning.models.net import CaptionNet
+from captioning.options import check_ranges
 from captioning.vocab import Vocabulary, detokenize
 
 CHECKPOINT_FORMAT = 1
@@ -178,14 +179,6 @@ def _resume_after_epoch_end(checkpoint: dict) -> bool:
     return True
 
 
-def _check_ranges(**options: tuple[float | None, bool, str]) -> None:
-    """Raise one ValueError naming every ``model.<name>`` whose value is out of range: each option is
-    (value, in range, the range in words)."""
-    bad = [f"model.{name} must be {rule}, got {value!r}" for name, (value, ok, rule) in options.items() if not ok]
-    if bad:
-        raise ValueError("; ".join(bad))
-
-
 def _split_decay(group: dict, weight_decay: float) -> list[dict]:
     """An optimizer group as (its weight matrices and kernels, decayed; its biases and norm gains and shifts,
     not decayed): decay pulls a BatchNorm or LayerNorm gain towards 0, which rescales the layer instead of
@@ -286,7 +279,8 @@ class CaptionModule(pl.LightningModule):
         # checked here, before any data is generated or step taken: AdamW checks only its default lr, not a
         # group's, so a negative model.lr trained (uphill) without a word, a negative warmup was no warmup, and
         # beam_size 0 or label_smoothing 1.5 stopped the run only at the first validation or step
-        _check_ranges(
+        check_ranges(
+            "model",
             lr=(lr, lr > 0, "> 0"),
             encoder_lr=(encoder_lr, encoder_lr is None or encoder_lr >= 0, ">= 0 (0 keeps the encoder's weights)"),
             weight_decay=(weight_decay, weight_decay >= 0, ">= 0"),

@@ -29,6 +29,7 @@ from captioning.data.records import CaptionRecord
 from captioning.data.sources import read_karpathy_json, read_records
 from captioning.data.synthetic import JSON_NAME, ShapesConfig, generate
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from captioning.options import check_ranges
 from captioning.vocab import Vocabulary
 
 #: the readers and what each one's ``annotations`` file is
@@ -262,21 +263,19 @@ class CaptionDataModule(pl.LightningDataModule):
             raise ValueError(f"data.dataset={dataset!r} needs data.annotations ({DATASETS[dataset]})")
         # before any data is read: image_size 0 failed deep in the shapes generator (randrange), and
         # max_caption_len 0 or captions_per_image -1 trained on empty (or all) captions without a word
-        ranges = {
-            "image_size": (image_size, image_size >= 1, ">= 1"),
-            "batch_size": (batch_size, batch_size >= 1, ">= 1"),
-            "eval_batch_size": (eval_batch_size, eval_batch_size >= 1, ">= 1"),
-            "captions_per_image": (captions_per_image, captions_per_image >= 0, ">= 0 (0 takes all)"),
-            "num_workers": (num_workers, num_workers >= 0, ">= 0"),
-            "min_word_freq": (min_word_freq, min_word_freq >= 1, ">= 1"),
-            "max_caption_len": (max_caption_len, max_caption_len >= 1, ">= 1"),
-            "max_bad_fraction": (max_bad_fraction, 0 <= max_bad_fraction <= 1, "in [0, 1]"),
-            "mean": (list(mean), len(mean) == 3, "3 values (R, G, B)"),
-            "std": (list(std), len(std) == 3 and all(s > 0 for s in std), "3 values (R, G, B), each > 0"),
-        }
-        bad = [f"data.{k} must be {rule}, got {value!r}" for k, (value, ok, rule) in ranges.items() if not ok]
-        if bad:
-            raise ValueError("; ".join(bad))
+        check_ranges(
+            "data",
+            image_size=(image_size, image_size >= 1, ">= 1"),
+            batch_size=(batch_size, batch_size >= 1, ">= 1"),
+            eval_batch_size=(eval_batch_size, eval_batch_size >= 1, ">= 1"),
+            captions_per_image=(captions_per_image, captions_per_image >= 0, ">= 0 (0 takes all)"),
+            num_workers=(num_workers, num_workers >= 0, ">= 0"),
+            min_word_freq=(min_word_freq, min_word_freq >= 1, ">= 1"),
+            max_caption_len=(max_caption_len, max_caption_len >= 1, ">= 1"),
+            max_bad_fraction=(max_bad_fraction, 0 <= max_bad_fraction <= 1, "in [0, 1]"),
+            mean=(list(mean), len(mean) == 3, "3 values (R, G, B)"),
+            std=(list(std), len(std) == 3 and all(s > 0 for s in std), "3 values (R, G, B), each > 0"),
+        )
         self.dataset, self.data_dir, self.annotations, self.image_root = dataset, data_dir, annotations, image_root
         self.source_options = {
             "karpathy": {"restval_to_train": restval_to_train},
