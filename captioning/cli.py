@@ -37,6 +37,12 @@ from captioning.lit_module import CaptionModule
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 
+#: Trainer options where an int counts batches and a float is a fraction of them. Lightning types them
+#: ``Optional[Union[int, float]]``, but typing caches unions as equal whatever their order, so the
+#: parser may get an earlier ``Union[float, int, None]``; jsonargparse tries the types in order, and
+#: ``--trainer.limit_val_batches 1`` (one batch), in a config file too, became 1.0 (every batch).
+COUNT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
 
 class SafeCheckpointIO(CheckpointIO):
     """Lightning checkpoint plugin: atomic saves, ``weights_only=True`` loads (see captioning.checkpoint_io)."""
@@ -74,6 +80,10 @@ class CaptionCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True, help="score the test split after fit")
         for target, source in LINKED_FROM_DATA.items():
             parser.link_arguments(source, f"model.{target}", apply_on="instantiate" if target == "vocab" else "parse")
+        counts = {f"trainer.{name}" for name in COUNT_OR_FRACTION}
+        for action in parser._actions:  # jsonargparse has no public way to retype an added option
+            if action.dest in counts and hasattr(action, "_typehint"):
+                action._typehint = int | float | None  # ints first: see COUNT_OR_FRACTION
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)

@@ -336,3 +336,26 @@ def test_a_resume_that_switches_weight_decay_on_is_refused_naming_it():
         configure(resumed)
     assert "cannot resume: the checkpoint's optimizer has parameter groups of" in str(info.value)
     assert "model.weight_decay: checkpoint 0.0 vs this run 0.01" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "where, given, want",
+    [("flag", "1", 1), ("flag", "3", 3), ("flag", "1.0", 1.0), ("flag", "0.25", 0.25), ("config", "1", 1)],
+)
+def test_an_int_batch_limit_counts_batches_and_a_float_is_a_fraction(tmp_path, monkeypatch, where, given, want):
+    """`--trainer.limit_val_batches 1` (one batch), or `limit_val_batches: 1` in a config file, was parsed
+    as 1.0, every batch: the parser tried float before int (see captioning.cli.COUNT_OR_FRACTION)."""
+    from captioning.cli import COUNT_OR_FRACTION, CaptionCLI
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.lit_module import CaptionModule
+
+    monkeypatch.chdir(tmp_path)  # the config's relative data and run folders
+    if where == "flag":
+        args = [f"--trainer.{name}={given}" for name in COUNT_OR_FRACTION]
+    else:
+        (tmp_path / "limits.yaml").write_text("trainer:\n" + "".join(f"  {n}: {given}\n" for n in COUNT_OR_FRACTION))
+        args = ["--config", "limits.yaml"]
+    cli = CaptionCLI(CaptionModule, CaptionDataModule, args=["--config", str(TINY), *args], run=False)
+    for name in COUNT_OR_FRACTION:
+        got = getattr(cli.trainer, name)
+        assert got == want and type(got) is type(want), (name, got)
