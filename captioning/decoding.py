@@ -7,6 +7,7 @@ Shape legend: B images, K beams, T tokens, N grid cells, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -136,6 +137,13 @@ def beam_search(
     if not 1 <= num_return <= beam_size:
         raise ValueError(f"num_return must be between 1 and beam_size ({beam_size}), got {num_return}")
     _check_max_len(max_len)
+    # min_len > max_len asked for captions that cannot end: every beam came back cut at max_len
+    if not 0 <= min_len <= max_len:
+        raise ValueError(f"min_len must be between 0 and max_len ({max_len}), got {min_len}")
+    if no_repeat_ngram < 0:
+        raise ValueError(f"no_repeat_ngram must be at least 0 (0: no blocking), got {no_repeat_ngram}")
+    if not math.isfinite(length_penalty):  # a NaN made every final score NaN, and the order arbitrary
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
     b, n, _ = features.shape
     if b == 0:  # no images: nothing to decode (the decoders' per-image attention cannot split 0 rows)
         return []

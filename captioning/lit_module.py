@@ -291,6 +291,7 @@ class CaptionModule(pl.LightningModule):
             alpha_c=(alpha_c, alpha_c >= 0, ">= 0"),
             beam_size=(beam_size, beam_size >= 1, ">= 1"),
             max_decode_len=(max_decode_len, max_decode_len >= 1, ">= 1"),
+            length_penalty=(length_penalty, math.isfinite(length_penalty), "a finite number"),
             encoder_grid=(encoder_grid, encoder_grid is None or encoder_grid >= 0, ">= 0 (0 or null: no pooling)"),
         )
         if encoder == "small_cnn" and (encoder_stage != 4 or encoder_grid):

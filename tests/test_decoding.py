@@ -112,6 +112,24 @@ def test_num_return_outside_one_to_beam_size_is_an_error():
     assert [len(h) for h in beam_search(dec, feats, beam_size=2, max_len=4, num_return=2)] == [2, 2]
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (dict(min_len=5), r"min_len must be between 0 and max_len \(4\), got 5"),
+        (dict(min_len=-1), r"min_len must be between 0 and max_len \(4\), got -1"),
+        (dict(no_repeat_ngram=-2), "no_repeat_ngram must be at least 0"),
+        (dict(length_penalty=float("nan")), "length_penalty must be a finite number, got nan"),
+    ],
+)
+def test_search_options_that_cannot_hold_are_refused(option, message):
+    """Before, min_len > max_len returned every caption cut at max_len (none could end), and a NaN length
+    penalty made every final score NaN, so the returned order was arbitrary."""
+    dec, feats = _decoder(), torch.randn(2, 9, 6)
+    with pytest.raises(ValueError, match=message):
+        beam_search(dec, feats, beam_size=2, max_len=4, **option)
+    assert len(beam_search(dec, feats, beam_size=2, max_len=4, min_len=4)) == 2  # min_len = max_len is fine
+
+
 def test_model_that_never_ends_stops_at_max_len():
     logits = torch.full((6,), -10.0)
     logits[4] = 0.0  # always word 4, never <end>

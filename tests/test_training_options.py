@@ -129,6 +129,7 @@ def test_a_transformer_whose_position_table_is_shorter_than_the_captions_is_refu
         ("alpha_c", -0.1, "model.alpha_c must be >= 0"),
         ("beam_size", 0, "model.beam_size must be >= 1, got 0"),
         ("max_decode_len", 0, "model.max_decode_len must be >= 1, got 0"),
+        ("length_penalty", float("nan"), "model.length_penalty must be a finite number, got nan"),
         ("encoder_grid", -2, "model.encoder_grid must be >= 0 (0 or null: no pooling), got -2"),
         ("encoder_grid", 4, "model.encoder_stage (4) and model.encoder_grid (4) shape a torchvision ResNet's grid"),
         ("encoder_stage", 3, "small_cnn has none of either"),
