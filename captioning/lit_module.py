@@ -356,6 +356,11 @@ class CaptionModule(pl.LightningModule):
         if enc:
             # `is None`, not `or`: an encoder_lr of 0 is a value (keep the encoder's weights), not "unset"
             groups.append({"params": enc, "lr": hp.lr if hp.encoder_lr is None else hp.encoder_lr})
+        elif hp.encoder_lr is not None:  # said, so a frozen encoder is never mistaken for a fine-tuned one
+            rank_zero_warn(
+                f"model.encoder_lr ({hp.encoder_lr}) is unused: model.freeze_encoder is true, so no encoder "
+                "weight trains (set --model.freeze_encoder false to fine-tune the encoder)"
+            )
         if hp.weight_decay > 0:
             groups = [part for group in groups for part in _split_decay(group, hp.weight_decay)]
         opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)

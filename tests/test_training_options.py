@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 
 import pytest
 
@@ -86,9 +87,14 @@ def test_an_encoder_lr_of_zero_is_applied_not_taken_for_unset():
     from captioning.lit_module import CaptionModule
     from captioning.vocab import SPECIALS
 
-    def group_lrs(encoder_lr):
+    def group_lrs(encoder_lr, freeze_encoder=False):
         module = CaptionModule(
-            vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, encoder_lr=encoder_lr
+            vocab=[*SPECIALS, "a"],
+            encoder_channels=(8, 8, 8, 8),
+            embed_dim=8,
+            hidden_dim=8,
+            encoder_lr=encoder_lr,
+            freeze_encoder=freeze_encoder,
         )
         module._trainer = types.SimpleNamespace(
             estimated_stepping_batches=100, num_training_batches=10, accumulate_grad_batches=1, max_epochs=10
@@ -98,6 +104,13 @@ def test_an_encoder_lr_of_zero_is_applied_not_taken_for_unset():
 
     assert group_lrs(0.0) == [0.002, 0.0]
     assert group_lrs(None) == [0.002, 0.002] and group_lrs(1e-4) == [0.002, 1e-4]
+    # a frozen encoder has no group: an encoder_lr given with it is said to be unused (it was silent)
+    with pytest.warns(UserWarning, match=r"model.encoder_lr \(0.0001\) is unused: model.freeze_encoder is true"):
+        assert group_lrs(1e-4, freeze_encoder=True) == [0.002]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert group_lrs(None, freeze_encoder=True) == [0.002]
+    assert not [w for w in caught if "encoder_lr" in str(w.message)]
 
 
 def test_a_transformer_whose_position_table_is_shorter_than_the_captions_is_refused_before_training(tmp_path):
