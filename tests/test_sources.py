@@ -305,6 +305,13 @@ GOOD_IMAGE = {
         ({"filename": 7, "sentences": []}, "images[1]", "'filename' must be a non-empty string, got int 7"),
         ({"filename": "b.jpg", "filepath": 3, "sentences": []}, "images[1] (b.jpg)", "'filepath' must be a string"),
         ({"filename": "b.jpg", "split": ["val"], "sentences": []}, "images[1] (b.jpg)", "'split' must be a string"),
+        # was counted among "images in no split" and left out: a file whose validation images say "valid" had
+        # no validation split at all
+        (
+            {"filename": "b.jpg", "split": "valid", "sentences": []},
+            "images[1] (b.jpg)",
+            "unknown split 'valid', expected one of train, val, test, restval",
+        ),
         (
             {"filename": "b.jpg", "sentences": "a dog"},
             "images[1] (b.jpg)",

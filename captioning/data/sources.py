@@ -34,6 +34,10 @@ from typing import Any
 from captioning.data.records import CaptionRecord
 from captioning.vocab import tokenize
 
+#: The split names of Karpathy's files; restval (COCO's images beyond the 5,000 val and test) joins train
+#: unless ``restval_to_train`` is false, and is then left out
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
+
 
 def read_karpathy_json(
     path: str | Path, image_root: str | Path | None = None, restval_to_train: bool = True
@@ -79,6 +83,8 @@ def read_karpathy_json(
             if not isinstance(img.get(key, ""), str):
                 raise ValueError(f"{where}: {key!r} must be a string, got {_kind(img[key])}")
         split = img.get("split", "train")
+        if split not in KARPATHY_SPLITS:  # it was left out with the "in no split" count, unseen
+            raise ValueError(f"{where}: unknown split {split!r}, expected one of {', '.join(KARPATHY_SPLITS)}")
         if split == "restval" and restval_to_train:
             split = "train"
         raws, toks = _karpathy_sentences(where, img["sentences"])
