@@ -178,6 +178,8 @@ class CaptionCLI(LightningCLI):
         if best and not Path(best).is_file():  # e.g. a path restored from another run's checkpoint
             print(f"best checkpoint {best} is not there; testing the final weights instead", file=sys.stderr)
             best = ""
+        elif not best and self.config.fit.test_after_fit and trainer.is_global_zero:  # e.g. no 'val' split
+            print("no checkpoint has a validation score: testing the final weights", file=sys.stderr)
         if self.config.fit.test_after_fit and not trainer.interrupted:
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
         run = Path(trainer.log_dir or ".").resolve()  # log_dir is a collective under DDP: every rank asks

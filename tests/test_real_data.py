@@ -458,3 +458,32 @@ def test_loaders_pin_their_batches_only_for_a_gpu_trainer(tmp_path):
     for device, pinned in ((torch.device("cpu"), False), (torch.device("cuda", 0), True)):
         dm.trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=device))
         assert dm._loader(list(range(4)), 2).pin_memory is pinned, device
+
+
+def test_a_data_set_without_a_val_split_says_so_at_set_up_and_fit_tests_its_final_weights(
+    real, tmp_path, monkeypatch, capsys
+):
+    """Before, set-up printed "val 0 images" and nothing else; Lightning's only word came after the first
+    epoch (a monitored key it could not find), and the test after fit used the final weights unsaid."""
+    from captioning.cli import main
+
+    data = json.loads(real["karpathy"].read_text())
+    for image in data["images"]:
+        image["split"] = "test" if image["split"] == "val" else image["split"]
+    annotations = tmp_path / "no_val.json"
+    annotations.write_text(json.dumps(data))
+    _, report = clean_records(read_karpathy_json(annotations, real["root"]), annotations, max_bad_fraction=0.5)
+    summary = report.summary(annotations).splitlines()
+    assert "  the 'val' split is empty: no validation runs, so no best.ckpt is written (last.ckpt is) " in summary[-1]
+    assert not any("'test' split is empty" in line for line in summary)
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "-c", str(ROOT / "configs" / "tiny.yaml"), "--data.dataset", "karpathy"]
+    args += ["--data.annotations", str(annotations), "--data.image_root", str(real["root"])]
+    args += ["--data.max_bad_fraction", "0.5", "--data.batch_size", "4", "--trainer.max_steps", "2"]
+    main([*args, "--model.max_decode_len", "4", "--trainer.num_sanity_val_steps", "0"])
+    out, err = capsys.readouterr()
+    assert "the 'val' split is empty" in out
+    assert "no checkpoint has a validation score: testing the final weights" in err
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    assert (run / "test_metrics.json").is_file() and not (run / "checkpoints" / "best.ckpt").exists()

@@ -68,6 +68,14 @@ class DataReport:
                 lines.append(f"  {count} {what}")
         if len(lines) == 1:
             lines.append("  no bad images or captions found")
+        # said here, at set-up: Lightning's own word comes after the first epoch, as a missing monitored key
+        if not self.images.get("val", 0):
+            lines.append(
+                "  the 'val' split is empty: no validation runs, so no best.ckpt is written (last.ckpt is) "
+                "and fit tests its final weights"
+            )
+        if not self.images.get("test", 0):
+            lines.append("  the 'test' split is empty: there is nothing to test")
         return "\n".join(lines)
 
 
