@@ -252,9 +252,11 @@ def _fit_and_check(name: str, tmp_path: Path, encoder_weights) -> None:
     _check_run(name, tmp_path, proc, n_train)
 
 
+@pytest.mark.slow
 def test_flickr8k_recipe_trains_on_its_documented_layout(tmp_path, encoder_weights):
-    """The cheapest recipe (ResNet-50), in the default run: data paths, bf16-mixed on the CPU, eight loader
-    workers, the feature cache, validation, the checkpoints and the test after fit, as a user gets them."""
+    """The cheapest recipe (ResNet-50): data paths, bf16-mixed on the CPU, eight loader workers, the feature
+    cache, validation, the checkpoints and the test after fit, as a user gets them. Slow (~40 s here): the
+    default run keeps the parse and option checks of every recipe and the native Flickr8k files below."""
     _fit_and_check("flickr8k_resnet50_lstm.yaml", tmp_path, encoder_weights)
 
 
