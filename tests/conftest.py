@@ -14,10 +14,41 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
+def _script_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 def run_script(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run one of the project's scripts in a fresh interpreter (as a user would)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = _script_env()
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_script(*args: str, cwd: Path) -> subprocess.Popen:
+    """:func:`run_script` without waiting: runs of one test that do not depend on each other overlap (most of a
+    tiny train.py run is its interpreter importing Lightning, on one core). The environment is read now, so a
+    caller may restore what it changed for this run as soon as this returns. Collect it with :func:`finish`."""
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=cwd, env=_script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(*procs: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess | list:
+    """Wait for runs started by :func:`start_script`, each as :func:`run_script` would have (killed after
+    ``timeout`` seconds); all of them are waited for before an error is raised, so none is left running.
+    One run gives its CompletedProcess, several a list of them."""
+    done, error = [], None
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException as e:  # a timeout (a hang) or an interrupt: kill it as subprocess.run does
+            proc.kill()
+            out, err = proc.communicate()
+            error = error or e
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    if error is not None:
+        raise error
+    return done[0] if len(done) == 1 else done
 
 
 @pytest.fixture(scope="session")

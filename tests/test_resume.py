@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, finish, start_script
 
 
 def _config(max_steps: int, max_epochs: int, checkpoint: str) -> str:
@@ -35,15 +35,20 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in rows}
 
 
-def _fit(cwd: Path, *extra: str, config: str = CONFIG):
+def _start(cwd: Path, *extra: str, config: str = CONFIG):
+    """Starts train.py in ``cwd`` (one run at a time in a folder: it writes resume.yaml there); see _fit."""
     (cwd / "resume.yaml").write_text(config)
     args = ["fit", "-c", str(TINY), "-c", "resume.yaml", "--test_after_fit", "false", *extra]
     env_path = str(ROOT / "tests")
     os.environ["PYTHONPATH"] = env_path + os.pathsep + os.environ.get("PYTHONPATH", "")
     try:
-        return run_script(str(ROOT / "train.py"), *args, cwd=cwd)
+        return start_script(str(ROOT / "train.py"), *args, cwd=cwd)
     finally:
         os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+
+
+def _fit(cwd: Path, *extra: str, config: str = CONFIG):
+    return finish(_start(cwd, *extra, config=config))
 
 
 def test_sigkill_after_step_7_then_resume_gives_the_same_losses(tmp_path):
@@ -51,12 +56,13 @@ def test_sigkill_after_step_7_then_resume_gives_the_same_losses(tmp_path):
     before the checkpoint's RNG state is restored, so it must not draw from that RNG)."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir(), killed.mkdir()
-    assert _fit(whole).returncode == 0
+    kill = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=7"]
+    # the uninterrupted run and the killed one are independent: they run side by side
+    whole_proc, proc = finish(_start(whole), _start(killed, *kill))
+    assert whole_proc.returncode == 0
     reference = _losses(next(whole.glob("runs/tiny/version_*")))
     assert len(reference) == 12
 
-    kill = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=7"]
-    proc = _fit(killed, *kill)
     assert proc.returncode != 0  # killed
     run = killed / "runs" / "tiny" / "version_0"
     for step in (3, 6):
@@ -72,13 +78,16 @@ def test_sigkill_after_step_7_then_resume_gives_the_same_losses(tmp_path):
 
 
 def test_same_seed_same_losses_with_workers_and_a_different_seed_differs(tmp_path):
-    runs = {}
-    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+    started = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):  # three independent runs, side by side
         cwd = tmp_path / name
         cwd.mkdir()
-        proc = _fit(cwd, "--data.num_workers", "2", "--seed_everything", str(seed), "--trainer.max_steps", "8")
+        workers = ["--data.num_workers", "2", "--seed_everything", str(seed), "--trainer.max_steps", "8"]
+        started[name] = _start(cwd, *workers)
+    runs = {}
+    for name, proc in zip(started, finish(*started.values())):
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = _losses(next(cwd.glob("runs/tiny/version_*")))
+        runs[name] = _losses(next((tmp_path / name).glob("runs/tiny/version_*")))
     assert len(runs["a"]) == 8
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
@@ -106,11 +115,14 @@ def test_ckpt_path_last_in_a_config_file_resumes_like_the_flag(tmp_path):
     which found no last.ckpt in the new run's folder and started afresh in silence."""
     quick = "trainer:\n  limit_val_batches: 0\n  num_sanity_val_steps: 0\n"
     resume = "ckpt_path: last\n" + quick + "  max_steps: 8\n  max_epochs: 2\n"
-    proc = _fit(tmp_path, config=resume)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # the resume where there is nothing to resume and the run to resume are independent: side by side
+    proc, first = finish(_start(empty, config=resume), _start(tmp_path, config=quick))
     assert proc.returncode != 0 and "no last.ckpt under runs/ to resume from" in proc.stderr, proc.stderr[-3000:]
-    assert not (tmp_path / "runs").exists()  # no fresh run was started
+    assert not (empty / "runs").exists()  # no fresh run was started
 
-    assert _fit(tmp_path, config=quick).returncode == 0
+    assert first.returncode == 0
     proc = _fit(tmp_path, config=resume)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = Path("runs/tiny/version_0/checkpoints/last.ckpt")
@@ -188,13 +200,14 @@ def test_sigterm_inside_an_accumulation_window_saves_at_its_end_and_resumes_exac
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir(), killed.mkdir()
-    assert _fit(whole, config=ACCUMULATE).returncode == 0
+    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=4"]
+    term += ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.mid_window=true"]
+    # the uninterrupted run and the signalled one are independent: they run side by side
+    whole_proc, proc = finish(_start(whole, config=ACCUMULATE), _start(killed, *term, config=ACCUMULATE))
+    assert whole_proc.returncode == 0
     reference = _rows(whole / "runs" / "tiny" / "version_0")
     assert [s for s, _ in reference] == list(range(8))  # one row per optimizer step
 
-    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=4"]
-    term += ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.mid_window=true"]
-    proc = _fit(killed, *term, config=ACCUMULATE)
     assert "SIGTERM: saved" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "SIGTERM: finishing the gradient accumulation window before saving" in proc.stdout
     last = killed / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
@@ -251,13 +264,15 @@ def test_a_step_limited_run_resumes_exactly_from_a_checkpoint_written_at_an_epoc
     too high and, counting the epoch twice, stopped one epoch early."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir(), killed.mkdir()
-    assert _fit(whole, config=EPOCH_END_CONFIG).returncode == 0
+    # killed at the last batch of the second epoch: last.ckpt is the one written at the first epoch's end
+    kill = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=12"]
+    # the uninterrupted run and the killed one are independent: they run side by side
+    whole_proc, proc = finish(_start(whole, config=EPOCH_END_CONFIG), _start(killed, *kill, config=EPOCH_END_CONFIG))
+    assert whole_proc.returncode == 0
     reference = _losses(next(whole.glob("runs/tiny/version_*")))
     assert sorted(reference) == list(range(24))  # 4 epochs of 6 batches
 
-    # killed at the last batch of the second epoch: last.ckpt is the one written at the first epoch's end
-    kill = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=12"]
-    assert _fit(killed, *kill, config=EPOCH_END_CONFIG).returncode != 0
+    assert proc.returncode != 0
     run = killed / "runs" / "tiny" / "version_0"
     proc = _fit(killed, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), config=EPOCH_END_CONFIG)
     assert proc.returncode == 0, proc.stderr[-3000:]
