@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, finish, run_script, start_script
 
 COMMON = [
     "fit",
@@ -38,9 +38,12 @@ COMMON = [
 ]
 
 
-def _fit(folder, *extra):
+def _start(folder, *extra):
     folder.mkdir()
-    proc = run_script(str(ROOT / "train.py"), *COMMON, *extra, cwd=folder, timeout=600)
+    return start_script(str(ROOT / "train.py"), *COMMON, *extra, cwd=folder)
+
+
+def _fitted(folder, proc):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     run = next(folder.glob("runs/tiny/*/"))
     losses = [float(r["train/loss"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")]
@@ -50,9 +53,11 @@ def _fit(folder, *extra):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    one = _fit(tmp / "one", "--data.batch_size", "8")
-    two = _fit(tmp / "two", "--data.batch_size", "4", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn")
-    return one, two
+    # the single-process run and the two-rank run are independent: they run side by side
+    one = _start(tmp / "one", "--data.batch_size", "8")
+    two = _start(tmp / "two", "--data.batch_size", "4", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn")
+    one, two = finish(one, two, timeout=600)
+    return _fitted(tmp / "one", one), _fitted(tmp / "two", two)
 
 
 def test_two_ranks_take_the_same_steps_as_one_process(runs):
@@ -103,17 +108,45 @@ def test_plain_ddp_relaunches_train_py_and_tests_once(tmp_path):
     assert proc.stdout.count("run directory:") == 1
 
 
-def _rank_with_an_empty_batch(rank: int, port: int, out: dict) -> None:
-    """Rank 1's batch lost every image; rank 0's did not. Both must get through the step."""
+def _on_two_ranks(rank_fn, *args) -> dict:
+    """``rank_fn(rank, port, out, *args)`` on two ranks of a gloo group; returns what they put in ``out``.
+
+    The ranks are forked from this process, which has imported torch and the module already: spawned, each
+    spent most of its ~6 s importing them again. Each rank is still a process of its own (its own
+    process group, collectives and exceptions), which is all these tests are about."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    import captioning.lit_module  # noqa: F401  (imported here, before the fork, for the ranks to inherit)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.start_processes(rank_fn, args=(port, out, *args), nprocs=2, start_method="fork")
+    return dict(out)
+
+
+def _forked_rank_setup(rank: int, port: int) -> None:
     import datetime
     import os
+
+    # one thread, as DataLoader's forked workers do: GNU OpenMP does not support a fork after the parent
+    # ran parallel regions (a child that runs one may hang)
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+
+
+def _rank_with_an_empty_batch(rank: int, port: int, out: dict) -> None:
+    """Rank 1's batch lost every image; rank 0's did not. Both must get through the step."""
     import types
 
     from captioning.lit_module import CaptionModule
     from captioning.vocab import SPECIALS
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    _forked_rank_setup(rank, port)
     torch.manual_seed(0)
     m = CaptionModule(vocab=[*SPECIALS, *"abcdefgh"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
     m._trainer = types.SimpleNamespace(world_size=2)  # what _distributed() reads
@@ -138,15 +171,7 @@ def _rank_with_an_empty_batch(rank: int, port: int, out: dict) -> None:
 def test_a_rank_whose_batch_lost_every_image_stays_in_step_with_the_others():
     """A rank with an empty batch still joins the word/caption counts and the synced logs; before, it
     skipped them and the other rank waited in its all-reduce until the timeout."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_rank_with_an_empty_batch, args=(port, out), nprocs=2)
+    out = _on_two_ranks(_rank_with_an_empty_batch)
     (loss0, logs0, grads0), (loss1, logs1, grads1) = out[0], out[1]
     assert loss1 == 0.0 and loss0 > 0.0
     # the skipped-image count too: logged by rank 1 alone, and unsynced, it was rank 0's count under DDP
@@ -157,15 +182,12 @@ def test_a_rank_whose_batch_lost_every_image_stays_in_step_with_the_others():
 def _rank_with_a_nan_batch(rank: int, port: int, out: dict, rank0_empty: bool = False) -> None:
     """Rank 1's images are NaN (its loss is NaN); rank 0's are fine, or (``rank0_empty``) all failed to load.
     Records what training_step did on each."""
-    import datetime
-    import os
     import types
 
     from captioning.lit_module import CaptionModule
     from captioning.vocab import SPECIALS
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    _forked_rank_setup(rank, port)
     torch.manual_seed(0)
     m = CaptionModule(vocab=[*SPECIALS, *"abcdefgh"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
     m._trainer = types.SimpleNamespace(world_size=2, global_step=3)  # what _distributed() and the message read
@@ -188,17 +210,9 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(rank0_empty):
     """Before, only the rank with the NaN loss raised; the others went on to the backward, where DDP's gradient
     all-reduce waited for the stopped rank until the timeout (30 minutes on NCCL by default). A rank whose batch
     lost every image takes another path through the step, and must stop too."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_rank_with_a_nan_batch, args=(port, out, rank0_empty), nprocs=2)
-    assert out[1] == "loss is nan at step 3", dict(out)
-    assert out[0] == ("loss is nan at step 3 (on another rank)" if rank0_empty else out[1]), dict(out)
+    out = _on_two_ranks(_rank_with_a_nan_batch, rank0_empty)
+    assert out[1] == "loss is nan at step 3", out
+    assert out[0] == ("loss is nan at step 3 (on another rank)" if rank0_empty else out[1]), out
 
 
 # 2 ranks of 4 images: 6 batches an epoch, 2 per optimizer step, so 3 steps an epoch
@@ -217,16 +231,21 @@ data:
 """
 
 
-def _fit_accumulating(cwd, *extra):
-    """train.py with ACCUMULATE, the test helpers importable in both ranks; killed after 120 s (a hang)."""
+def _start_accumulating(cwd, *extra):
+    """Starts train.py with ACCUMULATE, the test helpers importable in both ranks."""
     (cwd / "ddp.yaml").write_text(ACCUMULATE)
     args = ["fit", "-c", str(TINY), "-c", "ddp.yaml", "--test_after_fit", "false", *extra]
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(ROOT / "tests") + (os.pathsep + old if old else "")
     try:
-        return run_script(str(ROOT / "train.py"), *args, cwd=cwd, timeout=120)
+        return start_script(str(ROOT / "train.py"), *args, cwd=cwd)
     finally:
         os.environ.pop("PYTHONPATH") if old is None else os.environ.update(PYTHONPATH=old)
+
+
+def _fit_accumulating(cwd, *extra):
+    """train.py with ACCUMULATE; killed after 120 s (a hang)."""
+    return finish(_start_accumulating(cwd, *extra), timeout=120)
 
 
 def _rows(run) -> list[tuple[int, float]]:
@@ -237,12 +256,23 @@ def _rows(run) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def accumulating_reference(tmp_path_factory):
+    """The uninterrupted run's rows, as a function: the run starts here and is waited for at the first call, so
+    that it goes side by side with the first test's own (independent) run."""
     whole = tmp_path_factory.mktemp("whole")
-    proc = _fit_accumulating(whole)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    reference = _rows(whole / "runs" / "tiny" / "version_0")
-    assert [s for s, _ in reference] == list(range(4))  # one row per optimizer step
-    return reference
+    started, rows = _start_accumulating(whole), []
+
+    def reference():
+        if not rows:
+            proc = finish(started, timeout=120)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+            rows.extend(_rows(whole / "runs" / "tiny" / "version_0"))
+            assert [s for s, _ in rows] == list(range(4))  # one row per optimizer step
+        return rows
+
+    yield reference
+    if started.returncode is None:  # no test asked for it (an error before): do not leave it running
+        started.kill()
+        started.communicate()
 
 
 # the rank-0-only case runs with the slow tests: the default suite stays near its ~9 minutes on 2 cores
@@ -261,6 +291,7 @@ def test_sigterm_inside_an_accumulation_window_under_ddp_saves_at_its_end_and_re
     if rank is not None:
         term.append(f"--trainer.callbacks.rank={rank}")
     proc = _fit_accumulating(tmp_path, *term)
+    reference = accumulating_reference()  # ran alongside the run above
     out = proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("SIGTERM: saved") == 1, out
     run = tmp_path / "runs" / "tiny" / "version_0"
@@ -271,4 +302,4 @@ def test_sigterm_inside_an_accumulation_window_under_ddp_saves_at_its_end_and_re
 
     proc = _fit_accumulating(tmp_path, "--ckpt_path", str(last))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert _rows(run) == accumulating_reference
+    assert _rows(run) == reference
