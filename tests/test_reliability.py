@@ -14,7 +14,7 @@ from PIL import Image
 from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_weights_only
 from captioning.inference import Captioner
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, finish, run_script, start_script
 
 
 class _Payload:
@@ -148,13 +148,17 @@ def test_checkpoints_are_written_with_the_usual_permissions(tmp_path):
 
 def test_resuming_from_a_missing_checkpoint_is_an_error(tmp_path):
     missing = tmp_path / "nope.ckpt"
-    proc = run_script(str(ROOT / "train.py"), "fit", "-c", str(TINY), "--ckpt_path", str(missing), cwd=tmp_path)
+    given, last = tmp_path / "given", tmp_path / "last"
+    given.mkdir(), last.mkdir()
+    # two independent runs, side by side, each in a folder of its own
+    args = [str(ROOT / "train.py"), "fit", "-c", str(TINY), "--ckpt_path"]
+    proc, proc_last = finish(start_script(*args, str(missing), cwd=given), start_script(*args, "last", cwd=last))
     assert proc.returncode != 0
     assert f"{missing}: checkpoint not found" in proc.stderr
-    proc = run_script(str(ROOT / "train.py"), "fit", "-c", str(TINY), "--ckpt_path", "last", cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "no last.ckpt under runs/ to resume from" in proc.stderr
-    assert not (tmp_path / "runs").exists()  # no fresh run was started
+    assert proc_last.returncode != 0
+    assert "no last.ckpt under runs/ to resume from" in proc_last.stderr
+    for cwd in (given, last):
+        assert not (cwd / "runs").exists()  # no fresh run was started
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -228,19 +232,21 @@ def test_infer_reports_every_bad_input_and_still_captions_the_good_ones(tmp_path
 def test_infer_refuses_a_device_or_out_folder_it_cannot_use_with_a_clear_error(tmp_path, tiny_ckpt):
     image = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(image)
-    for device, cause in [("cuda", "no CUDA device here"), ("gpu", "not a device")]:
-        proc = run_script(
-            str(ROOT / "infer.py"), str(image), "--ckpt", str(tiny_ckpt), "--device", device, cwd=tmp_path
-        )
+    (tmp_path / "taken").write_text("a file, not a folder")
+    infer = [str(ROOT / "infer.py"), str(image), "--ckpt", str(tiny_ckpt)]
+    devices = [("cuda", "no CUDA device here"), ("gpu", "not a device")]
+    beams = ("0", "-1")  # 0 fell back to the checkpoint's beam, -1 crashed in torch.arange
+    # independent runs, side by side
+    started = [start_script(*infer, "--device", device, cwd=tmp_path) for device, _ in devices]
+    started.append(start_script(*infer, "--out", "taken", cwd=tmp_path))
+    started += [start_script(*infer, "--beam-size", beam, cwd=tmp_path) for beam in beams]
+    done = finish(*started)
+    for (device, cause), proc in zip(devices, done[:2]):
         assert proc.returncode == 2 and f"error: --device {device}: {cause}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
-    (tmp_path / "taken").write_text("a file, not a folder")
-    proc = run_script(str(ROOT / "infer.py"), str(image), "--ckpt", str(tiny_ckpt), "--out", "taken", cwd=tmp_path)
+    proc = done[2]
     assert proc.returncode == 2 and "error: --out taken: cannot make that folder" in proc.stderr, proc.stderr
-    for beam in ("0", "-1"):  # 0 fell back to the checkpoint's beam, -1 crashed in torch.arange
-        proc = run_script(
-            str(ROOT / "infer.py"), str(image), "--ckpt", str(tiny_ckpt), "--beam-size", beam, cwd=tmp_path
-        )
+    for beam, proc in zip(beams, done[3:], strict=True):
         assert proc.returncode == 2 and f"--beam-size must be at least 1, got {beam}" in proc.stderr, proc.stderr
     captioner = Captioner.from_checkpoint(tiny_ckpt)
     for bad in (
