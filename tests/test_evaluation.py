@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT, TINY, read_json, run_script
+from conftest import ROOT, TINY, finish, read_json, run_script, start_script
 
 KEYS = {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider_d", "object_accuracy", "full_accuracy"}
 KEYS |= {"pointing_accuracy", "pointing_accuracy_color", "attention_mass_shape", "attention_mass_color"}
@@ -62,12 +62,15 @@ def test_model_flags_win_over_the_checkpoint_and_the_checkpoint_over_the_config_
     other.write_text(TINY.read_text().replace("hidden_dim: 32", "hidden_dim: 48"))
     assert "hidden_dim: 48" in other.read_text()
     flags = ["--ckpt_path", str(tiny_ckpt), "--model.max_decode_len", "3"]
-    proc = run_script(str(ROOT / "train.py"), "test", "-c", str(other), *flags, cwd=tmp_path)
+    resume = ["fit", "-c", str(TINY), "--ckpt_path", str(tiny_ckpt), "--model.hidden_dim", "48"]
+    (tmp_path / "resume").mkdir()
+    # the test and the resume are independent: they run side by side, each in a folder of its own
+    tested = start_script(str(ROOT / "train.py"), "test", "-c", str(other), *flags, cwd=tmp_path)
+    proc, resumed = finish(tested, start_script(str(ROOT / "train.py"), *resume, cwd=tmp_path / "resume"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     captions = read_json(next(tmp_path.glob("runs/tiny/*/test_captions.json")))
     assert len(captions) == 16 and all(len(c["caption"].split()) <= 3 for c in captions)
-    resume = ["fit", "-c", str(TINY), "--ckpt_path", str(tiny_ckpt), "--model.hidden_dim", "48"]
-    proc = run_script(str(ROOT / "train.py"), *resume, cwd=tmp_path)
+    proc = resumed
     assert proc.returncode != 0
     assert "model configuration mismatch (hidden_dim: checkpoint 32 vs config 48)" in proc.stderr
 
