@@ -26,7 +26,7 @@ from captioning.lit_module import CaptionModule
 from captioning.models.encoders import SmallCNN, TorchvisionEncoder, load_encoder_weights
 from captioning.vocab import Vocabulary
 
-from conftest import ROOT, run_script
+from conftest import ROOT, finish, run_script, start_script
 
 
 def _train_records(tiny_shapes: Path, n: int):
@@ -453,7 +453,10 @@ def test_a_resume_needs_no_weights_file_but_a_fresh_fit_names_the_missing_one(tm
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
 
     path.unlink()
-    resumed = run_script(*args, "--trainer.max_steps", "3", "--ckpt_path", str(last), cwd=tmp_path)
+    (tmp_path / "fresh").mkdir()
+    # the resume and the fresh fit (refused) are independent: side by side, each in a folder of its own
+    resumed = start_script(*args, "--trainer.max_steps", "3", "--ckpt_path", str(last), cwd=tmp_path)
+    resumed, fresh = finish(resumed, start_script(*args, "--trainer.max_steps", "1", cwd=tmp_path / "fresh"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     ckpts = [
         torch.load(p, map_location="cpu", weights_only=True) for p in tmp_path.glob("runs/tiny/*/checkpoints/last.ckpt")
@@ -463,7 +466,6 @@ def test_a_resume_needs_no_weights_file_but_a_fresh_fit_names_the_missing_one(tm
     # the frozen encoder still has the file's weights, restored from the checkpoint
     torch.testing.assert_close(ckpt["state_dict"]["net.encoder.body.0.weight"], state["conv1.weight"], atol=0, rtol=0)
 
-    fresh = run_script(*args, "--trainer.max_steps", "1", cwd=tmp_path)
     assert fresh.returncode != 0
     assert f"{path}: encoder weights file not found" in fresh.stderr
 
