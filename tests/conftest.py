@@ -35,19 +35,18 @@ def start_script(*args: str, cwd: Path) -> subprocess.Popen:
 
 def finish(*procs: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess | list:
     """Wait for runs started by :func:`start_script`, each as :func:`run_script` would have (killed after
-    ``timeout`` seconds); all of them are waited for before an error is raised, so none is left running.
+    ``timeout`` seconds); on a timeout or an interrupt every one of them is killed, so none is left running.
     One run gives its CompletedProcess, several a list of them."""
-    done, error = [], None
-    for proc in procs:
-        try:
+    done = []
+    try:
+        for proc in procs:
             out, err = proc.communicate(timeout=timeout)
-        except BaseException as e:  # a timeout (a hang) or an interrupt: kill it as subprocess.run does
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except BaseException:  # a timeout (a hang) or an interrupt: kill them as subprocess.run does
+        for proc in procs:
             proc.kill()
-            out, err = proc.communicate()
-            error = error or e
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    if error is not None:
-        raise error
+            proc.communicate()
+        raise
     return done[0] if len(done) == 1 else done
 
 
