@@ -137,7 +137,8 @@ def beam_search(
     if not 1 <= num_return <= beam_size:
         raise ValueError(f"num_return must be between 1 and beam_size ({beam_size}), got {num_return}")
     _check_max_len(max_len)
-    # min_len > max_len asked for captions that cannot end: every beam came back cut at max_len
+    # min_len > max_len is a contradiction (it returned every beam cut at max_len, unsaid); min_len = max_len
+    # is allowed: it forces exactly max_len steps, which the benchmarks use
     if not 0 <= min_len <= max_len:
         raise ValueError(f"min_len must be between 0 and max_len ({max_len}), got {min_len}")
     if no_repeat_ngram < 0:

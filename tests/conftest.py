@@ -35,8 +35,8 @@ def start_script(*args: str, cwd: Path) -> subprocess.Popen:
 
 def finish(*procs: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess | list:
     """Wait for runs started by :func:`start_script`, each as :func:`run_script` would have (killed after
-    ``timeout`` seconds); on a timeout or an interrupt every one of them is killed, so none is left running.
-    One run gives its CompletedProcess, several a list of them."""
+    ``timeout`` seconds); on a timeout or an interrupt every one of them is killed (the processes started, as
+    run_script kills them: not the ranks a DDP run spawned). One run gives its CompletedProcess, several a list."""
     done = []
     try:
         for proc in procs:

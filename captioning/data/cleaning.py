@@ -68,15 +68,18 @@ class DataReport:
                 lines.append(f"  {count} {what}")
         if len(lines) == 1:
             lines.append("  no bad images or captions found")
-        # said here, at set-up: Lightning's own word comes after the first epoch, as a missing monitored key
+        return "\n".join(lines)
+
+    def empty_splits(self) -> list[str]:
+        """A line for each empty evaluation split, for the set-up print (not for errors, where every split of
+        a wrong image_root is empty): Lightning's own word would come after the first epoch, as a missing
+        monitored key."""
+        lines = []
         if not self.images.get("val", 0):
-            lines.append(
-                "  the 'val' split is empty: no validation runs, so no best.ckpt is written (last.ckpt is) "
-                "and fit tests its final weights"
-            )
+            lines.append("  the 'val' split is empty: no validation runs, so no best.ckpt is written (last.ckpt is)")
         if not self.images.get("test", 0):
             lines.append("  the 'test' split is empty: there is nothing to test")
-        return "\n".join(lines)
+        return lines
 
 
 def clean_records(

@@ -316,7 +316,7 @@ class CaptionDataModule(pl.LightningDataModule):
                 records, self.source, self.check_images, self.max_pixels, self.max_bad_fraction
             )
             if rank_zero_only.rank == 0:
-                print(self.report.summary(self.source), flush=True)
+                print("\n".join([self.report.summary(self.source), *self.report.empty_splits()]), flush=True)
         return self._records
 
     def records(self, split: str) -> list[CaptionRecord]:
