@@ -8,6 +8,7 @@ over the course of a caption.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import json
 import math
@@ -144,6 +145,25 @@ class CheckpointOnSigterm(pl.Callback):
         trainer.save_checkpoint(folder / "last.ckpt")
         if trainer.is_global_zero:
             print(f"SIGTERM: saved {folder / 'last.ckpt'} at step {trainer.global_step}", flush=True)
+
+
+_EXIT_HOOK = False  # _destroy_process_group registered with atexit in this process
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _destroy_gloo_group_at_exit() -> None:
+    """Destroy this process's gloo process group (CPU DDP) when the interpreter exits. Lightning registers that
+    for NCCL only; left to the interpreter's finalization, gloo's threads could outlive it, and a CPU DDP run that
+    had finished and written everything sometimes ended with "terminate called without an active exception"
+    and SIGABRT (exit status -6), which a scheduler reports as a failed job."""
+    global _EXIT_HOOK
+    if not _EXIT_HOOK and torch.distributed.get_backend() != "nccl":
+        atexit.register(_destroy_process_group)
+        _EXIT_HOOK = True
 
 
 def _results_id(image_id: str) -> int | str:
@@ -319,6 +339,8 @@ class CaptionModule(pl.LightningModule):
     # -- set-up -----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank, after its join
+            _destroy_gloo_group_at_exit()
         words = getattr(self.trainer.datamodule, "max_caption_len", None) if self._trainer is not None else None
         if stage == "fit" and self.hparams.decoder == "transformer" and words is not None:
             # teacher forcing feeds <start> and up to max_caption_len words: one position each. Checked here,

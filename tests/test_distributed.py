@@ -303,3 +303,31 @@ def test_sigterm_inside_an_accumulation_window_under_ddp_saves_at_its_end_and_re
     proc = _fit_accumulating(tmp_path, "--ckpt_path", str(last))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert _rows(run) == reference
+
+
+GLOO_AT_EXIT = """
+import atexit, os, socket
+import torch.distributed as dist
+from captioning.lit_module import CaptionModule
+from captioning.vocab import SPECIALS
+
+with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+# atexit runs last-registered first: this runs after any handler that setup() registers below
+atexit.register(lambda: print("process group at exit:", dist.is_initialized(), flush=True))
+dist.init_process_group("gloo", rank=0, world_size=1)
+module = CaptionModule(vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+module.setup("fit")
+module.setup("test")  # a second stage registers nothing more
+"""
+
+
+def test_a_gloo_process_group_is_destroyed_before_the_interpreter_exits(tmp_path):
+    """Lightning destroys an NCCL group at exit, not a gloo one: left to the interpreter's finalization, gloo's
+    threads could outlive it, and a plain-ddp CPU run that had finished and written everything ended once in
+    CI with "terminate called without an active exception" and exit status -6."""
+    proc = run_script("-c", GLOO_AT_EXIT, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines() == ["process group at exit: False"], proc.stdout + proc.stderr[-2000:]
