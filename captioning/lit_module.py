@@ -147,9 +147,6 @@ class CheckpointOnSigterm(pl.Callback):
             print(f"SIGTERM: saved {folder / 'last.ckpt'} at step {trainer.global_step}", flush=True)
 
 
-_EXIT_HOOK = False  # _destroy_process_group registered with atexit in this process
-
-
 def _destroy_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -160,10 +157,9 @@ def _destroy_gloo_group_at_exit() -> None:
     for NCCL only; left to the interpreter's finalization, gloo's threads could outlive it, and a CPU DDP run that
     had finished and written everything sometimes ended with "terminate called without an active exception"
     and SIGABRT (exit status -6), which a scheduler reports as a failed job."""
-    global _EXIT_HOOK
-    if not _EXIT_HOOK and torch.distributed.get_backend() != "nccl":
+    if torch.distributed.get_backend() != "nccl":
+        atexit.unregister(_destroy_process_group)  # once per process, however many stages are set up
         atexit.register(_destroy_process_group)
-        _EXIT_HOOK = True
 
 
 def _results_id(image_id: str) -> int | str:
@@ -535,7 +531,7 @@ class CaptionModule(pl.LightningModule):
             # with the wrong collective)
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             _, _, non_finite = self._global_sums(torch.zeros(3, device=zero.device))  # words, captions, non-finite
-            if not torch.isfinite(zero + torch.where(non_finite > 0, float("nan"), 0.0)):
+            if non_finite > 0:
                 # another rank's loss is not finite: it stops, so this rank must too (see loss())
                 raise FloatingPointError(f"loss is nan at step {self.global_step} (on another rank)")
             self.log("train/loss", zero, prog_bar=True, batch_size=1, sync_dist=True)

@@ -14,14 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-def _script_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 def run_script(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run one of the project's scripts in a fresh interpreter (as a user would)."""
-    env = _script_env()
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return finish(start_script(*args, cwd=cwd), timeout=timeout)
 
 
 def start_script(*args: str, cwd: Path) -> subprocess.Popen:
@@ -29,14 +24,19 @@ def start_script(*args: str, cwd: Path) -> subprocess.Popen:
     tiny train.py run is its interpreter importing Lightning, on one core). The environment is read now, so a
     caller may restore what it changed for this run as soon as this returns. Collect it with :func:`finish`."""
     return subprocess.Popen(
-        [sys.executable, *args], cwd=cwd, env=_script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
 def finish(*procs: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess | list:
-    """Wait for runs started by :func:`start_script`, each as :func:`run_script` would have (killed after
-    ``timeout`` seconds); on a timeout or an interrupt every one of them is killed (the processes started, as
-    run_script kills them: not the ranks a DDP run spawned). One run gives its CompletedProcess, several a list."""
+    """Wait for runs started by :func:`start_script`, each for at most ``timeout`` seconds; on a timeout or an
+    interrupt every one of them is killed (the processes started, not the ranks a DDP run spawned) and the
+    exception goes on, as with subprocess.run. One run gives its CompletedProcess, several a list."""
     done = []
     try:
         for proc in procs:
