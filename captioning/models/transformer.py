@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from captioning.models.attention import rows_per_image
+from captioning.models.attention import rows_per_image, shift_only
 from captioning.models.base import Decoder, DecoderState
 
 
@@ -51,7 +51,9 @@ class Attention(nn.Module):
         return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B,T,D) -> (B,H,T,dh)
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.kv(x).chunk(2, dim=-1)  # (B,T,D) each
+        # the keys' half of the bias adds q . b to each query's every score: a shift the softmax drops
+        bias = shift_only(self.kv.bias, count=self.kv.out_features // 2)
+        k, v = nn.functional.linear(x, self.kv.weight, bias).chunk(2, dim=-1)  # (B,T,D) each
         return self.split(k), self.split(v)  # (B,H,T,dh)
 
     def forward(
