@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,21 +31,34 @@ def start_script(*args: str, cwd: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # a process group of its own: see stop()
     )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a run started by :func:`start_script` and every process it started (the ranks of a DDP run, the
+    workers of a loader), which share its process group. Killing the run alone left a hung DDP run's ranks
+    running, or waiting in a collective, for the rest of the session."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone: the run and all it started have exited
+        pass
 
 
 def finish(*procs: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess | list:
     """Wait for runs started by :func:`start_script`, each for at most ``timeout`` seconds; on a timeout or an
-    interrupt every one of them is killed (the processes started, not the ranks a DDP run spawned) and the
-    exception goes on, as with subprocess.run. One run gives its CompletedProcess, several a list."""
+    interrupt every one of them is killed with all it started (:func:`stop`) and the exception goes on, as with
+    subprocess.run. A process a finished run left behind (a rank whose main process died) is killed too. One
+    run gives its CompletedProcess, several a list."""
     done = []
     try:
         for proc in procs:
             out, err = proc.communicate(timeout=timeout)
+            stop(proc)
             done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     except BaseException:  # a timeout (a hang) or an interrupt: kill them as subprocess.run does
         for proc in procs:
-            proc.kill()
+            stop(proc)
             proc.communicate()
         raise
     return done[0] if len(done) == 1 else done

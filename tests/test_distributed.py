@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, TINY, finish, run_script, start_script
+from conftest import ROOT, TINY, finish, run_script, start_script, stop
 
 COMMON = [
     "fit",
@@ -271,7 +271,7 @@ def accumulating_reference(tmp_path_factory):
 
     yield reference
     if started.returncode is None:  # no test asked for it (an error before): do not leave it running
-        started.kill()
+        stop(started)
         started.communicate()
 
 

@@ -1,0 +1,47 @@
+"""The test helpers themselves: a run that hangs is killed with every process it started."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import finish, start_script
+
+SPAWNS = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open("child.pid", "w").write(str(child.pid))
+time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie waiting for its new parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_a_run_that_times_out_is_killed_with_the_processes_it_started(tmp_path):
+    """As a hung DDP run's ranks: killing the run alone left them running, and holding its output pipes, so the
+    wait for its last output after the kill lasted as long as they did (here 120 s; a rank waiting in a
+    collective, for ever)."""
+    proc = start_script("-c", SPAWNS, cwd=tmp_path)
+    pid_file = tmp_path / "child.pid"
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        finish(proc, timeout=1)
+    assert time.monotonic() - started < 30
+    deadline = time.monotonic() + 10
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(child)
