@@ -8,7 +8,7 @@ from conftest import ROOT, read_json, run_script
 @pytest.mark.slow
 def test_default_training_run_reaches_the_floors(tmp_path):
     # a guard against a hang, not a speed check (benchmarks measure speed): the run took about 6 minutes on
-    # the 2-vCPU AVX-512 VM of README's Results and about 20 on a 2-vCPU AVX2 one, where 900 s stopped it at
+    # the 2-vCPU AVX-512 VM of README's Results and 24 on a 2-vCPU AVX2 one (measured alone), where 900 s stopped it at
     # epoch 9 of 20
     proc = run_script(str(ROOT / "train.py"), cwd=tmp_path, timeout=2700)
     assert proc.returncode == 0, proc.stderr[-3000:]

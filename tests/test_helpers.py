@@ -25,6 +25,16 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _within(seconds: float, ready) -> bool:
+    """Poll ``ready()`` until it is true (True) or ``seconds`` have passed (False)."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
 def test_a_run_that_times_out_is_killed_with_the_processes_it_started(tmp_path):
     """As a hung DDP run's ranks: killing the run alone left them running, and holding its output pipes, so the
@@ -32,16 +42,10 @@ def test_a_run_that_times_out_is_killed_with_the_processes_it_started(tmp_path):
     collective, for ever)."""
     proc = start_script("-c", SPAWNS, cwd=tmp_path)
     pid_file = tmp_path / "child.pid"
-    for _ in range(200):
-        if pid_file.exists() and pid_file.read_text():
-            break
-        time.sleep(0.05)
+    _within(10, lambda: pid_file.exists() and pid_file.read_text())
     child = int(pid_file.read_text())
     started = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
         finish(proc, timeout=1)
     assert time.monotonic() - started < 30
-    deadline = time.monotonic() + 10
-    while not _gone(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _gone(child)
+    assert _within(10, lambda: _gone(child))
