@@ -69,6 +69,28 @@ def test_generation_is_seeded_and_only_reruns_on_parameter_change(tmp_path):
     assert len(json.loads(a.read_text())["images"]) == 11
 
 
+def test_the_size_of_one_split_does_not_change_the_scenes_of_the_others(tmp_path):
+    """Each split draws from its own seeded stream: a run with more training images is scored on the
+    same validation and test images (a single stream over train, val, test made them other scenes)."""
+
+    def scenes(root, **sizes):
+        json_path = generate(root, ShapesConfig(seed=3, **sizes), progress=False)
+        by_split = {}
+        for im in json.loads(json_path.read_text())["images"]:
+            pixels = (root / im["filepath"] / im["filename"]).read_bytes()
+            by_split.setdefault(im["split"], []).append((im["objects"], [s["raw"] for s in im["sentences"]], pixels))
+        return by_split
+
+    small = scenes(tmp_path / "small", num_train=4, num_val=3, num_test=3)
+    more_train = scenes(tmp_path / "more_train", num_train=9, num_val=3, num_test=3)
+    more_val = scenes(tmp_path / "more_val", num_train=4, num_val=5, num_test=3)
+    assert more_train["val"] == small["val"] and more_train["test"] == small["test"]
+    assert more_train["train"][:4] == small["train"]  # a larger split extends the smaller one
+    assert more_val["train"] == small["train"] and more_val["test"] == small["test"]
+    assert more_val["val"][:3] == small["val"]
+    assert small["val"] != small["test"]  # the streams differ between splits
+
+
 def test_generation_never_replaces_a_folder_that_holds_other_files(tmp_path, monkeypatch):
     """Generating replaces its folder: a data_dir holding anything but an earlier shapes set is refused,
     untouched, instead of deleted (e.g. --data.data_dir data, next to COCO downloads, or '.')."""

@@ -39,7 +39,8 @@ COLORS = {
     "purple": (135, 45, 175),
 }
 SIZES = ("small", "large")
-FORMAT_VERSION = 1
+#: 2: one random stream per split (1 drew train, val and test from one stream)
+FORMAT_VERSION = 2
 JSON_NAME = "dataset_shapes.json"
 
 SINGLE_TEMPLATES = (
@@ -164,8 +165,12 @@ def _check_replaceable(root: Path) -> None:
 def _write_set(folder: Path, config: ShapesConfig, params: dict, progress: bool, desc: str) -> None:
     """Draw the scenes of ``config`` and write them (``images/`` and the JSON) into the empty ``folder``."""
     (folder / "images").mkdir()
-    rng = random.Random(config.seed)
-    splits = ["train"] * config.num_train + ["val"] * config.num_val + ["test"] * config.num_test
+    sizes = {"train": config.num_train, "val": config.num_val, "test": config.num_test}
+    # one seeded stream per split (a str seed is hashed with SHA-512: the same on every run and machine), so
+    # that the size of one split does not change the scenes of another: a run with more training images is
+    # scored on the same validation and test images
+    rngs = {split: random.Random(f"shapes/{config.seed}/{split}") for split in sizes}
+    splits = [split for split, n in sizes.items() for _ in range(n)]
     images, sent_id = [], 0
     iterator = enumerate(splits)
     if progress:
@@ -173,6 +178,7 @@ def _write_set(folder: Path, config: ShapesConfig, params: dict, progress: bool,
 
         iterator = tqdm(iterator, total=len(splits), desc=desc, leave=False)
     for i, split in iterator:
+        rng = rngs[split]
         img, objects = make_scene(rng, config.image_size, config.noise_std)
         filename = f"{i:06d}.png"
         img.save(folder / "images" / filename, compress_level=1)
