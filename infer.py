@@ -11,7 +11,8 @@ at a time, faster). Prints "<path>: <caption>" per image, in the order given, an
 overlay of this run overwrites another, nor one of the input images (x.png's overlay becomes
 x-2_attention.png when x_attention.png is itself an input). A file that cannot be read, or an overlay that cannot
 be written, is reported with its cause on stderr; the other images are still captioned, and the exit status is 1.
-An --out folder that cannot be made or written to is refused before any image is read (exit status 2).
+An --out folder that cannot be made or written to is refused before any image is read (exit status 2), and so
+is an --out that looks like an image file name (overlay.png) unless a folder of that name exists.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
     from PIL.Image import Image
+
+
+#: an --out ending so is taken for a mistyped file name, unless a folder of that name is there
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.beam_size is not None and args.beam_size < 1:
         parser.error(f"--beam-size must be at least 1, got {args.beam_size}")
+    out = Path(args.out)
+    if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():  # `--out overlay.png` made a folder of that name
+        parser.error(
+            f"--out {args.out}: names an image file, but --out is the folder the overlays (<stem>_attention.png) "
+            "are written into; give a folder, e.g. --out overlays"
+        )
 
     import torch
 

@@ -240,14 +240,19 @@ def test_infer_refuses_a_device_or_out_folder_it_cannot_use_with_a_clear_error(t
     started = [start_script(*infer, "--device", device, cwd=tmp_path) for device, _ in devices]
     started.append(start_script(*infer, "--out", "taken", cwd=tmp_path))
     started += [start_script(*infer, "--beam-size", beam, cwd=tmp_path) for beam in beams]
+    # a file name where the overlays' folder goes: it became a folder named overlay.png
+    started.append(start_script(*infer, "--out", "overlay.png", cwd=tmp_path))
     done = finish(*started)
     for (device, cause), proc in zip(devices, done[:2]):
         assert proc.returncode == 2 and f"error: --device {device}: {cause}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
     proc = done[2]
     assert proc.returncode == 2 and "error: --out taken: cannot make that folder" in proc.stderr, proc.stderr
-    for beam, proc in zip(beams, done[3:], strict=True):
+    for beam, proc in zip(beams, done[3:5], strict=True):
         assert proc.returncode == 2 and f"--beam-size must be at least 1, got {beam}" in proc.stderr, proc.stderr
+    proc = done[5]
+    assert proc.returncode == 2 and "--out overlay.png: names an image file" in proc.stderr, proc.stderr
+    assert not (tmp_path / "overlay.png").exists()
     captioner = Captioner.from_checkpoint(tiny_ckpt)
     for bad in (
         lambda: captioner.caption(image, beam_size=0),
