@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -290,11 +291,38 @@ def main(args: list[str] | None = None) -> CaptionCLI:
             sys.argv[1:] = argv
         else:
             args = argv
-    # args=None: LightningCLI reads sys.argv itself (passing both makes it warn)
-    return CaptionCLI(
-        CaptionModule,
-        CaptionDataModule,
-        args=args,
-        save_config_callback=RunConfigCallback,
-        save_config_kwargs={"overwrite": True},
-    )
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from torch.multiprocessing import ProcessExitedException
+
+    try:
+        # args=None: LightningCLI reads sys.argv itself (passing both makes it warn)
+        return CaptionCLI(
+            CaptionModule,
+            CaptionDataModule,
+            args=args,
+            save_config_callback=RunConfigCallback,
+            save_config_kwargs={"overwrite": True},
+        )
+    except SIGTERMException:  # one process (Lightning's own exit status: 0), or rank 0 of plain ddp (143)
+        _stopped_by_sigterm()
+    except ProcessExitedException as e:  # ddp_spawn: a rank ended so (CheckpointOnSigterm), after saving
+        if e.exit_code != SIGTERM_EXIT:
+            raise
+        _stopped_by_sigterm()
+
+
+#: exit status of a run stopped by SIGTERM (128 + the signal's number), however many processes it ran
+SIGTERM_EXIT = 143
+
+
+def _stopped_by_sigterm() -> None:
+    """End a run that SIGTERM stopped with exit status 143 and one line: not 0 (Lightning's status for one
+    process), which told a scheduler or ``train.py && ...`` that the run had finished, and not the spawn
+    launcher's traceback with status 1 under ``ddp_spawn``. ``CheckpointOnSigterm`` has said where it saved
+    (a SIGTERM before training started saves nothing)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # once, not once per process of plain ddp
+        print(
+            f"stopped by SIGTERM before the run ended (exit status {SIGTERM_EXIT})",
+            file=sys.stderr,
+        )
+    sys.exit(SIGTERM_EXIT)

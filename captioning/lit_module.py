@@ -144,7 +144,8 @@ class CheckpointOnSigterm(pl.Callback):
         )
         trainer.save_checkpoint(folder / "last.ckpt")
         if trainer.is_global_zero:
-            print(f"SIGTERM: saved {folder / 'last.ckpt'} at step {trainer.global_step}", flush=True)
+            last = folder / "last.ckpt"
+            print(f"SIGTERM: saved {last} at step {trainer.global_step}; resume with --ckpt_path {last}", flush=True)
 
 
 def _destroy_process_group() -> None:

@@ -294,6 +294,9 @@ def test_sigterm_inside_an_accumulation_window_under_ddp_saves_at_its_end_and_re
     reference = accumulating_reference()  # ran alongside the run above
     out = proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("SIGTERM: saved") == 1, out
+    # as one process ends: 143 and a line, not the spawn launcher's traceback ("process 0 terminated with exit
+    # code 143", exit status 1)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in proc.stderr and "Traceback" not in proc.stderr, out
     run = tmp_path / "runs" / "tiny" / "version_0"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"], out
     last = run / "checkpoints" / "last.ckpt"

@@ -97,6 +97,9 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=7"]
     proc = _fit(tmp_path, *term, "--trainer.callbacks.signal_name=SIGTERM")
     assert "SIGTERM: saved" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # an unfinished run is not a success (it exited 0, so `train.py && next-step` went on), and says so in a line
+    assert proc.returncode == 143 and "stopped by SIGTERM" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
     import torch
 
     last = next(tmp_path.glob("runs/tiny/version_0/checkpoints/last.ckpt"))
