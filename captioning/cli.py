@@ -25,7 +25,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -315,14 +315,11 @@ def main(args: list[str] | None = None) -> CaptionCLI:
 SIGTERM_EXIT = 143
 
 
-def _stopped_by_sigterm() -> None:
+def _stopped_by_sigterm() -> NoReturn:
     """End a run that SIGTERM stopped with exit status 143 and one line: not 0 (Lightning's status for one
     process), which told a scheduler or ``train.py && ...`` that the run had finished, and not the spawn
     launcher's traceback with status 1 under ``ddp_spawn``. ``CheckpointOnSigterm`` has said where it saved
     (a SIGTERM before training started saves nothing)."""
     if os.environ.get("LOCAL_RANK", "0") == "0":  # once, not once per process of plain ddp
-        print(
-            f"stopped by SIGTERM before the run ended (exit status {SIGTERM_EXIT})",
-            file=sys.stderr,
-        )
+        print(f"stopped by SIGTERM before the run ended (exit status {SIGTERM_EXIT})", file=sys.stderr)
     sys.exit(SIGTERM_EXIT)
