@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +22,42 @@ def run_script(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Complete
     return finish(start_script(*args, cwd=cwd), timeout=timeout)
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
+def free_port() -> int:
+    """A free TCP port for a DDP rendezvous that no other test of this session was given, from outside the range
+    the kernel picks ports from for bind(0) and connect(). Lightning finds a port with bind(0) and closes it;
+    the ranks listen on it seconds later, and with two DDP runs side by side one of them failed with EADDRINUSE
+    (the other run's sockets, which take ephemeral ports, had it by then). A port outside that range can only
+    be taken by someone asking for it by number."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default; macOS's is 49152-65535
+    candidates = [p for p in range(20000, 65536) if not low <= p <= high and p not in _PORTS_GIVEN]
+    for port in random.Random().sample(candidates, min(100, len(candidates))):  # own RNG: tests seed the global one
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))  # as the rendezvous store will
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port found in 20000-65535 outside the ephemeral range {low}-{high}")
+
+
 def start_script(*args: str, cwd: Path) -> subprocess.Popen:
     """:func:`run_script` without waiting: runs of one test that do not depend on each other overlap (most of a
     tiny train.py run is its interpreter importing Lightning, on one core). The environment is read now, so a
-    caller may restore what it changed for this run as soon as this returns. Collect it with :func:`finish`."""
+    caller may restore what it changed for this run as soon as this returns. Collect it with :func:`finish`.
+    Each run gets a MASTER_PORT of its own (:func:`free_port`), used by a DDP run's ranks."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.setdefault("MASTER_PORT", str(free_port()))
     return subprocess.Popen(
         [sys.executable, *args],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

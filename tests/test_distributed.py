@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, TINY, finish, run_script, start_script, stop
+from conftest import ROOT, TINY, finish, free_port, run_script, start_script, stop
 
 COMMON = [
     "fit",
@@ -114,15 +114,11 @@ def _on_two_ranks(rank_fn, *args) -> dict:
     The ranks are forked from this process, which has imported torch and the module already: spawned, each
     spent most of its ~6 s importing them again. Each rank is still a process of its own (its own
     process group, collectives and exceptions), which is all these tests are about."""
-    import socket
-
     import torch.multiprocessing as mp
 
     import captioning.lit_module  # noqa: F401  (imported here, before the fork, for the ranks to inherit)
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = mp.Manager().dict()
     mp.start_processes(rank_fn, args=(port, out, *args), nprocs=2, start_method="fork")
     return dict(out)

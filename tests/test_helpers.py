@@ -49,3 +49,23 @@ def test_a_run_that_times_out_is_killed_with_the_processes_it_started(tmp_path):
         finish(proc, timeout=1)
     assert time.monotonic() - started < 30
     assert _within(10, lambda: _gone(child))
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return low, high
+
+
+def test_runs_started_side_by_side_get_their_own_rendezvous_port_outside_the_ephemeral_range(tmp_path):
+    """Two ddp_spawn runs started together each let Lightning pick a port with bind(0) and close it; their ranks
+    listen on it seconds later, and a CI run failed with EADDRINUSE in between (another socket of the
+    concurrent runs had it by then). Each started script gets a MASTER_PORT of its own, from outside the range
+    the kernel hands out to bind(0) and connect()."""
+    show = "import os; print(os.environ['MASTER_PORT'])"
+    procs = finish(*(start_script("-c", show, cwd=tmp_path) for _ in range(3)))
+    ports = [int(p.stdout) for p in procs]
+    low, high = _ephemeral_range()
+    assert len(set(ports)) == 3 and not any(low <= p <= high for p in ports), (ports, low, high)
