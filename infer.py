@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.beam_size is not None and args.beam_size < 1:
         parser.error(f"--beam-size must be at least 1, got {args.beam_size}")
-    out = Path(args.out)
-    if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():  # `--out overlay.png` made a folder of that name
+    out_dir = Path(args.out)
+    # `--out overlay.png` made a folder of that name
+    if out_dir.suffix.lower() in IMAGE_SUFFIXES and not out_dir.is_dir():
         parser.error(
             f"--out {args.out}: names an image file, but --out is the folder the overlays (<stem>_attention.png) "
             "are written into; give a folder, e.g. --out overlays"
@@ -88,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out_dir = Path(args.out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, no permission, a read-only place ...

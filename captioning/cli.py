@@ -34,7 +34,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_weights_only
 from captioning.data.datamodule import CaptionDataModule
-from captioning.lit_module import CaptionModule
+from captioning.lit_module import SIGTERM_EXIT, CaptionModule
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 
@@ -309,10 +309,6 @@ def main(args: list[str] | None = None) -> CaptionCLI:
         if e.exit_code != SIGTERM_EXIT:
             raise
         _stopped_by_sigterm()
-
-
-#: exit status of a run stopped by SIGTERM (128 + the signal's number), however many processes it ran
-SIGTERM_EXIT = 143
 
 
 def _stopped_by_sigterm() -> NoReturn:

@@ -37,6 +37,10 @@ CHECKPOINT_FORMAT = 1
 _ARCH_KEYS = tuple(k for k in inspect.signature(CaptionNet.__init__).parameters if k not in ("self", "vocab_size"))
 
 
+#: exit status of a run stopped by SIGTERM (128 + the signal's number): each DDP rank's, and the run's
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
 class CheckpointOnSigterm(pl.Callback):
     """A pre-empted run (SIGTERM) writes ``last.ckpt`` before it exits, so no work is lost.
 
@@ -88,7 +92,7 @@ class CheckpointOnSigterm(pl.Callback):
         if self._stop:
             from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-            raise SIGTERMException(128 + signal.SIGTERM)
+            raise SIGTERMException(SIGTERM_EXIT)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         self._stop_here()

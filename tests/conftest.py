@@ -25,16 +25,22 @@ def run_script(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Complete
 _PORTS_GIVEN: set[int] = set()
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands out to bind(0) and connect(), inclusive."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default; macOS's is 49152-65535
+    return low, high
+
+
 def free_port() -> int:
     """A free TCP port for a DDP rendezvous that no other test of this session was given, from outside the range
     the kernel picks ports from for bind(0) and connect(). Lightning finds a port with bind(0) and closes it;
     the ranks listen on it seconds later, and with two DDP runs side by side one of them failed with EADDRINUSE
     (the other run's sockets, which take ephemeral ports, had it by then). A port outside that range can only
     be taken by someone asking for it by number."""
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999  # Linux's default; macOS's is 49152-65535
+    low, high = ephemeral_port_range()
     candidates = [p for p in range(20000, 65536) if not low <= p <= high and p not in _PORTS_GIVEN]
     for port in random.Random().sample(candidates, min(100, len(candidates))):  # own RNG: tests seed the global one
         with socket.socket() as sock:

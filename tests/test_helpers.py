@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import finish, start_script
+from conftest import ephemeral_port_range, finish, start_script
 
 SPAWNS = """
 import subprocess, sys, time
@@ -51,14 +51,6 @@ def test_a_run_that_times_out_is_killed_with_the_processes_it_started(tmp_path):
     assert _within(10, lambda: _gone(child))
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999  # Linux's default
-    return low, high
-
-
 def test_runs_started_side_by_side_get_their_own_rendezvous_port_outside_the_ephemeral_range(tmp_path):
     """Two ddp_spawn runs started together each let Lightning pick a port with bind(0) and close it; their ranks
     listen on it seconds later, and a CI run failed with EADDRINUSE in between (another socket of the
@@ -67,5 +59,5 @@ def test_runs_started_side_by_side_get_their_own_rendezvous_port_outside_the_eph
     show = "import os; print(os.environ['MASTER_PORT'])"
     procs = finish(*(start_script("-c", show, cwd=tmp_path) for _ in range(3)))
     ports = [int(p.stdout) for p in procs]
-    low, high = _ephemeral_range()
+    low, high = ephemeral_port_range()
     assert len(set(ports)) == 3 and not any(low <= p <= high for p in ports), (ports, low, high)
