@@ -227,6 +227,21 @@ def test_csv_short_row_names_line(tmp_path):
         read_captions_file(path)
 
 
+def test_csv_row_with_more_fields_than_the_header_or_a_repeated_column_is_refused_naming_it(tmp_path):
+    # an unquoted comma in a caption: the caption was cut at the comma and the rest dropped, unsaid
+    path = tmp_path / "caps.csv"
+    path.write_text("image,caption\na.jpg,a red circle\nb.jpg,a dog, a cat and a bird\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: 3 fields, header has 2") + ".*double quotes"):
+        read_captions_file(path)
+    # a "wide" file, one column per caption: only the first caption of each row was read
+    path.write_text("image,caption,caption\na.jpg,a dog,a brown dog\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: column 'caption' appears more than once")):
+        read_captions_file(path)
+    # empty trailing cells (spreadsheet exports) are no caption text: read as before
+    path.write_text("image,caption\na.jpg,a red circle,,\n")
+    assert [r.captions for r in read_captions_file(path)] == [["a red circle"]]
+
+
 def test_unknown_suffix_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match=r"\.txt"):
         read_captions_file(tmp_path / "caps.txt")

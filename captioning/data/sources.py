@@ -287,6 +287,14 @@ def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
         columns = [c.strip() for c in header]
         if "image" not in columns or "caption" not in columns:
             raise ValueError(f"{path}: needs columns 'image' and 'caption' (optional 'split'), found {columns}")
+        # a repeated column (a "wide" file with one caption column per caption) would be read by its first
+        # copy only, the other captions lost unsaid: one row per caption is the format
+        repeated = sorted({c for c in ("image", "caption", "split") if columns.count(c) > 1})
+        if repeated:
+            raise ValueError(
+                f"{path}: column {', '.join(map(repr, repeated))} appears more than once in the header; "
+                "give one row per caption (image,caption[,split])"
+            )
         col = {name: columns.index(name) for name in ("image", "caption", "split") if name in columns}
         for row in reader:
             lineno = reader.line_num  # the physical line a row ends on (quoted captions may span lines)
@@ -294,6 +302,13 @@ def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
                 continue
             if len(row) <= max(col.values()):
                 raise ValueError(f"{path}:{lineno}: {len(row)} fields, header has {len(columns)}")
+            if any(cell.strip() for cell in row[len(columns) :]):
+                # most often an unquoted comma in a caption: read by its columns, the caption would be cut
+                # at the comma and the rest dropped, unsaid (empty trailing cells, as spreadsheets write, pass)
+                raise ValueError(
+                    f"{path}:{lineno}: {len(row)} fields, header has {len(columns)}; "
+                    'a caption with a comma must be in double quotes ("a dog, a cat")'
+                )
             image = row[col["image"]].strip()
             if not image:
                 raise ValueError(f"{path}:{lineno}: empty 'image'")
