@@ -63,6 +63,20 @@ def test_cache_key_follows_the_encoder_grid_and_a_killed_builds_file_is_removed(
     assert coarse_cache.open()[0].shape == (2, 4, 64) and not orphan.exists()
 
 
+def test_a_name_with_glob_characters_still_has_its_stale_cache_and_killed_builds_file_removed(tiny_shapes, tmp_path):
+    """A cache name holds the annotation file's stem (captions[v2].jsonl -> "captions-captions[v2]-..."): read
+    as a glob pattern, '[v2]' matched nothing, and the stale cache and a killed build's file stayed forever."""
+    paths = [r.image_path for r in _train_records(tiny_shapes, 2)]
+    name = "captions-caps[v2]-0123abcd-train"
+    first = FeatureCache(tmp_path, name, paths, _frozen_cnn(0), EvalTransform(32))
+    first.build(_frozen_cnn(0), progress=False)
+    orphan = tmp_path / f"{first.file.name}.tmp999999999"  # a killed build's partial file
+    orphan.write_bytes(b"partial")
+    second = FeatureCache(tmp_path, name, paths, _frozen_cnn(1), EvalTransform(32))
+    second.build(_frozen_cnn(1), progress=False)
+    assert _files(tmp_path).keys() == {second.file.name, second.meta_file.name}
+
+
 def test_cache_key_follows_size_weights_dtype_and_files_and_a_rebuild_removes_the_stale_file(tiny_shapes, tmp_path):
     paths = [r.image_path for r in _train_records(tiny_shapes, 4)]
     enc, small = _frozen_cnn(), EvalTransform(32)

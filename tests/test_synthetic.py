@@ -113,6 +113,10 @@ def test_generation_never_replaces_a_folder_that_holds_other_files(tmp_path, mon
     assert not (tmp_path / ".empty.tmp-999999999").exists()
     generate(tmp_path / "empty", ShapesConfig(num_train=3, num_val=1, num_test=1, seed=3), progress=False)
     assert len(list((tmp_path / "empty" / "images").iterdir())) == 5
+    # also beside a folder whose name holds glob characters (a pattern of it matched nothing)
+    (tmp_path / ".shapes[64].tmp-999999999").mkdir()
+    assert generate(tmp_path / "shapes[64]", cfg, progress=False).is_file()
+    assert not (tmp_path / ".shapes[64].tmp-999999999").exists()
 
 
 def _generate_in_subprocess(root, cfg: ShapesConfig, **popen) -> subprocess.Popen:

@@ -16,6 +16,7 @@ looks valid.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -148,7 +149,8 @@ class FeatureCache:
         encoder.eval()
         images = _Images(self.paths, self.transform, max_pixels)
         loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
-        for orphan in remove_orphans(self.folder, f"{self.name}-*.npy.tmp*"):  # a killed build's partial file
+        # a killed build's partial file (glob.escape: see the stale caches' clean-up below)
+        for orphan in remove_orphans(self.folder, f"{glob.escape(self.name)}-*.npy.tmp*"):
             print(f"feature cache: removed {orphan}, left by a build that was killed")
         valid = np.zeros(len(self.paths), dtype=bool)
         out = None
@@ -181,7 +183,9 @@ class FeatureCache:
                 encoder.train(was_training)
         meta = {**self.description, "key": self.key, "complete": True, "invalid": np.flatnonzero(~valid).tolist()}
         self.meta_file.write_text(json.dumps(meta, indent=1) + "\n")
-        for stale in self.folder.glob(f"{self.name}-*.npy"):
+        # glob.escape: a name holds the annotation file's stem, where '[' and ']' would make a pattern matching
+        # nothing (captions[v2].jsonl), so stale caches of tens of GB and killed builds' files were never removed
+        for stale in self.folder.glob(f"{glob.escape(self.name)}-*.npy"):
             # only this name's own keys: a longer name that merely starts with ours is another cache
             if stale != self.file and re.fullmatch(rf"{re.escape(self.name)}-[0-9a-f]{{16}}\.npy", stale.name):
                 stale.unlink(missing_ok=True)

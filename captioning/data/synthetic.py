@@ -17,6 +17,7 @@ relation back out of a generated caption for the object / full accuracy metrics.
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import random
@@ -288,7 +289,7 @@ def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: 
         _check_replaceable(root)
         old = _take_over(root)
         try:
-            remove_orphans(root.parent, f".{root.name}.tmp-*")  # folders of generations that were killed
+            remove_orphans(root.parent, f".{glob.escape(root.name)}.tmp-*")  # folders of generations that were killed
             # locked while we write it, so another process's clean-up above never takes it for a killed run's
             with locked_temp(root.parent, f".{root.name}.tmp-", directory=True) as tmp:
                 _write_set(tmp, config, params, progress, f"generating shapes in {root}")
