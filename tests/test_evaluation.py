@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import ROOT, TINY, finish, read_json, run_script, start_script
@@ -50,6 +52,26 @@ def test_results_ids_are_integers_only_for_plain_decimal_names():
     assert _results_id("7") == 7 and _results_id("391895") == 391895
     for name in ("²", "version_²", "0007", "٣", "12.jpg", ""):
         assert _results_id(name) == name
+
+
+def test_a_data_set_of_test_images_only_is_scored_with_the_checkpoint_vocabulary(single, tiny_run, tiny_ckpt, tmp_path):
+    """A model scored on another data set that has only a test split (`test --ckpt_path`: the vocabulary is the
+    checkpoint's, so no training captions are needed). Set-up refused it: "no usable images in the 'train'
+    split". Here: the tiny run's own test images alone, which must give its captions and caption metrics."""
+    shapes = tiny_run / "data" / "shapes_tiny"
+    data = read_json(shapes / "dataset_shapes.json")
+    data["images"] = [image for image in data["images"] if image["split"] == "test"]
+    annotations = tmp_path / "test_only.json"
+    annotations.write_text(json.dumps(data))
+    source = ["--data.dataset", "karpathy", "--data.annotations", str(annotations), "--data.image_root", str(shapes)]
+    metrics, captions = _test_run(tmp_path, tiny_ckpt, *source)
+    single_metrics, single_captions = single
+    assert sorted(captions, key=lambda c: c["image_id"]) == sorted(single_captions, key=lambda c: c["image_id"])
+    for k in ("bleu1", "bleu4", "rouge_l", "cider_d"):
+        assert metrics[k] == pytest.approx(single_metrics[k], abs=1e-9), k
+    # training on it is still refused, naming the file, before any step
+    proc = run_script(str(ROOT / "train.py"), "fit", "-c", str(TINY), *source, cwd=tmp_path)
+    assert proc.returncode != 0 and f"{annotations}: no usable images in the 'train' split" in proc.stderr
 
 
 def test_model_flags_win_over_the_checkpoint_and_the_checkpoint_over_the_config_file(tiny_ckpt, tmp_path):

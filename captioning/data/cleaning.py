@@ -71,10 +71,12 @@ class DataReport:
         return "\n".join(lines)
 
     def empty_splits(self) -> list[str]:
-        """A line for each empty evaluation split, for the set-up print (not for errors, where every split of
-        a wrong image_root is empty): Lightning's own word would come after the first epoch, as a missing
-        monitored key."""
+        """A line for each empty split, for the set-up print (not for errors, where every split of a wrong
+        image_root is empty): Lightning's own word would come after the first epoch, as a missing monitored
+        key. An empty train split gets here only where a vocabulary is given; otherwise it is an error."""
         lines = []
+        if not self.images.get("train", 0):
+            lines.append("  the 'train' split is empty: a model can be scored on this data, not trained on it")
         if not self.images.get("val", 0):
             lines.append("  the 'val' split is empty: no validation runs, so no best.ckpt is written (last.ckpt is)")
         if not self.images.get("test", 0):
@@ -89,12 +91,16 @@ def clean_records(
     max_pixels: int = MAX_PIXELS,
     max_bad_fraction: float = 0.01,
     workers: int | None = None,
+    require_train: bool = True,
 ) -> tuple[dict[str, list[CaptionRecord]], DataReport]:
     """Split ``records`` by split, leaving bad data out (see the module docstring).
 
+    ``require_train``: an empty training split is an error (see :func:`check_train_split`); False where the
+    training split is not needed (scoring a model, with its own vocabulary, on another data set's test split).
+
     ``workers`` threads scan the images (default: the thread pool's, min(32, CPUs + 4)).
-    Raises ValueError, naming ``source``, for an image in two splits, an empty training split or
-    too many bad images.
+    Raises ValueError, naming ``source``, for an image in two splits, an empty training split (with
+    ``require_train``) or too many bad images.
     """
     report = DataReport()
     split_of: dict[Path, str] = {}
@@ -148,6 +154,12 @@ def clean_records(
             f"({report.bad_fraction:.1%} > data.max_bad_fraction {max_bad_fraction:.1%}); is data.image_root right?\n"
             + report.summary(source)
         )
+    if require_train:
+        check_train_split(split, report, source)
+    return split, report
+
+
+def check_train_split(split: dict[str, list[CaptionRecord]], report: DataReport, source: str | Path) -> None:
+    """Raise ValueError, naming ``source`` and with the data summary, when the training split is empty."""
     if not split["train"]:
         raise ValueError(f"{source}: no usable images in the 'train' split\n" + report.summary(source))
-    return split, report

@@ -22,7 +22,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from captioning.data.cleaning import DataReport, clean_records
+from captioning.data.cleaning import DataReport, check_train_split, clean_records
 from captioning.data.features import FeatureCache
 from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
 from captioning.data.records import CaptionRecord
@@ -312,8 +312,15 @@ class CaptionDataModule(pl.LightningDataModule):
                     records = read_records(self.dataset, self.annotations, self.image_root, **self.source_options)
                 except FileNotFoundError as e:
                     raise FileNotFoundError(f"{e} (where to get it and where to put it: data/README.md)") from None
+            # with a vocabulary given (a checkpoint's, for test / validate) the training split may be empty:
+            # a model is then scored on a data set of test images only. Training still needs it (train_dataloader)
             self._records, self.report = clean_records(
-                records, self.source, self.check_images, self.max_pixels, self.max_bad_fraction
+                records,
+                self.source,
+                self.check_images,
+                self.max_pixels,
+                self.max_bad_fraction,
+                require_train=self._vocab is None,
             )
             if rank_zero_only.rank == 0:
                 print("\n".join([self.report.summary(self.source), *self.report.empty_splits()]), flush=True)
@@ -425,6 +432,7 @@ class CaptionDataModule(pl.LightningDataModule):
         return EvalTransform(self.image_size, self.mean, self.std)
 
     def train_dataloader(self) -> DataLoader:
+        check_train_split(self._load(), self.report, self.source)
         seed = torch.initial_seed()  # the run's seed (seed_everything), not a fresh draw
         ds = TrainCaptions(
             self.records("train"),
