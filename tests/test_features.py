@@ -204,7 +204,7 @@ def test_fit_loads_a_local_weights_file_and_reuses_its_feature_cache(tmp_path, r
     files = _files(cache_dir)
     assert len(files) == 3, files  # the cache, its description and the lock the ranks wait on
     (npy,) = [n for n in files if n.endswith(".npy")]
-    assert npy.rsplit("-", 1)[0] + ".lock" in files
+    assert npy[:-4] + ".lock" in files
     assert re.fullmatch(r"shapes-dataset_shapes-[0-9a-f]{8}-train-[0-9a-f]{16}\.npy", npy), npy
     assert npy[:-4] + ".json" in files
     meta = json.loads((cache_dir / (npy[:-4] + ".json")).read_text())
@@ -436,6 +436,55 @@ def test_ranks_wait_for_rank_0s_cache_build_outside_any_collective(tiny_shapes, 
     assert sorted(events[:2]) == ["barrier 0", "barrier 1"] and set(events[2:]) == {"encode"}
     assert results[1].file == results[0].file and results[1].exists()
     assert results[1].open()[0].shape == (48, 16, 8)
+
+
+def test_ranks_building_one_key_do_not_wait_for_another_runs_build_of_another_key(tiny_shapes, tmp_path):
+    """Two runs on one source with other encoders: caches of one name, other keys. Both ranks of the second run
+    waited on the name's lock for the first run's whole build, and its rank 1, taking the lock before its own
+    rank 0 when the first run let go, found no cache of its key and stopped the run ("rank 0 failed")."""
+    paths = [r.image_path for r in _train_records(tiny_shapes, 2)]
+    folder = tmp_path / "cache"
+    encoding, release = threading.Event(), threading.Event()
+    first_enc = _frozen_cnn(0)
+
+    def hold(module, args):  # the first run's encoder: stays mid-build until released
+        encoding.set()
+        release.wait(timeout=120)
+
+    first_enc.register_forward_pre_hook(hold)
+    first = FeatureCache(folder, "set-train", paths, first_enc, EvalTransform(32))
+    enc = _frozen_cnn(1)
+    caches = [FeatureCache(folder, "set-train", paths, enc, EvalTransform(32)) for _ in range(2)]
+    assert caches[0].key != first.key
+    gate, errors = threading.Barrier(2), []
+
+    def run(cache, encoder, builder, barrier, r=0):
+        try:
+            cache.build_or_wait(encoder, builder=builder, barrier=barrier, rank=r, progress=False)
+        except Exception as e:
+            errors.append(e)
+
+    other_run = threading.Thread(target=run, args=(first, first_enc, True, lambda: None))
+    other_run.start()
+    assert encoding.wait(timeout=60)  # the first run is building its key, holding its lock
+
+    def barrier():
+        gate.wait(timeout=60)
+
+    ranks = [threading.Thread(target=run, args=(caches[r], enc, r == 0, barrier, r)) for r in (0, 1)]
+    try:
+        for t in ranks:
+            t.start()
+        for t in ranks:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in ranks), "the ranks waited for the other run's build"
+        assert not errors and caches[1].exists()
+    finally:
+        release.set()
+        for t in [*ranks, other_run]:
+            t.join()
+    # the first run's build ends after: its cache replaces the other key's, the same source's stale file
+    assert not errors and first.exists() and not caches[1].exists()
 
 
 def test_when_rank_0s_build_fails_the_other_ranks_stop_with_an_error_instead_of_waiting(

@@ -210,12 +210,14 @@ class FeatureCache:
     ) -> None:
         """Have the cache on disk in each of several processes that need it (DDP ranks): the ``builder``
         (global rank 0) builds it unless it exists; the others wait for it on the lock file
-        ``{name}.lock`` in the cache folder, not in a collective, whose timeout (30 minutes by default)
+        ``{name}-{key}.lock`` in the cache folder, not in a collective, whose timeout (30 minutes by default)
         a long build (COCO) would exceed. ``barrier`` runs once, in every process, before the build:
         past it the builder holds the lock, so a waiter cannot find it free too early. Another run
-        building the same cache is waited for in the same way (and not built twice).
+        building the same cache is waited for in the same way (and not built twice); one building
+        another key of the same name (another encoder on the same data) is not: with one lock per name,
+        a rank that took it as that run let go, before its own rank 0, found no cache and stopped the run.
         ``build_options`` go to :meth:`build`. Raises when the cache is not there in the end."""
-        lock = self.folder / f"{self.name}.lock"
+        lock = self.file.with_suffix(".lock")
         held = try_lock(lock) if builder else None
         try:
             barrier()
