@@ -177,7 +177,8 @@ def _results_id(image_id: str) -> int | str:
 
 def _resume_after_epoch_end(checkpoint: dict) -> bool:
     """Make a checkpoint written at an epoch's end (``on_train_epoch_end``: that epoch processed, not yet
-    completed) read as one written when the next epoch starts; True when it was such a checkpoint.
+    completed) read as one written when the next epoch starts, or, where ``max_steps`` ended the epoch
+    part-way, as one written inside it; True when it was such a checkpoint.
 
     Why: with ``max_steps`` set, Lightning 2.6 treats every resume as a restart inside an epoch
     (``_FitLoop.restarting``), and took this state for a restart inside the finished epoch: the resumed
@@ -190,8 +191,16 @@ def _resume_after_epoch_end(checkpoint: dict) -> bool:
         return False
     epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
     t = epochs["total"]
-    if not (batches.get("is_last_batch") and t["ready"] == t["started"] == t["processed"] == t["completed"] + 1):
+    if not t["ready"] == t["started"] == t["processed"] == t["completed"] + 1:
         return False
+    if not batches.get("is_last_batch"):
+        # written at on_train_epoch_end of an epoch max_steps stopped part-way (a run then extended with a
+        # larger max_steps): Lightning took it for the epoch's end too and set the sampler to the next
+        # epoch, so the rest of this epoch's batches were drawn from the next epoch's order. Read it as the
+        # mid-epoch checkpoint it is: this epoch not yet processed, its batches continued where they stopped
+        for part in ("total", "current"):
+            epochs[part]["processed"] = epochs[part]["completed"]
+        return True
     for part in ("total", "current"):
         epochs[part]["completed"] = epochs[part]["processed"]
         epochs[part]["ready"] = epochs[part]["processed"] + 1  # the next epoch is ready, not yet started

@@ -264,22 +264,35 @@ EPOCH_END_CONFIG = _config(
 def test_a_step_limited_run_resumes_exactly_from_a_checkpoint_written_at_an_epochs_end(tmp_path):
     """With max_steps set (iteration-based training), Lightning 2.6 took a last.ckpt written at an epoch's end
     for a restart inside that epoch: the resumed run re-drew that epoch's data order, logged every step one
-    too high and, counting the epoch twice, stopped one epoch early."""
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    whole.mkdir(), killed.mkdir()
+    too high and, counting the epoch twice, stopped one epoch early.
+
+    And the other way round: a run ended by max_steps inside an epoch writes last.ckpt at on_train_epoch_end,
+    the epoch marked processed but not completed. Extended with a larger max_steps, Lightning took that for
+    the epoch's end and set the sampler to the next epoch: the epoch's last batches came from the next epoch's
+    order, and every later epoch's order was shifted."""
+    whole, killed, short = tmp_path / "whole", tmp_path / "killed", tmp_path / "short"
+    whole.mkdir(), killed.mkdir(), short.mkdir()
+    constant = ["--model.lr_schedule", "constant", "--model.warmup_steps", "0"]  # the same LR whatever max_steps
     # killed at the last batch of the second epoch: last.ckpt is the one written at the first epoch's end
     kill = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=12"]
-    # the uninterrupted run and the killed one are independent: they run side by side
-    whole_proc, proc = finish(_start(whole, config=EPOCH_END_CONFIG), _start(killed, *kill, config=EPOCH_END_CONFIG))
-    assert whole_proc.returncode == 0
+    # stopped by max_steps at step 10, batch 4 of the second epoch's 6
+    # the uninterrupted run, the killed one and the short one are independent: they run side by side
+    whole_proc, killed_proc, short_proc = finish(
+        _start(whole, *constant, config=EPOCH_END_CONFIG),
+        _start(killed, *constant, *kill, config=EPOCH_END_CONFIG),
+        _start(short, *constant, "--trainer.max_steps", "10", config=EPOCH_END_CONFIG),
+    )
+    assert whole_proc.returncode == 0 and short_proc.returncode == 0, short_proc.stderr[-3000:]
     reference = _losses(next(whole.glob("runs/tiny/version_*")))
     assert sorted(reference) == list(range(24))  # 4 epochs of 6 batches
+    assert killed_proc.returncode != 0
 
-    assert proc.returncode != 0
-    run = killed / "runs" / "tiny" / "version_0"
-    proc = _fit(killed, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), config=EPOCH_END_CONFIG)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(run) == reference
+    runs = [folder / "runs" / "tiny" / "version_0" for folder in (killed, short)]
+    resume = [["--ckpt_path", str(run / "checkpoints" / "last.ckpt")] for run in runs]
+    procs = finish(*(_start(f, *constant, *r, config=EPOCH_END_CONFIG) for f, r in zip((killed, short), resume)))
+    for proc, run in zip(procs, runs):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _losses(run) == reference, run
 
 
 def _as_list(batch: list) -> list:
