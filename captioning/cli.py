@@ -228,8 +228,14 @@ def checkpoint_model_options(ckpt: dict) -> dict[str, Any]:
 def with_checkpoint_options(argv: list[str], subcommand: str, hparams: dict[str, Any]) -> list[str]:
     """``argv`` with ``--model <the checkpoint's options>`` right after the subcommand's last config file
     (or the subcommand itself): later arguments override earlier ones, so the checkpoint's options win
-    over the config files and the ``--model.*`` flags that follow win over the checkpoint."""
+    over the config files. An option that a ``--model.*`` flag sets, before or after the config files, is
+    left out of them: the flag wins over the checkpoint wherever it stands (one given before ``-c`` was
+    overridden by the checkpoint's value, silently)."""
     start = argv.index(subcommand) + 1 if subcommand in argv else 0
+    flagged = {
+        arg[len("--model.") :].split("=", 1)[0].split(".", 1)[0] for arg in argv[start:] if arg.startswith("--model.")
+    }
+    hparams = {k: v for k, v in hparams.items() if k not in flagged}
     at = start
     i = start
     while i < len(argv):

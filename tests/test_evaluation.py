@@ -54,6 +54,16 @@ def test_results_ids_are_integers_only_for_plain_decimal_names():
         assert _results_id(name) == name
 
 
+def test_a_model_flag_anywhere_on_the_command_line_is_left_out_of_the_checkpoints_options():
+    from captioning.cli import with_checkpoint_options
+
+    ckpt = {"beam_size": 3, "length_penalty": 0.0, "lr": 0.001}
+    argv = ["test", "--model.beam_size", "5", "-c", "a.yaml", "--config=b.yaml", "--model.lr=0.1", "--ckpt_path", "x"]
+    out = with_checkpoint_options(argv, "test", ckpt)
+    # after the last config file, so over them; without the options the flags set, so under the flags
+    assert out == [*argv[:6], "--model", '{"length_penalty": 0.0}', *argv[6:]]
+
+
 def test_a_data_set_of_test_images_only_is_scored_with_the_checkpoint_vocabulary(single, tiny_run, tiny_ckpt, tmp_path):
     """A model scored on another data set that has only a test split (`test --ckpt_path`: the vocabulary is the
     checkpoint's, so no training captions are needed). Set-up refused it: "no usable images in the 'train'
@@ -81,13 +91,15 @@ def test_model_flags_win_over_the_checkpoint_and_the_checkpoint_over_the_config_
     in silence (captions of 12 words), and a resume with another architecture flag went on with the
     checkpoint's instead of being refused."""
     other = tmp_path / "tiny48.yaml"
-    other.write_text(TINY.read_text().replace("hidden_dim: 32", "hidden_dim: 48"))
-    assert "hidden_dim: 48" in other.read_text()
-    flags = ["--ckpt_path", str(tiny_ckpt), "--model.max_decode_len", "3"]
+    # without max_decode_len: the checkpoint's (12) is what the flag must win over
+    other.write_text(TINY.read_text().replace("hidden_dim: 32", "hidden_dim: 48").replace("  max_decode_len: 12\n", ""))
+    assert "hidden_dim: 48" in other.read_text() and "max_decode_len" not in other.read_text()
+    # the flag before -c: it was then overridden by the checkpoint's value (the flags after -c were not)
+    flags = ["--model.max_decode_len", "3", "-c", str(other), "--ckpt_path", str(tiny_ckpt)]
     resume = ["fit", "-c", str(TINY), "--ckpt_path", str(tiny_ckpt), "--model.hidden_dim", "48"]
     (tmp_path / "resume").mkdir()
     # the test and the resume are independent: they run side by side, each in a folder of its own
-    tested = start_script(str(ROOT / "train.py"), "test", "-c", str(other), *flags, cwd=tmp_path)
+    tested = start_script(str(ROOT / "train.py"), "test", *flags, cwd=tmp_path)
     proc, resumed = finish(tested, start_script(str(ROOT / "train.py"), *resume, cwd=tmp_path / "resume"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     captions = read_json(next(tmp_path.glob("runs/tiny/*/test_captions.json")))
