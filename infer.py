@@ -18,6 +18,7 @@ is an --out that looks like an image file name (overlay.png) unless a folder of 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -51,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.beam_size is not None and args.beam_size < 1:
         parser.error(f"--beam-size must be at least 1, got {args.beam_size}")
+    # checked here, before the checkpoint loads: nan and inf ended the search in a traceback
+    if args.length_penalty is not None and not math.isfinite(args.length_penalty):
+        parser.error(f"--length-penalty must be a finite number, got {args.length_penalty}")
+    # 0 meant the default limit, unsaid, and a negative one refused every image as too large
+    if args.max_pixels is not None and args.max_pixels < 1:
+        parser.error(f"--max-pixels must be at least 1, got {args.max_pixels}")
     out_dir = Path(args.out)
     # `--out overlay.png` made a folder of that name
     if out_dir.suffix.lower() in IMAGE_SUFFIXES and not out_dir.is_dir():
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             continue
         try:
-            image = load_image(name, max_pixels=args.max_pixels or MAX_PIXELS)
+            image = load_image(name, max_pixels=MAX_PIXELS if args.max_pixels is None else args.max_pixels)
         except ImageLoadError as e:
             print(f"error: {e}", file=sys.stderr)
             failures += 1
