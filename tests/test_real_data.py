@@ -444,6 +444,17 @@ def test_the_training_order_works_in_an_unseeded_process():
         assert sorted(i for i, _ in sampler) == list(range(5))
 
 
+def test_every_rank_gets_the_items_it_promises_even_with_fewer_images_than_ranks():
+    """The order was padded with one repeat of its first items: 2 images over 8 ranks gave 4 ranks nothing
+    while len() said 1, and DDP ranks with unequal batch counts hang in the next collective."""
+    from captioning.data.datamodule import EpochSampler
+
+    for size, world in ((2, 8), (1, 4), (3, 8), (5, 8), (10, 3)):
+        shards = [list(EpochSampler(size, 0, world, rank)) for rank in range(world)]
+        assert all(len(s) == len(EpochSampler(size, 0, world, 0)) for s in shards), (size, world)
+        assert {i for s in shards for i, _ in s} == set(range(size))
+
+
 def test_loaders_pin_their_batches_only_for_a_gpu_trainer(tmp_path):
     """Lightning copies batches to a GPU with non_blocking=True, which is only asynchronous from pinned memory;
     before, no loader pinned, so every batch copy made the host wait. On the CPU pinning would only cost."""

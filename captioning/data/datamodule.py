@@ -50,7 +50,7 @@ class EpochSampler(DistributedSampler):
     global RNG, so data loading never shifts the random numbers dropout sees. Lightning calls
     ``set_epoch`` before each epoch.
 
-    Sharding: the order is padded (by repeating its first items) to a multiple of the number of
+    Sharding: the order is padded (by repeating it from its start) to a multiple of the number of
     ranks and rank r takes items r, r+R, r+2R... So batch j of the R ranks together holds exactly
     the items of batch j of one process with an R times larger batch: DDP trains on the same
     batches as one process. It is a ``DistributedSampler`` so that Lightning uses it as it is
@@ -82,7 +82,10 @@ class EpochSampler(DistributedSampler):
         # modulo 2**63: an unseeded process has a random 64-bit seed, which the product would overflow
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         order = torch.randperm(self.size, generator=g).tolist()
-        order += order[: self.total_size - self.size]  # pad to a multiple of the ranks
+        # pad to a multiple of the ranks, repeating the order as often as needed: with fewer images than
+        # half the ranks, one repeat of its first items left some ranks short of the len() they promised
+        if order:
+            order = (order * math.ceil(self.total_size / self.size))[: self.total_size]
         shard = order[self.rank :: self.num_replicas]
         start, self.start = self.start, 0
         return iter([(i, self.epoch) for i in shard[start:]])
