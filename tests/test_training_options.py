@@ -165,7 +165,8 @@ def test_nonsense_model_options_are_refused_when_the_module_is_built(option, val
 @pytest.mark.parametrize(
     "option, value, message",
     [
-        ("image_size", 0, "data.image_size must be >= 1, got 0"),
+        ("image_size", 0, "data.image_size must be >= 6 for the shapes set, got 0"),
+        ("image_size", 5, "data.image_size must be >= 6 for the shapes set, got 5"),  # 1-5 failed as 0 did
         ("max_caption_len", 0, "data.max_caption_len must be >= 1, got 0"),
         ("captions_per_image", -1, "data.captions_per_image must be >= 0"),
         ("batch_size", 0, "data.batch_size must be >= 1, got 0"),

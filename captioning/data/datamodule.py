@@ -27,7 +27,7 @@ from captioning.data.features import FeatureCache
 from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
 from captioning.data.records import CaptionRecord
 from captioning.data.sources import read_karpathy_json, read_records
-from captioning.data.synthetic import JSON_NAME, ShapesConfig, generate
+from captioning.data.synthetic import JSON_NAME, MIN_SHAPES_SIZE, ShapesConfig, generate
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from captioning.options import check_ranges
 from captioning.vocab import Vocabulary
@@ -268,7 +268,13 @@ class CaptionDataModule(pl.LightningDataModule):
         # max_caption_len 0 or captions_per_image -1 trained on empty (or all) captions without a word
         check_ranges(
             "data",
-            image_size=(image_size, image_size >= 1, ">= 1"),
+            # the shapes generator draws its objects at least 1 px from the edge and 2 px apart: below 6 px
+            # there is no room (randrange's "empty range" from deep in the generator)
+            image_size=(
+                image_size,
+                image_size >= (MIN_SHAPES_SIZE if dataset == "shapes" else 1),
+                (f">= {MIN_SHAPES_SIZE} for the shapes set" if dataset == "shapes" else ">= 1"),
+            ),
             batch_size=(batch_size, batch_size >= 1, ">= 1"),
             eval_batch_size=(eval_batch_size, eval_batch_size >= 1, ">= 1"),
             captions_per_image=(captions_per_image, captions_per_image >= 0, ">= 0 (0 takes all)"),

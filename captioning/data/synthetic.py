@@ -72,6 +72,10 @@ TRIPLE_TEMPLATES = (
 )
 
 
+#: the smallest image the generator can draw scenes in (objects 1 px from the edge, 2 px apart)
+MIN_SHAPES_SIZE = 6
+
+
 @dataclass(frozen=True)
 class ShapesConfig:
     """Parameters of the generated set; a change of any of them regenerates it."""
@@ -272,6 +276,8 @@ def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: 
     replaced while another process reads it: this process holds a shared lock on the JSON of the
     set it returns for as long as it runs, and replacing a set needs that lock exclusively.
     """
+    if config.image_size < MIN_SHAPES_SIZE:
+        raise ValueError(f"shapes image_size must be at least {MIN_SHAPES_SIZE}, got {config.image_size}")
     root = Path(root)
     json_path = root / JSON_NAME
     params = {"format_version": FORMAT_VERSION, **asdict(config)}
