@@ -476,6 +476,9 @@ class CaptionModule(pl.LightningModule):
         summed and divided by the number of target words of the whole batch, counted across DDP
         ranks (DDP then averages gradients over ranks), so N processes compute exactly the gradient
         of one process on their union. The doubly stochastic term is likewise a mean over captions.
+        Not across gradient accumulation: each of a window's ``accumulate_grad_batches`` batches is
+        normalised by its own counts and Lightning averages the batches, so a word of a batch with
+        fewer words weighs more than it would in one batch as large as the window.
         """
         if tokens.dim() == 2:
             tokens = tokens.unsqueeze(1)  # (B,L) -> (B,1,L)
