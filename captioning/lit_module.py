@@ -312,7 +312,9 @@ class CaptionModule(pl.LightningModule):
         check_ranges(
             "model",
             lr=(lr, lr > 0, "> 0"),
-            encoder_lr=(encoder_lr, encoder_lr is None or encoder_lr >= 0, ">= 0 (0 keeps the encoder's weights)"),
+            # 0 keeps the weights, but an encoder that is not frozen trains in train mode: its BatchNorm
+            # statistics still follow the data (freeze_encoder keeps those too)
+            encoder_lr=(encoder_lr, encoder_lr is None or encoder_lr >= 0, ">= 0"),
             weight_decay=(weight_decay, weight_decay >= 0, ">= 0"),
             warmup_steps=(warmup_steps, warmup_steps >= 0, ">= 0"),
             lr_decay=(lr_decay, 0 < lr_decay <= 1, "in (0, 1]"),
