@@ -27,7 +27,7 @@ from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from captioning.decoding import beam_search
 from captioning.metrics import score_captions, shapes_scores
 from captioning.models.encoders import load_encoder_weights
-from captioning.models.net import CaptionNet
+from captioning.models.net import CaptionNet, ignored_options
 from captioning.options import check_ranges
 from captioning.vocab import Vocabulary, detokenize
 
@@ -342,6 +342,16 @@ class CaptionModule(pl.LightningModule):
                 f"the transformer decoder's table covers: lower model.max_decode_len or raise model.max_len"
             )
         self.save_hyperparameters()
+        # accepted, as a config may serve either decoder, but said: `--model.attention dot` for a transformer
+        # (or `--model.num_layers 4` for the LSTM) changed nothing, silently
+        defaults = inspect.signature(CaptionNet.__init__).parameters
+        ignored = [
+            f"model.{k} ({self.hparams[k]!r})"
+            for k in ignored_options(decoder)
+            if self.hparams[k] != defaults[k].default
+        ]
+        if ignored:
+            rank_zero_warn(f"the {decoder} decoder ignores {', '.join(ignored)}: options of the other decoder")
         self.vocab = Vocabulary(vocab)
         self.arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items() if k in _ARCH_KEYS}
         self.net = CaptionNet(len(self.vocab), **self.arch)
@@ -709,7 +719,9 @@ class CaptionModule(pl.LightningModule):
                 f"first difference at index {diff}: "
                 f"checkpoint {theirs[diff : diff + 3]} vs data {ours[diff : diff + 3]}"
             )
-        arch = {k: v for k, v in meta["model"].items() if k in self.arch}
+        # options this decoder ignores change nothing, so they cannot mismatch
+        unused = ignored_options(self.arch["decoder"])
+        arch = {k: v for k, v in meta["model"].items() if k in self.arch and k not in unused}
         differ = {k: (arch[k], self.arch[k]) for k in arch if arch[k] != self.arch[k]}
         if differ:
             sides = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differ.items())

@@ -162,6 +162,32 @@ def test_nonsense_model_options_are_refused_when_the_module_is_built(option, val
     assert message in str(info.value)
 
 
+def test_options_of_the_other_decoder_are_said_to_be_ignored_and_never_mismatch_a_checkpoint():
+    """`--model.attention dot` for a transformer, or `--model.num_layers 4` for the LSTM, changed nothing, silently;
+    and `test --ckpt_path` with such a flag other than the checkpoint's was refused as an architecture mismatch."""
+    import warnings
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    small = dict(vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), hidden_dim=8)
+    said = r"the transformer decoder ignores model\.embed_dim \(8\), model\.attention \('dot'\): options of the other"
+    with pytest.warns(UserWarning, match=said):
+        CaptionModule(**small, decoder="transformer", num_heads=2, embed_dim=8, attention="dot")
+    with pytest.warns(UserWarning, match=r"the lstm decoder ignores model\.num_layers \(4\)"):
+        CaptionModule(**small, num_layers=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lstm = CaptionModule(**small)  # every option of the other decoder at its default: nothing to say
+    assert not [w for w in caught if "ignores" in str(w.message)]
+
+    meta = {"vocab": list(lstm.vocab.tokens), "model": {**lstm.arch, "num_heads": 8}, "preprocess": lstm._preprocess()}
+    lstm._check_matches(meta)  # the LSTM has no heads: nothing differs
+    meta["model"]["hidden_dim"] = 16
+    with pytest.raises(ValueError, match=r"model configuration mismatch \(hidden_dim: checkpoint 16 vs config 8\)"):
+        lstm._check_matches(meta)
+
+
 @pytest.mark.parametrize(
     "option, value, message",
     [

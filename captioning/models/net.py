@@ -14,6 +14,17 @@ from captioning.models.encoders import build_encoder
 from captioning.models.lstm import LSTMDecoder
 from captioning.models.transformer import TransformerDecoder
 
+#: the options only one decoder reads: the other ignores them
+DECODER_ONLY_OPTIONS = {
+    "lstm": ("embed_dim", "attention_dim", "attention"),
+    "transformer": ("num_heads", "num_layers", "ffn_dim", "tie_embeddings", "attention_layer", "max_len"),
+}
+
+
+def ignored_options(decoder: str) -> tuple[str, ...]:
+    """The options of the other decoders, which ``decoder`` ignores."""
+    return tuple(k for name, keys in DECODER_ONLY_OPTIONS.items() if name != decoder for k in keys)
+
 
 class CaptionNet(nn.Module):
     """Encoder + decoder. ``decoder="lstm"`` uses embed_dim, hidden_dim, attention_dim and
