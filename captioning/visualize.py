@@ -59,13 +59,17 @@ def overlay(image: Image.Image, attention: np.ndarray | torch.Tensor, size: int 
 
 
 def heatmap(attention: np.ndarray | torch.Tensor, width: int, height: int) -> np.ndarray:
-    """One attention map (h,w), row-major like the grid, upsampled to (height,width) and scaled to [0,1]."""
+    """One attention map (h,w), row-major like the grid, upsampled to (height,width) and divided by its
+    largest value: 1 where the map peaks, 0.5 where the weight is half the peak's.
+
+    Not min-max scaled: subtracting the minimum stretched a diffuse map (weights between 0.014 and 0.018)
+    to the whole colour ramp, so it looked as sharply focused as a peaked one, and drew an exactly uniform
+    map as no attention at all (all 0)."""
     att = torch.as_tensor(attention, dtype=torch.float32).cpu()
     # bilinear, not bicubic: bicubic overshoots next to the border, so of two cells with equal weight
     # the one at the edge looked hotter (and a corner cell peaked at the image corner, not its centre)
     heat = torch.nn.functional.interpolate(att[None, None], size=(height, width), mode="bilinear", align_corners=False)
-    heat = heat[0, 0].numpy()  # (height,width)
-    heat = heat - heat.min()
+    heat = heat[0, 0].numpy()  # (height,width), >= 0 (bilinear weights of weights >= 0)
     return heat / heat.max() if heat.max() > 0 else heat
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -29,6 +30,20 @@ def test_a_border_cell_peaks_inside_itself_and_equal_weights_look_equal():
     two[0, 0] = two[3, 3] = 0.5
     heat = heatmap(two, 224, 224)
     assert abs(heat[_centre(0, 0, (8, 8), (224, 224))] - heat[_centre(3, 3, (8, 8), (224, 224))]) < 0.02
+
+
+def test_a_diffuse_map_looks_diffuse_and_a_uniform_one_uniform():
+    """Min-max scaling stretched any map over the whole colour ramp: weights between 0.0147 and 0.0176 (a
+    model looking nowhere in particular) were drawn from 0 to 1, as focused as a one-hot map, and an exactly
+    uniform map was drawn as 0 everywhere, as if the word attended to nothing."""
+    diffuse = torch.full((8, 8), 1.0)
+    diffuse[2, 5] = 1.2
+    diffuse /= diffuse.sum()
+    heat = heatmap(diffuse, 224, 224)
+    assert heat[_centre(2, 5, (8, 8), (224, 224))] > 0.99
+    assert heat[_centre(6, 1, (8, 8), (224, 224))] == pytest.approx(1 / 1.2, abs=0.01)  # as the weights are
+    uniform = heatmap(torch.full((8, 8), 1 / 64), 224, 224)
+    assert uniform.min() == pytest.approx(1.0) and uniform.max() == pytest.approx(1.0)
 
 
 def test_a_wide_image_keeps_its_shape_and_the_grid_covers_it_row_major():
