@@ -44,8 +44,9 @@ def tokenize(text: str) -> list[str]:
 def detokenize(tokens: Sequence[str]) -> str:
     """Display text of tokens: clitics ("'s", "n't") and commas written onto the word before them.
 
-    ``tokenize(detokenize(t)) == t`` for what ``tokenize`` returns, so scoring the display text scores the
-    tokens."""
+    ``tokenize(detokenize(t)) == t`` for what ``tokenize`` returns, so scoring the display text of a caption
+    scores its tokens. A model's free output need not be such a sequence ("#" then "n't" reads back as "#n",
+    "t"): scoring always takes the text, as coco-caption does, so it scores what a reader sees."""
     out: list[str] = []
     for tok in tokens:
         if out and tok in _ATTACHED:
