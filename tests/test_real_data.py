@@ -254,6 +254,20 @@ def test_clean_records_counts_every_kind_of_bad_data_in_a_karpathy_file(real):
     assert not any("no split" in line for line in summary)
 
 
+def test_a_record_without_a_usable_caption_does_not_make_the_next_record_of_its_image_a_duplicate(tmp_path):
+    """The id was taken before the captions were checked: an image listed first with only empty captions and
+    then with good ones was left out twice, as captionless and as a duplicate."""
+    from captioning.data.records import CaptionRecord
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(path)
+    first = CaptionRecord(path, ["..."], [["..."]], "a.png", "train")
+    second = CaptionRecord(path, ["a dog"], [["a", "dog"]], "a.png", "train")
+    split, report = clean_records([first, second], tmp_path / "caps.jsonl", check_images=False)
+    assert [r.captions for r in split["train"]] == [["a dog"]]
+    assert (report.images_without_captions, report.duplicate_ids) == (1, 0)
+
+
 def test_clean_records_counts_a_flickr8k_file_with_an_image_in_no_split(real):
     records = read_flickr8k(real["flickr8k"], image_root=real["images"])
     split, report = clean_records(records, real["flickr8k"], max_bad_fraction=0.5)

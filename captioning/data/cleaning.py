@@ -117,12 +117,12 @@ def clean_records(
         if r.image_id in seen:
             report.duplicate_ids += 1
             continue
-        seen.add(r.image_id)
         usable = [i for i, t in enumerate(r.tokens) if any(_WORD.search(w) for w in t)]
         report.empty_captions += len(r.tokens) - len(usable)
         if not usable:
             report.images_without_captions += 1
-            continue
+            continue  # before taking the id: a later record of the image with captions is not a duplicate
+        seen.add(r.image_id)
         if len(usable) < len(r.tokens):
             r = replace(r, captions=[r.captions[i] for i in usable], tokens=[r.tokens[i] for i in usable])
         candidates.append(r)
