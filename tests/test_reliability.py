@@ -256,5 +256,125 @@ def test_infer_refuses_a_device_or_out_folder_it_cannot_use_with_a_clear_error(t
         assert proc.returncode == 2 and f"--beam-size must be at least 1, got {beam}" in proc.stderr, proc.stderr
     proc = done[5]
     assert proc.returncode == 2 and "--out overlay.png: names an image file" in proc.stderr, proc.stderr
+    assert not (tmp_path / "overlay.png").exists()
     for (flag, value, rule), proc in zip(numbers, done[6:], strict=True):
         assert proc.returncode == 2 and f"{flag} must be {rule}, got {value}" in proc.stderr, proc.stderr
+    captioner = Captioner.from_checkpoint(tiny_ckpt)
+    for bad in (
+        lambda: captioner.caption(image, beam_size=0),
+        lambda: Captioner.from_checkpoint(tiny_ckpt, beam_size=0),
+    ):
+        with pytest.raises(ValueError, match="beam_size must be at least 1, got 0"):
+            bad()
+
+
+def test_inference_does_not_import_lightning():
+    code = "import sys, captioning.inference, captioning.visualize; print('lightning' in ' '.join(sys.modules))"
+    proc = run_script("-c", code, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr
+
+
+def test_resuming_with_other_data_or_config_names_both_sides(tmp_path, tiny_ckpt):
+    other_vocab = ["--data.min_word_freq", "1000"]  # almost every word becomes <unk>: a different vocabulary
+    proc = run_script(
+        str(ROOT / "train.py"), "fit", "-c", str(TINY), "--ckpt_path", str(tiny_ckpt), *other_vocab, cwd=tmp_path
+    )
+    assert proc.returncode != 0
+    assert "vocabulary mismatch: the checkpoint has" in proc.stderr and "the data gives" in proc.stderr
+    assert "Epoch 0" not in proc.stdout
+    # weights that do not fit the stored configuration: refused at load, naming the file
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    ckpt["captioning"]["model"]["hidden_dim"] = 48
+    wrong = tmp_path / "wrong.ckpt"
+    torch.save(ckpt, wrong)
+    with pytest.raises(CheckpointError, match="weights do not match the stored model configuration") as e:
+        Captioner.from_checkpoint(wrong)
+    assert str(wrong) in str(e.value)
+
+
+def test_testing_a_checkpoint_on_images_prepared_otherwise_is_refused_naming_both_sides(tmp_path, tiny_ckpt):
+    """Image size, mean and std come from the data options: `test --ckpt_path` with a checkpoint trained
+    at another image size, or with another --data.mean, scored the model on images it was not trained on,
+    silently."""
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    ckpt["captioning"]["preprocess"]["image_size"] = 48  # as if trained at 48 px (the tiny config says 64)
+    trained_at_48 = tmp_path / "at48.ckpt"
+    torch.save(ckpt, trained_at_48)
+    args = ["test", "-c", str(TINY), "--ckpt_path", str(trained_at_48), "--data.mean", "[0.5, 0.5, 0.5]"]
+    proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "image preprocessing mismatch (image_size: checkpoint 48 vs data 64, mean: checkpoint [0.485" in proc.stderr
+    assert "to match the checkpoint pass --data.image_size 48 --data.mean [0.485" in proc.stderr
+    assert "test/" not in proc.stdout  # nothing was scored
+
+
+@pytest.mark.parametrize("case", ["never_ends", "ends_at_once", "wide_beam"])
+def test_decoding_edge_cases_still_give_captions_and_overlays(tmp_path, tiny_ckpt, tiny_shapes, case):
+    from captioning.data.images import load_image
+    from captioning.visualize import attention_figure
+    from captioning.vocab import Vocabulary
+
+    captioner = Captioner.from_checkpoint(tiny_ckpt)
+    out = captioner.net.decoder.out
+    with torch.no_grad():
+        if case == "never_ends":  # the model can only say <unk>
+            out.bias.fill_(-1e4)
+            out.bias[Vocabulary.unk_id] = 1e4
+        elif case == "ends_at_once":
+            out.bias.fill_(-1e4)
+            out.bias[Vocabulary.end_id] = 1e4
+    beam = 10 * len(captioner.vocab) if case == "wide_beam" else 3
+    image = load_image(tiny_shapes.parent / "images" / "000004.png")
+    cap = captioner.caption(image, beam_size=beam)
+    if case == "never_ends":
+        assert cap.tokens == ["<unk>"] * captioner.max_len
+    if case == "ends_at_once":
+        assert cap.tokens == [] and cap.text == ""
+    assert cap.attention.shape == (len(cap.tokens), 8, 8)
+    attention_figure(image, cap.tokens, cap.attention).save(tmp_path / "overlay.png")
+    assert Image.open(tmp_path / "overlay.png").size[0] > 0
+
+
+def test_train_py_offers_only_the_subcommands_it_supports(tmp_path):
+    """No `predict` (the module has no predict_step; infer.py captions new images): argparse refuses
+    it up front instead of Lightning failing after loading the data and the model."""
+    proc = run_script(str(ROOT / "train.py"), "predict", "-c", str(TINY), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "invalid choice: 'predict'" in proc.stderr and "'fit', 'validate', 'test'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_subcommand_without_a_config_starts_from_the_default_recipe(tmp_path):
+    """`python train.py fit --flag ...` is the default recipe (runs/shapes, best/last checkpoints, seed)
+    with the flags applied, not Lightning's bare defaults (lightning_logs/, no best.ckpt for infer.py)."""
+    from captioning.cli import DEFAULT_CONFIG, with_default_config
+
+    assert with_default_config(["fit", "--trainer.max_epochs", "3"]) == [
+        "fit", "--config", str(DEFAULT_CONFIG), "--trainer.max_epochs", "3"
+    ]  # fmt: skip
+    for argv in (["fit", "-c", "x.yaml"], ["test", "--config=x.yaml", "--ckpt_path", "a"], ["--help"], []):
+        assert with_default_config(argv) == argv
+    proc = run_script(str(ROOT / "train.py"), "fit", "--trainer.max_epochs", "3", "--print_config", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no --config given: shapes.yaml is the base" in proc.stderr
+    out = proc.stdout
+    assert (
+        "max_epochs: 3" in out and "save_dir: runs" in out and "filename: best" in out and "seed_everything: 0" in out
+    )
+
+
+def test_a_validation_split_whose_images_all_fail_says_so(tmp_path, tiny_shapes):
+    """With data.check_images off, unreadable images are skipped at load time; when that leaves a split with
+    nothing to score, the run stops naming the split, not on a missing checkpoint metric."""
+    import json
+    import shutil
+
+    data = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes.parent, data)
+    for im in json.loads(tiny_shapes.read_text())["images"]:
+        if im["split"] == "val":
+            (data / im["filepath"] / im["filename"]).write_bytes(b"not a png")
+    args = ["fit", "-c", str(TINY), "--data.data_dir", str(data), "--data.check_images", "false"]
+    proc = run_script(str(ROOT / "train.py"), *args, "--trainer.num_sanity_val_steps", "0", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "val split: none of its 16 images could be loaded" in proc.stderr, proc.stderr[-3000:]
