@@ -480,7 +480,9 @@ class CaptionModule(pl.LightningModule):
         with torch.no_grad():
             return self.net.encode(inputs).features
 
-    def loss(self, inputs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, inputs: torch.Tensor, tokens: torch.Tensor, window: tuple[float, float, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs: images (B,3,H,W) or features (B,N,C); tokens (B,L) or (B,M,L), M captions per image,
         each <start> ... <end> <pad>... (an all-<pad> row is no caption) -> (total loss, CE).
 
@@ -488,10 +490,28 @@ class CaptionModule(pl.LightningModule):
         summed and divided by the number of target words of the whole batch, counted across DDP
         ranks (DDP then averages gradients over ranks), so N processes compute exactly the gradient
         of one process on their union. The doubly stochastic term is likewise a mean over captions.
-        Not across gradient accumulation: each of a window's ``accumulate_grad_batches`` batches is
-        normalised by its own counts and Lightning averages the batches, so a word of a batch with
-        fewer words weighs more than it would in one batch as large as the window.
+
+        ``window`` = (target words, captions, A) of a gradient accumulation window of A batches (all ranks):
+        the total loss is then normalised by the window's counts, times A (Lightning divides each batch's
+        loss by A), so the window's accumulated gradient is that of one batch holding all of its words;
+        the CE returned stays this batch's own mean, for the logs.
         """
+        ce_sum, dsa_sum, words, captions, nan_if_any = self._loss_sums(inputs, tokens)
+        scale = float(torch.distributed.get_world_size()) if self._distributed() else 1.0
+        ce = ce_sum * scale / words.clamp(min=1) + nan_if_any
+        if window is not None:
+            words, captions, a = window
+            ce_sum, dsa_sum = ce_sum * a, dsa_sum * a
+            ce_window = ce_sum * scale / max(words, 1) + nan_if_any
+            return ce_window + self.hparams.alpha_c * dsa_sum * scale / max(captions, 1), ce
+        dsa = dsa_sum * scale / captions.clamp(min=1)
+        return ce + self.hparams.alpha_c * dsa, ce
+
+    def _loss_sums(
+        self, inputs: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sums the loss normalises (see :meth:`loss`): this rank's CE and doubly stochastic sums, the batch's
+        target words and captions over all ranks, and 0 (or NaN where any rank's loss is not finite)."""
         if tokens.dim() == 2:
             tokens = tokens.unsqueeze(1)  # (B,L) -> (B,1,L)
         inputs_t, targets = tokens[..., :-1], tokens[..., 1:]  # (B,M,T) each, T = L-1
@@ -512,13 +532,33 @@ class CaptionModule(pl.LightningModule):
         # one all-reduce: the words and captions of the whole batch, and whether any rank's loss is not finite
         bad = ~torch.isfinite(ce_sum + dsa_sum)
         words, captions, non_finite = self._global_sums(torch.stack([mask.sum(), real.sum(), bad]))
-        scale = float(torch.distributed.get_world_size()) if self._distributed() else 1.0
         # a rank whose loss is not finite stops the run (training_step); made NaN on every rank, so all stop
         # together instead of the others waiting for its gradients in DDP's all-reduce until the timeout
         nan_if_any = torch.where(non_finite > 0, float("nan"), 0.0)  # ()
-        ce = ce_sum * scale / words.clamp(min=1) + nan_if_any
-        dsa = dsa_sum * scale / captions.clamp(min=1)
-        return ce + self.hparams.alpha_c * dsa, ce
+        return ce_sum, dsa_sum, words, captions, nan_if_any
+
+    def _accumulation_window(self, batch_idx: int) -> tuple[float, float, int] | None:
+        """(target words, captions, A) of the gradient accumulation window of A batches that ``batch_idx`` is in,
+        over all ranks, for :meth:`loss`; None without accumulation (A = 1) or without our data module.
+
+        Why: Lightning averages a window's batches, and normalised each by its own word count, a word of a batch
+        with fewer words weighed more than in one batch as large as the window. The window's counts come from
+        the data module before its batches are loaded (Lightning's windows: batches [kA, (k+1)A) of each
+        epoch, the last one cut at the epoch's end, whose batches Lightning still divides by A)."""
+        trainer = self._trainer
+        a = getattr(trainer, "accumulate_grad_batches", 1)
+        data = getattr(trainer, "datamodule", None)
+        if a <= 1 or not hasattr(data, "window_counts"):
+            return None
+        first = batch_idx - batch_idx % a
+        end = trainer.num_training_batches  # the epoch's last batch ends its window early
+        batches = range(first, first + a if math.isinf(end) else min(first + a, int(end)))
+        key = (getattr(data.train_sampler, "epoch", None), batches)
+        if getattr(self, "_window_key", None) != key:  # once per window, not at each of its batches
+            counts = data.window_counts(batches)
+            self._window = None if counts is None else (*map(float, counts), a)
+            self._window_key = key
+        return self._window
 
     def _global_sums(self, counts: torch.Tensor) -> torch.Tensor:
         """Counts (3,) summed over DDP ranks (the local counts in one process), as float32."""
@@ -566,10 +606,12 @@ class CaptionModule(pl.LightningModule):
             self.log("train/loss", zero, prog_bar=True, batch_size=1, sync_dist=True)
             self.log("train/ce", zero, batch_size=1, sync_dist=True)
             return zero
-        loss, ce = self.loss(inputs, self._fixed_length(tokens))
+        loss, ce = self.loss(inputs, self._fixed_length(tokens), self._accumulation_window(batch_idx))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}")
-        # each rank's loss is its share of the batch's (see loss()); their mean over ranks is the loss
+        # each rank's loss is its share of the batch's (see loss()); their mean over ranks is the loss (with
+        # gradient accumulation, each batch's share of its window's loss, times A: its mean over the window's
+        # batches is the window's loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=inputs.size(0), sync_dist=True)
         self.log("train/ce", ce, batch_size=inputs.size(0), sync_dist=True)
         return loss

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import warnings
 
 import pytest
@@ -160,6 +161,42 @@ def test_nonsense_model_options_are_refused_when_the_module_is_built(option, val
             vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, **{option: value}
         )
     assert message in str(info.value)
+
+
+def test_an_accumulated_step_takes_the_gradient_of_one_batch_holding_all_of_its_words(tmp_path, monkeypatch):
+    """Each batch of a window was normalised by its own word count and Lightning averaged them: a word of a
+    batch with fewer words weighed more than in one batch as large as the window. Now 2 batches of 8 images
+    accumulated, and 2 ddp_spawn ranks with 2 accumulated batches of 4 each, take the gradient of one batch of
+    16 (frozen encoder, so BatchNorm does not see the batch, and no dropout)."""
+    import torch
+
+    from conftest import finish, start_script
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    common = ["fit", "-c", str(TINY), "--model.freeze_encoder", "true", "--model.dropout", "0", "--trainer.max_steps"]
+    common += ["1", "--test_after_fit", "false", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps"]
+    common += ["0", "--trainer.callbacks+=save_grads.SaveGrads", "--trainer.callbacks.path=grads.pt"]
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn", "--trainer.accelerator", "cpu"]
+    runs = {
+        "one batch of 16": ["--data.batch_size", "16"],
+        "2 x 8 accumulated": ["--data.batch_size", "8", "--trainer.accumulate_grad_batches", "2"],
+        "2 ranks x 2 x 4 accumulated": [*ddp, "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "2"],
+    }
+    started = []
+    for name, extra in runs.items():
+        (tmp_path / name).mkdir()
+        started.append(start_script(str(ROOT / "train.py"), *common, *extra, cwd=tmp_path / name))
+    for proc in finish(*started):  # independent runs, side by side
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    grads = {name: torch.load(tmp_path / name / "grads.pt", weights_only=True) for name in runs}
+    whole = grads.pop("one batch of 16")
+    assert whole and all(not k.startswith("net.encoder.") for k in whole)  # the decoder's, the encoder frozen
+    for name, got in grads.items():
+        assert got.keys() == whole.keys(), name
+        for k in whole:
+            torch.testing.assert_close(
+                got[k], whole[k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k, n=name: f"{n}: {k}: {m}"
+            )
 
 
 def test_options_of_the_other_decoder_are_said_to_be_ignored_and_never_mismatch_a_checkpoint():

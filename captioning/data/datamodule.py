@@ -78,15 +78,20 @@ class EpochSampler(DistributedSampler):
             self.start = 0  # a resumed position holds for its own epoch only
         self.epoch = epoch
 
-    def __iter__(self):
+    def order(self, epoch: int) -> list[int]:
+        """The items of ``epoch`` in training order, padded to a multiple of the ranks (``total_size``): rank r
+        takes positions r, r+R, r+2R..., so its batch j is positions [j*b*R, (j+1)*b*R) of every rank's."""
         # modulo 2**63: an unseeded process has a random 64-bit seed, which the product would overflow
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
         order = torch.randperm(self.size, generator=g).tolist()
         # pad to a multiple of the ranks, repeating the order as often as needed: with fewer images than
         # half the ranks, one repeat of its first items left some ranks short of the len() they promised
         if order:
             order = (order * math.ceil(self.total_size / self.size))[: self.total_size]
-        shard = order[self.rank :: self.num_replicas]
+        return order
+
+    def __iter__(self):
+        shard = self.order(self.epoch)[self.rank :: self.num_replicas]
         start, self.start = self.start, 0
         return iter([(i, self.epoch) for i in shard[start:]])
 
@@ -131,11 +136,22 @@ class TrainCaptions(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _chosen(self, i: int, epoch: int) -> list[list[int]]:
+        """The encoded captions of image ``i`` in its group of ``epoch``."""
+        caps = self.encoded[i]
+        return [caps[j] for j in _draw(len(caps), self.captions_per_image, random.Random(f"{self.seed}/{epoch}/{i}"))]
+
+    def counts(self, i: int, epoch: int) -> tuple[int, int]:
+        """(target words, captions) that item ``i`` gives in ``epoch``, as the loss counts them (each caption's
+        words and its <end>), without loading it: 0 for an image the feature cache could not encode."""
+        if self.features is not None and not self.features.open()[1][i]:
+            return 0, 0
+        chosen = self._chosen(i, epoch)
+        return sum(len(c) - 1 for c in chosen), len(chosen)
+
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         i, epoch = item
-        caps = self.encoded[i]
-        chosen = _draw(len(caps), self.captions_per_image, random.Random(f"{self.seed}/{epoch}/{i}"))
-        tokens = [torch.tensor(caps[j]) for j in chosen]
+        tokens = [torch.tensor(c) for c in self._chosen(i, epoch)]
         if self.features is not None:
             feats, valid = self.features.open()
             return (torch.from_numpy(np.array(feats[i])), tokens) if valid[i] else None  # (N,C)
@@ -302,6 +318,8 @@ class CaptionDataModule(pl.LightningDataModule):
         self._vocab: Vocabulary | None = Vocabulary(vocabulary) if vocabulary is not None else None
         self.report: DataReport | None = None
         self.train_sampler: EpochSampler | None = None
+        self._train_set: TrainCaptions | None = None  # the training loader's data set (window_counts)
+        self._order: tuple[int | None, list[int]] = (None, [])  # (epoch, its order), for window_counts
         self._resume: tuple[int, int] | None = None
         self._train_cache: FeatureCache | None = None
 
@@ -458,7 +476,27 @@ class CaptionDataModule(pl.LightningDataModule):
             self.train_sampler = EpochSampler(len(ds), seed, world, rank)
             if self._resume is not None:
                 self.train_sampler.resume_at(*self._resume)
+        self._train_set = ds
         return self._loader(ds, self.batch_size, self.train_sampler, collate_train)
+
+    def window_counts(self, batches: range) -> tuple[int, int] | None:
+        """(target words, captions) in the training batches ``batches`` (indices in the current epoch) of every
+        rank together, from the sampler's order and each item's caption draw, before any of them is loaded:
+        what a gradient accumulation window must be normalised by. None before the training loader exists.
+        An image that fails to load during training (only possible without the set-up scan) is counted."""
+        sampler, ds = self.train_sampler, self._train_set
+        if sampler is None or ds is None:
+            return None
+        ranks, epoch = sampler.num_replicas, sampler.epoch
+        if self._order[0] != epoch:  # drawn once per epoch, not at every window
+            self._order = (epoch, sampler.order(epoch))
+        lo = batches.start * self.batch_size * ranks  # (see EpochSampler.order)
+        hi = min(batches.stop * self.batch_size, sampler.num_samples) * ranks
+        words = captions = 0
+        for i in self._order[1][lo:hi]:
+            w, c = ds.counts(i, epoch)
+            words, captions = words + w, captions + c
+        return words, captions
 
     def _eval_loader(self, split: str) -> DataLoader:
         images = EvalImages(self.records(split), self.transform(), self.max_pixels)
