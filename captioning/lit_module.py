@@ -34,7 +34,9 @@ from captioning.vocab import Vocabulary, detokenize
 CHECKPOINT_FORMAT = 1
 
 # the architecture arguments are CaptionNet's own, so they are read from its signature
-_ARCH_KEYS = tuple(k for k in inspect.signature(CaptionNet.__init__).parameters if k not in ("self", "vocab_size"))
+_ARCH_PARAMS = inspect.signature(CaptionNet.__init__).parameters
+_ARCH_DEFAULTS = {k: p.default for k, p in _ARCH_PARAMS.items() if k not in ("self", "vocab_size")}
+_ARCH_KEYS = tuple(_ARCH_DEFAULTS)
 
 
 #: exit status of a run stopped by SIGTERM (128 + the signal's number): each DDP rank's, and the run's
@@ -344,12 +346,8 @@ class CaptionModule(pl.LightningModule):
         self.save_hyperparameters()
         # accepted, as a config may serve either decoder, but said: `--model.attention dot` for a transformer
         # (or `--model.num_layers 4` for the LSTM) changed nothing, silently
-        defaults = inspect.signature(CaptionNet.__init__).parameters
-        ignored = [
-            f"model.{k} ({self.hparams[k]!r})"
-            for k in ignored_options(decoder)
-            if self.hparams[k] != defaults[k].default
-        ]
+        hp = self.hparams
+        ignored = [f"model.{k} ({hp[k]!r})" for k in ignored_options(decoder) if hp[k] != _ARCH_DEFAULTS[k]]
         if ignored:
             rank_zero_warn(f"the {decoder} decoder ignores {', '.join(ignored)}: options of the other decoder")
         self.vocab = Vocabulary(vocab)
@@ -498,14 +496,12 @@ class CaptionModule(pl.LightningModule):
         """
         ce_sum, dsa_sum, words, captions, nan_if_any = self._loss_sums(inputs, tokens)
         scale = float(torch.distributed.get_world_size()) if self._distributed() else 1.0
-        ce = ce_sum * scale / words.clamp(min=1) + nan_if_any
-        if window is not None:
-            words, captions, a = window
-            ce_sum, dsa_sum = ce_sum * a, dsa_sum * a
-            ce_window = ce_sum * scale / max(words, 1) + nan_if_any
-            return ce_window + self.hparams.alpha_c * dsa_sum * scale / max(captions, 1), ce
-        dsa = dsa_sum * scale / captions.clamp(min=1)
-        return ce + self.hparams.alpha_c * dsa, ce
+        ce = ce_sum * scale / words.clamp(min=1) + nan_if_any  # this batch's mean
+        if window is None:
+            return ce + self.hparams.alpha_c * dsa_sum * scale / captions.clamp(min=1), ce
+        words, captions, a = window
+        total = ce_sum * (scale * a) / max(words, 1) + nan_if_any
+        return total + self.hparams.alpha_c * dsa_sum * (scale * a) / max(captions, 1), ce
 
     def _loss_sums(
         self, inputs: torch.Tensor, tokens: torch.Tensor
@@ -552,13 +548,8 @@ class CaptionModule(pl.LightningModule):
             return None
         first = batch_idx - batch_idx % a
         end = trainer.num_training_batches  # the epoch's last batch ends its window early
-        batches = range(first, first + a if math.isinf(end) else min(first + a, int(end)))
-        key = (getattr(data.train_sampler, "epoch", None), batches)
-        if getattr(self, "_window_key", None) != key:  # once per window, not at each of its batches
-            counts = data.window_counts(batches)
-            self._window = None if counts is None else (*map(float, counts), a)
-            self._window_key = key
-        return self._window
+        counts = data.window_counts(range(first, first + a if math.isinf(end) else min(first + a, int(end))))
+        return None if counts is None else (*map(float, counts), a)
 
     def _global_sums(self, counts: torch.Tensor) -> torch.Tensor:
         """Counts (3,) summed over DDP ranks (the local counts in one process), as float32."""

@@ -320,6 +320,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.train_sampler: EpochSampler | None = None
         self._train_set: TrainCaptions | None = None  # the training loader's data set (window_counts)
         self._order: tuple[int | None, list[int]] = (None, [])  # (epoch, its order), for window_counts
+        self._window: tuple[tuple[int, range] | None, tuple[int, int]] = (None, (0, 0))  # (epoch, batches), counts
         self._resume: tuple[int, int] | None = None
         self._train_cache: FeatureCache | None = None
 
@@ -483,12 +484,15 @@ class CaptionDataModule(pl.LightningDataModule):
         """(target words, captions) in the training batches ``batches`` (indices in the current epoch) of every
         rank together, from the sampler's order and each item's caption draw, before any of them is loaded:
         what a gradient accumulation window must be normalised by. None before the training loader exists.
-        An image that fails to load during training (only possible without the set-up scan) is counted."""
+        An image that fails to load during training (only possible without the set-up scan) is counted.
+        Counted once per window (each of its batches asks) and the order drawn once per epoch."""
         sampler, ds = self.train_sampler, self._train_set
         if sampler is None or ds is None:
             return None
         ranks, epoch = sampler.num_replicas, sampler.epoch
-        if self._order[0] != epoch:  # drawn once per epoch, not at every window
+        if self._window[0] == (epoch, batches):
+            return self._window[1]
+        if self._order[0] != epoch:
             self._order = (epoch, sampler.order(epoch))
         lo = batches.start * self.batch_size * ranks  # (see EpochSampler.order)
         hi = min(batches.stop * self.batch_size, sampler.num_samples) * ranks
@@ -496,6 +500,7 @@ class CaptionDataModule(pl.LightningDataModule):
         for i in self._order[1][lo:hi]:
             w, c = ds.counts(i, epoch)
             words, captions = words + w, captions + c
+        self._window = ((epoch, batches), (words, captions))
         return words, captions
 
     def _eval_loader(self, split: str) -> DataLoader:
