@@ -437,3 +437,26 @@ def test_an_int_batch_limit_counts_batches_and_a_float_is_a_fraction(tmp_path, m
     for name in COUNT_OR_FRACTION:
         got = getattr(cli.trainer, name)
         assert got == want and type(got) is type(want), (name, got)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_label_smoothing_targets_only_the_classes_a_caption_can_hold(smoothing):
+    """The loss's gradient on the logits is softmax - q, q the smoothed target: (1 - e) on the target word and
+    e spread evenly over <end>, <unk> and the words; none on <pad> and <start>, never a target nor written
+    (smoothed over all V classes, the model was taught to give them e / V each). Padded positions add nothing."""
+    import torch
+
+    from captioning.lit_module import _caption_ce_sum
+
+    torch.manual_seed(0)
+    v = 9
+    logits = torch.randn(2, 3, v, requires_grad=True)  # (B,T,V)
+    targets = torch.tensor([[4, 2, 0], [3, 8, 5]])  # (B,T): a caption "w <end> <pad>", one of <unk> w w
+    mask = targets != 0
+    _caption_ce_sum(logits, targets, mask, smoothing).backward()
+    q = torch.zeros(2, 3, v)
+    q[..., 2:] = smoothing / (v - 2)
+    q.scatter_add_(-1, targets.unsqueeze(-1), torch.full((2, 3, 1), 1.0 - smoothing))
+    want = (logits.detach().softmax(-1) - q) * mask.unsqueeze(-1)
+    torch.testing.assert_close(logits.grad, want, rtol=1e-5, atol=1e-6)
+    assert (logits.grad[..., :2][mask] > 0).all()  # probability on <pad>/<start> is only ever pushed down
