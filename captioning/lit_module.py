@@ -585,7 +585,51 @@ class CaptionModule(pl.LightningModule):
             return tokens
         return F.pad(tokens, (0, max_words + 2 - tokens.size(-1)), value=Vocabulary.pad_id)  # <start> w.. <end>
 
+    # devices where a loss is checked one step late: reading it back at once would wait for the GPU at every step
+    _DEFERRED_LOSS_CHECK = ("cuda",)
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        """Stop the run on a non-finite loss, naming the step; on a GPU at the next step (or validation, save, end).
+
+        Why deferred there: ``bool(isfinite(loss))`` copies the flag to the host, which waits for the GPU to finish
+        everything queued so far, and the GPU then idles while the host queues the backward and the next step. Its
+        copy goes to pinned memory instead, with an event behind it, and is read when the next step begins (by then
+        the forward that made it has long run). The update of the step whose loss was not finite is then taken
+        (its weights not finite), but never saved: ``on_save_checkpoint`` reads the pending loss first, and refuses
+        weights that are not finite anyway. Under DDP every rank's loss is NaN together (see :meth:`loss`), so all
+        stop at the same step."""
+        if loss.device.type not in self._DEFERRED_LOSS_CHECK:
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}")
+            return
+        if loss.device.type == "cuda":
+            host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            host.copy_(loss.detach(), non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(loss.device))
+        else:  # another device told to defer (a test does so on the CPU): a copy, read at the same points
+            host, ready = loss.detach().clone(), None
+        self._unread_loss = (host, ready, self.global_step)
+
+    def _raise_if_loss_not_finite(self) -> None:
+        unread, self._unread_loss = getattr(self, "_unread_loss", None), None
+        if unread is None:
+            return
+        host, ready, step = unread
+        if ready is not None:
+            ready.synchronize()  # the copy has landed (waits for the GPU only up to the step that made it)
+        value = float(host)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at step {step}")
+
+    def on_validation_start(self) -> None:
+        self._raise_if_loss_not_finite()
+
+    def on_train_end(self) -> None:
+        self._raise_if_loss_not_finite()
+
     def training_step(self, batch, batch_idx):
+        self._raise_if_loss_not_finite()  # the step before's, where it is read one step late
         inputs, tokens, skipped = batch if len(batch) == 3 else (*batch, 0)
         # every rank, every step (0 when none), synced: the epoch's count is the sum over steps and ranks (logged
         # only where images were skipped, and unsynced, it showed rank 0's count alone under DDP). A fill on the
@@ -613,8 +657,7 @@ class CaptionModule(pl.LightningModule):
             self.log("train/ce", zero, batch_size=1, sync_dist=True)
             return zero
         loss, ce = self.loss(inputs, self._fixed_length(tokens), self._accumulation_window(batch_idx))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}")
+        self._check_loss(loss)
         # each rank's loss is its share of the batch's (see loss()); their mean over ranks is the loss (with
         # gradient accumulation, each batch's share of its window's loss, times A: its mean over the window's
         # batches is the window's loss)
@@ -846,6 +889,7 @@ class CaptionModule(pl.LightningModule):
             self._pending_rng = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._raise_if_loss_not_finite()  # a non-finite loss read one step late (see _check_loss) is named first
         # the loss check in training_step sees a step's loss, not what its update did: an inf gradient under a
         # finite loss makes AdamW write NaN weights, which an epoch's end would then save over the last good
         # checkpoint. Refused here, before anything is written, so the files on disk stay finite.

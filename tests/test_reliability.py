@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -161,15 +162,51 @@ def test_resuming_from_a_missing_checkpoint_is_an_error(tmp_path):
         assert not (cwd / "runs").exists()  # no fresh run was started
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("deferred", [False, True], ids=["checked-at-once", "checked-one-step-late"])
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, deferred):
+    """On a GPU the loss is read one step late (no wait for the GPU at every step); run here on the CPU, that stops
+    the run with the same message, naming the same step, and still leaves only finite checkpoints."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = ["fit", "-c", str(TINY), "--model.lr", "1e30", "--trainer.max_steps", "40", "--trainer.max_epochs", "10"]
     args += ["--trainer.check_val_every_n_epoch", "1", "--test_after_fit", "false", "--trainer.gradient_clip_val", "0"]
+    args += ["--trainer.callbacks+=defer_loss_check.DeferLossCheck"] if deferred else []
     proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "loss is nan at step" in proc.stderr or "loss is inf at step" in proc.stderr
+    said = re.findall(r"FloatingPointError: (.*)", proc.stderr)
+    assert said and re.fullmatch(r"loss is (nan|inf) at step \d+", said[-1]), proc.stderr[-3000:]
+    # what the same run, checking at once, says: lr 1e30 makes the loss of step 1 (the second) not finite
+    assert said[-1] in ("loss is nan at step 1", "loss is inf at step 1"), said
     for ckpt in tmp_path.glob("runs/tiny/*/checkpoints/*.ckpt"):
         state = load_weights_only(ckpt)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+def test_a_loss_read_one_step_late_stops_the_next_step_and_any_save_before_it_runs():
+    """The deferred check (a GPU's) as the module sees it: a NaN loss at step 3 lets that step return, then stops
+    the next training step before it computes anything, or a checkpoint save, or a validation, naming step 3."""
+    import types
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    torch.manual_seed(0)
+    m = CaptionModule(vocab=[*SPECIALS, *"abcdefgh"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+    m._DEFERRED_LOSS_CHECK = ("cpu",)
+    m._trainer = types.SimpleNamespace(world_size=1, global_step=3, accumulate_grad_batches=1)
+    m.log = lambda *a, **kw: None
+    tokens = torch.tensor([[[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]]]).repeat(2, 1, 1)  # (2 images, 2 captions, L)
+    good, nan = torch.randn(2, 3, 64, 64), torch.full((2, 3, 64, 64), float("nan"))
+    m.training_step((good, tokens, 0), 0)
+    m._trainer.global_step = 4
+    m.training_step((good, tokens, 0), 1)  # the finite loss of step 3 is read here and passes
+    next_step = lambda: m.training_step((good, tokens, 0), 2)  # noqa: E731
+    for then in (next_step, lambda: m.on_save_checkpoint({}), m.on_validation_start):
+        m._trainer.global_step = 4
+        assert not torch.isfinite(m.training_step((nan, tokens, 0), 1))  # returned, not read yet
+        m._trainer.global_step = 5
+        with pytest.raises(FloatingPointError, match=r"^loss is nan at step 4$"):
+            then()
+    m.on_train_end()  # read once: nothing left to raise
 
 
 def test_weights_made_non_finite_by_a_step_with_a_finite_loss_are_never_checkpointed(tmp_path, monkeypatch):
