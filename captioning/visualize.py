@@ -3,10 +3,11 @@
 One panel for the image, then one per generated word with its attention map upsampled (bilinear,
 cell centres at the centres of the image regions they cover, no overshoot at the border) to the
 image, coloured and blended over it, the word written on the panel. Panels keep the image's aspect
-ratio: the model saw the whole image (squashed to its input size, not cropped), so the grid covers
-the whole picture however it is shaped. The image is drawn as the model saw it: a PIL image given
-as it was opened is normalised like the loader does (EXIF orientation, transparency on white,
-16-bit greyscale scaled), so the maps land where the model looked.
+ratio (up to 4:1; longer images are stretched to it): the model saw the whole image (squashed to its
+input size, not cropped), so the grid covers the whole picture however it is shaped. The image is
+drawn as the model saw it: a PIL image given as it was opened is normalised like the loader does
+(EXIF orientation, transparency on white, 16-bit greyscale scaled), so the maps land where the model
+looked.
 """
 
 from __future__ import annotations
@@ -39,12 +40,20 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+# the most a panel's longer side is of its shorter one: a panorama of 3000x2 px kept its shape as a 224x1
+# panel, with no room for the word nor a visible map. Longer images are stretched across to this (the
+# model saw every image squashed to a square, and its grid covers the whole image, so the maps stay put)
+MAX_PANEL_ASPECT = 4
+
+
 def _panel_size(image: Image.Image, longest: int) -> tuple[int, int]:
-    """(width, height) of a panel whose longer side is ``longest``, with the image's aspect ratio."""
+    """(width, height) of a panel whose longer side is ``longest``, with the image's aspect ratio up to
+    ``MAX_PANEL_ASPECT``: 1."""
     w, h = image.size
+    shortest = max(1, -(-longest // MAX_PANEL_ASPECT))  # ceil
     if w >= h:
-        return longest, max(1, round(longest * h / w))
-    return max(1, round(longest * w / h)), longest
+        return longest, max(shortest, round(longest * h / w))
+    return max(shortest, round(longest * w / h)), longest
 
 
 def overlay(image: Image.Image, attention: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> Image.Image:

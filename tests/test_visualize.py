@@ -84,3 +84,20 @@ def test_the_figure_draws_the_image_as_the_model_saw_it(tmp_path):
     clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # fully transparent: on white, as the model saw it
     panel = np.asarray(attention_figure(clear, [], torch.zeros(0, 2, 2), panel_size=64))[40:60, 10:60]
     assert panel.min() == 255
+
+
+def test_a_panorama_gets_panels_with_room_for_the_word_and_the_map_still_on_its_cell():
+    """A 3000x2 image kept its shape as 224x1 panels: no room for the word, the map a line of pixels. Panels
+    stop at 4:1 (stretched: the model saw the image squashed to a square anyway); the map stays on its cell."""
+    image = Image.new("RGB", (3000, 2), (200, 200, 200))
+    one = torch.zeros(1, 2, 4)
+    one[0, 1, 3] = 1.0  # bottom right
+    fig = attention_figure(image, ["a"], one, panel_size=224)
+    assert fig.size == (2 * (224 + 4) + 4, 56 + 8)  # two 224x56 panels
+    panel = np.asarray(fig, dtype=np.float32)[4 : 4 + 56, 4 + 228 : 4 + 228 + 224]  # the word's panel (H,W,3)
+    red = panel[..., 0] - panel[..., 2]  # the ramp's hot end is red, its cold end blue
+    y, x = np.unravel_index(red.argmax(), red.shape)
+    assert y >= 28 and x >= 168  # in the bottom-right cell
+    assert red[42, 196] > 50 and red[42, 28] < -50  # hot there, cold in the bottom-left cell
+    tall = attention_figure(image.rotate(90, expand=True), [], torch.zeros(0, 4, 2), panel_size=224)
+    assert tall.size == (56 + 8, 224 + 8)
