@@ -2,6 +2,7 @@
 
 import builtins
 import errno
+import io
 import os
 import struct
 import warnings
@@ -321,3 +322,23 @@ def test_palette_with_alpha_in_memory_is_composited_on_white():
     pa.putalpha(_row("L", [0, 255]))
     img = to_rgb(pa)
     assert img.mode == "RGB" and [img.getpixel((x, 0)) for x in range(2)] == [WHITE, RED]
+
+
+def test_a_jpeg_cut_right_after_an_exif_thumbnail_fails_the_scan(tmp_path):
+    """A camera JPEG carries a whole JPEG thumbnail (with its own end marker) in its EXIF header. Cut soon after
+    the header, the file's last bytes still held the thumbnail's end marker, so the set-up scan passed it and
+    the cut was found only when the image was loaded in training; an end marker now counts only past the
+    start of the pixel data."""
+    thumb, main = io.BytesIO(), io.BytesIO()
+    _noise(16, 16, seed=1).save(thumb, format="JPEG")
+    _noise(seed=2).save(main, format="JPEG", quality=95)
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + b"\x00\x00" + b"\x00\x00\x00\x00"  # big-endian, one empty IFD
+    exif = b"Exif\x00\x00" + tiff + thumb.getvalue()  # the thumbnail where IFD1 would point
+    header = b"\xff\xd8" + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif
+    p = tmp_path / "camera.jpg"
+    p.write_bytes(header + main.getvalue()[2:])
+    assert check_image(p) is None and load_image(p).size == (48, 40)  # whole, it passes and loads
+    p.write_bytes((header + main.getvalue()[2:])[: len(header) + 700])  # cut 700 bytes after the header
+    assert check_image(p) == "truncated"
+    with pytest.raises(ImageLoadError, match="truncated"):
+        load_image(p)

@@ -261,12 +261,12 @@ def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
     """Why ``path`` cannot be used as an image, or None when it can: a check for scanning a dataset,
     cheap where the format allows.
 
-    JPEG and PNG files are read at the header and the last bytes only; one without its end marker (a
-    cut-off download) is then decoded in full to confirm. Other formats (MPO, GIF, BMP, TIFF, WebP ...)
-    have no end marker to rely on and are always decoded in full, so a cut-off file of any format is
-    found. Every frame is decoded: a multi-frame file (animated GIF, MPO) cut after its first frame
-    is a broken download and reported "truncated", although :func:`load_image`, which uses frame 0
-    only, could still read it. Reasons (:attr:`ImageLoadError.reason`): "missing",
+    JPEG and PNG files are read at the header and the last bytes only; one without its end marker past the
+    start of its pixel data (a cut-off download) is then decoded in full to confirm. Other formats (MPO,
+    GIF, BMP, TIFF, WebP ...) have no end marker to rely on and are always decoded in full, so a cut-off
+    file of any format is found. Every frame is decoded: a multi-frame file (animated GIF, MPO) cut after
+    its first frame is a broken download and reported "truncated", although :func:`load_image`, which uses
+    frame 0 only, could still read it. Reasons (:attr:`ImageLoadError.reason`): "missing",
     "permission denied", "unreadable" (another error reading the file), "empty file", "not an image",
     "too large", "truncated", "corrupt".
     """
@@ -274,10 +274,17 @@ def check_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
     try:
         with _open_file(path) as f:
             img = _open_image(path, f, max_pixels)
+            # Pillow reads the header up to the pixel data (JPEG: past the start-of-scan segment; PNG: to
+            # the first IDAT), so this is where the pixels begin. An end marker counts only past it: a JPEG's
+            # header may hold whole JPEGs (an EXIF thumbnail in APP1) with their own end markers, and a file
+            # cut right after one still had that marker in its last bytes
+            pixels_from = f.tell()
             marker, span = _END_MARKERS.get(img.format, (b"", 0))
             if marker:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - span))
-                if marker in f.read():
+                tail_from = max(0, os.fstat(f.fileno()).st_size - span)
+                f.seek(tail_from)
+                at = f.read().rfind(marker)
+                if at >= 0 and tail_from + at >= pixels_from:
                     return None
                 img = _open_image(path, f, max_pixels)  # again: reading the tail moved the file position
             _decode(path, img, max_pixels, all_frames=True)
