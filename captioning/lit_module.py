@@ -177,16 +177,17 @@ def _results_id(image_id: str) -> int | str:
     return int(image_id) if image_id.isdecimal() and str(int(image_id)) == image_id else image_id
 
 
-def _resume_after_epoch_end(checkpoint: dict) -> bool:
+def _resume_after_epoch_end(checkpoint: dict, max_steps: bool) -> bool:
     """Make a checkpoint written at an epoch's end (``on_train_epoch_end``: that epoch processed, not yet
-    completed) read as one written when the next epoch starts, or, where ``max_steps`` ended the epoch
-    part-way, as one written inside it; True when it was such a checkpoint.
+    completed) read as one written when the next epoch starts (only where this run has ``max_steps``), or,
+    where ``max_steps`` ended the epoch part-way, as one written inside it; True when it was such a checkpoint.
 
     Why: with ``max_steps`` set, Lightning 2.6 treats every resume as a restart inside an epoch
     (``_FitLoop.restarting``), and took this state for a restart inside the finished epoch: the resumed
     run drew that epoch's data order again, counted it twice against ``max_epochs`` (stopping one epoch
     early) and logged every step one too high. A checkpoint taken as the next epoch starts is a state
-    it restores exactly. Without ``max_steps`` Lightning handles this checkpoint itself.
+    it restores exactly. Without ``max_steps`` Lightning handles that checkpoint itself, but not one of an
+    epoch that a step limit cut short: it skipped the rest of that epoch.
     """
     loop = checkpoint.get("loops", {}).get("fit_loop")
     if not loop:
@@ -203,6 +204,8 @@ def _resume_after_epoch_end(checkpoint: dict) -> bool:
         for part in ("total", "current"):
             epochs[part]["processed"] = epochs[part]["completed"]
         return True
+    if not max_steps:
+        return False
     for part in ("total", "current"):
         epochs[part]["completed"] = epochs[part]["processed"]
         epochs[part]["ready"] = epochs[part]["processed"] + 1  # the next epoch is ready, not yet started
@@ -786,9 +789,9 @@ class CaptionModule(pl.LightningModule):
         if states:  # its optimizer's group sizes and weight decay, for configure_optimizers to compare
             hparams = checkpoint.get("hyper_parameters") or {}
             self._ckpt_groups = ([len(g["params"]) for g in states[0]["param_groups"]], hparams.get("weight_decay"))
-        if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.max_steps != -1:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
             # Lightning then counts the logged steps from a restart's rule; the first batch sets them right
-            self._align_logged_step = _resume_after_epoch_end(checkpoint)
+            self._align_logged_step = _resume_after_epoch_end(checkpoint, self.trainer.max_steps != -1)
         resume = checkpoint.get("resume")
         if not resume or self._trainer is None or self.trainer.state.fn != "fit":
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -269,7 +270,8 @@ def test_a_step_limited_run_resumes_exactly_from_a_checkpoint_written_at_an_epoc
     And the other way round: a run ended by max_steps inside an epoch writes last.ckpt at on_train_epoch_end,
     the epoch marked processed but not completed. Extended with a larger max_steps, Lightning took that for
     the epoch's end and set the sampler to the next epoch: the epoch's last batches came from the next epoch's
-    order, and every later epoch's order was shifted."""
+    order, and every later epoch's order was shifted. Extended without a step limit (max_steps -1: to the end
+    of max_epochs), Lightning skipped the rest of that epoch altogether (22 steps instead of 24)."""
     whole, killed, short = tmp_path / "whole", tmp_path / "killed", tmp_path / "short"
     whole.mkdir(), killed.mkdir(), short.mkdir()
     constant = ["--model.lr_schedule", "constant", "--model.warmup_steps", "0"]  # the same LR whatever max_steps
@@ -287,9 +289,13 @@ def test_a_step_limited_run_resumes_exactly_from_a_checkpoint_written_at_an_epoc
     assert sorted(reference) == list(range(24))  # 4 epochs of 6 batches
     assert killed_proc.returncode != 0
 
-    runs = [folder / "runs" / "tiny" / "version_0" for folder in (killed, short)]
+    unlimited = tmp_path / "unlimited"  # the short run, extended to the end of max_epochs
+    shutil.copytree(short, unlimited)
+    folders = (killed, short, unlimited)
+    runs = [folder / "runs" / "tiny" / "version_0" for folder in folders]
     resume = [["--ckpt_path", str(run / "checkpoints" / "last.ckpt")] for run in runs]
-    procs = finish(*(_start(f, *constant, *r, config=EPOCH_END_CONFIG) for f, r in zip((killed, short), resume)))
+    resume[2] += ["--trainer.max_steps", "-1"]
+    procs = finish(*(_start(f, *constant, *r, config=EPOCH_END_CONFIG) for f, r in zip(folders, resume)))
     for proc, run in zip(procs, runs):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert _losses(run) == reference, run
