@@ -19,18 +19,21 @@
 # (.whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
 # take it along, e.g. the device tool's carry=[".whl"].)
 #
-# STEPS (space-separated, default "env throughput beam train infer") picks a subset; TRAIN_ARGS adds
-# options to the train step; PYTHON (default python3) is the interpreter; DEVICE=cpu runs the same
-# steps on the CPU in fp32 (to check this script itself on a machine without a GPU).
+# STEPS (space-separated, default "env train infer beam throughput") picks a subset; they run in that
+# order, the Lightning + CUDA path first (nothing else covers it), so a command cut short loses the
+# benchmarks, whose throughput table is written mode by mode as it goes. TRAIN_ARGS adds options to the
+# train step; PYTHON (default python3) is the interpreter; DEVICE=cpu runs the same steps on the CPU in
+# fp32 (to check this script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 out=${1:-${OUT:-gpu_check}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=" ${STEPS:-env throughput beam train infer} "
+steps=" ${STEPS:-env train infer beam throughput} "
 device=${DEVICE:-cuda}
-if [[ $device == cuda ]]; then accel=(--trainer.accelerator gpu --trainer.precision bf16-mixed) bench=bf16
+# on the GPU the shapes recipe is bound by the host: its images load in worker processes there
+if [[ $device == cuda ]]; then accel=(--trainer.accelerator gpu --trainer.precision bf16-mixed --data.num_workers 4) bench=bf16
 else accel=(--trainer.accelerator cpu --trainer.precision 32-true) bench=fp32; fi
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -48,15 +51,15 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run COMMAND under a time limit, 
   [[ $steps == *" $name "* ]] || return 0
   echo "== $name: $*" | tee "$out/$name.txt"
   local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
+  # -k: Lightning traps SIGTERM and stops only at its next batch; a step still running 15 s later is killed
+  timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/$name.txt"
   [[ $rc -eq 0 ]] || failed=1
 }
 
-step env 30 bash -c "{ nvidia-smi || true; }; $py -c 'import torch, pytorch_lightning as pl; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(), \"lightning\", pl.__version__)'"
-step throughput 250 "$py" benchmarks/throughput.py --device "$device" --precision $bench
-step beam 60 "$py" benchmarks/beam_search.py --device "$device" --repeats 5
+# the versions, and whether train.py's jsonargparse is there (else the train step fails at once: carry .whl)
+step env 30 bash -c "{ nvidia-smi || true; }; $py -c 'import torch, pytorch_lightning as pl, jsonargparse; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(), \"lightning\", pl.__version__, \"jsonargparse\", jsonargparse.__version__)'"
 step train 200 "$py" train.py fit -c configs/shapes.yaml "${accel[@]}" \
   --trainer.logger.init_args.save_dir "$runs" ${TRAIN_ARGS:-}
 best=$(find "$runs" -name best.ckpt 2>/dev/null | head -n 1)
@@ -67,4 +70,6 @@ elif [[ $steps == *" infer "* ]]; then
   echo "== infer: skipped, the train step left no best.ckpt" | tee "$out/infer.txt"
   failed=1
 fi
+step beam 60 "$py" benchmarks/beam_search.py --device "$device" --repeats 5
+step throughput 250 "$py" benchmarks/throughput.py --device "$device" --precision $bench
 exit $failed
