@@ -122,7 +122,8 @@ def beam_search(
     beams stop there and are returned like ones cut at ``max_len``.
 
     Finished beams stay in the beam with a frozen score (they can only be extended by <pad> at
-    no cost), so the search ends when every beam of every image has finished or at ``max_len``;
+    no cost, and live extensions never push them out: the beam's live part narrows as captions end,
+    as in Show, Attend and Tell), so the search ends when every beam of every image has finished or at ``max_len``;
     unfinished beams at ``max_len`` are returned as they are. With ``length_penalty`` alpha > 0,
     final scores are divided by GNMT's ((5 + len) / 6) ** alpha, len counting the scored tokens: the
     words and, for a hypothesis that ended, its <end>.
@@ -191,6 +192,12 @@ def beam_search(
             stuck = none_left & (logp.amax(1) == float("-inf"))  # (B*M,) rows of such images with no word
             logp[:, Vocabulary.pad_id].masked_fill_(stuck, 0.0)
             cand = (scores.unsqueeze(1) + logp).view(b, m * v)  # (B,M*V)
+        # a finished beam keeps its place: ranked on the same sums, live extensions whose partial score was
+        # higher pushed it out of the beam, and once they fell below it (scores only fall) the search
+        # returned a caption it scored worse than one it had finished. Its <pad> goes first (+inf), and its
+        # score is put back below
+        held = finished & torch.isfinite(scores)  # (B*M,) (dead beams, -inf, hold nothing)
+        cand.view(b, m, v)[..., Vocabulary.pad_id].masked_fill_(held.view(b, m), float("inf"))
         if m * v < k:  # fewer candidates than beams (K > V at the first step): the missing ones are dead
             cand = torch.nn.functional.pad(cand, (0, k - m * v), value=float("-inf"))  # (B,K)
         top_scores, top_idx = cand.topk(k, dim=1)  # (B,K)
@@ -198,6 +205,7 @@ def beam_search(
         beam = torch.div(top_idx, v, rounding_mode="floor").clamp_(max=m - 1)  # (B,K)
         word = (top_idx % v).view(-1)  # (B*K,)
         src = (beam + row_of_image * m).view(-1)  # (B*K,) rows to keep, among this step's B*M
+        top_scores = torch.where(top_scores == float("inf"), scores.index_select(0, src).view(b, k), top_scores)
         state = _select(decoder, state, static, src)
         if history is not None:
             history = torch.cat([history.index_select(0, src), word.view(-1, 1)], 1)  # (B*K,T+1)

@@ -359,3 +359,41 @@ def test_the_gpus_every_fourth_step_reads_give_the_cpus_results(monkeypatch):
             for a, b in zip(cpu, gpu):
                 torch.testing.assert_close(a.attention, b.attention)
     assert any(removed)  # images did leave the batch part-way
+
+
+class _ByLastWord(Decoder):
+    """Next-word log-probabilities that depend on the last word only (a table)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table, self.vocab_size = table, table.size(1)
+
+    def init_state(self, features):
+        return {"dummy": features.new_zeros(features.size(0), 1)}
+
+    def step(self, tokens, state, features):
+        n = features.size(1)
+        return self.table[tokens], features.new_full((tokens.size(0), n), 1.0 / n), state
+
+
+def test_a_finished_caption_is_never_pushed_out_of_the_beam_by_live_ones():
+    """K = 2: after <start>, <end> 0.2 and A 0.8; after A, C or D (0.5 each); after those nothing is likely. The
+    finished "" (log 0.2 = -1.61) was pushed out at step 2 by A C and A D (-0.92 each), which then fell to -4.8:
+    the search returned a caption it scored far below one it had finished."""
+    p = torch.full((7, 7), 1e-6)  # <pad> <start> <end> <unk> A C D
+    p[1, 2], p[1, 4] = 0.2, 0.8
+    p[4, 5] = p[4, 6] = 0.5
+    p[5, :] = p[6, :] = 0.2
+    dec, feats = _ByLastWord((p / p.sum(1, keepdim=True)).log()), torch.zeros(1, 4, 3)
+    best = beam_search(dec, feats, beam_size=2, max_len=4)[0][0]
+    assert best.tokens == [] and best.score == pytest.approx(torch.tensor(0.2).log().item(), abs=1e-4)
+    # and in general: what a shorter search (the same first steps) had finished, a longer one still beats
+    torch.manual_seed(0)
+    for seed in range(3):
+        dec, feats = _decoder(v=6 + seed), torch.randn(4, 9, 6)
+        for max_len in range(1, 8):
+            shorter = beam_search(dec, feats, beam_size=2, max_len=max_len, num_return=2)
+            longer = beam_search(dec, feats, beam_size=2, max_len=max_len + 1)
+            for before, after in zip(shorter, longer):
+                ended = [h.score for h in before if len(h.tokens) < max_len]  # ended with <end> by then
+                assert all(after[0].score >= s - 1e-5 for s in ended), (seed, max_len)
