@@ -324,11 +324,15 @@ def sample(
     The score is the sum of the model's (untempered) log-probabilities of the drawn words, as
     self-critical training needs (Rennie et al. 2017).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # NaN and inf passed a "> 0" check and made every draw fail inside torch.multinomial
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if top_k < 0:  # a negative top_k meant no top-k, silently
+        raise ValueError(f"top_k must be at least 0 (0: every word), got {top_k}")
 
     def choose(logp: torch.Tensor) -> torch.Tensor:
-        scaled = logp / temperature
+        # the best word at 0 before dividing: a tiny temperature then sends the others to -inf, not every word
+        scaled = (logp - logp.amax(-1, keepdim=True)) / temperature  # (B,V)
         if top_k > 0:
             kth = scaled.topk(min(top_k, scaled.size(-1)), dim=-1).values[:, -1:]  # (B,1)
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))

@@ -397,3 +397,16 @@ def test_a_finished_caption_is_never_pushed_out_of_the_beam_by_live_ones():
             for before, after in zip(shorter, longer):
                 ended = [h.score for h in before if len(h.tokens) < max_len]  # ended with <end> by then
                 assert all(after[0].score >= s - 1e-5 for s in ended), (seed, max_len)
+
+
+def test_sampling_refuses_a_temperature_it_cannot_use_and_a_tiny_one_is_greedy():
+    """inf and NaN passed the "> 0" check and failed inside torch.multinomial at the first draw, as did a
+    temperature so small that every scaled log-probability overflowed to -inf; a negative top_k meant none."""
+    dec, feats = _decoder(), torch.randn(3, 9, 6)
+    for bad in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            sample(dec, feats, max_len=6, temperature=bad)
+    with pytest.raises(ValueError, match="top_k must be at least 0"):
+        sample(dec, feats, max_len=6, top_k=-3)
+    tiny = sample(dec, feats, max_len=6, temperature=1e-39, generator=torch.Generator().manual_seed(0))
+    assert [h.tokens for h in tiny] == [h.tokens for h in greedy(dec, feats, max_len=6)]
