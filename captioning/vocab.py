@@ -6,7 +6,7 @@ punctuation that pycocoevalcap drops, so that a caption the model learnt word fo
 the reference it came from ("t-shirt", "3.5", "10:30", "u.s.", "&" stay one token each; "man's" is
 "man" + "'s", "don't" is "do" + "n't"). Commas are kept as their own token, because list captions
 ("a red circle , a blue square and ...") read better with them; scoring drops them again.
-``detokenize`` joins tokens back into display text ("a man's t-shirt, red"), which the PTB
+``detokenize`` joins tokens back into display text ("a man's t-shirt, red", "gonna"), which the PTB
 tokeniser splits into the same tokens.
 
 A :class:`Vocabulary` is stored as a plain list of tokens (index = position), so it travels in a
@@ -15,6 +15,7 @@ checkpoint without pickling any object.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -41,18 +42,37 @@ def tokenize(text: str) -> list[str]:
     return [t for t in ptb_tokenize(text) if t not in _DROP and not _TAG.match(t)]
 
 
+#: words the PTB tokeniser splits in two ("gonna" -> "gon" "na"): written whole
+_SPLIT_WORDS = frozenset([("gon", "na"), ("got", "ta"), ("lem", "me"), ("gim", "me"), ("wan", "na")])
+
+
+@functools.lru_cache(maxsize=4096)
+def _reads_back_joined(first: str, second: str) -> bool:
+    """Whether ``first`` must be written onto ``second`` to read back as these two tokens: the front of a word
+    the tokeniser splits off ("'tis" -> "'t" "is", "y'all" -> "y'" "all"), which apart reads back otherwise
+    ("'t is" -> "t" "is")."""
+    return tokenize(f"{first} {second}") != [first, second] and tokenize(first + second) == [first, second]
+
+
 def detokenize(tokens: Sequence[str]) -> str:
-    """Display text of tokens: clitics ("'s", "n't") and commas written onto the word before them.
+    """Display text of tokens: clitics ("'s", "n't") and commas written onto the word before them, the two
+    halves of a word the tokeniser splits ("gon" "na", "'t" "is", "y'" "all") written as that word.
 
     ``tokenize(detokenize(t)) == t`` for what ``tokenize`` returns, so scoring the display text of a caption
     scores its tokens. A model's free output need not be such a sequence ("#" then "n't" reads back as "#n",
     "t"): scoring always takes the text, as coco-caption does, so it scores what a reader sees."""
     out: list[str] = []
-    for tok in tokens:
-        if out and tok in _ATTACHED:
+    onto_next = False  # the last token is written onto this one
+    for i, tok in enumerate(tokens):
+        if out and (onto_next or tok in _ATTACHED):
             out[-1] += tok
         else:
             out.append(tok)
+        following = tokens[i + 1] if i + 1 < len(tokens) else None
+        onto_next = following is not None and (
+            (tok, following) in _SPLIT_WORDS
+            or ("'" in tok and tok not in _ATTACHED and _reads_back_joined(tok, following))
+        )
     return " ".join(out)
 
 
