@@ -122,9 +122,9 @@ def beam_search(
     beams stop there and are returned like ones cut at ``max_len``.
 
     Finished beams stay in the beam with a frozen score (they can only be extended by <pad> at
-    no cost, and live extensions never push them out: the beam's live part narrows as captions end,
-    as in Show, Attend and Tell), so the search ends when every beam of every image has finished or at ``max_len``;
-    unfinished beams at ``max_len`` are returned as they are. With ``length_penalty`` alpha > 0,
+    no cost, and live extensions never push them out: the beam's live part narrows as captions end),
+    so the search ends when every beam of every image has finished or at ``max_len``; unfinished beams
+    at ``max_len`` are returned as they are. With ``length_penalty`` alpha > 0,
     final scores are divided by GNMT's ((5 + len) / 6) ** alpha, len counting the scored tokens: the
     words and, for a hypothesis that ended, its <end>.
 
