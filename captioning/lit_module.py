@@ -351,6 +351,15 @@ class CaptionModule(pl.LightningModule):
             max_decode_len=(max_decode_len, max_decode_len >= 1, ">= 1"),
             length_penalty=(length_penalty, math.isfinite(length_penalty), "a finite number"),
             encoder_grid=(encoder_grid, encoder_grid is None or encoder_grid >= 0, ">= 0 (0 or null: no pooling)"),
+            # widths and depths: 0 heads was a bare ZeroDivisionError, 0 layers blamed attention_layer, ffn_dim 0
+            # became 4 x the width and hidden_dim 0 built a decoder of no width, silently
+            embed_dim=(embed_dim, embed_dim >= 1, ">= 1"),
+            hidden_dim=(hidden_dim, hidden_dim >= 1, ">= 1"),
+            attention_dim=(attention_dim, attention_dim >= 1, ">= 1"),
+            num_heads=(num_heads, num_heads >= 1, ">= 1"),
+            num_layers=(num_layers, num_layers >= 1, ">= 1"),
+            ffn_dim=(ffn_dim, ffn_dim is None or ffn_dim >= 1, ">= 1 (null: 4 x hidden_dim)"),
+            dropout=(dropout, 0 <= dropout < 1, "in [0, 1)"),
         )
         if encoder == "small_cnn" and (encoder_stage != 4 or encoder_grid):
             # SmallCNN has neither stages nor pooling: model.encoder_grid 4 trained on the 8x8 grid, silently

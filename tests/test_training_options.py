@@ -147,6 +147,13 @@ def test_a_transformer_whose_position_table_is_shorter_than_the_captions_is_refu
         ("encoder_grid", -2, "model.encoder_grid must be >= 0 (0 or null: no pooling), got -2"),
         ("encoder_grid", 4, "model.encoder_stage (4) and model.encoder_grid (4) shape a torchvision ResNet's grid"),
         ("encoder_stage", 3, "small_cnn has none of either"),
+        ("num_heads", 0, "model.num_heads must be >= 1, got 0"),
+        ("num_layers", 0, "model.num_layers must be >= 1, got 0"),
+        ("ffn_dim", 0, "model.ffn_dim must be >= 1 (null: 4 x hidden_dim), got 0"),
+        ("hidden_dim", 0, "model.hidden_dim must be >= 1, got 0"),
+        ("embed_dim", 0, "model.embed_dim must be >= 1, got 0"),
+        ("attention_dim", 0, "model.attention_dim must be >= 1, got 0"),
+        ("dropout", 1.0, "model.dropout must be in [0, 1), got 1.0"),
     ],
 )
 def test_nonsense_model_options_are_refused_when_the_module_is_built(option, value, message):
@@ -157,9 +164,8 @@ def test_nonsense_model_options_are_refused_when_the_module_is_built(option, val
     from captioning.vocab import SPECIALS
 
     with pytest.raises(ValueError) as info:
-        CaptionModule(
-            vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, **{option: value}
-        )
+        small = dict(vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+        CaptionModule(**{**small, option: value})
     assert message in str(info.value)
 
 
