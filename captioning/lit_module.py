@@ -214,6 +214,25 @@ def _resume_after_epoch_end(checkpoint: dict, max_steps: bool) -> bool:
     return True
 
 
+def _redo_interrupted_validation(checkpoint: dict) -> bool:
+    """Make a checkpoint written part-way through a validation (a SIGTERM between its batches) run that whole
+    validation again when resumed; True when it was such a checkpoint.
+
+    Why: Lightning took the validation for done (or, had it counted it as restarted, would have run only its
+    remaining batches, while the captions of the others, which the metrics need, are in no checkpoint): the
+    resumed run logged no metrics for it, and best.ckpt never weighed that epoch. Marked instead as a
+    validation whose first batch had started (Lightning's "restarted mid-evaluation"), it runs again from its
+    first batch, before training goes on.
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
+    if not progress or progress.get("is_last_batch") or not progress["current"]["completed"]:
+        return False
+    before = progress["total"]["completed"] - progress["current"]["completed"]  # batches of earlier validations
+    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    progress["total"] = {"ready": before + 1, "started": before + 1, "processed": before, "completed": before}
+    return True
+
+
 def _split_decay(group: dict, weight_decay: float) -> list[dict]:
     """An optimizer group as (its weight matrices and kernels, decayed; its biases and norm gains and shifts,
     not decayed): decay pulls a BatchNorm or LayerNorm gain towards 0, which rescales the layer instead of
@@ -801,6 +820,7 @@ class CaptionModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Lightning then counts the logged steps from a restart's rule; the first batch sets them right
             self._align_logged_step = _resume_after_epoch_end(checkpoint, self.trainer.max_steps != -1)
+            _redo_interrupted_validation(checkpoint)
         resume = checkpoint.get("resume")
         if not resume or self._trainer is None or self.trainer.state.fn != "fit":
             return

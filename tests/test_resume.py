@@ -114,6 +114,32 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     assert not (tmp_path / "runs" / "tiny" / "version_1").exists()
 
 
+def test_a_run_stopped_during_a_validation_runs_that_validation_again_when_resumed(tmp_path):
+    """SIGTERM between the batches of the second epoch's validation: the checkpoint is written there. Lightning
+    took that validation for done, so the resumed run logged no metrics for the epoch and best.ckpt never
+    weighed it; now it runs the whole validation again, and logs what the uninterrupted run logs."""
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir(), stopped.mkdir()
+    config = "trainer:\n  max_steps: 18\n  max_epochs: 3\n  log_every_n_steps: 1\ndata:\n  eval_batch_size: 4\n"
+    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=12"]
+    term += ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.val_batch=1"]  # of 4 batches
+    whole_proc, stopped_proc = finish(_start(whole, config=config), _start(stopped, *term, config=config))
+    assert whole_proc.returncode == 0, whole_proc.stderr[-3000:]
+    assert stopped_proc.returncode == 143 and "SIGTERM: saved" in stopped_proc.stdout, stopped_proc.stderr[-3000:]
+    proc = _fit(stopped, "--ckpt_path", "last", config=config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def logged(folder: Path) -> tuple[dict, dict]:
+        run = folder / "runs" / "tiny" / "version_0"
+        with open(run / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        return {r["epoch"]: r["val/cider_d"] for r in rows if r.get("val/cider_d")}, _losses(run)
+
+    (val, losses), (val_stopped, losses_stopped) = logged(whole), logged(stopped)
+    assert sorted(val) == ["0", "1", "2"] and val_stopped == val
+    assert losses_stopped == losses
+
+
 def test_ckpt_path_last_in_a_config_file_resumes_like_the_flag(tmp_path):
     """Before, only a --ckpt_path flag was looked at: `ckpt_path: last` in a config file reached Lightning,
     which found no last.ckpt in the new run's folder and started afresh in silence."""
