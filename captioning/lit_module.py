@@ -62,7 +62,9 @@ class CheckpointOnSigterm(pl.Callback):
     leaves the main process waiting for a result that never comes. So under DDP the signal is only
     recorded; at each optimizer step the ranks agree (one small all-reduce) whether any of them holds
     one, and if so all of them write ``last.ckpt`` there, together, after the step is logged and stop
-    at the next hook with exit status 143 (128 + SIGTERM).
+    at the next hook with exit status 143 (128 + SIGTERM). They agree at each batch of a validation too
+    (but its last: that validation is then scored and logged), so a long one does not hold the signal
+    back past a scheduler's grace period; the resumed run runs that validation again, whole.
     """
 
     def __init__(self) -> None:
@@ -120,6 +122,19 @@ class CheckpointOnSigterm(pl.Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_here()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        self._stop_here()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        # _distributed is set when training starts, so the sanity check never decides (nor a plain validate)
+        if not self._distributed or trainer.sanity_checking or self._stop:
+            return
+        if trainer.fit_loop.epoch_loop.val_loop.batch_progress.is_last_batch:
+            return  # the same batch on every rank (their shards are evened out): the next step decides
+        if trainer.strategy.reduce_boolean_decision(self._pending is not None, all=False):
+            self._save(trainer)  # a checkpoint inside the validation: the resume runs it again (see on_load_checkpoint)
+            self._stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_here()

@@ -304,6 +304,60 @@ def test_sigterm_inside_an_accumulation_window_under_ddp_saves_at_its_end_and_re
     assert _rows(run) == reference
 
 
+# 2 ranks: 3 optimizer steps an epoch, a validation after each of 4 batches a rank
+VALIDATING = """
+trainer:
+  devices: 2
+  strategy: ddp_spawn
+  max_steps: 9
+  max_epochs: 3
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+data:
+  eval_batch_size: 2
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_validation_under_ddp_stops_there_and_the_resume_runs_it_again(tmp_path):
+    """Before, the ranks held a SIGTERM that came during a validation until the next optimizer step: the rest of
+    the validation (on COCO, beam search over 5,000 images), the epoch's end and a step, maybe past the
+    scheduler's grace period. Now they stop at the next validation batch, write last.ckpt once, and the resumed
+    run runs that validation again: every epoch's val/cider_d and every loss as in the uninterrupted run."""
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir(), stopped.mkdir()
+
+    def start(cwd, *extra):
+        (cwd / "ddp.yaml").write_text(VALIDATING)
+        args = ["fit", "-c", str(TINY), "-c", "ddp.yaml", "--test_after_fit", "false", *extra]
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = str(ROOT / "tests") + (os.pathsep + old if old else "")
+        try:
+            return start_script(str(ROOT / "train.py"), *args, cwd=cwd)
+        finally:
+            os.environ.pop("PYTHONPATH") if old is None else os.environ.update(PYTHONPATH=old)
+
+    def logged(cwd) -> tuple[dict, list]:
+        run = cwd / "runs" / "tiny" / "version_0"
+        val = {r["epoch"]: r["val/cider_d"] for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/cider_d")}
+        return val, _rows(run)
+
+    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=3"]
+    term += ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.val_batch=1"]  # epoch 0's, of 4
+    whole_proc, proc = finish(start(whole), start(stopped, *term), timeout=240)
+    assert whole_proc.returncode == 0, whole_proc.stdout[-2000:] + whole_proc.stderr[-3000:]
+    out = proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 143 and proc.stdout.count("SIGTERM: saved") == 1, out
+    last = stopped / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert logged(stopped)[0] == {}  # stopped inside the first validation
+    proc = finish(start(stopped, "--ckpt_path", str(last)), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    val, rows = logged(whole)
+    assert sorted(val) == ["0", "1", "2"] and [s for s, _ in rows] == list(range(9))
+    assert logged(stopped) == (val, rows)
+
+
 GLOO_AT_EXIT = """
 import atexit, os, socket
 import torch.distributed as dist
