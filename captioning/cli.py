@@ -96,6 +96,9 @@ class CaptionCLI(LightningCLI):
         self._resume_step = None  # the checkpoint's global step, when it is a file
         if config is None or "ckpt_path" not in config:
             return
+        if subcommand in ("validate", "test") and config.ckpt_path is None:
+            # it ran, and wrote test_metrics.json, for weights no one trained
+            print(f"warning: {subcommand} without --ckpt_path scores an untrained model", file=sys.stderr)
         config.ckpt_path, ckpt = resolve_ckpt_path(config.ckpt_path, subcommand)
         if ckpt is None:
             return
@@ -172,6 +175,24 @@ class CaptionCLI(LightningCLI):
                 if isinstance(logger, CSVLogger):
                     _keep_metrics_before(logger, step)
 
+    def _print_run(self, best: str = "") -> None:
+        """Where the run's files are: each command writes into a run directory of its own (a new version for
+        ``validate`` and ``test``, not the checkpoint's)."""
+        trainer = self.trainer
+        run = Path(trainer.log_dir or ".").resolve()  # log_dir is a collective under DDP: every rank asks
+        if trainer.is_global_zero:
+            print(f"\nrun directory: {run}")
+            if best:
+                print(f"best checkpoint: {Path(best).resolve()}")
+            if (run / "test_metrics.json").exists():
+                print(f"test metrics: {run / 'test_metrics.json'}")
+
+    def after_validate(self) -> None:
+        self._print_run()
+
+    def after_test(self) -> None:
+        self._print_run()
+
     def after_fit(self) -> None:
         trainer = self.trainer
         ckpt = trainer.checkpoint_callback
@@ -183,13 +204,7 @@ class CaptionCLI(LightningCLI):
             print("no checkpoint has a validation score: testing the final weights", file=sys.stderr)
         if self.config.fit.test_after_fit and not trainer.interrupted:
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
-        run = Path(trainer.log_dir or ".").resolve()  # log_dir is a collective under DDP: every rank asks
-        if trainer.is_global_zero:
-            print(f"\nrun directory: {run}")
-            if best:
-                print(f"best checkpoint: {Path(best).resolve()}")
-            if (run / "test_metrics.json").exists():
-                print(f"test metrics: {run / 'test_metrics.json'}")
+        self._print_run(best)
 
 
 def _keep_metrics_before(logger: CSVLogger, step: int) -> None:
@@ -308,6 +323,10 @@ def main(args: list[str] | None = None) -> CaptionCLI:
             args=args,
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": True},
+            # the module's optimizer (AdamW, its parameter groups, warmup and schedule) is the only one: an
+            # --optimizer or --lr_scheduler flag replaced it, with model.lr, encoder_lr, weight_decay and the
+            # schedule then ignored, behind one Lightning warning
+            auto_configure_optimizers=False,
         )
     except SIGTERMException:  # one process (Lightning's own exit status: 0), or rank 0 of plain ddp (143)
         _stopped_by_sigterm()

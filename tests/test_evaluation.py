@@ -16,6 +16,10 @@ def _test_run(tmp_path, ckpt, *extra):
     proc = run_script(str(ROOT / "train.py"), "test", "-c", str(TINY), "--ckpt_path", str(ckpt), *extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = next(tmp_path.glob("runs/tiny/*/test_metrics.json")).parent
+    # a new run directory, not the checkpoint's: said, as fit says its own
+    assert f"run directory: {run_dir.resolve()}" in proc.stdout, proc.stdout[-2000:]
+    assert f"test metrics: {(run_dir / 'test_metrics.json').resolve()}" in proc.stdout
+    assert "untrained" not in proc.stderr
     return read_json(run_dir / "test_metrics.json"), read_json(run_dir / "test_captions.json")
 
 

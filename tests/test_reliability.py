@@ -381,6 +381,19 @@ def test_train_py_offers_only_the_subcommands_it_supports(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_lightnings_optimizer_flags_are_refused_and_scoring_without_a_checkpoint_is_said(tmp_path):
+    """--optimizer SGD replaced the module's AdamW, its groups and schedule (model.lr, encoder_lr, weight_decay
+    then ignored) behind one Lightning warning; validate or test without --ckpt_path scored random weights and
+    wrote their metrics without a word."""
+    proc = run_script(str(ROOT / "train.py"), "fit", "-c", str(TINY), "--optimizer", "SGD", cwd=tmp_path)
+    assert proc.returncode == 2 and "unrecognized arguments: --optimizer SGD" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
+    proc = run_script(str(ROOT / "train.py"), "validate", "-c", str(TINY), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: validate without --ckpt_path scores an untrained model" in proc.stderr
+    assert f"run directory: {(tmp_path / 'runs' / 'tiny' / 'version_0').resolve()}" in proc.stdout
+
+
 def test_a_subcommand_without_a_config_starts_from_the_default_recipe(tmp_path):
     """`python train.py fit --flag ...` is the default recipe (runs/shapes, best/last checkpoints, seed)
     with the flags applied, not Lightning's bare defaults (lightning_logs/, no best.ckpt for infer.py)."""
