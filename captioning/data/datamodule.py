@@ -215,8 +215,9 @@ class CaptionDataModule(pl.LightningDataModule):
             ``Flickr8k.token.txt`` with its split files) or ``"captions"`` (a folder of images with
             a JSONL or CSV captions file). See ``data/README.md``.
         annotations: the annotation file of a real dataset.
-        image_root: folder the image paths are relative to (default: the annotation file's folder;
-            for Flickr8k a ``Flicker8k_Dataset`` folder beside it when present).
+        image_root: folder the image paths are relative to (default: the annotation file's folder; for
+            ``dataset: flickr8k``, the token file, a ``Flicker8k_Dataset`` folder beside it when present). A
+            Karpathy JSON of Flickr names bare files: give the images' folder (the shipped configs do).
         restval_to_train: Karpathy COCO's ``restval`` images join ``train`` (the usual protocol).
         splits_dir: Flickr8k: folder of ``Flickr_8k.{train,dev,test}Images.txt`` (default: beside the token file).
         val_fraction, test_fraction, split_seed: ``captions`` files without splits: the seeded ratio split.
