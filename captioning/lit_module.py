@@ -163,7 +163,7 @@ class CheckpointOnSigterm(pl.Callback):
         folder = (
             Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.log_dir or ".") / "checkpoints"
         )
-        trainer.save_checkpoint(folder / "last.ckpt")
+        trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)  # the full state: a resume needs it
         if trainer.is_global_zero:
             last = folder / "last.ckpt"
             print(f"SIGTERM: saved {last} at step {trainer.global_step}; resume with --ckpt_path {last}", flush=True)
