@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -63,11 +64,29 @@ class RunConfigCallback(SaveConfigCallback):
     continues, and ``python train.py fit -c runs/.../config.yaml`` must still train that configuration
     again, not resume the run a second time."""
 
+    #: what a run directory holds before the run has done anything: a run refused then leaves no folder behind
+    _SET_UP_ONLY = frozenset(["config.yaml", "hparams.yaml"])
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.config.get("ckpt_path") is not None:
             self.config = self.config.clone()
             self.config.ckpt_path = None
         super().setup(trainer, pl_module, stage)
+
+    def _started(self, *args) -> None:
+        self.started = True
+
+    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = _started
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a run refused as it starts (a checkpoint prepared for other images, cosine without an end, ...) left a
+        # runs/<name>/version_N holding its config.yaml alone, and moved every later run's version number. Only
+        # before any loop began: a run stopped later keeps its folder, with whatever its loggers still write
+        if getattr(self, "started", False):
+            return
+        for new in getattr(self, "new_run_dirs", ()):
+            if new.is_dir() and {p.name for p in new.iterdir()} <= self._SET_UP_ONLY:
+                shutil.rmtree(new, ignore_errors=True)
 
 
 class CaptionCLI(LightningCLI):
@@ -145,6 +164,23 @@ class CaptionCLI(LightningCLI):
         # write its results into a new folder instead of beside the checkpoints
         for logger in self.trainer.loggers:
             _ = logger.version
+        self._note_new_run_dirs()
+
+    def before_validate(self) -> None:
+        self._note_new_run_dirs()
+
+    def before_test(self) -> None:
+        self._note_new_run_dirs()
+
+    def _note_new_run_dirs(self) -> None:
+        """Tell RunConfigCallback which run directories this command creates (on rank 0), so that a run refused as
+        it starts removes its own, never one it continues."""
+        if not self.trainer.is_global_zero:
+            return
+        new = [Path(lg.log_dir) for lg in self.trainer.loggers if lg.log_dir and not Path(lg.log_dir).exists()]
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunConfigCallback):
+                callback.new_run_dirs = new
 
     def _continue_run(self, ckpt: Path, step: int) -> None:
         """Resuming from ``<save_dir>/<name>/<version>/checkpoints/<file>`` of this run's logger: log into that

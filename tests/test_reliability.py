@@ -343,6 +343,7 @@ def test_testing_a_checkpoint_on_images_prepared_otherwise_is_refused_naming_bot
     assert "image preprocessing mismatch (image_size: checkpoint 48 vs data 64, mean: checkpoint [0.485" in proc.stderr
     assert "to match the checkpoint pass --data.image_size 48 --data.mean [0.485" in proc.stderr
     assert "test/" not in proc.stdout  # nothing was scored
+    assert not list(tmp_path.glob("runs/tiny/version_*"))  # nor a run directory left holding only its config
 
 
 @pytest.mark.parametrize("case", ["never_ends", "ends_at_once", "wide_beam"])
