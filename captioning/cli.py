@@ -82,7 +82,8 @@ class RunConfigCallback(SaveConfigCallback):
         # a run refused as it starts (a checkpoint prepared for other images, cosine without an end, ...) left a
         # runs/<name>/version_N holding its config.yaml alone, and moved every later run's version number. Only
         # before any loop began: a run stopped later keeps its folder, with whatever its loggers still write
-        if getattr(self, "started", False):
+        # one process only: under ddp_spawn this is the main process's copy, which never sees a loop start
+        if getattr(self, "started", False) or trainer.world_size > 1:
             return
         for new in getattr(self, "new_run_dirs", ()):
             if new.is_dir() and {p.name for p in new.iterdir()} <= self._SET_UP_ONLY:
@@ -113,6 +114,12 @@ class CaptionCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else self.config
         self._resume_step = None  # the checkpoint's global step, when it is a file
+        for option in ("optimizer", "lr_scheduler"):
+            # the module's optimizer (AdamW, its groups, warmup and schedule) is the only one: --optimizer SGD
+            # replaced it, model.lr, encoder_lr, weight_decay and the schedule then ignored, behind one warning.
+            # Still parsed (null), so that the config.yaml of every earlier run, which lists both, reads back
+            if config is not None and config.get(option) is not None:
+                parser.error(f"--{option} is not supported: the optimizer is AdamW, set by the model.* options")
         if config is None or "ckpt_path" not in config:
             return
         if subcommand in ("validate", "test") and config.ckpt_path is None:
@@ -359,10 +366,6 @@ def main(args: list[str] | None = None) -> CaptionCLI:
             args=args,
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": True},
-            # the module's optimizer (AdamW, its parameter groups, warmup and schedule) is the only one: an
-            # --optimizer or --lr_scheduler flag replaced it, with model.lr, encoder_lr, weight_decay and the
-            # schedule then ignored, behind one Lightning warning
-            auto_configure_optimizers=False,
         )
     except SIGTERMException:  # one process (Lightning's own exit status: 0), or rank 0 of plain ddp (143)
         _stopped_by_sigterm()

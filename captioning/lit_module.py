@@ -128,8 +128,8 @@ class CheckpointOnSigterm(pl.Callback):
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         # _distributed is set when training starts, so the sanity check never decides (nor a plain validate)
-        if not self._distributed or trainer.sanity_checking or self._stop:
-            return
+        if not self._distributed or trainer.sanity_checking or self._stop or self._in_window:
+            return  # inside an accumulation window (val_check_interval mid-window) the window's end decides
         if trainer.fit_loop.epoch_loop.val_loop.batch_progress.is_last_batch:
             return  # the same batch on every rank (their shards are evened out): the next step decides
         if trainer.strategy.reduce_boolean_decision(self._pending is not None, all=False):
@@ -240,9 +240,11 @@ def _redo_interrupted_validation(checkpoint: dict) -> bool:
     first batch, before training goes on.
     """
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
-    if not progress or progress.get("is_last_batch") or not progress["current"]["completed"]:
+    # "started", not "completed": under DDP the ranks save inside on_validation_batch_end, before Lightning counts
+    # that batch completed, so a save at the first batch showed 0 completed
+    if not progress or progress.get("is_last_batch") or not progress["current"]["started"]:
         return False
-    before = progress["total"]["completed"] - progress["current"]["completed"]  # batches of earlier validations
+    before = progress["total"]["started"] - progress["current"]["started"]  # batches of earlier validations
     progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
     progress["total"] = {"ready": before + 1, "started": before + 1, "processed": before, "completed": before}
     return True

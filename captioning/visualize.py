@@ -90,7 +90,7 @@ def attention_figure(
     columns: int = 5,
 ) -> Image.Image:
     """The image followed by one overlay panel per word; attention (T,h,w) aligned with ``words``.
-    Panels are ``panel_size`` on the image's longer side and keep its aspect ratio."""
+    Panels are ``panel_size`` on the image's longer side and keep its aspect ratio up to 4:1."""
     # the loader's normalisation, as Captioner applies it: the attention grid is in the frame of the
     # EXIF-transposed image, so an image drawn as stored put each map on the wrong region (and with a
     # rotated aspect); convert("RGB") also showed 16-bit greyscale white and transparency black

@@ -42,6 +42,7 @@ def tokenize(text: str) -> list[str]:
     return [t for t in ptb_tokenize(text) if t not in _DROP and not _TAG.match(t)]
 
 
+_CLITICS = _ATTACHED - {","}
 #: words the PTB tokeniser splits in two ("gonna" -> "gon" "na"): written whole
 _SPLIT_WORDS = frozenset([("gon", "na"), ("got", "ta"), ("lem", "me"), ("gim", "me"), ("wan", "na")])
 
@@ -70,7 +71,8 @@ def detokenize(tokens: Sequence[str]) -> str:
             out.append(tok)
         following = tokens[i + 1] if i + 1 < len(tokens) else None
         onto_next = following is not None and (
-            (tok, following) in _SPLIT_WORDS
+            # not before a clitic: "gonna's" reads back as "gonna" "'s"
+            ((tok, following) in _SPLIT_WORDS and (i + 2 >= len(tokens) or tokens[i + 2] not in _CLITICS))
             or ("'" in tok and tok not in _ATTACHED and _reads_back_joined(tok, following))
         )
     return " ".join(out)

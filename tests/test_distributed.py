@@ -343,7 +343,7 @@ def test_sigterm_during_a_validation_under_ddp_stops_there_and_the_resume_runs_i
         return val, _rows(run)
 
     term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=3"]
-    term += ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.val_batch=1"]  # epoch 0's, of 4
+    term += ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.val_batch=0"]  # epoch 0's first of 4
     whole_proc, proc = finish(start(whole), start(stopped, *term), timeout=240)
     assert whole_proc.returncode == 0, whole_proc.stdout[-2000:] + whole_proc.stderr[-3000:]
     out = proc.stdout[-2000:] + proc.stderr[-3000:]

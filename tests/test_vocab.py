@@ -66,6 +66,7 @@ def test_detokenize_writes_the_halves_of_a_word_the_tokenizer_splits_as_that_wor
         ("gonna gimme, lemme", "gonna gimme, lemme"),
         ("j'adore", "j' adore"),  # reads back the same apart: left as the tokens are
         ("can not", "can not"),
+        ("gon na's", "gon na's"),  # joined, "gonna's" would read back as "gonna" "'s"
     ]:
         assert detokenize(tokenize(raw)) == shown, raw
         assert tokenize(shown) == tokenize(raw), raw
