@@ -227,9 +227,9 @@ data:
 """
 
 
-def _start_accumulating(cwd, *extra):
-    """Starts train.py with ACCUMULATE, the test helpers importable in both ranks."""
-    (cwd / "ddp.yaml").write_text(ACCUMULATE)
+def _start_accumulating(cwd, *extra, config: str = ACCUMULATE):
+    """Starts train.py with ``config`` (ACCUMULATE), the test helpers importable in both ranks."""
+    (cwd / "ddp.yaml").write_text(config)
     args = ["fit", "-c", str(TINY), "-c", "ddp.yaml", "--test_after_fit", "false", *extra]
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(ROOT / "tests") + (os.pathsep + old if old else "")
@@ -328,14 +328,7 @@ def test_sigterm_during_a_validation_under_ddp_stops_there_and_the_resume_runs_i
     whole.mkdir(), stopped.mkdir()
 
     def start(cwd, *extra):
-        (cwd / "ddp.yaml").write_text(VALIDATING)
-        args = ["fit", "-c", str(TINY), "-c", "ddp.yaml", "--test_after_fit", "false", *extra]
-        old = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = str(ROOT / "tests") + (os.pathsep + old if old else "")
-        try:
-            return start_script(str(ROOT / "train.py"), *args, cwd=cwd)
-        finally:
-            os.environ.pop("PYTHONPATH") if old is None else os.environ.update(PYTHONPATH=old)
+        return _start_accumulating(cwd, *extra, config=VALIDATING)
 
     def logged(cwd) -> tuple[dict, list]:
         run = cwd / "runs" / "tiny" / "version_0"
