@@ -194,7 +194,8 @@ def _results_id(image_id: str) -> int | str:
 
 def _resume_after_epoch_end(checkpoint: dict, max_steps: bool) -> bool:
     """Make a checkpoint written at an epoch's end (``on_train_epoch_end``: that epoch processed, not yet
-    completed) read as one written when the next epoch starts (only where this run has ``max_steps``), or,
+    completed; or just after, by a SIGTERM: completed too) read as one written when the next epoch starts (only
+    where this run has ``max_steps``), or,
     where ``max_steps`` ended the epoch part-way, as one written inside it; True when it was such a checkpoint.
 
     Why: with ``max_steps`` set, Lightning 2.6 treats every resume as a restart inside an epoch
@@ -209,9 +210,15 @@ def _resume_after_epoch_end(checkpoint: dict, max_steps: bool) -> bool:
         return False
     epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
     t = epochs["total"]
-    if not t["ready"] == t["started"] == t["processed"] == t["completed"] + 1:
+    if not t["ready"] == t["started"] == t["processed"] in (t["completed"], t["completed"] + 1):
         return False
-    if not batches.get("is_last_batch"):
+    if t["processed"] == t["completed"]:
+        # written after the epoch's end hooks (a SIGTERM in the last validation batch or in those hooks is raised
+        # there): with max_steps, Lightning resumed it as a restart at the end of that epoch's batches, ran the
+        # next epoch with none of its own and so ended the run one epoch early
+        if not (max_steps and batches.get("is_last_batch")):
+            return False
+    elif not batches.get("is_last_batch"):
         # written at on_train_epoch_end of an epoch max_steps stopped part-way (a run then extended with a
         # larger max_steps): Lightning took it for the epoch's end too and set the sampler to the next
         # epoch, so the rest of this epoch's batches were drawn from the next epoch's order. Read it as the

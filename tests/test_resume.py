@@ -114,15 +114,18 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     assert not (tmp_path / "runs" / "tiny" / "version_1").exists()
 
 
-def test_a_run_stopped_during_a_validation_runs_that_validation_again_when_resumed(tmp_path):
+@pytest.mark.parametrize("val_batch", [1, 3])
+def test_a_run_stopped_during_a_validation_runs_that_validation_again_when_resumed(tmp_path, val_batch):
     """SIGTERM between the batches of the second epoch's validation: the checkpoint is written there. Lightning
     took that validation for done, so the resumed run logged no metrics for the epoch and best.ckpt never
-    weighed it; now it runs the whole validation again, and logs what the uninterrupted run logs."""
+    weighed it; now it runs the whole validation again, and logs what the uninterrupted run logs. At its last
+    batch the signal is raised after the epoch's end hooks; with max_steps the resumed run then ended at once,
+    one epoch short; now it trains that last epoch."""
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     whole.mkdir(), stopped.mkdir()
     config = "trainer:\n  max_steps: 18\n  max_epochs: 3\n  log_every_n_steps: 1\ndata:\n  eval_batch_size: 4\n"
     term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=12"]
-    term += ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.val_batch=1"]  # of 4 batches
+    term += ["--trainer.callbacks.signal_name=SIGTERM", f"--trainer.callbacks.val_batch={val_batch}"]  # of 4
     whole_proc, stopped_proc = finish(_start(whole, config=config), _start(stopped, *term, config=config))
     assert whole_proc.returncode == 0, whole_proc.stderr[-3000:]
     assert stopped_proc.returncode == 143 and "SIGTERM: saved" in stopped_proc.stdout, stopped_proc.stderr[-3000:]
