@@ -342,3 +342,56 @@ def test_a_jpeg_cut_right_after_an_exif_thumbnail_fails_the_scan(tmp_path):
     assert check_image(p) == "truncated"
     with pytest.raises(ImageLoadError, match="truncated"):
         load_image(p)
+
+
+def test_exif_pillow_cannot_rewrite_or_parse_does_not_stop_an_image_from_loading(tmp_path):
+    """Cameras write EXIF tags with unexpected types, and some files carry an EXIF block with no TIFF header.
+    ImageOps.exif_transpose raised TypeError on the first (it writes the EXIF back) and getexif SyntaxError on
+    the second, past the set-up scan: training stopped at that batch with an error naming no file. Now the
+    first is turned upright from its Orientation, the second shown as stored."""
+    # big-endian IFD0: PrimaryChromaticities (a RATIONAL tag) written as ASCII, then Orientation 6
+    entries = [struct.pack(">HHI4s", 0x013F, 2, 4, b"abc\0"), struct.pack(">HHIH2x", 0x0112, 3, 1, 6)]
+    tiff = b"MM\x00\x2a" + struct.pack(">IH", 8, len(entries)) + b"".join(entries) + b"\0\0\0\0"
+    p = tmp_path / "camera.jpg"
+    _row("RGB", [RED, RED, WHITE]).save(p, "JPEG", quality=100, exif=b"Exif\x00\x00" + tiff)
+    assert check_image(p) is None
+    img = load_image(p)  # stored 3x1, red on the left: Orientation 6 shows it turned 90 degrees clockwise
+    top, bottom = img.getpixel((0, 0)), img.getpixel((0, 2))
+    assert img.size == (1, 3) and top[0] - top[1] > 100 and min(bottom) > 200, (top, bottom)
+    for fmt in ("png", "webp"):
+        q = tmp_path / f"no_tiff_header.{fmt}"
+        _row("RGB", [RED, WHITE]).save(q, exif=b"MX\x00*\x00\x00\x00\x08", lossless=True)
+        assert check_image(q) is None and load_image(q).size == (2, 1)
+
+
+def test_a_tiff_with_a_tag_of_the_wrong_type_is_reported_corrupt_not_raised(tmp_path):
+    """A TIFF whose StripOffsets tag is stored as text made Pillow raise TypeError, which the scan did not
+    catch: the whole set-up stopped with an error naming no file, instead of leaving the image out."""
+    buf = io.BytesIO()
+    _row("RGB", [RED, WHITE]).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        if struct.unpack_from("<H", data, ifd + 2 + 12 * k)[0] == 273:  # StripOffsets: LONG -> ASCII
+            struct.pack_into("<H", data, ifd + 2 + 12 * k + 2, 2)
+    p = tmp_path / "bad.tif"
+    p.write_bytes(bytes(data))
+    assert check_image(p) == "corrupt"
+    with pytest.raises(ImageLoadError, match=r"bad\.tif: cannot decode image, corrupt data"):
+        load_image(p)
+
+
+def test_an_image_that_decodes_but_fails_to_convert_is_an_image_load_error(tmp_path, monkeypatch):
+    """Whatever else Pillow raises while converting a decoded image (a file's odd metadata) is that file's
+    error, named, for the loader to skip, not an exception that stops training."""
+    import captioning.data.images as images
+
+    def broken(img):
+        raise TypeError("bad operand type")
+
+    p = tmp_path / "odd.png"
+    _row("RGB", [RED]).save(p)
+    monkeypatch.setattr(images, "to_rgb", broken)
+    with pytest.raises(ImageLoadError, match=r"odd\.png: cannot convert .*TypeError: bad operand type") as e:
+        load_image(p)
+    assert e.value.reason == "corrupt"

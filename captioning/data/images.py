@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 #: images with more pixels than this are refused before decoding (decompression bombs), unless the
 #: caller gives another limit; Pillow's own default limit
@@ -71,7 +71,14 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     with _open_file(path) as f:
         img = _open_image(path, f, max_pixels)
         _decode(path, img, max_pixels)
-        return to_rgb(img)  # while the file is open: TIFF reads its EXIF from it
+        try:
+            return to_rgb(img)  # while the file is open: TIFF reads its EXIF from it
+        except MemoryError:
+            raise
+        except Exception as e:  # a decoded image Pillow cannot convert: that file is broken, not the run
+            raise ImageLoadError(
+                f"{path}: cannot convert the decoded image to RGB ({type(e).__name__}: {e})", "corrupt"
+            ) from None
 
 
 _pillow_limit_lock = threading.Lock()
@@ -117,7 +124,9 @@ def _open_image(path: Path, f: BinaryIO, max_pixels: int) -> Image.Image:
     # threads; where the filters turn it into an error, it is caught here.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _too_large(path, max_pixels, bomb=e) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # OSError, SyntaxError ...; a broken header also raises TypeError, struct.error ...
         raise _undecodable(path, e, f) from None
     if img.width * img.height > max_pixels:
         raise _too_large(path, max_pixels, img.size)
@@ -190,17 +199,21 @@ def _decode(path: Path, img: Image.Image, max_pixels: int, all_frames: bool = Fa
                 img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a GIF frame or TIFF tile
         raise _too_large(path, max_pixels, bomb=e) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # OSError, SyntaxError ...; broken TIFF tags also raise TypeError, KeyError ...
         raise _undecodable(path, e, getattr(img, "fp", None)) from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Normalise any PIL mode to RGB (see module docstring)."""
-    # read before exif_transpose, which drops a TIFF's tags (and keeps the mode)
+    # read before turning it, which drops a TIFF's tags (and keeps the mode)
     top = _top_value(img) if img.mode in _HIGH_BIT_MODES else None
-    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-        # only then: exif_transpose copies even an image it does not turn, and this runs per loaded image
-        img = ImageOps.exif_transpose(img)
+    turn = _UPRIGHT.get(_orientation(img))
+    if turn is not None:
+        # not ImageOps.exif_transpose: it also writes the EXIF block back, and raised on tags of an unexpected
+        # type that cameras write (the image then failed to load although its pixels were fine)
+        img = img.transpose(turn)
     if img.mode in _HIGH_BIT_MODES:
         img = _to_8bit(img, top)
     if img.mode == "La":  # premultiplied alpha (in memory only) converts to RGBA through LA
@@ -214,6 +227,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
+
+
+#: EXIF Orientation -> the turn that shows the image upright (the EXIF table, as Pillow's exif_transpose)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(img: Image.Image) -> int | None:
+    """The image's EXIF Orientation, or None where it has none or an EXIF block Pillow cannot parse (then
+    the image is shown as stored, as browsers do, rather than refused)."""
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation)
+    except MemoryError:
+        raise
+    except Exception:  # SyntaxError "not a TIFF file", struct.error, TypeError ...
+        return None
+    return value if isinstance(value, int) else None
 
 
 #: modes with more than 8 bits a sample: 16-bit, 32-bit integer and 32-bit float greyscale
