@@ -55,9 +55,19 @@ def _reads_back_joined(first: str, second: str) -> bool:
     return tokenize(f"{first} {second}") != [first, second] and tokenize(first + second) == [first, second]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _written(token: str) -> str:
+    """How ``token`` is written to read back as itself: as it is, or in capitals where only those keep it one
+    word (the tokeniser keeps "B&W", "AT&T" whole but splits "b&w" into "b" "&" "w")."""
+    if tokenize(token) != [token] and tokenize(token.upper()) == [token]:
+        return token.upper()
+    return token
+
+
 def detokenize(tokens: Sequence[str]) -> str:
     """Display text of tokens: clitics ("'s", "n't") and commas written onto the word before them, the two
-    halves of a word the tokeniser splits ("gon" "na", "'t" "is", "y'" "all") written as that word.
+    halves of a word the tokeniser splits ("gon" "na", "'t" "is", "y'" "all") written as that word, a word
+    the tokeniser keeps whole only in capitals ("b&w") written in capitals.
 
     ``tokenize(detokenize(t)) == t`` for what ``tokenize`` returns, so scoring the display text of a caption
     scores its tokens. A model's free output need not be such a sequence ("#" then "n't" reads back as "#n",
@@ -68,7 +78,7 @@ def detokenize(tokens: Sequence[str]) -> str:
         if out and (onto_next or tok in _ATTACHED):
             out[-1] += tok
         else:
-            out.append(tok)
+            out.append(_written(tok))
         following = tokens[i + 1] if i + 1 < len(tokens) else None
         onto_next = following is not None and (
             # not before a clitic: "gonna's" reads back as "gonna" "'s"
