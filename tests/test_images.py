@@ -395,3 +395,24 @@ def test_an_image_that_decodes_but_fails_to_convert_is_an_image_load_error(tmp_p
     with pytest.raises(ImageLoadError, match=r"odd\.png: cannot convert .*TypeError: bad operand type") as e:
         load_image(p)
     assert e.value.reason == "corrupt"
+
+
+@pytest.mark.parametrize("carrier", ["exif", "xmp"])
+def test_an_image_turned_upright_is_not_turned_again(tmp_path, carrier):
+    """The loaded image kept its Orientation tag after being turned, so converting it again (Captioner on a
+    loaded image, as infer.py does; each overlay panel) turned it a second time: the model captioned a
+    rotated photo and the attention maps lay over another picture than the one shown."""
+    from PIL import PngImagePlugin
+
+    p = tmp_path / "turned.png"
+    meta = PngImagePlugin.PngInfo()
+    if carrier == "xmp":  # Pillow's getexif also reads XMP's tiff:Orientation
+        meta.add_itxt("XML:com.adobe.xmp", '<rdf:Description tiff:Orientation="6"/>')
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _row("RGB", [RED, RED, WHITE]).save(p, pnginfo=meta, **({"exif": exif} if carrier == "exif" else {}))
+    img = load_image(p)
+    assert img.size == (1, 3)  # turned once
+    again = to_rgb(img)
+    assert again.size == (1, 3) and list(again.getdata()) == list(img.getdata())
+    assert to_rgb(to_rgb(Image.open(p))).size == (1, 3)  # a PIL image handed to the captioner, converted twice

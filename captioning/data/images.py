@@ -214,6 +214,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # not ImageOps.exif_transpose: it also writes the EXIF block back, and raised on tags of an unexpected
         # type that cameras write (the image then failed to load although its pixels were fine)
         img = img.transpose(turn)
+        # and the turned copy says so: it keeps no Orientation (EXIF, or XMP's tiff:Orientation, which getexif
+        # also reads), or a second to_rgb (Captioner on a loaded image, the overlays) turned it again
+        for key in _ORIENTATION_CARRIERS:
+            img.info.pop(key, None)
     if img.mode in _HIGH_BIT_MODES:
         img = _to_8bit(img, top)
     if img.mode == "La":  # premultiplied alpha (in memory only) converts to RGBA through LA
@@ -239,6 +243,10 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+
+#: the ``info`` entries Pillow's ``getexif`` reads an Orientation from
+_ORIENTATION_CARRIERS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 
 
 def _orientation(img: Image.Image) -> int | None:
