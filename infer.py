@@ -201,4 +201,7 @@ def available_devices() -> str:
 
 
 if __name__ == "__main__":
+    # a file name that is not valid UTF-8 (an old archive's Latin-1 "caf\xe9.png") is printed escaped: on a strict
+    # UTF-8 stdout its caption's print raised, and the rest of the batch got no caption and no overlay
+    sys.stdout.reconfigure(errors="backslashreplace")
     sys.exit(main())
