@@ -466,3 +466,31 @@ def test_label_smoothing_targets_only_the_classes_a_caption_can_hold(smoothing):
     want = (logits.detach().softmax(-1) - q) * mask.unsqueeze(-1)
     torch.testing.assert_close(logits.grad, want, rtol=1e-5, atol=1e-6)
     assert (logits.grad[..., :2][mask] > 0).all()  # probability on <pad>/<start> is only ever pushed down
+
+
+def test_overfit_batches_runs_and_an_accumulated_window_is_normalised_by_its_own_words(tmp_path, monkeypatch):
+    """Lightning's --trainer.overfit_batches swaps the training sampler for a SequentialSampler, whose plain
+    indices the data set could not unpack: the run stopped at its first batch with a TypeError. And the
+    accumulation window's word count must then come from those batches, not from our sampler's shuffled order:
+    2 batches of 8 accumulated take the gradient of the one batch of the same 16 (frozen encoder, no dropout)."""
+    import torch
+
+    from conftest import finish, start_script
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    common = ["fit", "-c", str(TINY), "--model.freeze_encoder", "true", "--model.dropout", "0", *QUICK]
+    common += ["--trainer.max_steps", "1", "--trainer.callbacks+=save_grads.SaveGrads", "--trainer.callbacks.path=g.pt"]
+    runs = {
+        "1 x 16": ["--trainer.overfit_batches", "1", "--data.batch_size", "16"],
+        "2 x 8": ["--trainer.overfit_batches", "2", "--data.batch_size", "8", "--trainer.accumulate_grad_batches", "2"],
+    }
+    started = []
+    for name, extra in runs.items():
+        (tmp_path / name).mkdir()
+        started.append(start_script(str(ROOT / "train.py"), *common, *extra, cwd=tmp_path / name))
+    for proc in finish(*started):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    whole, accumulated = (torch.load(tmp_path / name / "g.pt", weights_only=True) for name in runs)
+    assert whole and whole.keys() == accumulated.keys()
+    for k in whole:
+        torch.testing.assert_close(accumulated[k], whole[k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")

@@ -149,8 +149,10 @@ class TrainCaptions(Dataset):
         chosen = self._chosen(i, epoch)
         return sum(len(c) - 1 for c in chosen), len(chosen)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-        i, epoch = item
+    def __getitem__(self, item: tuple[int, int] | int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        # an index alone comes from the SequentialSampler Lightning puts in for --trainer.overfit_batches: the
+        # draw of epoch 0 then, the same captions every epoch, which is what overfitting a few batches wants
+        i, epoch = item if isinstance(item, tuple) else (item, 0)
         tokens = [torch.tensor(c) for c in self._chosen(i, epoch)]
         if self.features is not None:
             feats, valid = self.features.open()
@@ -493,16 +495,27 @@ class CaptionDataModule(pl.LightningDataModule):
         ranks, epoch = sampler.num_replicas, sampler.epoch
         if self._window[0] == (epoch, batches):
             return self._window[1]
-        if self._order[0] != epoch:
-            self._order = (epoch, sampler.order(epoch))
-        lo = batches.start * self.batch_size * ranks  # (see EpochSampler.order)
-        hi = min(batches.stop * self.batch_size, sampler.num_samples) * ranks
+        if self._overfitting():
+            # Lightning's SequentialSampler in place of ours: every rank reads items 0, 1, ... with epoch 0's draw
+            items = range(batches.start * self.batch_size, min(batches.stop * self.batch_size, len(ds)))
+            draw, copies = 0, ranks
+        else:
+            if self._order[0] != epoch:
+                self._order = (epoch, sampler.order(epoch))
+            lo = batches.start * self.batch_size * ranks  # (see EpochSampler.order)
+            hi = min(batches.stop * self.batch_size, sampler.num_samples) * ranks
+            items, draw, copies = self._order[1][lo:hi], epoch, 1
         words = captions = 0
-        for i in self._order[1][lo:hi]:
-            w, c = ds.counts(i, epoch)
-            words, captions = words + w, captions + c
+        for i in items:
+            w, c = ds.counts(i, draw)
+            words, captions = words + w * copies, captions + c * copies
         self._window = ((epoch, batches), (words, captions))
         return words, captions
+
+    def _overfitting(self) -> bool:
+        """Whether the trainer runs --trainer.overfit_batches, for which Lightning swaps the training sampler."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and getattr(trainer, "overfit_batches", 0) > 0
 
     def _eval_loader(self, split: str) -> DataLoader:
         images = EvalImages(self.records(split), self.transform(), self.max_pixels)
