@@ -358,6 +358,11 @@ def test_exif_pillow_cannot_rewrite_or_parse_does_not_stop_an_image_from_loading
     img = load_image(p)  # stored 3x1, red on the left: Orientation 6 shows it turned 90 degrees clockwise
     top, bottom = img.getpixel((0, 0)), img.getpixel((0, 2))
     assert img.size == (1, 3) and top[0] - top[1] > 100 and min(bottom) > 200, (top, bottom)
+    # Orientation written as a RATIONAL 6/1 (one entry; its 8-byte value after the IFD): turned as exif_transpose does
+    tiff = b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + struct.pack(">HHII", 0x0112, 5, 1, 26) + b"\0\0\0\0"
+    rational = tmp_path / "rational.png"
+    _row("RGB", [RED, RED, WHITE]).save(rational, exif=b"Exif\x00\x00" + tiff + struct.pack(">II", 6, 1))
+    assert load_image(rational).size == (1, 3)
     for fmt in ("png", "webp"):
         q = tmp_path / f"no_tiff_header.{fmt}"
         _row("RGB", [RED, WHITE]).save(q, exif=b"MX\x00*\x00\x00\x00\x08", lossless=True)
@@ -395,6 +400,13 @@ def test_an_image_that_decodes_but_fails_to_convert_is_an_image_load_error(tmp_p
     with pytest.raises(ImageLoadError, match=r"odd\.png: cannot convert .*TypeError: bad operand type") as e:
         load_image(p)
     assert e.value.reason == "corrupt"
+
+    def bug(img):  # but a programming error is not a bad image: it stops the run
+        return undefined_name  # noqa: F821
+
+    monkeypatch.setattr(images, "to_rgb", bug)
+    with pytest.raises(NameError):
+        load_image(p)
 
 
 @pytest.mark.parametrize("carrier", ["exif", "xmp"])

@@ -16,6 +16,7 @@ decoding runs with Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` off even where a
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import struct
@@ -61,6 +62,22 @@ def _open_file(path: Path) -> BinaryIO:
         raise ImageLoadError(f"{path}: cannot read the file ({e.strerror or e})", "unreadable") from None
 
 
+#: what Pillow raises on a file's bad data: besides OSError and SyntaxError, broken headers and tags (a TIFF tag
+#: of the wrong type, a cut EXIF block) raise TypeError, KeyError, struct.error ... A programming error
+#: (NameError, AttributeError ...) is not among them: it must stop the run, not pass for a bad image.
+BAD_DATA = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    TypeError,
+    KeyError,
+    IndexError,
+    ZeroDivisionError,
+    struct.error,
+)
+
+
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open ``path`` as an 8-bit RGB PIL image, or raise :class:`ImageLoadError`.
 
@@ -73,9 +90,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         _decode(path, img, max_pixels)
         try:
             return to_rgb(img)  # while the file is open: TIFF reads its EXIF from it
-        except MemoryError:
-            raise
-        except Exception as e:  # a decoded image Pillow cannot convert: that file is broken, not the run
+        except BAD_DATA as e:  # a decoded image Pillow cannot convert: that file is broken, not the run
             raise ImageLoadError(
                 f"{path}: cannot convert the decoded image to RGB ({type(e).__name__}: {e})", "corrupt"
             ) from None
@@ -124,9 +139,7 @@ def _open_image(path: Path, f: BinaryIO, max_pixels: int) -> Image.Image:
     # threads; where the filters turn it into an error, it is caught here.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _too_large(path, max_pixels, bomb=e) from None
-    except MemoryError:
-        raise
-    except Exception as e:  # OSError, SyntaxError ...; a broken header also raises TypeError, struct.error ...
+    except BAD_DATA as e:
         raise _undecodable(path, e, f) from None
     if img.width * img.height > max_pixels:
         raise _too_large(path, max_pixels, img.size)
@@ -199,9 +212,7 @@ def _decode(path: Path, img: Image.Image, max_pixels: int, all_frames: bool = Fa
                 img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a GIF frame or TIFF tile
         raise _too_large(path, max_pixels, bomb=e) from None
-    except MemoryError:
-        raise
-    except Exception as e:  # OSError, SyntaxError ...; broken TIFF tags also raise TypeError, KeyError ...
+    except BAD_DATA as e:
         raise _undecodable(path, e, getattr(img, "fp", None)) from None
 
 
@@ -254,11 +265,17 @@ def _orientation(img: Image.Image) -> int | None:
     the image is shown as stored, as browsers do, rather than refused)."""
     try:
         value = img.getexif().get(ExifTags.Base.Orientation)
-    except MemoryError:
-        raise
-    except Exception:  # SyntaxError "not a TIFF file", struct.error, TypeError ...
+    except BAD_DATA:  # SyntaxError "not a TIFF file", struct.error, TypeError ...
         return None
-    return value if isinstance(value, int) else None
+    # a SHORT as the standard says, or a whole number stored as a RATIONAL or FLOAT (6/1, 6.0), which
+    # exif_transpose turns too; anything else (a tuple, NaN) is no orientation
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            if value == int(value):
+                return int(value)
+        except (ValueError, OverflowError, ZeroDivisionError):
+            pass
+    return None
 
 
 #: modes with more than 8 bits a sample: 16-bit, 32-bit integer and 32-bit float greyscale
