@@ -18,6 +18,7 @@ is an --out that looks like an image file name (overlay.png) unless a folder of 
 from __future__ import annotations
 
 import argparse
+import codecs
 import math
 import os
 import sys
@@ -200,8 +201,16 @@ def available_devices() -> str:
     return ", ".join(found)
 
 
+def _print_any_file_name() -> None:
+    """Make stdout print any file name. One that is not valid UTF-8 (an old archive's Latin-1 "caf\xe9.png") comes
+    from the file system as surrogates; on a strict stdout (an en_US.UTF-8 locale, PYTHONIOENCODING) its caption's
+    print raised and the rest of the batch got no caption and no overlay. A UTF-8 stdout then writes the name's
+    own bytes, as Python's UTF-8 mode and the C locale already do; another encoding writes it escaped."""
+    if sys.stdout.errors == "strict":
+        utf8 = codecs.lookup(sys.stdout.encoding).name == "utf-8"
+        sys.stdout.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
+
+
 if __name__ == "__main__":
-    # a file name that is not valid UTF-8 (an old archive's Latin-1 "caf\xe9.png") is printed escaped: on a strict
-    # UTF-8 stdout its caption's print raised, and the rest of the batch got no caption and no overlay
-    sys.stdout.reconfigure(errors="backslashreplace")
+    _print_any_file_name()
     sys.exit(main())

@@ -349,17 +349,23 @@ def test_a_dangling_checkpoint_link_under_runs_is_passed_over(tmp_path):
     assert find_latest_checkpoint(tmp_path / "runs") == checkpoints / "best-v1.ckpt"
 
 
-def test_an_image_whose_name_is_not_utf8_gets_its_caption_and_the_batch_goes_on(tiny_ckpt, tmp_path, monkeypatch):
-    """A Latin-1 file name ("caf\\xe9.png"), printed to a strict UTF-8 stdout (PYTHONIOENCODING=utf-8, or the
-    en_US.UTF-8 locale of most desktops), raised UnicodeEncodeError: infer.py stopped, the other image of the
-    batch got no caption and no overlay."""
+@pytest.mark.parametrize("encoding, shown", [("utf-8", b"caf\xe9.png"), ("ascii", b"caf\\udce9.png")])
+def test_an_image_whose_name_is_not_utf8_gets_its_caption_and_the_batch_goes_on(tiny_ckpt, tmp_path, encoding, shown):
+    """A Latin-1 file name ("caf\\xe9.png"), printed to a strict stdout (PYTHONIOENCODING, or the en_US.UTF-8 locale
+    of most desktops), raised UnicodeEncodeError: infer.py stopped, the other image of the batch got no caption and
+    no overlay. A UTF-8 stdout now writes the name's own bytes (as Python's UTF-8 mode and the C locale do, so a
+    script can open the file it reads back), another encoding writes it escaped."""
+    import subprocess
+    import sys
+
     latin1 = tmp_path / os.fsdecode(b"caf\xe9.png")
     Image.new("RGB", (64, 64), (200, 10, 10)).save(latin1)
     Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "zz_good.png")
-    monkeypatch.setenv("PYTHONIOENCODING", "utf-8")
+    env = {**os.environ, "PYTHONIOENCODING": encoding, "PYTHONPATH": str(ROOT)}
     args = [str(latin1), str(tmp_path / "zz_good.png"), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "o")]
-    proc = run_script(str(ROOT / "infer.py"), *args, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), *args], cwd=tmp_path, env=env, capture_output=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"{tmp_path}/caf\\udce9.png: ") and "zz_good.png: " in lines[1]
+    assert len(lines) == 2 and lines[0].startswith(os.fsencode(tmp_path) + b"/" + shown + b": "), lines
+    assert b"zz_good.png: " in lines[1]
     assert len(list((tmp_path / "o").iterdir())) == 2
