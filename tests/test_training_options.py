@@ -472,7 +472,8 @@ def test_overfit_batches_runs_and_an_accumulated_window_is_normalised_by_its_own
     """Lightning's --trainer.overfit_batches swaps the training sampler for a SequentialSampler, whose plain
     indices the data set could not unpack: the run stopped at its first batch with a TypeError. And the
     accumulation window's word count must then come from those batches, not from our sampler's shuffled order:
-    2 batches of 8 accumulated take the gradient of the one batch of the same 16 (frozen encoder, no dropout)."""
+    2 batches of 8 accumulated, and 2 ranks with 2 batches of 4 each, take the gradient of the one batch of the same
+    16 (frozen encoder, no dropout)."""
     import torch
 
     from conftest import finish, start_script
@@ -483,6 +484,11 @@ def test_overfit_batches_runs_and_an_accumulated_window_is_normalised_by_its_own
     runs = {
         "1 x 16": ["--trainer.overfit_batches", "1", "--data.batch_size", "16"],
         "2 x 8": ["--trainer.overfit_batches", "2", "--data.batch_size", "8", "--trainer.accumulate_grad_batches", "2"],
+        # Lightning shares its sequential order out between the ranks (items r, r+2, ...): the same 16 in all
+        "2 ranks x 2 x 4": [
+            *("--trainer.devices", "2", "--trainer.strategy", "ddp_spawn", "--trainer.accelerator", "cpu"),
+            *("--trainer.overfit_batches", "2", "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "2"),
+        ],
     }
     started = []
     for name, extra in runs.items():
@@ -490,7 +496,11 @@ def test_overfit_batches_runs_and_an_accumulated_window_is_normalised_by_its_own
         started.append(start_script(str(ROOT / "train.py"), *common, *extra, cwd=tmp_path / name))
     for proc in finish(*started):
         assert proc.returncode == 0, proc.stderr[-3000:]
-    whole, accumulated = (torch.load(tmp_path / name / "g.pt", weights_only=True) for name in runs)
-    assert whole and whole.keys() == accumulated.keys()
-    for k in whole:
-        torch.testing.assert_close(accumulated[k], whole[k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+    whole, *others = (torch.load(tmp_path / name / "g.pt", weights_only=True) for name in runs)
+    assert whole
+    for name, got in zip(list(runs)[1:], others):
+        assert got.keys() == whole.keys(), name
+        for k in whole:
+            torch.testing.assert_close(
+                got[k], whole[k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k, n=name: f"{n}: {k}: {m}"
+            )

@@ -83,12 +83,13 @@ class EpochSampler(DistributedSampler):
         takes positions r, r+R, r+2R..., so its batch j is positions [j*b*R, (j+1)*b*R) of every rank's."""
         # modulo 2**63: an unseeded process has a random 64-bit seed, which the product would overflow
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
-        order = torch.randperm(self.size, generator=g).tolist()
-        # pad to a multiple of the ranks, repeating the order as often as needed: with fewer images than
-        # half the ranks, one repeat of its first items left some ranks short of the len() they promised
-        if order:
-            order = (order * math.ceil(self.total_size / self.size))[: self.total_size]
-        return order
+        return self.padded(torch.randperm(self.size, generator=g).tolist())
+
+    def padded(self, order: list[int]) -> list[int]:
+        """``order`` padded to ``total_size`` as torch's DistributedSampler pads, repeating it as often as needed:
+        with fewer images than half the ranks, one repeat of its first items left some ranks short of the len()
+        they promised."""
+        return (order * math.ceil(self.total_size / self.size))[: self.total_size] if order else order
 
     def __iter__(self):
         shard = self.order(self.epoch)[self.rank :: self.num_replicas]
@@ -322,7 +323,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.report: DataReport | None = None
         self.train_sampler: EpochSampler | None = None
         self._train_set: TrainCaptions | None = None  # the training loader's data set (window_counts)
-        self._order: tuple[int | None, list[int]] = (None, [])  # (epoch, its order), for window_counts
+        self._order: tuple[int | str | None, list[int]] = (None, [])  # (epoch, its order), for window_counts
         self._window: tuple[tuple[int, range] | None, tuple[int, int]] = (None, (0, 0))  # (epoch, batches), counts
         self._resume: tuple[int, int] | None = None
         self._train_cache: FeatureCache | None = None
@@ -496,19 +497,21 @@ class CaptionDataModule(pl.LightningDataModule):
         if self._window[0] == (epoch, batches):
             return self._window[1]
         if self._overfitting():
-            # Lightning's SequentialSampler in place of ours: every rank reads items 0, 1, ... with epoch 0's draw
-            items = range(batches.start * self.batch_size, min(batches.stop * self.batch_size, len(ds)))
-            draw, copies = 0, ranks
+            # Lightning's SequentialSampler in place of ours (under DDP inside a DistributedSampler that does not
+            # shuffle, which shares it out as ours does): the items in index order, with epoch 0's caption draw
+            key, draw = "index order", 0
+            if self._order[0] != key:
+                self._order = (key, sampler.padded(list(range(len(ds)))))
         else:
+            draw = epoch
             if self._order[0] != epoch:
                 self._order = (epoch, sampler.order(epoch))
-            lo = batches.start * self.batch_size * ranks  # (see EpochSampler.order)
-            hi = min(batches.stop * self.batch_size, sampler.num_samples) * ranks
-            items, draw, copies = self._order[1][lo:hi], epoch, 1
+        lo = batches.start * self.batch_size * ranks  # (see EpochSampler.order)
+        hi = min(batches.stop * self.batch_size, sampler.num_samples) * ranks
         words = captions = 0
-        for i in items:
+        for i in self._order[1][lo:hi]:
             w, c = ds.counts(i, draw)
-            words, captions = words + w * copies, captions + c * copies
+            words, captions = words + w, captions + c
         self._window = ((epoch, batches), (words, captions))
         return words, captions
 
