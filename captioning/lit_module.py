@@ -75,8 +75,22 @@ class CheckpointOnSigterm(pl.Callback):
         self._step_before = -1
         self._distributed = False  # more than one process: the ranks decide together at each optimizer step
         self._stop = False  # under DDP: last.ckpt is written, the run stops at the next hook
+        self._saving = False  # inside our own save
+        self._stop_on_resume = False  # the checkpoint resumed from was ours, written after the run decided to stop
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # the run had decided to stop (EarlyStopping at the validation the signal came in): trainer.should_stop is
+        # in no checkpoint, and the resumed run trained on past that decision. Only our save records it: the end
+        # of a run stopped early is the user's to extend (resumed from its last.ckpt, with more patience)
+        if self._saving and trainer.should_stop:
+            checkpoint["sigterm_after_stop"] = True
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._stop_on_resume = bool(checkpoint.get("sigterm_after_stop"))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stop_on_resume:  # Lightning reads it before the first epoch: the run ends as it would have
+            trainer.should_stop = True
         self._distributed = trainer.world_size > 1
         # Lightning has installed its handler by now (a signal handler is the main thread's to set)
         hold = trainer.accumulate_grad_batches > 1 or self._distributed
@@ -163,7 +177,11 @@ class CheckpointOnSigterm(pl.Callback):
         folder = (
             Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.log_dir or ".") / "checkpoints"
         )
-        trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)  # the full state: a resume needs it
+        self._saving = True
+        try:
+            trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)  # the full state: a resume needs it
+        finally:
+            self._saving = False
         if trainer.is_global_zero:
             last = folder / "last.ckpt"
             print(f"SIGTERM: saved {last} at step {trainer.global_step}; resume with --ckpt_path {last}", flush=True)

@@ -143,6 +143,34 @@ def test_a_run_stopped_during_a_validation_runs_that_validation_again_when_resum
     assert losses_stopped == losses
 
 
+def test_a_run_early_stopping_ended_when_the_signal_came_ends_there_when_resumed(tmp_path):
+    """SIGTERM at the last batch of the validation after which EarlyStopping stops the run: the signal is raised
+    after the epoch's end, the decision (trainer.should_stop) is in no checkpoint, and the resumed run trained a
+    whole epoch more than the run it continues. Now it ends where that run ended."""
+    config = """
+trainer:
+  max_steps: 60
+  max_epochs: 10
+  log_every_n_steps: 1
+  callbacks+:
+    - class_path: pytorch_lightning.callbacks.EarlyStopping
+      init_args: {monitor: val/cider_d, mode: max, patience: 1, min_delta: 1000}
+data:
+  eval_batch_size: 4
+"""
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir(), stopped.mkdir()
+    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=12"]
+    term += ["--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.val_batch=3"]  # the last of 4
+    whole_proc, stopped_proc = finish(_start(whole, config=config), _start(stopped, *term, config=config))
+    assert whole_proc.returncode == 0, whole_proc.stderr[-3000:]
+    assert stopped_proc.returncode == 143 and "SIGTERM: saved" in stopped_proc.stdout, stopped_proc.stderr[-3000:]
+    proc = _fit(stopped, "--ckpt_path", "last", config=config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [sorted(_losses(folder / "runs" / "tiny" / "version_0")) for folder in (whole, stopped)]
+    assert steps[0] == list(range(12)) and steps[1] == steps[0]  # epochs 0 and 1, then early stopping
+
+
 def test_ckpt_path_last_in_a_config_file_resumes_like_the_flag(tmp_path):
     """Before, only a --ckpt_path flag was looked at: `ckpt_path: last` in a config file reached Lightning,
     which found no last.ckpt in the new run's folder and started afresh in silence."""
