@@ -369,9 +369,7 @@ def test_exif_pillow_cannot_rewrite_or_parse_does_not_stop_an_image_from_loading
         assert check_image(q) is None and load_image(q).size == (2, 1)
 
 
-def test_a_tiff_with_a_tag_of_the_wrong_type_is_reported_corrupt_not_raised(tmp_path):
-    """A TIFF whose StripOffsets tag is stored as text made Pillow raise TypeError, which the scan did not
-    catch: the whole set-up stopped with an error naming no file, instead of leaving the image out."""
+def _tiff_with_text_strip_offsets() -> bytes:
     buf = io.BytesIO()
     _row("RGB", [RED, WHITE]).save(buf, "TIFF")
     data = bytearray(buf.getvalue())
@@ -379,11 +377,32 @@ def test_a_tiff_with_a_tag_of_the_wrong_type_is_reported_corrupt_not_raised(tmp_
     for k in range(struct.unpack_from("<H", data, ifd)[0]):
         if struct.unpack_from("<H", data, ifd + 2 + 12 * k)[0] == 273:  # StripOffsets: LONG -> ASCII
             struct.pack_into("<H", data, ifd + 2 + 12 * k + 2, 2)
-    p = tmp_path / "bad.tif"
-    p.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def _dds_with_unknown_pixel_format() -> bytes:
+    buf = io.BytesIO()
+    _row("RGBA", [(*RED, 255), (*WHITE, 255)]).save(buf, "DDS")
+    data = bytearray(buf.getvalue())
+    struct.pack_into("<I", data, 80, 0x100000)  # DDS_PIXELFORMAT.dwFlags: no flag Pillow knows
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [("bad.tif", _tiff_with_text_strip_offsets), ("bad.jpg", _dds_with_unknown_pixel_format)],
+    ids=["TypeError", "NotImplementedError"],
+)
+def test_a_file_pillow_refuses_with_an_unusual_exception_is_reported_corrupt_not_raised(tmp_path, name, make):
+    """A TIFF whose StripOffsets tag is stored as text made Pillow raise TypeError, and a DDS (whatever its name:
+    Pillow reads the content) with a pixel format it does not know NotImplementedError: the scan did not catch
+    them, so the whole set-up stopped with an error naming no file, instead of leaving the image out."""
+    p = tmp_path / name
+    p.write_bytes(make())
     assert check_image(p) == "corrupt"
-    with pytest.raises(ImageLoadError, match=r"bad\.tif: cannot decode image, corrupt data"):
+    with pytest.raises(ImageLoadError, match=rf"{name}: cannot decode image, corrupt data") as e:
         load_image(p)
+    assert e.value.reason == "corrupt"
 
 
 def test_an_image_that_decodes_but_fails_to_convert_is_an_image_load_error(tmp_path, monkeypatch):

@@ -63,8 +63,9 @@ def _open_file(path: Path) -> BinaryIO:
 
 
 #: what Pillow raises on a file's bad data: besides OSError and SyntaxError, broken headers and tags (a TIFF tag
-#: of the wrong type, a cut EXIF block) raise TypeError, KeyError, struct.error ... A programming error
-#: (NameError, AttributeError ...) is not among them: it must stop the run, not pass for a bad image.
+#: of the wrong type, a cut EXIF block) raise TypeError, KeyError, struct.error ..., a header field it does not
+#: know NotImplementedError. A programming error (NameError, AttributeError ...) is not among them: it must stop
+#: the run, not pass for a bad image.
 BAD_DATA = (
     OSError,
     SyntaxError,
@@ -73,7 +74,8 @@ BAD_DATA = (
     TypeError,
     KeyError,
     IndexError,
-    ZeroDivisionError,
+    ArithmeticError,  # ZeroDivisionError, OverflowError
+    NotImplementedError,  # a DDS pixel format or BLP encoding Pillow does not know
     struct.error,
 )
 
