@@ -206,9 +206,10 @@ def _print_any_file_name() -> None:
     from the file system as surrogates; on a strict stdout (an en_US.UTF-8 locale, PYTHONIOENCODING) its caption's
     print raised and the rest of the batch got no caption and no overlay. A UTF-8 stdout then writes the name's
     own bytes, as Python's UTF-8 mode and the C locale already do; another encoding writes it escaped."""
-    if sys.stdout.errors == "strict":
-        utf8 = codecs.lookup(sys.stdout.encoding).name == "utf-8"
-        sys.stdout.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
+    out = sys.stdout  # None when the process was started with stdout closed; print() then writes nothing
+    if getattr(out, "errors", None) == "strict" and hasattr(out, "reconfigure"):
+        utf8 = codecs.lookup(out.encoding).name in ("utf-8", "utf-8-sig")
+        out.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
 
 
 if __name__ == "__main__":
