@@ -473,7 +473,8 @@ def test_overfit_batches_runs_and_an_accumulated_window_is_normalised_by_its_own
     indices the data set could not unpack: the run stopped at its first batch with a TypeError. And the
     accumulation window's word count must then come from those batches, not from our sampler's shuffled order:
     2 batches of 8 accumulated, and 2 ranks with 2 batches of 4 each, take the gradient of the one batch of the same
-    16 (frozen encoder, no dropout)."""
+    16; with use_distributed_sampler off both ranks read the same 8, so they take the gradient of those 8 (frozen
+    encoder, no dropout)."""
     import torch
 
     from conftest import finish, start_script
@@ -481,26 +482,33 @@ def test_overfit_batches_runs_and_an_accumulated_window_is_normalised_by_its_own
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = ["fit", "-c", str(TINY), "--model.freeze_encoder", "true", "--model.dropout", "0", *QUICK]
     common += ["--trainer.max_steps", "1", "--trainer.callbacks+=save_grads.SaveGrads", "--trainer.callbacks.path=g.pt"]
-    runs = {
-        "1 x 16": ["--trainer.overfit_batches", "1", "--data.batch_size", "16"],
-        "2 x 8": ["--trainer.overfit_batches", "2", "--data.batch_size", "8", "--trainer.accumulate_grad_batches", "2"],
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn", "--trainer.accelerator", "cpu"]
+    two_of_4 = ["--trainer.overfit_batches", "2", "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "2"]
+    runs = {  # name: (its options, the run whose gradient it must take)
+        "1 x 16": (["--trainer.overfit_batches", "1", "--data.batch_size", "16"], None),
+        "1 x 8": (["--trainer.overfit_batches", "1", "--data.batch_size", "8"], None),
+        "2 x 8": (
+            ["--trainer.overfit_batches", "2", "--data.batch_size", "8", "--trainer.accumulate_grad_batches", "2"],
+            "1 x 16",
+        ),
         # Lightning shares its sequential order out between the ranks (items r, r+2, ...): the same 16 in all
-        "2 ranks x 2 x 4": [
-            *("--trainer.devices", "2", "--trainer.strategy", "ddp_spawn", "--trainer.accelerator", "cpu"),
-            *("--trainer.overfit_batches", "2", "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "2"),
-        ],
+        "2 ranks x 2 x 4": ([*ddp, *two_of_4], "1 x 16"),
+        # not shared: each rank reads items 0-7
+        "2 ranks x 2 x 4, not shared": ([*ddp, *two_of_4, "--trainer.use_distributed_sampler", "false"], "1 x 8"),
     }
     started = []
-    for name, extra in runs.items():
+    for name, (extra, _) in runs.items():
         (tmp_path / name).mkdir()
         started.append(start_script(str(ROOT / "train.py"), *common, *extra, cwd=tmp_path / name))
     for proc in finish(*started):
         assert proc.returncode == 0, proc.stderr[-3000:]
-    whole, *others = (torch.load(tmp_path / name / "g.pt", weights_only=True) for name in runs)
-    assert whole
-    for name, got in zip(list(runs)[1:], others):
-        assert got.keys() == whole.keys(), name
-        for k in whole:
+    grads = {name: torch.load(tmp_path / name / "g.pt", weights_only=True) for name in runs}
+    for name, (_, reference) in runs.items():
+        if reference is None:
+            continue
+        got, want = grads[name], grads[reference]
+        assert want and got.keys() == want.keys(), name
+        for k in want:
             torch.testing.assert_close(
-                got[k], whole[k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k, n=name: f"{n}: {k}: {m}"
+                got[k], want[k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k, n=name: f"{n}: {k}: {m}"
             )

@@ -497,21 +497,26 @@ class CaptionDataModule(pl.LightningDataModule):
         if self._window[0] == (epoch, batches):
             return self._window[1]
         if self._overfitting():
-            # Lightning's SequentialSampler in place of ours (under DDP inside a DistributedSampler that does not
-            # shuffle, which shares it out as ours does): the items in index order, with epoch 0's caption draw
-            key, draw = "index order", 0
+            # Lightning's SequentialSampler in place of ours: items in index order, epoch 0's caption draw. Under DDP
+            # it is inside an unshuffled DistributedSampler, which shares the order out as ours does; bare (with
+            # use_distributed_sampler off), every rank reads items 0, 1, ...
+            draw = 0
+            shared = isinstance(getattr(self.trainer.train_dataloader, "sampler", None), DistributedSampler)
+            key = "index order, shared" if shared else "index order, every rank"
             if self._order[0] != key:
-                self._order = (key, sampler.padded(list(range(len(ds)))))
+                items = list(range(len(ds)))
+                self._order = (key, sampler.padded(items) if shared else items)
+            per_rank, sharing, copies = (sampler.num_samples, ranks, 1) if shared else (len(ds), 1, ranks)
         else:
-            draw = epoch
+            draw, per_rank, sharing, copies = epoch, sampler.num_samples, ranks, 1
             if self._order[0] != epoch:
                 self._order = (epoch, sampler.order(epoch))
-        lo = batches.start * self.batch_size * ranks  # (see EpochSampler.order)
-        hi = min(batches.stop * self.batch_size, sampler.num_samples) * ranks
+        lo = batches.start * self.batch_size * sharing  # (see EpochSampler.order)
+        hi = min(batches.stop * self.batch_size, per_rank) * sharing
         words = captions = 0
         for i in self._order[1][lo:hi]:
             w, c = ds.counts(i, draw)
-            words, captions = words + w, captions + c
+            words, captions = words + w * copies, captions + c * copies
         self._window = ((epoch, batches), (words, captions))
         return words, captions
 
