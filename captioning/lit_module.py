@@ -14,6 +14,7 @@ import json
 import math
 import random
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,21 +77,28 @@ class CheckpointOnSigterm(pl.Callback):
         self._distributed = False  # more than one process: the ranks decide together at each optimizer step
         self._stop = False  # under DDP: last.ckpt is written, the run stops at the next hook
         self._saving = False  # inside our own save
-        self._stop_on_resume = False  # the checkpoint resumed from was ours, written after the run decided to stop
+        self._stop_on_resume: list | None = None  # _stop_settings of our checkpoint resumed from, saved after a stop
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # the run had decided to stop (EarlyStopping at the validation the signal came in): trainer.should_stop is
-        # in no checkpoint, and the resumed run trained on past that decision. Only our save records it: the end
-        # of a run stopped early is the user's to extend (resumed from its last.ckpt, with more patience)
+        # in no checkpoint, and the resumed run trained on past that decision. Only our save records it, with the
+        # settings that decided it: the end of a run stopped early is the user's to extend
         if self._saving and trainer.should_stop:
-            checkpoint["sigterm_after_stop"] = True
+            checkpoint["sigterm_after_stop"] = _stop_settings(trainer)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        self._stop_on_resume = bool(checkpoint.get("sigterm_after_stop"))
+        self._stop_on_resume = checkpoint.get("sigterm_after_stop")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._stop_on_resume:  # Lightning reads it before the first epoch: the run ends as it would have
-            trainer.should_stop = True
+        if self._stop_on_resume is not None:
+            if self._stop_on_resume == _stop_settings(trainer):  # read before the first epoch: the run ends there
+                trainer.should_stop = True
+            elif trainer.is_global_zero:
+                print(
+                    "the run had decided to stop (early stopping) when SIGTERM saved it; its limits or stopping "
+                    "callbacks differ now, so it trains on",
+                    file=sys.stderr,
+                )
         self._distributed = trainer.world_size > 1
         # Lightning has installed its handler by now (a signal handler is the main thread's to set)
         hold = trainer.accumulate_grad_batches > 1 or self._distributed
@@ -185,6 +193,22 @@ class CheckpointOnSigterm(pl.Callback):
         if trainer.is_global_zero:
             last = folder / "last.ckpt"
             print(f"SIGTERM: saved {last} at step {trainer.global_step}; resume with --ckpt_path {last}", flush=True)
+
+
+def _stop_settings(trainer: pl.Trainer) -> list:
+    """What decides when a run stops: its epoch and step limits and the settings of its EarlyStopping and Timer
+    callbacks (primitives only: a checkpoint loads with weights_only)."""
+    from pytorch_lightning.callbacks import EarlyStopping, Timer
+
+    loop = trainer.fit_loop
+    settings: list = [["limits", loop.max_epochs, loop.max_steps, loop.min_epochs, loop.min_steps]]
+    for cb in trainer.callbacks:
+        if isinstance(cb, EarlyStopping):
+            thresholds = [None if t is None else float(t) for t in (cb.stopping_threshold, cb.divergence_threshold)]
+            settings.append(["EarlyStopping", cb.monitor, cb.mode, cb.patience, float(cb.min_delta), *thresholds])
+        elif isinstance(cb, Timer):
+            settings.append(["Timer", getattr(cb, "_duration", None)])
+    return settings
 
 
 def _destroy_process_group() -> None:
