@@ -237,8 +237,8 @@ def _results_id(image_id: str) -> int | str:
 def _resume_after_epoch_end(checkpoint: dict, max_steps: bool) -> bool:
     """Make a checkpoint written at an epoch's end (``on_train_epoch_end``: that epoch processed, not yet
     completed; or just after, by a SIGTERM: completed too) read as one written when the next epoch starts (only
-    where this run has ``max_steps``), or,
-    where ``max_steps`` ended the epoch part-way, as one written inside it; True when it was such a checkpoint.
+    where this run has ``max_steps``), or, where ``max_steps`` ended the epoch part-way, as one written inside it;
+    True when it was such a checkpoint.
 
     Why: with ``max_steps`` set, Lightning 2.6 treats every resume as a restart inside an epoch
     (``_FitLoop.restarting``), and took this state for a restart inside the finished epoch: the resumed
