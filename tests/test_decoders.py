@@ -207,6 +207,27 @@ def test_an_encoder_optimized_for_inference_gives_the_same_features_without_batc
     assert not after.training and not any(p.requires_grad for p in after.parameters())
 
 
+def test_an_encoder_released_from_freezing_takes_the_mode_its_model_was_put_in():
+    """Staged fine-tuning (frozen, then released by a callback): the released encoder stayed in the eval mode it
+    was held in while frozen, so its BatchNorm kept the statistics of the data it was pretrained on for the rest of
+    the run (Lightning does not call train() again at an epoch's start)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SmallCNN((8, 8, 8, 8), freeze=True))
+    enc = model[0]
+    bn = next(m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    model.train()
+    assert not enc.training  # frozen: eval mode, whatever its model's
+    enc.set_frozen(False)
+    assert enc.training and bn.training and all(p.requires_grad for p in enc.parameters())
+    before = bn.running_mean.clone()
+    enc(torch.randn(2, 3, 32, 32) * 3 + 2)
+    assert not torch.equal(bn.running_mean, before)
+    enc.set_frozen(True)
+    model.eval()
+    enc.set_frozen(False)  # released inside a model in eval mode (a validation): eval it stays
+    assert not enc.training and not bn.training
+
+
 def test_overfits_one_small_batch(make):
     """Image-conditioned captions: the model must tell 4 images apart to get them all right."""
     torch.manual_seed(0)

@@ -27,14 +27,19 @@ class Encoder(nn.Module):
     #: weights fixed and BatchNorm statistics too: a frozen encoder stays in eval mode
     freeze: bool = False
 
+    #: the mode the encoder was last put in (``train(mode)``), which a frozen encoder does not take
+    _mode_asked: bool = True
+
     def set_frozen(self, freeze: bool) -> None:
-        """Fix (or release) every weight of the encoder; see :attr:`freeze`."""
+        """Fix (or release) every weight of the encoder; see :attr:`freeze`. Released, it takes the mode its model
+        was last put in (train() or eval()), not the eval mode it was held in while frozen."""
         self.freeze = freeze
         self.requires_grad_(not freeze)
-        self.train(self.training)
+        self.train(self._mode_asked)
 
     def train(self, mode: bool = True) -> Encoder:
         # a frozen BatchNorm must not update its running statistics, whatever mode the model is put in
+        self._mode_asked = mode
         return super().train(mode and not self.freeze)
 
     def optimize_for_inference(self) -> Encoder:
