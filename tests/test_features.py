@@ -235,6 +235,8 @@ def test_load_encoder_weights_refuses_wrong_files_clearly(tmp_path, r18_file):
         load_encoder_weights(TorchvisionEncoder("resnet18"), str(text))
     with pytest.raises(FileNotFoundError, match="gone.pth: encoder weights file not found"):
         load_encoder_weights(TorchvisionEncoder("resnet18"), str(tmp_path / "gone.pth"))
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path}: a folder, not an encoder weights file"):
+        load_encoder_weights(TorchvisionEncoder("resnet18"), str(tmp_path))
     with pytest.raises(ValueError, match="need a torchvision encoder, not SmallCNN"):
         load_encoder_weights(SmallCNN(), str(path))
 

@@ -121,6 +121,8 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
         raise ValueError(f"pretrained weights need a torchvision encoder, not {type(encoder).__name__}")
     path = Path(weights)
     if path.suffix in (".pt", ".pth", ".bin") or path.exists():
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: a folder, not an encoder weights file")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: encoder weights file not found")
         # torchvision's reference training scripts save their argparse options beside the weights ("args"):
