@@ -25,6 +25,9 @@ a plain loop of ``module.loss`` -> ``backward`` -> AdamW, fused on cuda):
 - ``search1``: the same search one image at a time over ``--single-images`` images -> images/s; the
   ratio search / search1 is printed after the table.
 
+Both searches run under the ``--precision`` autocast, as the validation of a ``bf16-mixed`` Lightning run
+decodes; ``Captioner`` and ``infer.py`` decode in float32 (no autocast), so on a GPU their rate is not this one.
+
 Each training batch is B images x M captions (grouped batches: the encoder runs once per image, the
 decoder reads an image's features once for its M captions). Caption lengths follow a COCO-like
 distribution of 8-16 words (mean about 10.6), and every batch is padded to the longest possible
@@ -111,11 +114,14 @@ def make_tokens(
     return tokens.view(images, per_image, length).to(device)  # (R,L) -> (B,M,L)
 
 
-def build(args: argparse.Namespace, decoder: str, freeze: bool, compile_decoder: bool) -> CaptionModule:
-    """A randomly initialised CaptionModule at the benchmark's sizes, its encoder's BatchNorm statistics
-    set from one batch of random images: with torchvision's initial statistics (mean 0, variance 1) a
+def build(
+    args: argparse.Namespace, decoder: str, freeze: bool, compile_decoder: bool, device: torch.device
+) -> CaptionModule:
+    """A randomly initialised CaptionModule at the benchmark's sizes on ``device``, its encoder's BatchNorm
+    statistics set from one batch of random images: with torchvision's initial statistics (mean 0, variance 1) a
     random ResNet's activations grow block after block to features of mean ~10^4, which saturate the
-    LSTM and make its backward run on denormal numbers, many times slower than on real features."""
+    LSTM and make its backward run on denormal numbers, many times slower than on real features. (On the
+    device: ResNet-101 over 8 images on the host took ~15 s per mode on 2 cores.)"""
     vocab = [*SPECIALS, *(f"w{i}" for i in range(args.vocab - len(SPECIALS)))]
     module = CaptionModule(
         vocab=vocab,
@@ -133,7 +139,9 @@ def build(args: argparse.Namespace, decoder: str, freeze: bool, compile_decoder:
         channels_last=args.channels_last,
         compile_decoder=compile_decoder,
     )
-    calibrate_batchnorm(module.net.encoder, torch.randn(8, 3, args.image_size, args.image_size))  # (8,3,H,W)
+    module.to(device)
+    with torch.no_grad():
+        calibrate_batchnorm(module.net.encoder, torch.randn(8, 3, args.image_size, args.image_size, device=device))
     module.net.encoder.train(not freeze)
     return module
 
@@ -208,7 +216,7 @@ def _time(fn: Callable[[], None], warmup: int, iters: int, device: torch.device,
 
 def train_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
     """Training steps (loss, backward, AdamW) of one mode -> rate in captions/s, ms per step, peak memory."""
-    module = build(args, decoder, freeze=mode != "finetune", compile_decoder=args.compile).to(device)
+    module = build(args, decoder, freeze=mode != "finetune", compile_decoder=args.compile, device=device)
     module.setup("fit")  # channels_last, torch.compile of the decoder
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -244,7 +252,7 @@ def train_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.
 
 def search_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
     """Encoder + beam search (exactly ``--steps`` steps) -> rate in images/s, ms per call, peak memory."""
-    module = build(args, decoder, freeze=True, compile_decoder=False).to(device)
+    module = build(args, decoder, freeze=True, compile_decoder=False, device=device)
     module.setup("validate")  # channels_last
     module.eval()
     net = module.net
