@@ -278,6 +278,37 @@ def _resume_after_epoch_end(checkpoint: dict, max_steps: bool) -> bool:
     return True
 
 
+def _finish_validation_past_max_steps(loop: pl.loops.fit_loop._FitLoop) -> None:
+    """Let ``loop`` (the fit loop of a run resumed from a checkpoint written inside a validation) run that
+    validation even where the run's ``max_steps`` is already reached.
+
+    Why: the validation at the end of a run's last step was lost when a SIGTERM came during it: Lightning's fit loop
+    stops at ``max_steps`` before its epoch loop is asked to finish anything, so the resumed run ended at once, with
+    no metrics for that epoch and a best.ckpt that never weighed it (nor did the test that follows the fit). The
+    epoch loop itself runs a restarted validation before it looks at the step limit.
+    """
+    if type(loop) is pl.loops.fit_loop._FitLoop:  # a loop of the user's own (trainer.fit_loop = ...) is left alone
+        loop.__class__ = _FitLoopFinishingValidation
+        loop._validation_to_finish = True
+
+
+class _FitLoopFinishingValidation(pl.loops.fit_loop._FitLoop):
+    """Lightning's fit loop, not done before its first epoch loop has run (see _finish_validation_past_max_steps)."""
+
+    _validation_to_finish = False
+
+    @property
+    def done(self) -> bool:
+        trainer = self.trainer
+        if self._validation_to_finish and trainer.enable_validation and self.epoch_loop._should_check_val_epoch():
+            return False
+        return super().done
+
+    def on_advance_end(self) -> None:
+        self._validation_to_finish = False  # once: the epoch loop has run (and with it the validation)
+        super().on_advance_end()
+
+
 def _redo_interrupted_validation(checkpoint: dict) -> bool:
     """Make a checkpoint written part-way through a validation (a SIGTERM between its batches) run that whole
     validation again when resumed; True when it was such a checkpoint.
@@ -297,6 +328,18 @@ def _redo_interrupted_validation(checkpoint: dict) -> bool:
     progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
     progress["total"] = {"ready": before + 1, "started": before + 1, "processed": before, "completed": before}
     return True
+
+
+def _close_redone_validation(progress) -> None:
+    """At the end of a validation (all its batches run), make its epoch's batch counters read as a finished one.
+
+    Why: the run of a validation again (``_redo_interrupted_validation``) counts its first batch as started twice
+    (Lightning's own mark of a restart mid-evaluation), and a checkpoint written then carried that mark. Where the
+    next epoch began, the counters were reset and nothing showed; but a checkpoint of the run's last validation
+    (the end of a run resumed from a SIGTERM in it) read as interrupted again, and a run extended from it (more
+    epochs or steps) started with that validation, once more, out of turn."""
+    total = progress.total
+    total.ready = total.started = total.processed = total.completed
 
 
 def _split_decay(group: dict, weight_decay: float) -> list[dict]:
@@ -851,6 +894,8 @@ class CaptionModule(pl.LightningModule):
         return metrics, captions
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            _close_redone_validation(self.trainer.fit_loop.epoch_loop.val_loop.batch_progress)
         metrics, _ = self._score("val", self.hparams.val_meteor)
         for k, v in metrics.items():
             # every rank scored the same gathered captions, so no reduction is needed
@@ -886,7 +931,8 @@ class CaptionModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Lightning then counts the logged steps from a restart's rule; the first batch sets them right
             self._align_logged_step = _resume_after_epoch_end(checkpoint, self.trainer.max_steps != -1)
-            _redo_interrupted_validation(checkpoint)
+            if _redo_interrupted_validation(checkpoint):
+                _finish_validation_past_max_steps(self.trainer.fit_loop)
         resume = checkpoint.get("resume")
         if not resume or self._trainer is None or self.trainer.state.fn != "fit":
             return
@@ -1001,14 +1047,20 @@ class CaptionModule(pl.LightningModule):
             )
         # any checkpoint written during fit, also by a validation inside it (val_check_interval, best.ckpt)
         if self._trainer is not None and self.trainer.state.fn == "fit":
-            state = random.getstate()
+            # a resume's RNG state waits for its first batch (on_train_batch_start); until then (a validation run
+            # again, the end of the epoch it closed) this process's own state is not the run's, and a checkpoint
+            # written there made a run resumed from it draw other dropout than the uninterrupted run
+            rng = getattr(self, "_pending_rng", None)
+            if rng is None:
+                state = random.getstate()
+                rng = {"torch": torch.get_rng_state(), "python": [state[0], list(state[1]), state[2]]}
+                if self.device.type == "cuda":
+                    rng["cuda"] = torch.cuda.get_rng_state(self.device)
             checkpoint["resume"] = {
                 "epoch": int(self.current_epoch),
                 "batches_done": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed),
-                "rng": {"torch": torch.get_rng_state(), "python": [state[0], list(state[1]), state[2]]},
+                "rng": rng,
             }
-            if self.device.type == "cuda":
-                checkpoint["resume"]["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
             if self._distributed():
                 # each rank's own: the ranks' captions differ in length, so their dropout draws and RNG states
                 # part; a resume that gave every rank rank 0's state changed rank 1's dropout. Every rank

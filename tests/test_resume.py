@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, TINY, finish, start_script
 
@@ -114,33 +115,49 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     assert not (tmp_path / "runs" / "tiny" / "version_1").exists()
 
 
-@pytest.mark.parametrize("val_batch", [1, 3])
-def test_a_run_stopped_during_a_validation_runs_that_validation_again_when_resumed(tmp_path, val_batch):
-    """SIGTERM between the batches of the second epoch's validation: the checkpoint is written there. Lightning
-    took that validation for done, so the resumed run logged no metrics for the epoch and best.ckpt never
-    weighed it; now it runs the whole validation again, and logs what the uninterrupted run logs. At its last
-    batch the signal is raised after the epoch's end hooks; with max_steps the resumed run then ended at once,
-    one epoch short; now it trains that last epoch."""
+def _validations_and_losses(folder: Path) -> tuple[list, dict]:
+    """(epoch, step, CIDEr-D) of each validation logged, in order; the loss of each step."""
+    run = folder / "runs" / "tiny" / "version_0"
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [(r["epoch"], r["step"], r["val/cider_d"]) for r in rows if r.get("val/cider_d")], _losses(run)
+
+
+@pytest.mark.parametrize(
+    "step,val_batch", [(12, 1), (12, 3), pytest.param(18, 1, marks=pytest.mark.slow, id="the-last-validation")]
+)
+def test_a_run_stopped_during_a_validation_runs_that_validation_again_when_resumed(tmp_path, step, val_batch):
+    """SIGTERM between the batches of a validation: the checkpoint is written there. Lightning took that
+    validation for done, so the resumed run logged no metrics for the epoch and best.ckpt never weighed it; now it
+    runs the whole validation again, and logs what the uninterrupted run logs. At its last batch the signal is
+    raised after the epoch's end hooks; with max_steps the resumed run then ended at once, one epoch short; now it
+    trains that last epoch. In the run's last validation (step 18: max_steps reached) Lightning's step limit ended
+    the resumed run before that validation could run again; the run then extended by an epoch goes on as the
+    uninterrupted run's does (no validation out of turn, the same dropout)."""
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     whole.mkdir(), stopped.mkdir()
     config = "trainer:\n  max_steps: 18\n  max_epochs: 3\n  log_every_n_steps: 1\ndata:\n  eval_batch_size: 4\n"
-    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=12"]
+    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", f"--trainer.callbacks.step={step}"]
     term += ["--trainer.callbacks.signal_name=SIGTERM", f"--trainer.callbacks.val_batch={val_batch}"]  # of 4
     whole_proc, stopped_proc = finish(_start(whole, config=config), _start(stopped, *term, config=config))
     assert whole_proc.returncode == 0, whole_proc.stderr[-3000:]
     assert stopped_proc.returncode == 143 and "SIGTERM: saved" in stopped_proc.stdout, stopped_proc.stderr[-3000:]
     proc = _fit(stopped, "--ckpt_path", "last", config=config)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-    def logged(folder: Path) -> tuple[dict, dict]:
-        run = folder / "runs" / "tiny" / "version_0"
-        with open(run / "metrics.csv") as f:
-            rows = list(csv.DictReader(f))
-        return {r["epoch"]: r["val/cider_d"] for r in rows if r.get("val/cider_d")}, _losses(run)
-
-    (val, losses), (val_stopped, losses_stopped) = logged(whole), logged(stopped)
-    assert sorted(val) == ["0", "1", "2"] and val_stopped == val
+    (val, losses), (val_stopped, losses_stopped) = _validations_and_losses(whole), _validations_and_losses(stopped)
+    assert [epoch for epoch, _, _ in val] == ["0", "1", "2"] and val_stopped == val
     assert losses_stopped == losses
+    if step != 18:
+        return
+    best = [torch.load(f / "runs/tiny/version_0/checkpoints/best.ckpt", weights_only=False) for f in (whole, stopped)]
+    assert best[0]["epoch"] == best[1]["epoch"]
+    assert all(torch.equal(v, best[1]["state_dict"][k]) for k, v in best[0]["state_dict"].items())
+    more = ["--ckpt_path", "last", "--trainer.max_steps", "24", "--trainer.max_epochs", "4"]
+    for proc in finish(*(_start(folder, *more, config=config) for folder in (whole, stopped))):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    (val, losses), (val_stopped, losses_stopped) = _validations_and_losses(whole), _validations_and_losses(stopped)
+    assert [epoch for epoch, _, _ in val] == ["0", "1", "2", "3"] and val_stopped == val
+    assert sorted(losses) == list(range(24)) and losses_stopped == losses
 
 
 def test_a_run_early_stopping_ended_when_the_signal_came_ends_there_when_resumed(tmp_path):
