@@ -287,7 +287,8 @@ def _finish_validation_past_max_steps(loop: pl.loops.fit_loop._FitLoop) -> None:
     no metrics for that epoch and a best.ckpt that never weighed it (nor did the test that follows the fit). The
     epoch loop itself runs a restarted validation before it looks at the step limit.
     """
-    if type(loop) is pl.loops.fit_loop._FitLoop:  # a loop of the user's own (trainer.fit_loop = ...) is left alone
+    # a loop of the user's own (trainer.fit_loop = ...) is left alone; ours again where a process fits twice
+    if type(loop) in (pl.loops.fit_loop._FitLoop, _FitLoopFinishingValidation):
         loop.__class__ = _FitLoopFinishingValidation
         loop._validation_to_finish = True
 
@@ -299,9 +300,13 @@ class _FitLoopFinishingValidation(pl.loops.fit_loop._FitLoop):
 
     @property
     def done(self) -> bool:
-        trainer = self.trainer
-        if self._validation_to_finish and trainer.enable_validation and self.epoch_loop._should_check_val_epoch():
-            return False
+        # only where the epoch loop will run that validation: it asks the same question first (with a validation
+        # every so many seconds or batches, or none, the resumed run may not), and where it does not, it trains
+        # on, one batch past max_steps
+        # (its fetcher only tells an iterator-style loader apart; a second fit in one process has none yet)
+        if self._validation_to_finish and self.trainer.enable_validation:
+            if self.epoch_loop._should_check_val_fx(self._data_fetcher):
+                return False
         return super().done
 
     def on_advance_end(self) -> None:

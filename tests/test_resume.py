@@ -133,7 +133,8 @@ def test_a_run_stopped_during_a_validation_runs_that_validation_again_when_resum
     raised after the epoch's end hooks; with max_steps the resumed run then ended at once, one epoch short; now it
     trains that last epoch. In the run's last validation (step 18: max_steps reached) Lightning's step limit ended
     the resumed run before that validation could run again; the run then extended by an epoch goes on as the
-    uninterrupted run's does (no validation out of turn, the same dropout)."""
+    uninterrupted run's does (no validation out of turn, the same dropout), and one resumed with validations at
+    other batches ends at max_steps, without it (the first fix trained one batch past max_steps there)."""
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     whole.mkdir(), stopped.mkdir()
     config = "trainer:\n  max_steps: 18\n  max_epochs: 3\n  log_every_n_steps: 1\ndata:\n  eval_batch_size: 4\n"
@@ -142,6 +143,12 @@ def test_a_run_stopped_during_a_validation_runs_that_validation_again_when_resum
     whole_proc, stopped_proc = finish(_start(whole, config=config), _start(stopped, *term, config=config))
     assert whole_proc.returncode == 0, whole_proc.stderr[-3000:]
     assert stopped_proc.returncode == 143 and "SIGTERM: saved" in stopped_proc.stdout, stopped_proc.stderr[-3000:]
+    if step == 18:  # resumed where its validation does not come at that batch: it must not train past max_steps
+        shutil.copytree(stopped, tmp_path / "other")
+        proc = _fit(tmp_path / "other", "--ckpt_path", "last", "--trainer.val_check_interval", "4", config=config)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        last = torch.load(tmp_path / "other/runs/tiny/version_0/checkpoints/last.ckpt", weights_only=False)
+        assert last["global_step"] == 18
     proc = _fit(stopped, "--ckpt_path", "last", config=config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (val, losses), (val_stopped, losses_stopped) = _validations_and_losses(whole), _validations_and_losses(stopped)
