@@ -86,10 +86,33 @@ class CheckpointOnSigterm(pl.Callback):
         if self._saving and trainer.should_stop:
             checkpoint["sigterm_after_stop"] = _stop_settings(trainer)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from pytorch_lightning.callbacks import EarlyStopping
+
+        # before a checkpoint is restored: Lightning's EarlyStopping restores its patience from the checkpoint, over
+        # this run's setting, so a run resumed with more patience (to train on after an early stop) stopped as
+        # soon as before, silently. Set back in on_train_start; the rest of its state (best score, epochs waited)
+        # is the checkpoint's, as it should be
+        self._patience = {id(cb): cb.patience for cb in trainer.callbacks if isinstance(cb, EarlyStopping)}
+
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._stop_on_resume = checkpoint.get("sigterm_after_stop")
 
+    def _patience_of_this_run(self, trainer: pl.Trainer) -> None:
+        from pytorch_lightning.callbacks import EarlyStopping
+
+        for cb in trainer.callbacks:
+            ours = getattr(self, "_patience", {}).get(id(cb))
+            if isinstance(cb, EarlyStopping) and ours is not None and cb.patience != ours:
+                if trainer.is_global_zero:
+                    print(
+                        f"EarlyStopping: patience {ours} (this run's), not the checkpoint's {cb.patience}",
+                        file=sys.stderr,
+                    )
+                cb.patience = ours
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._patience_of_this_run(trainer)  # first: the stop settings below compare it
         if self._stop_on_resume is not None:
             if self._stop_on_resume == _stop_settings(trainer):  # read before the first epoch: the run ends there
                 trainer.should_stop = True

@@ -198,6 +198,15 @@ data:
     proc = _fit(stopped, "--ckpt_path", "last", "--trainer.max_steps", "61", config=config)
     assert proc.returncode == 0 and "so it trains on" in proc.stderr, proc.stderr[-3000:]
     assert sorted(_losses(stopped / "runs" / "tiny" / "version_0")) == list(range(18))
+    # with more patience: Lightning restored the checkpoint's (1), and the run stopped after one epoch again; now
+    # this run's 5 counts (the epochs waited since the best score, 3 after epoch 3, are the checkpoint's)
+    proc = _fit(
+        stopped, "--ckpt_path", "last", "--trainer.max_steps", "62", "--trainer.callbacks.patience", "5", config=config
+    )
+    assert proc.returncode == 0 and "patience 5 (this run's), not the checkpoint's 1" in proc.stderr, proc.stderr[
+        -3000:
+    ]
+    assert sorted(_losses(stopped / "runs" / "tiny" / "version_0")) == list(range(36))
 
 
 def test_ckpt_path_last_in_a_config_file_resumes_like_the_flag(tmp_path):
