@@ -1047,6 +1047,12 @@ class CaptionModule(pl.LightningModule):
         sched._last_lr = [group["lr"] for group in opt.param_groups]
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        encoder = self.net.encoder
+        if not encoder.freeze and encoder.training != self.training:
+            # released during the run (set_frozen(False) in a callback): Lightning never calls train() in a fit (it
+            # writes each module's flag back after a validation), so the encoder stayed in the eval mode it was
+            # held in while frozen, its BatchNorm statistics fixed for the rest of the run
+            encoder.train(self.training)
         if getattr(self, "_align_logged_step", False):
             # the step loggers write (batches that took an optimizer step) is the optimizer's step count in
             # an uninterrupted run of one optimizer; Lightning's restart rule was made for another checkpoint

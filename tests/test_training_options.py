@@ -512,3 +512,36 @@ def test_overfit_batches_runs_and_an_accumulated_window_is_normalised_by_its_own
             torch.testing.assert_close(
                 got[k], want[k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k, n=name: f"{n}: {k}: {m}"
             )
+
+
+def test_an_encoder_released_by_a_callback_during_a_fit_trains_in_train_mode(tmp_path, monkeypatch):
+    """Staged fine-tuning through Lightning: an encoder frozen at the start and released by a callback at the second
+    epoch stayed in the eval mode it was held in while frozen (Lightning never calls train() in a fit; the sanity
+    check and each validation write the modules' flags back), so its BatchNorm statistics never followed the data."""
+    import pytorch_lightning as pl
+    import torch
+
+    from captioning.cli import CaptionCLI
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.lit_module import CaptionModule
+
+    class Release(pl.Callback):
+        def __init__(self):
+            self.modes = []
+
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                module.net.encoder.set_frozen(False)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            bn = next(m for m in module.net.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            self.modes.append((trainer.current_epoch, module.net.encoder.training, bn.training))
+
+    monkeypatch.chdir(tmp_path)  # the config's relative data and run folders
+    args = ["--config", str(TINY), "--model.freeze_encoder", "true", "--trainer.max_epochs", "2"]
+    args += ["--trainer.max_steps", "4", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    cli = CaptionCLI(CaptionModule, CaptionDataModule, args=args, run=False)
+    release = Release()
+    cli.trainer.callbacks.append(release)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert release.modes == [(0, False, False), (0, False, False), (1, True, True), (1, True, True)]

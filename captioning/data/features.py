@@ -145,18 +145,16 @@ class FeatureCache:
         from tqdm import tqdm
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        was_training = encoder.training
-        encoder.eval()
-        images = _Images(self.paths, self.transform, max_pixels)
-        loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
-        # a killed build's partial file (glob.escape: see the stale caches' clean-up below)
-        for orphan in remove_orphans(self.folder, f"{glob.escape(self.name)}-*.npy.tmp*"):
-            print(f"feature cache: removed {orphan}, left by a build that was killed")
-        valid = np.zeros(len(self.paths), dtype=bool)
-        out = None
-        # locked while we write it, so another process's clean-up above never takes it for a killed build's
-        with locked_temp(self.folder, f"{self.file.name}.tmp") as tmp:
-            try:
+        with encoder.evaluating():  # then back in its mode (see Encoder.evaluating)
+            images = _Images(self.paths, self.transform, max_pixels)
+            loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
+            # a killed build's partial file (glob.escape: see the stale caches' clean-up below)
+            for orphan in remove_orphans(self.folder, f"{glob.escape(self.name)}-*.npy.tmp*"):
+                print(f"feature cache: removed {orphan}, left by a build that was killed")
+            valid = np.zeros(len(self.paths), dtype=bool)
+            out = None
+            # locked while we write it, so another process's clean-up above never takes it for a killed build's
+            with locked_temp(self.folder, f"{self.file.name}.tmp") as tmp:
                 bar = tqdm(loader, desc=f"feature cache {self.name}", unit="batch", disable=not progress)
                 for images, index, ok in bar:
                     feats = encoder(images.to(device)).features  # (b,3,H,W) -> (b,N,C)
@@ -179,8 +177,6 @@ class FeatureCache:
                 out.flush()
                 del out
                 os.replace(tmp, self.file)
-            finally:
-                encoder.train(was_training)
         meta = {**self.description, "key": self.key, "complete": True, "invalid": np.flatnonzero(~valid).tolist()}
         self.meta_file.write_text(json.dumps(meta, indent=1) + "\n")
         # glob.escape: a name holds the annotation file's stem, where '[' and ']' would make a pattern matching

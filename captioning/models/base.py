@@ -6,6 +6,8 @@ V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -41,6 +43,19 @@ class Encoder(nn.Module):
         # a frozen BatchNorm must not update its running statistics, whatever mode the model is put in
         self._mode_asked = mode
         return super().train(mode and not self.freeze)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[Encoder]:
+        """In eval mode inside the ``with``, then back in the mode it was in, and with the mode asked of it: the
+        usual ``was = m.training; m.eval(); ...; m.train(was)`` recorded a frozen encoder's eval mode as asked,
+        so once released it stayed in eval mode."""
+        was, asked = self.training, self._mode_asked
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was)
+            self._mode_asked = asked
 
     def optimize_for_inference(self) -> Encoder:
         """Freeze the encoder for good, fold each BatchNorm into the convolution before it and keep the

@@ -84,9 +84,7 @@ class CaptionNet(nn.Module):
     @torch.no_grad()
     def grid_for(self, image_size: int) -> tuple[int, int]:
         """The (h,w) grid this encoder gives for ``image_size`` x ``image_size`` images."""
-        was_training = self.encoder.training
-        self.encoder.eval()
         p = next(self.encoder.parameters())
-        grid = self.encoder(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).grid
-        self.encoder.train(was_training)
+        with self.encoder.evaluating():
+            grid = self.encoder(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).grid
         return tuple(int(g) for g in grid)
