@@ -106,7 +106,8 @@ class CheckpointOnSigterm(pl.Callback):
             if isinstance(cb, EarlyStopping) and ours is not None and cb.patience != ours:
                 if trainer.is_global_zero:
                     print(
-                        f"EarlyStopping: patience {ours} (this run's), not the checkpoint's {cb.patience}",
+                        f"EarlyStopping: patience {ours} (this command's; its default where none is given), "
+                        f"not the checkpoint's {cb.patience}",
                         file=sys.stderr,
                     )
                 cb.patience = ours
