@@ -328,9 +328,10 @@ class _FitLoopFinishingValidation(pl.loops.fit_loop._FitLoop):
         # every so many seconds or batches, or none, the resumed run may not), and where it does not, it trains
         # on, one batch past max_steps
         # (its fetcher only tells an iterator-style loader apart; a second fit in one process has none yet)
-        if self._validation_to_finish and self.trainer.enable_validation:
-            if self.epoch_loop._should_check_val_fx(self._data_fetcher):
+        if self._validation_to_finish:
+            if self.trainer.enable_validation and self.epoch_loop._should_check_val_fx(self._data_fetcher):
                 return False
+            self._validation_to_finish = False  # the epoch loop would not run it: nothing to wait for, now or later
         return super().done
 
     def on_advance_end(self) -> None:
