@@ -31,10 +31,15 @@ def _cell_geometry(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[
 
 def _points_inside(cell: int, box: Sequence[float], grid: tuple[int, int], image_size: tuple[int, int]) -> bool:
     """Is the centre of ``cell`` inside ``box`` (pixels, inclusive) enlarged by half a cell on every side?"""
-    _, gw, cw, ch = _cell_geometry(grid, image_size)
-    cx, cy = (cell % gw + 0.5) * cw, (cell // gw + 0.5) * ch  # cell centre, in pixel-edge coordinates
+    gh, gw = grid
+    width, height = image_size
+    col, row = cell % gw, cell // gw
     x0, y0, x1, y1 = box[0], box[1], box[2] + 1, box[3] + 1  # inclusive pixel box -> its area's edges
-    return x0 - cw / 2 <= cx <= x1 + cw / 2 and y0 - ch / 2 <= cy <= y1 + ch / 2
+    # x0 - cw/2 <= (col + 1/2) cw <= x1 + cw/2 with cw = width/gw, times 2 gw (and rows alike): in integers, so
+    # a centre exactly half a cell from the box counts as inside whatever the cell size (in floats, 2.5 * 64/6
+    # came out above 32 - 64/6/2, and a centre on that tie fell outside on one side of a box but not the other)
+    inside_x = 2 * gw * x0 - width <= (2 * col + 1) * width <= 2 * gw * x1 + width
+    return inside_x and 2 * gh * y0 - height <= (2 * row + 1) * height <= 2 * gh * y1 + height
 
 
 def attention_mass(

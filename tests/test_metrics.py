@@ -54,6 +54,18 @@ def test_pointing_tolerance_is_the_same_on_every_side_of_the_box():
         assert pointing_hits(words, torch.eye(64)[[cell] * 4], (8, 8), square, (64, 64)) == (0, 1), cell
 
 
+def test_a_centre_half_a_cell_from_a_box_points_at_it_whatever_the_cell_size():
+    """6 rows over 64 px (cells of 10.67 px): row 3's centre lies half a cell below a box ending at pixel row 31, and
+    row 2's half a cell above one starting at row 32. In floats the second missed by a rounding error."""
+    words = ["a", "small", "red", "square"]
+    for cell, box in ((3, [0, 0, 63, 31]), (2, [0, 32, 63, 63])):
+        square = [{"shape": "square", "color": "red", "size": "small", "box": box}]
+        assert pointing_hits(words, torch.eye(6)[[cell] * 4], (6, 1), square, (64, 64)) == (1, 1), (cell, box)
+    for cell, box in ((4, [0, 0, 63, 31]), (1, [0, 32, 63, 63])):  # a whole cell further: outside
+        square = [{"shape": "square", "color": "red", "size": "small", "box": box}]
+        assert pointing_hits(words, torch.eye(6)[[cell] * 4], (6, 1), square, (64, 64)) == (0, 1), (cell, box)
+
+
 def test_rows_run_down_the_image_and_columns_across_it():
     """Cell i is row i // width (y) and column i % width (x). The other tests only use cells on the grid's
     diagonal with boxes symmetric about it, where swapping rows and columns changes nothing."""
