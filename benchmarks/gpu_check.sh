@@ -48,8 +48,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
   else
     echo "pip failed (above): importing the wheels in place" >>"$out/wheels.txt"
-    export PYTHONPATH=$(printf '%s:' "$PWD"/.whl/*.whl)${PYTHONPATH:-}
-    PYTHONPATH=${PYTHONPATH%:}
+    wheels=$(printf '%s:' "$PWD"/.whl/*.whl)
+    export PYTHONPATH=${wheels%:}${PYTHONPATH:+:$PYTHONPATH}
   fi
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

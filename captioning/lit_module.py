@@ -78,6 +78,7 @@ class CheckpointOnSigterm(pl.Callback):
         self._stop = False  # under DDP: last.ckpt is written, the run stops at the next hook
         self._saving = False  # inside our own save
         self._stop_on_resume: list | None = None  # _stop_settings of our checkpoint resumed from, saved after a stop
+        self._patience: dict[int, int] = {}  # id -> patience of each EarlyStopping, as this run set it (see setup)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # the run had decided to stop (EarlyStopping at the validation the signal came in): trainer.should_stop is
@@ -102,7 +103,7 @@ class CheckpointOnSigterm(pl.Callback):
         from pytorch_lightning.callbacks import EarlyStopping
 
         for cb in trainer.callbacks:
-            ours = getattr(self, "_patience", {}).get(id(cb))
+            ours = self._patience.get(id(cb))
             if isinstance(cb, EarlyStopping) and ours is not None and cb.patience != ours:
                 if trainer.is_global_zero:
                     print(
@@ -326,8 +327,7 @@ class _FitLoopFinishingValidation(pl.loops.fit_loop._FitLoop):
     def done(self) -> bool:
         # only where the epoch loop will run that validation: it asks the same question first (with a validation
         # every so many seconds or batches, or none, the resumed run may not), and where it does not, it trains
-        # on, one batch past max_steps
-        # (its fetcher only tells an iterator-style loader apart; a second fit in one process has none yet)
+        # on, one batch past max_steps. (The fetcher only tells an iterator-style loader apart: None is fine.)
         if self._validation_to_finish:
             if self.trainer.enable_validation and self.epoch_loop._should_check_val_fx(self._data_fetcher):
                 return False
