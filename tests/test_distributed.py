@@ -271,10 +271,10 @@ def accumulating_reference(tmp_path_factory):
         started.communicate()
 
 
-# the rank-0-only case runs with the slow tests: the default suite stays near its ~9 minutes on 2 cores
-@pytest.mark.parametrize(
-    "rank", [pytest.param(None, id="every-rank"), pytest.param(0, id="rank-0-only", marks=pytest.mark.slow)]
-)
+# slow tests (each a minute of ddp_spawn start-ups): the default suite keeps the one-process case
+# (test_resume.py) and stays near ~10 minutes on 2 cores
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [pytest.param(None, id="every-rank"), pytest.param(0, id="rank-0-only")])
 def test_sigterm_inside_an_accumulation_window_under_ddp_saves_at_its_end_and_resumes_exactly(
     tmp_path, accumulating_reference, rank
 ):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import ephemeral_port_range, finish, start_script
+from conftest import ephemeral_port_range, finish, run_script, start_script
 
 SPAWNS = """
 import subprocess, sys, time
@@ -61,3 +61,14 @@ def test_runs_started_side_by_side_get_their_own_rendezvous_port_outside_the_eph
     ports = [int(p.stdout) for p in procs]
     low, high = ephemeral_port_range()
     assert len(set(ports)) == 3 and not any(low <= p <= high for p in ports), (ports, low, high)
+
+
+def test_runs_started_side_by_side_take_one_thread_each_and_a_run_alone_takes_torchs_choice(tmp_path):
+    """Runs side by side with a thread per core each made OpenMP's waiting threads spin against each other's
+    work (2.9x the CPU time); a run alone keeps torch's own number of threads. A thread count the environment
+    sets is kept."""
+    show = "import os; print(os.environ.get('OMP_NUM_THREADS', 'unset'))"
+    side_by_side = finish(*(start_script("-c", show, cwd=tmp_path) for _ in range(2)))
+    assert [p.stdout.strip() for p in side_by_side] == [os.environ.get("OMP_NUM_THREADS", "1")] * 2
+    alone = run_script("-c", show, cwd=tmp_path).stdout.strip()
+    assert alone == os.environ.get("OMP_NUM_THREADS", "unset")

@@ -167,6 +167,7 @@ def test_a_run_stopped_during_a_validation_runs_that_validation_again_when_resum
     assert sorted(losses) == list(range(24)) and losses_stopped == losses
 
 
+@pytest.mark.slow  # half a minute of Lightning start-ups: the default suite keeps to ~10 minutes
 def test_a_run_early_stopping_ended_when_the_signal_came_ends_there_when_resumed(tmp_path):
     """SIGTERM at the last batch of the validation after which EarlyStopping stops the run: the signal is raised
     after the epoch's end, the decision (trainer.should_stop) is in no checkpoint, and the resumed run trained a
@@ -355,6 +356,7 @@ EPOCH_END_CONFIG = _config(
 )
 
 
+@pytest.mark.slow  # half a minute of Lightning start-ups: the default suite keeps to ~10 minutes
 def test_a_step_limited_run_resumes_exactly_from_a_checkpoint_written_at_an_epochs_end(tmp_path):
     """With max_steps set (iteration-based training), Lightning 2.6 took a last.ckpt written at an epoch's end
     for a restart inside that epoch: the resumed run re-drew that epoch's data order, logged every step one
