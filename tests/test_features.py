@@ -182,15 +182,19 @@ def r18_file(tmp_path_factory) -> tuple[Path, dict]:
     return path, state
 
 
-def test_fit_loads_a_local_weights_file_and_reuses_its_feature_cache(tmp_path, r18_file):
+def test_fit_loads_a_local_weights_file_and_reuses_its_feature_cache(tmp_path, r18_file, monkeypatch):
     path, state = r18_file
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = [str(ROOT / "train.py"), "fit", "-c", str(ROOT / "configs" / "tiny.yaml")]
     args += ["--model.encoder", "resnet18", "--model.encoder_weights", str(path), "--model.freeze_encoder", "true"]
     args += ["--data.image_size", "64", "--data.feature_cache", "true", "--data.cache_dtype", "float32"]
     args += ["--data.num_train", "16", "--data.num_val", "4", "--data.num_test", "4", "--trainer.max_steps", "2"]
     args += ["--model.max_decode_len", "5", "--test_after_fit", "false", "--trainer.num_sanity_val_steps", "0"]
+    # the shapes of the training batches' inputs: the cache's (B,N,C) grids, not (B,3,H,W) images
+    args += ["--trainer.callbacks+=record_inputs.RecordInputs", "--trainer.callbacks.path=inputs.json"]
     first = run_script(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert json.loads((tmp_path / "inputs.json").read_text()) == [[8, 4, 512]] * 2  # 2x2 grid of 512 channels
 
     ckpt = torch.load(tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     weights = ckpt["state_dict"]
@@ -219,6 +223,7 @@ def test_fit_loads_a_local_weights_file_and_reuses_its_feature_cache(tmp_path, r
     assert (tmp_path / "runs/tiny/version_1/checkpoints/last.ckpt").is_file()
     assert _files(cache_dir) == files  # reused: the same file, not rewritten
     assert "feature cache" not in second.stdout + second.stderr
+    assert json.loads((tmp_path / "inputs.json").read_text()) == [[8, 4, 512]] * 3  # and read: one more batch
 
 
 def test_load_encoder_weights_refuses_wrong_files_clearly(tmp_path, r18_file):

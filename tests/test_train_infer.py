@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from captioning.data.images import load_image
 from captioning.inference import Captioner, CheckpointError, find_latest_checkpoint, read_checkpoint
+from captioning.visualize import attention_figure
 
 from conftest import ROOT, TINY, read_json, run_script
 
@@ -99,12 +101,29 @@ def test_save_load_gives_the_same_caption_as_the_trained_module(tiny_ckpt, tiny_
     torch.testing.assert_close(cap.attention, again.attention)
 
 
+def _distinct_per_image(captions: list) -> None:
+    """The tiny checkpoint writes one caption for every image, so equal texts cannot show that each caption stayed
+    with its image. Their attention maps differ from image to image (by ~1e-3 here, against ~1e-6 between a batch
+    and one image at a time): this says they do, so that comparing them can."""
+    for i, a in enumerate(captions):
+        for b in captions[i + 1 :]:
+            assert a.attention.shape != b.attention.shape or (a.attention - b.attention).abs().max() > 2e-4
+
+
+def _same_captions(got: list, want: list) -> None:
+    assert [x.text for x in got] == [x.text for x in want]
+    for g, w in zip(got, want):
+        assert g.score == pytest.approx(w.score, abs=1e-4)
+        torch.testing.assert_close(g.attention, w.attention, atol=1e-5, rtol=1e-4)
+
+
 def test_batch_caption_equals_single(tiny_ckpt, tiny_shapes):
     c = Captioner.from_checkpoint(tiny_ckpt)
     paths = [tiny_shapes.parent / "images" / f"{i:06d}.png" for i in range(4)]
-    single = [c.caption(p).text for p in paths]
-    assert [x.text for x in c.caption_batch(paths)] == single
-    assert [x.text for x in c.caption_batch(paths, batch_size=3)] == single  # a full batch, then a short one
+    single = [c.caption(p) for p in paths]
+    _distinct_per_image(single)
+    _same_captions(c.caption_batch(paths), single)
+    _same_captions(c.caption_batch(paths, batch_size=3), single)  # a full batch, then a short one
     assert c.caption_batch([]) == []
 
 
@@ -171,12 +190,25 @@ def test_infer_batches_keep_the_order_the_captions_and_every_overlay(tiny_ckpt, 
     proc = run_script(str(ROOT / "infer.py"), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     captioner = Captioner.from_checkpoint(tiny_ckpt)
-    expected = [f"{p}: {captioner.caption(p).text}" for p in inputs]
-    assert proc.stdout.splitlines() == expected
+    single = [captioner.caption(p) for p in inputs]
+    assert proc.stdout.splitlines() == [f"{p}: {c.text}" for p, c in zip(inputs, single)]
     overlays = ["000000", "000001", "img", "img-2", "img-3"]
     assert sorted(f.name for f in (tmp_path / "o").iterdir()) == sorted(f"{o}_attention.png" for o in overlays)
     for path, overlay in zip(inputs, overlays):
         assert f"attention overlay: {tmp_path / 'o' / overlay}_attention.png" in proc.stderr, path
+    # each overlay is its own image's maps (the captions' texts are all the same here): drawn from the caption of
+    # that image alone, it differs from the written one by at most a rounding of a colour level here and there
+    # (drawn with the maps of the images in reverse order: 1.8 levels on average), and from every other image's by
+    # far more
+    _distinct_per_image(single)
+    drawn = [
+        np.asarray(attention_figure(load_image(p), c.tokens, c.attention), dtype=np.int16)
+        for p, c in zip(inputs, single)
+    ]
+    for i, overlay in enumerate(overlays):
+        written = np.asarray(Image.open(tmp_path / "o" / f"{overlay}_attention.png").convert("RGB"), dtype=np.int16)
+        gaps = [np.abs(written - d).mean() if d.shape == written.shape else np.inf for d in drawn]
+        assert gaps[i] < 0.05 and all(gap > 1 for j, gap in enumerate(gaps) if j != i), (overlay, gaps)
 
 
 def test_infer_without_ckpt_uses_newest_run(tiny_run, tiny_shapes):
@@ -238,17 +270,18 @@ def test_without_a_best_checkpoint_the_error_points_at_the_last_one(tmp_path):
     when an older run has a best checkpoint (that would be another model, used silently)."""
     with pytest.raises(CheckpointError, match="train one with `python train.py`"):
         find_latest_checkpoint(tmp_path / "runs")
-    older = tmp_path / "runs" / "other" / "version_0" / "checkpoints" / "best.ckpt"
+    # the older run's name sorts after the newer one's (as version_9 after version_10): newest by time, not by name
+    older = tmp_path / "runs" / "tiny" / "version_9" / "checkpoints" / "best.ckpt"
     older.parent.mkdir(parents=True)
     older.write_bytes(b"")
     os.utime(older, (1, 1))
     assert find_latest_checkpoint(tmp_path / "runs") == older
-    last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "runs" / "tiny" / "version_10" / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"")
     with pytest.raises(CheckpointError, match="best.ckpt needs a validation") as err:
         find_latest_checkpoint(tmp_path / "runs")
-    assert f"is {last}: pass it with --ckpt" in str(err.value) and "tiny/version_0" in str(err.value)
+    assert f"is {last}: pass it with --ckpt" in str(err.value) and "tiny/version_10)" in str(err.value)
     (last.parent / "best.ckpt").write_bytes(b"")
     assert find_latest_checkpoint(tmp_path / "runs") == last.parent / "best.ckpt"
 
