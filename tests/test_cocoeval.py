@@ -289,6 +289,7 @@ def test_cider_d_rejects_bad_input():
 def test_score_captions_edge_cases(case):
     refs, cands, expected = EDGE_CASES[case]
     ours = score_captions(refs, cands, meteor=False)
+    assert set(ours) == set(expected) - {"meteor"}
     for key, value in ours.items():
         assert math.isfinite(value)
         assert abs(value - expected[key]) <= 1e-9, key
@@ -369,8 +370,22 @@ def test_meteor_failures_leave_the_key_out_with_a_warning(monkeypatch):
         out = score_captions(REFS, {"a": "a man on a horse", "b": "two dogs"}, meteor_timeout=0.5)
     assert "meteor" not in out
 
-    _fake_meteor(monkeypatch, lambda self, gts, res: (0.25, [0.25] * len(gts)))
-    assert score_captions(REFS, {"a": "a man on a horse", "b": "two dogs"})["meteor"] == 0.25
+    given = []
+
+    def scored(self, gts, res):
+        given.append((gts, res))
+        return 0.25, [0.25] * len(gts)
+
+    _fake_meteor(monkeypatch, scored)
+    assert score_captions(REFS, {"b": "Two dogs.", "a": "A man on a horse"})["meteor"] == 0.25
+    # the jar gets each image's tokenised references and its candidate under one key, candidates as candidates
+    ((gts, res),) = given
+    by_candidate = {res[k][0]: gts[k] for k in res}
+    assert set(gts) == set(res) and all(len(r) == 1 for r in res.values())
+    assert by_candidate == {
+        "a man on a horse": ["a man riding a horse on the beach", "a person rides a horse near the ocean"],
+        "two dogs": ["two dogs play with a ball in the grass", "dogs playing in a field"],
+    }
 
 
 def test_library_does_not_import_pycocoevalcap():

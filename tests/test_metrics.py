@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from captioning.metrics import pointing_hits, score_captions, shapes_scores
@@ -107,4 +108,6 @@ def test_attention_mass_and_colour_pointing():
     att = _attention([0] * 11 + [63])  # colour words too: "red" -> circle cell, "blue" -> cell 0 (miss)
     out = shapes_scores([CAP], [att], (8, 8), [OBJ], [(64, 64)])
     assert out["pointing_accuracy_color"] == 0.5 and out["pointing_accuracy"] == 1.0
-    assert 0.5 < out["attention_mass_shape"] <= 1.0
+    # "circle" peaks on cell 0 of the 4 cells of its box, "square" on cell 63 of the 9 of its box; every other
+    # cell holds 0.001, and a map sums to 1 + 63 * 0.001
+    assert out["attention_mass_shape"] == pytest.approx((1.003 / 1.063 + 1.008 / 1.063) / 2, rel=1e-6)

@@ -44,6 +44,7 @@ def test_cosine_after_a_linear_warmup_which_is_cut_to_a_tenth_of_the_run_with_a_
     assert "model.warmup_steps (5) is more than a tenth of this run's 20 optimizer steps: " in stderr
     assert "the warmup is cut to 2 steps" in stderr
     warmup, total = 2, 20  # warmup is capped at a tenth of the run
+    assert sorted(lrs) == list(range(total))
     for step, (dec, enc) in lrs.items():
         if step < warmup:
             factor = (step + 1) / warmup
