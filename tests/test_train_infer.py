@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from captioning.data.images import load_image
 from captioning.inference import Captioner, CheckpointError, find_latest_checkpoint, read_checkpoint
@@ -176,6 +180,20 @@ def test_a_pil_image_gets_the_caption_of_its_file(tiny_ckpt, tiny_shapes, tmp_pa
         torch.testing.assert_close(from_pil.attention, from_file.attention)
     assert c.caption(Image.open(rgba).convert("RGB")).attention.ne(c.caption(rgba).attention).any()
 
+    # turned upright, once: the maps of the file's pixels as EXIF says to show them, not as stored, nor turned twice
+    def bare(image: Image.Image) -> Image.Image:  # the pixels alone, without EXIF
+        out = Image.new("RGB", image.size)
+        out.paste(image.convert("RGB"))
+        return out
+
+    stored = bare(Image.open(turned))
+    upright = bare(ImageOps.exif_transpose(Image.open(turned)))
+    assert upright.size == stored.size and np.array_equal(np.asarray(upright.rotate(90)), np.asarray(stored))
+    maps = c.caption(turned).attention
+    torch.testing.assert_close(maps, c.caption(upright).attention)
+    for wrong in (stored, upright.rotate(-90)):
+        assert (maps - c.caption(wrong).attention).abs().max() > 2e-4
+
 
 def test_infer_batches_keep_the_order_the_captions_and_every_overlay(tiny_ckpt, tiny_shapes, tmp_path):
     """5 images in batches of 2 (the last one short): the same captions as one at a time, printed in
@@ -316,22 +334,38 @@ def test_an_overlay_that_cannot_be_written_is_reported_and_the_captions_still_co
     assert (tmp_path / "o" / "000003_attention.png").is_file()
 
 
-def test_an_out_folder_that_takes_no_files_is_refused_before_captioning(tiny_ckpt, tmp_path):
+def test_an_out_folder_that_takes_no_files_is_refused_before_captioning(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """An existing --out folder without write permission passed the mkdir check and failed at the first
-    overlay with a traceback."""
+    overlay with a traceback. Where this user may write there anyway (root), a file made in it fails as it
+    would without the permission, and infer.py runs in this process."""
     image = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(image)
     out = tmp_path / "read-only"
     out.mkdir()
     out.chmod(0o555)
+    args = [str(image), "--ckpt", str(tiny_ckpt), "--out", str(out)]
     try:
-        if os.access(out, os.W_OK):
-            pytest.skip("this user may write to a read-only folder (root)")
-        proc = run_script(str(ROOT / "infer.py"), str(image), "--ckpt", str(tiny_ckpt), "--out", str(out), cwd=tmp_path)
+        if not os.access(out, os.W_OK):
+            proc = run_script(str(ROOT / "infer.py"), *args, cwd=tmp_path)
+            returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        else:
+            spec = importlib.util.spec_from_file_location("infer_script", ROOT / "infer.py")
+            infer = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(infer)
+            make = tempfile.TemporaryFile
+
+            def denied(*a, dir=None, **kw):
+                if dir is not None and Path(dir) == out:
+                    raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+                return make(*a, dir=dir, **kw)
+
+            monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+            returncode = infer.main(args)
+            stdout, stderr = capsys.readouterr()
     finally:
         out.chmod(0o755)
-    assert proc.returncode == 2 and f"error: --out {out}: cannot write there" in proc.stderr, proc.stderr
-    assert proc.stdout == ""
+    assert returncode == 2 and f"error: --out {out}: cannot write there (Permission denied)" in stderr, stderr
+    assert stdout == "" and list(out.iterdir()) == []
 
 
 def test_an_image_of_a_type_captioner_does_not_take_is_a_clear_type_error(tiny_ckpt, tmp_path):
