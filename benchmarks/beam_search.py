@@ -1,12 +1,17 @@
 """Beam search throughput: B images decoded at once versus the same search one image at a time.
 
     python benchmarks/beam_search.py [--images 64] [--beam 5] [--steps 16] [--repeats 5] [--image-size 64]
-        [--device cpu] [--ckpt path ...] [--parents]
+        [--device cpu] [--threads N] [--ckpt path ...] [--parents]
 
 For each decoder (LSTM and Transformer at the shapes sizes, or the given checkpoints) it times the
 encoder + beam search over ``--images`` images, batched and one by one, and prints captions/s.
 Random-initialised models run a fixed ``--steps`` steps (min_len = max_len) so that both modes do
-the same work; checkpoints decode as in inference.
+the same work; checkpoints search with their own max_len (as in inference), but with K = ``--beam`` and no
+length penalty, over random images all at once (Captioner batches 32 at a time).
+
+It prints the thread count and the load average before and after: on a shared machine, two OpenMP threads
+stall at every barrier that waits for a descheduled thread, which slows the one-at-a-time search's many
+small operations far more than the batched search's few large ones (``--threads 1`` avoids that).
 
 The two modes alternate: each of ``--repeats`` rounds times one batched search and one pass over the
 images one at a time, back to back, so that both see the same machine. On a shared machine whose
@@ -23,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import time
 
+import checkout  # first: this checkout's captioning, not an installed one
 import torch
 
 import captioning.decoding
@@ -90,7 +97,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="rounds of one batched + one one-by-one run")
     p.add_argument("--ckpt", nargs="*", default=[], help="checkpoints to time instead of random models")
     p.add_argument("--parents", action="store_true", help="print the share of distinct parents per step")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     models = []
@@ -106,6 +116,8 @@ def main() -> None:
             net.encoder.optimize_for_inference()  # as Captioner.from_checkpoint runs it
             models.append((name, net, args.image_size, args.steps, args.steps))
     print(f"beam search, {args.images} images, K={args.beam}, device={device}, torch {torch.__version__}")
+    print(f"{checkout.describe()}; {torch.get_num_threads()} threads")
+    print("load average (1, 5, 15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(f"rounds: {args.repeats}, each one batched search and one pass one image at a time, alternating")
     columns = f"{'batched cap/s':>14} {'one-by-one cap/s':>17} {'best/best':>10} {'per round: median (range)':>27}"
     print(f"{'model':<40} {columns}")
@@ -123,6 +135,7 @@ def main() -> None:
         if args.parents:
             shares = _distinct_parents(lambda: search(images))  # noqa: B023 (called at once)
             print(f"  distinct parents per step: {' '.join(f'{x:.2f}' for x in shares)}")
+    print("load average (1, 5, 15 min) at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401 (first: this checkout's captioning, not an installed one)
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter

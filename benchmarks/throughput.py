@@ -64,6 +64,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import checkout  # first: this checkout's captioning, not an installed one
 import torch
 from data_throughput import calibrate_batchnorm  # benchmarks/ is on sys.path when run as a script
 
@@ -251,7 +252,10 @@ def train_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.
 
 
 def search_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
-    """Encoder + beam search (exactly ``--steps`` steps) -> rate in images/s, ms per call, peak memory."""
+    """Encoder + beam search (exactly ``--steps`` steps) -> rate in images/s, ms per call, peak memory. ``search``
+    and ``search1`` of a decoder search with the same weights and images (the first ``--single-images`` of the
+    batched search's, one by one): the seed is set again here, whatever ran before."""
+    torch.manual_seed(args.seed)
     module = build(args, decoder, freeze=True, compile_decoder=False, device=device)
     module.setup("validate")  # channels_last
     module.eval()
@@ -268,14 +272,15 @@ def search_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch
 
     size = args.image_size
     memory = PeakMemory(device)
+    pool = torch.randn(max(args.search_images, args.single_images), 3, size, size, device=device)  # (P,3,H,W)
     if mode == "search":
         b = args.search_images
-        images = torch.randn(b, 3, size, size, device=device)  # (B,3,H,W)
+        images = pool[:b]  # (B,3,H,W)
         memory.reset()
         seconds = _time(lambda: search(images), args.warmup, args.iters, device, memory)
         return dict(batch=f"{b} x K={k}", rate=b / seconds, unit="images/s", ms=1e3 * seconds, mem=memory.report())
     n = args.single_images
-    images = torch.randn(n, 3, size, size, device=device)  # (n,3,H,W), searched one by one
+    images = pool[:n]  # (n,3,H,W), searched one by one
     memory.reset()
     search(images[:1])  # warm-up
     seconds = _time(lambda: [search(images[i : i + 1]) for i in range(n)], 0, 1, device, memory)
@@ -353,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     when = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"throughput, {when}, {_device_name(device)}, torch {torch.__version__}, precision {args.precision}")
     print(f"command: python {' '.join(sys.argv)}")
+    print(checkout.describe())
     if device.type == "cpu":  # the machine may be shared: the load average says how much of it this run had
         print("load average (1, 5, 15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     mean_words = sum(n * p for n, p in CAPTION_WORDS.items())
