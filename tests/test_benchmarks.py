@@ -3,6 +3,8 @@ behind when it is stopped or a mode fails, at tiny sizes on the CPU."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,3 +90,22 @@ def test_cuda_peak_memory_counts_the_timed_iterations_only(throughput, monkeypat
     warmup = 1 if mode == "search1" else 2  # search1 warms up on one image itself
     assert events[:last_reset].count("step") == warmup, events
     assert events[last_reset + 1 :] == ["step"], events  # the one timed iteration
+
+
+def test_each_benchmark_times_the_checkout_beside_it_not_an_installed_captioning(tmp_path):
+    """Run as `python benchmarks/x.py`, a benchmark imported whichever `captioning` pip had installed (here an
+    editable install of another clone), and timed that code under this checkout's commit. Here another
+    `captioning` comes first on the path, before the installed one."""
+    other = tmp_path / "captioning"
+    other.mkdir()
+    (other / "__init__.py").write_text("raise ImportError('another captioning, not this checkout')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}  # side by side: a thread each
+    scripts = ["beam_search.py", "beam_step_profile.py", "data_throughput.py", "throughput.py"]
+    started = [
+        subprocess.Popen([sys.executable, str(BENCHMARKS / s), "--help"], cwd=tmp_path, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for s in scripts
+    ]  # fmt: skip
+    for script, proc in zip(scripts, started):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "usage:" in out, (script, err[-2000:])
