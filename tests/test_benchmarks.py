@@ -1,5 +1,5 @@
 """benchmarks/throughput.py, the script the one-shot GPU check runs (benchmarks/gpu_check.sh): what it leaves
-behind when it is stopped or a mode fails, at tiny sizes on the CPU."""
+behind when it is stopped or a mode fails, at tiny sizes on the CPU; and every benchmark script's imports."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import finish
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # the smallest model the script builds: a few seconds on a CPU for every mode; --threads 0 leaves torch's
@@ -101,11 +103,11 @@ def test_each_benchmark_times_the_checkout_beside_it_not_an_installed_captioning
     (other / "__init__.py").write_text("raise ImportError('another captioning, not this checkout')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}  # side by side: a thread each
     scripts = ["beam_search.py", "beam_step_profile.py", "data_throughput.py", "throughput.py"]
+    # not conftest's start_script, which puts this checkout first on the path; its finish collects them
     started = [
         subprocess.Popen([sys.executable, str(BENCHMARKS / s), "--help"], cwd=tmp_path, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         for s in scripts
     ]  # fmt: skip
-    for script, proc in zip(scripts, started):
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0 and "usage:" in out, (script, err[-2000:])
+    for script, proc in zip(scripts, finish(*started, timeout=120)):
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (script, proc.stderr[-2000:])
