@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {cap.text}", flush=True)
             target = overlay_path(name)
             try:
-                attention_figure(image, cap.tokens, cap.attention).save(target)
+                attention_figure(image, cap.tokens, cap.attention, centres=cap.centres).save(target)
             except OSError as e:  # a folder in the overlay's place, a full disk ...: the caption still counts
                 print(f"error: {target}: cannot write the attention overlay ({e.strerror or e})", file=sys.stderr)
                 unwritten += 1

@@ -19,6 +19,7 @@ from captioning.checkpoint_io import CheckpointError, load_weights_only
 from captioning.data.images import load_image, to_rgb
 from captioning.data.transforms import EvalTransform
 from captioning.decoding import beam_search
+from captioning.models.base import CellCentres
 from captioning.models.net import CaptionNet
 from captioning.vocab import Vocabulary, detokenize
 
@@ -28,12 +29,15 @@ class Caption:
     """A generated caption with the attention map (T,h,w) of each of its T tokens.
 
     ``text`` is for display (``vocab.detokenize``: "a man's hat", where ``tokens`` has "man", "'s").
+    ``centres``: where the map's cells sit on the image (fractions of its height and width), what
+    :func:`~captioning.visualize.attention_figure` needs to draw the maps where the model looked.
     """
 
     text: str
     tokens: list[str]
     score: float
     attention: torch.Tensor
+    centres: CellCentres | None = None  # None: cells that tile the image
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -99,6 +103,8 @@ class Captioner:
         self.vocab = vocab
         self.transform = EvalTransform(image_size, mean, std)
         self.grid = tuple(grid)
+        # where each cell's features come from on the (squashed) image, for overlays: not the middle of a tile
+        self.centres = net.encoder.cell_centres(image_size, image_size)
         self.beam_size, self.max_len, self.length_penalty = beam_size, max_len, length_penalty
         self.device = torch.device(device)
 
@@ -195,7 +201,7 @@ class Captioner:
             best = hyp[0]
             words = [self.vocab.tokens[i] for i in best.tokens]
             attention = best.attention.reshape(-1, h, w)  # (T,N) -> (T,h,w)
-            out.append(Caption(detokenize(words), words, best.score, attention))
+            out.append(Caption(detokenize(words), words, best.score, attention, self.centres))
         return out
 
 

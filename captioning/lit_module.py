@@ -545,6 +545,7 @@ class CaptionModule(pl.LightningModule):
         self.arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items() if k in _ARCH_KEYS}
         self.net = CaptionNet(len(self.vocab), **self.arch)
         self.grid = self.net.grid_for(image_size)
+        self.cell_centres = self.net.encoder.cell_centres(image_size, image_size)  # where grounding puts each cell
         self._eval_outputs: list[tuple[int, list[int], torch.Tensor]] = []
 
     # -- set-up -----------------------------------------------------------------------------
@@ -918,7 +919,7 @@ class CaptionModule(pl.LightningModule):
         if all(records[i].objects is not None for i, _, _ in outputs):
             sizes = [self._image_size(split, records, i) for i, _, _ in outputs]
             objects = [records[i].objects for i, _, _ in outputs]
-            metrics.update(shapes_scores(words, [a for _, _, a in outputs], self.grid, objects, sizes))
+            metrics.update(shapes_scores(words, [a for _, _, a in outputs], self.cell_centres, objects, sizes))
         # COCO's results format (what pycocotools' loadRes reads) has the annotation file's integer ids
         captions = [{"image_id": _results_id(image_id), "caption": text} for image_id, text in zip(ids, texts)]
         return metrics, captions

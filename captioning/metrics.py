@@ -5,10 +5,14 @@ is there, METEOR, exactly as the coco-caption toolkit computes them. For the sha
 full accuracy and attention grounding:
 
 Pointing accuracy: over generated shape nouns that match exactly one object of the image (by
-the attributes the caption gives), the fraction whose attention argmax cell, its centre mapped
-to image pixels, lies inside that object's box enlarged by half a cell. The same is reported for
+the attributes the caption gives), the fraction whose attention argmax cell's region touches that
+object's box. A cell's region is the part of the image nearer its centre than any other cell's, the
+centre being where its features were computed from (:class:`~captioning.models.base.CellCentres`:
+for a strided CNN, not the middle of a tile); for cells that tile the image it is the tile, and the
+rule reads "the cell's centre lies inside the box enlarged by half a cell". The same is reported for
 colour words (``pointing_accuracy_color``), and the mean share of attention inside the named
-object's box (``attention_mass_shape`` / ``attention_mass_color``).
+object's box (``attention_mass_shape`` / ``attention_mass_color``), each cell's weight spread evenly
+over its region.
 """
 
 from __future__ import annotations
@@ -19,53 +23,67 @@ import torch
 
 from captioning.cocoeval import score_captions
 from captioning.data.synthetic import fully_correct, objects_correct, parse_caption
+from captioning.models.base import CellCentres
 
 __all__ = ["score_captions", "shapes_scores", "grounding_counts", "pointing_hits", "attention_mass"]
 
 
-def _cell_geometry(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, float, float]:
-    gh, gw = grid
-    width, height = image_size
-    return gh, gw, width / gw, height / gh
+def _regions(centres: Sequence[float], extent: float) -> list[tuple[float, float]]:
+    """Each cell's region along one axis of ``extent`` px: the points nearer its centre (a fraction of the
+    extent) than any other cell's, cut to the image. Cells that share a centre share its region."""
+    unique = sorted(set(centres))
+    cuts = [(a + b) / 2 * extent for a, b in zip(unique, unique[1:])]
+    bounds = [min(max(x, 0.0), extent) for x in [0.0, *cuts, extent]]  # a centre past the edge: cut off
+    at = {c: (bounds[i], bounds[i + 1]) for i, c in enumerate(unique)}
+    return [at[c] for c in centres]
 
 
-def _points_inside(cell: int, box: Sequence[float], grid: tuple[int, int], image_size: tuple[int, int]) -> bool:
-    """Is the centre of ``cell`` inside ``box`` (pixels, inclusive) enlarged by half a cell on every side?"""
-    gh, gw = grid
+def _points_inside(cell: int, box: Sequence[float], centres: CellCentres, image_size: tuple[int, int]) -> bool:
+    """Does the region of ``cell`` touch ``box`` (pixels, inclusive)? For cells that tile the image: is the
+    cell's centre inside the box enlarged by half a cell on every side?"""
+    gw = len(centres.xs)
     width, height = image_size
-    col, row = cell % gw, cell // gw
+    (xa, xb), (ya, yb) = _regions(centres.xs, width)[cell % gw], _regions(centres.ys, height)[cell // gw]
     x0, y0, x1, y1 = box[0], box[1], box[2] + 1, box[3] + 1  # inclusive pixel box -> its area's edges
-    # x0 - cw/2 <= (col + 1/2) cw <= x1 + cw/2 with cw = width/gw, times 2 gw (and rows alike): in integers, so
-    # a centre exactly half a cell from the box counts as inside whatever the cell size (in floats, 2.5 * 64/6
-    # came out above 32 - 64/6/2, and a centre on that tie fell outside on one side of a box but not the other)
-    inside_x = 2 * gw * x0 - width <= (2 * col + 1) * width <= 2 * gw * x1 + width
-    return inside_x and 2 * gh * y0 - height <= (2 * row + 1) * height <= 2 * gh * y1 + height
+    # a region ending exactly on the box's edge touches it, whatever float rounding made of the ends (at 6
+    # cells over 64 px, 2.5 * 64/6 came out above 32 - 64/6/2, so such a tie fell outside on one side of a
+    # box but not on the other)
+    tie = 1e-9 * max(width, height)
+    return xa <= x1 + tie and xb >= x0 - tie and ya <= y1 + tie and yb >= y0 - tie
+
+
+def _shares(centres: Sequence[float], extent: float, lo: float, hi: float) -> torch.Tensor:
+    """(n,) the share of each cell's region (along one axis) that lies in [lo, hi]; a region of no length
+    (its centre cut off past the edge) counts as inside where its end does."""
+    out = [
+        max(0.0, min(b, hi) - max(a, lo)) / (b - a) if b > a else float(lo <= a <= hi)
+        for a, b in _regions(centres, extent)
+    ]
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def attention_mass(
-    attention: torch.Tensor, box: Sequence[float], grid: tuple[int, int], image_size: tuple[int, int]
+    attention: torch.Tensor, box: Sequence[float], centres: CellCentres, image_size: tuple[int, int]
 ) -> float:
     """Share of one attention map (N,) that falls inside ``box`` (pixels, inclusive), each cell's
-    weight spread evenly over its area."""
-    gh, gw, cw, ch = _cell_geometry(grid, image_size)
+    weight spread evenly over its region."""
+    width, height = image_size
     x0, y0, x1, y1 = box[0], box[1], box[2] + 1, box[3] + 1  # inclusive pixel box -> area
-    xs = torch.arange(gw, dtype=torch.float64) * cw  # cell left edges
-    ys = torch.arange(gh, dtype=torch.float64) * ch
-    ox = (torch.clamp(xs + cw, max=x1) - torch.clamp(xs, min=x0)).clamp(min=0) / cw  # (w,) overlap share
-    oy = (torch.clamp(ys + ch, max=y1) - torch.clamp(ys, min=y0)).clamp(min=0) / ch  # (h,)
-    return float((attention.double().view(gh, gw) * oy[:, None] * ox[None, :]).sum())
+    ox = _shares(centres.xs, width, x0, x1)  # (w,)
+    oy = _shares(centres.ys, height, y0, y1)  # (h,)
+    return float((attention.double().view(*centres.grid) * oy[:, None] * ox[None, :]).sum())
 
 
 def grounding_counts(
     tokens: Sequence[str],
     attention: torch.Tensor,
-    grid: tuple[int, int],
+    centres: CellCentres,
     objects: Sequence[dict],
     image_size: tuple[int, int],
 ) -> dict[str, float]:
     """Pointing hits and attention mass for one caption, per word class.
 
-    attention (T,N) aligned with ``tokens``; image_size (W,H). A named object counts only when
+    attention (T,N) aligned with ``tokens``, its cells at ``centres``; image_size (W,H). A named object counts only when
     the attributes said match exactly one object. Returns sums: ``shape_hits``, ``shape_trials``,
     ``shape_mass``, ``color_hits``, ``color_trials``, ``color_mass``.
     """
@@ -85,27 +103,27 @@ def grounding_counts(
             if pos is None or pos >= attention.size(0):
                 continue
             out[f"{kind}_trials"] += 1
-            out[f"{kind}_hits"] += _points_inside(int(attention[pos].argmax()), box, grid, image_size)
-            out[f"{kind}_mass"] += attention_mass(attention[pos], box, grid, image_size)
+            out[f"{kind}_hits"] += _points_inside(int(attention[pos].argmax()), box, centres, image_size)
+            out[f"{kind}_mass"] += attention_mass(attention[pos], box, centres, image_size)
     return out
 
 
 def pointing_hits(
     tokens: Sequence[str],
     attention: torch.Tensor,
-    grid: tuple[int, int],
+    centres: CellCentres,
     objects: Sequence[dict],
     image_size: tuple[int, int],
 ) -> tuple[int, int]:
     """(hits, trials) of the shape nouns of one caption (the pointing accuracy of the module doc)."""
-    c = grounding_counts(tokens, attention, grid, objects, image_size)
+    c = grounding_counts(tokens, attention, centres, objects, image_size)
     return int(c["shape_hits"]), int(c["shape_trials"])
 
 
 def shapes_scores(
     candidates: Sequence[Sequence[str]],
     attentions: Sequence[torch.Tensor],
-    grid: tuple[int, int],
+    centres: CellCentres,
     objects: Sequence[Sequence[dict]],
     image_sizes: Sequence[tuple[int, int]],
 ) -> dict[str, float]:
@@ -116,7 +134,7 @@ def shapes_scores(
     n = max(len(candidates), 1)
     total: dict[str, float] = {}
     for toks, att, objs, size in zip(candidates, attentions, objects, image_sizes):
-        for k, v in grounding_counts(toks, att, grid, objs, size).items():
+        for k, v in grounding_counts(toks, att, centres, objs, size).items():
             total[k] = total.get(k, 0.0) + v
     ratio = lambda a, b: total.get(a, 0.0) / total[b] if total.get(b) else 0.0
     return {

@@ -1,8 +1,10 @@
 """Attention overlays: the only file that draws.
 
-One panel for the image, then one per generated word with its attention map upsampled (bilinear,
-cell centres at the centres of the image regions they cover, no overshoot at the border) to the
-image, coloured and blended over it, the word written on the panel. Panels keep the image's aspect
+One panel for the image, then one per generated word with its attention map upsampled to the image
+(linear between the cells' centres, each cell at the centre of the image window its features were
+computed from: :class:`~captioning.models.base.CellCentres`, which a caption carries; no overshoot,
+the nearest cell's value past the outermost centres), coloured and blended over it, the word written
+on the panel. Panels keep the image's aspect
 ratio (up to 4:1; longer images are stretched to it): the model saw the whole image (squashed to its
 input size, not cropped), so the grid covers the whole picture however it is shaped. The image is
 drawn as the model saw it: a PIL image given as it was opened is normalised like the loader does
@@ -19,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from captioning.data.images import to_rgb
+from captioning.models.base import CellCentres
 
 # a "jet"-like colour ramp: dark blue -> cyan -> yellow -> red
 _RAMP = np.array([[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0], [128, 0, 0]], dtype=np.float32)
@@ -56,29 +59,53 @@ def _panel_size(image: Image.Image, longest: int) -> tuple[int, int]:
     return max(shortest, round(longest * w / h)), longest
 
 
-def overlay(image: Image.Image, attention: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> Image.Image:
-    """Blend one attention map (h,w) over ``image`` resized to ``size`` (width, height; an int: square)."""
+def overlay(
+    image: Image.Image,
+    attention: np.ndarray | torch.Tensor,
+    size: int | tuple[int, int],
+    centres: CellCentres | None = None,
+) -> Image.Image:
+    """Blend one attention map (h,w) over ``image`` resized to ``size`` (width, height; an int: square); the
+    cells placed at ``centres`` (as in :func:`heatmap`)."""
     width, height = (size, size) if isinstance(size, int) else size
     base = to_rgb(image)  # what the model saw: an EXIF-rotated photo upright, transparency on white
     if base.size != (width, height):
         base = base.resize((width, height), Image.BICUBIC)
-    heat = heatmap(attention, width, height)
+    heat = heatmap(attention, width, height, centres)
     blended = 0.45 * np.asarray(base, dtype=np.float32) + 0.55 * _colorize(heat).astype(np.float32)
     return Image.fromarray(blended.astype(np.uint8))
 
 
-def heatmap(attention: np.ndarray | torch.Tensor, width: int, height: int) -> np.ndarray:
+def _spread(centres: Sequence[float], pixels: int) -> np.ndarray:
+    """(pixels, n): how much of each of n cells a pixel's value takes, linear between the two cells whose
+    centres (fractions of the extent) are either side of the pixel's centre, all of the nearest one's past
+    the first or last centre: bilinear upsampling for cells that are not evenly placed on the image."""
+    unique, cell_at = np.unique(np.asarray(centres, dtype=np.float64), return_inverse=True)
+    at = (np.arange(pixels) + 0.5) / pixels  # (P,) pixel centres
+    one_hot = np.eye(len(unique))
+    spread = np.stack([np.interp(at, unique, one_hot[j]) for j in range(len(unique))], axis=1)  # (P,U)
+    # cells pooled from one share its centre and its pixels: their weights add up there
+    return spread[:, cell_at.reshape(-1)]  # (P,n)
+
+
+def heatmap(
+    attention: np.ndarray | torch.Tensor, width: int, height: int, centres: CellCentres | None = None
+) -> np.ndarray:
     """One attention map (h,w), row-major like the grid, upsampled to (height,width) and divided by its
-    largest value: 1 where the map peaks, 0.5 where the weight is half the peak's.
+    largest value: 1 where the map peaks, 0.5 where the weight is half the peak's. ``centres``: where the
+    cells sit on the image (a caption's ``centres``); None: cells that tile it.
 
     Not min-max scaled: subtracting the minimum stretched a diffuse map (weights between 0.014 and 0.018)
     to the whole colour ramp, so it looked as sharply focused as a peaked one, and drew an exactly uniform
     map as no attention at all (all 0)."""
-    att = torch.as_tensor(attention, dtype=torch.float32).cpu()
-    # bilinear, not bicubic: bicubic overshoots next to the border, so of two cells with equal weight
-    # the one at the edge looked hotter (and a corner cell peaked at the image corner, not its centre)
-    heat = torch.nn.functional.interpolate(att[None, None], size=(height, width), mode="bilinear", align_corners=False)
-    heat = heat[0, 0].numpy()  # (height,width), >= 0 (bilinear weights of weights >= 0)
+    att = torch.as_tensor(attention, dtype=torch.float64).cpu().numpy()  # (h,w)
+    centres = CellCentres.tiling(att.shape) if centres is None else centres
+    if centres.grid != att.shape:
+        raise ValueError(f"an attention map of {att.shape[0]}x{att.shape[1]} cells with centres for {centres.grid}")
+    # linear, not cubic: a cubic overshoots next to the border, so of two cells with equal weight the
+    # one at the edge looked hotter (and a corner cell peaked at the image corner, not its centre)
+    heat = _spread(centres.ys, height) @ att @ _spread(centres.xs, width).T  # (height,h)(h,w)(w,width)
+    heat = heat.astype(np.float32)  # (height,width), >= 0 (weights >= 0 of weights >= 0)
     return heat / heat.max() if heat.max() > 0 else heat
 
 
@@ -88,9 +115,12 @@ def attention_figure(
     attention: np.ndarray | torch.Tensor,
     panel_size: int = 224,
     columns: int = 5,
+    centres: CellCentres | None = None,
 ) -> Image.Image:
-    """The image followed by one overlay panel per word; attention (T,h,w) aligned with ``words``.
-    Panels are ``panel_size`` on the image's longer side and keep its aspect ratio up to 4:1."""
+    """The image followed by one overlay panel per word; attention (T,h,w) aligned with ``words``, its cells
+    placed at ``centres`` (a caption's ``centres``; None: cells that tile the image, which is not where a
+    strided CNN's cells look). Panels are ``panel_size`` on the image's longer side and keep its aspect
+    ratio up to 4:1."""
     # the loader's normalisation, as Captioner applies it: the attention grid is in the frame of the
     # EXIF-transposed image, so an image drawn as stored put each map on the wrong region (and with a
     # rotated aspect); convert("RGB") also showed 16-bit greyscale white and transparency black
@@ -104,7 +134,7 @@ def attention_figure(
     font = _font(max(12, panel_size // 12))
     base = image.resize((pw, ph), Image.BICUBIC)  # once, not per word
     panels = [(base.copy(), "<image>")]
-    panels += [(overlay(base, attention[t], (pw, ph)), w) for t, w in enumerate(words)]
+    panels += [(overlay(base, attention[t], (pw, ph), centres), w) for t, w in enumerate(words)]
     for k, (panel, label) in enumerate(panels):
         x, y = pad + (k % cols) * (pw + pad), pad + (k // cols) * (ph + pad)
         draw = ImageDraw.Draw(panel)

@@ -373,7 +373,7 @@ def test_decoding_edge_cases_still_give_captions_and_overlays(tmp_path, tiny_ckp
     if case == "ends_at_once":
         assert cap.tokens == [] and cap.text == ""
     assert cap.attention.shape == (len(cap.tokens), 8, 8)
-    attention_figure(image, cap.tokens, cap.attention).save(tmp_path / "overlay.png")
+    attention_figure(image, cap.tokens, cap.attention, centres=cap.centres).save(tmp_path / "overlay.png")
     assert Image.open(tmp_path / "overlay.png").size[0] > 0
 
 

@@ -220,7 +220,7 @@ def test_infer_batches_keep_the_order_the_captions_and_every_overlay(tiny_ckpt, 
     # far more
     _distinct_per_image(single)
     drawn = [
-        np.asarray(attention_figure(load_image(p), c.tokens, c.attention), dtype=np.int16)
+        np.asarray(attention_figure(load_image(p), c.tokens, c.attention, centres=c.centres), dtype=np.int16)
         for p, c in zip(inputs, single)
     ]
     for i, overlay in enumerate(overlays):

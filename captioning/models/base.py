@@ -22,6 +22,30 @@ class EncoderOutput(NamedTuple):
     grid: tuple[int, int]  # (h,w) with h*w == N, row-major
 
 
+class CellCentres(NamedTuple):
+    """Where each grid cell sits on the image: the centre of the image window its features are computed
+    from, as a fraction of the image's height (``ys``, one per grid row) and width (``xs``, one per
+    column), 0 the top/left edge and 1 the bottom/right one (a last window hanging over the edge may be
+    centred past 1). Non-decreasing; cells pooled from one cell share its centre. Fractions, not pixels,
+    so they hold for the image at any size (the model sees it squashed to its input size).
+
+    A strided convolution's cells do not tile the image: a ResNet cell's window is centred on pixel
+    32 i (0.5 px from its top-left corner for i = 0), not 32 i + 16, so a map drawn as if the cells tiled
+    it lands half a cell down and right of where the features looked."""
+
+    ys: tuple[float, ...]
+    xs: tuple[float, ...]
+
+    @classmethod
+    def tiling(cls, grid: tuple[int, int]) -> CellCentres:
+        """Cells that tile the image, cell i of n centred at (i + 1/2) / n (a patch embedding's grid)."""
+        return cls(*(tuple((i + 0.5) / n for i in range(n)) for n in grid))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return len(self.ys), len(self.xs)
+
+
 class Encoder(nn.Module):
     """``images (B,3,H,W) -> EncoderOutput(features (B,N,C), grid (h,w))``; ``out_dim`` == C."""
 
@@ -69,6 +93,16 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @torch.no_grad()
+    def cell_centres(self, height: int, width: int) -> CellCentres:
+        """Where the grid cells of a ``height`` x ``width`` input sit on it. This default assumes cells that
+        tile the image (right for a patch embedding); a convolutional encoder overrides it with its
+        receptive fields' centres."""
+        p = next(self.parameters())
+        with self.evaluating():
+            grid = self(torch.zeros(1, 3, height, width, device=p.device, dtype=p.dtype)).grid
+        return CellCentres.tiling((int(grid[0]), int(grid[1])))
 
 
 def fold_batchnorm(module: nn.Module) -> int:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from captioning.models.base import Encoder, EncoderOutput
+from captioning.models.base import CellCentres, Encoder, EncoderOutput
 
 _RESNET_STAGE_CHANNELS = {
     "resnet18": (64, 128, 256, 512),
@@ -30,6 +32,71 @@ _RESNET_STAGE_CHANNELS = {
     "resnet101": (256, 512, 1024, 2048),
     "resnet152": (256, 512, 1024, 2048),
 }
+
+
+class _Axis(NamedTuple):
+    """One axis of a feature map: ``n`` cells whose windows are centred at ``offset + step * i`` input pixels
+    (continuous coordinates: pixel j spans [j, j + 1), so its centre is j + 1/2)."""
+
+    n: int
+    offset: float
+    step: float
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _window(axis: _Axis, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> _Axis:
+    """The axis after a sliding window: output cell o reads input cells o * stride - padding + m * dilation,
+    m < kernel, so its centre is the input's centre at o * stride - padding + (kernel - 1) * dilation / 2."""
+    span = axis.n + 2 * padding - dilation * (kernel - 1) - 1
+    n = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (n - 1) * stride >= axis.n + padding:  # torch drops a last window that starts in the padding
+        n -= 1
+    return _Axis(n, axis.offset + axis.step * (dilation * (kernel - 1) / 2 - padding), axis.step * stride)
+
+
+def _trace(module: nn.Module, axes: tuple[_Axis, _Axis]) -> tuple[_Axis, _Axis]:
+    """Follow the two axes (y, x) through ``module``'s layers in order: convolutions and pooling move and
+    space out the cells' centres, everything else acting per position leaves them."""
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        if isinstance(module.padding, str):  # Conv2d's "same" / "valid"
+            name = type(module).__name__
+            raise ValueError(f"cannot place the grid cells of a {name} with padding={module.padding!r}")
+        dilation = _pair(getattr(module, "dilation", 1))
+        ks, ss, ps = _pair(module.kernel_size), _pair(module.stride), _pair(module.padding)
+        ceil = bool(getattr(module, "ceil_mode", False))
+        return tuple(_window(a, k, s, p, d, ceil) for a, k, s, p, d in zip(axes, ks, ss, ps, dilation))
+    if isinstance(module, (BasicBlock, Bottleneck)):
+        main = [module.conv1, module.conv2] + ([module.conv3] if isinstance(module, Bottleneck) else [])
+        out = axes
+        for conv in main:
+            out = _trace(conv, out)
+        if module.downsample is not None and _trace(module.downsample, axes) != out:
+            raise ValueError("a residual block whose shortcut and main path place the cells differently")
+        return out
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            axes = _trace(child, axes)
+        return axes
+    if isinstance(module, (nn.BatchNorm2d, nn.ReLU, nn.Identity)):
+        return axes
+    raise ValueError(f"cannot place the grid cells of a {type(module).__name__} layer")
+
+
+def _centres(body: nn.Module, height: int, width: int, pool: int | None = None) -> CellCentres:
+    """The centres of ``body``'s output cells (then adaptive-average-pooled to ``pool`` cells a side) on a
+    ``height`` x ``width`` input, as fractions of it."""
+    out = []
+    for axis, size in zip(_trace(body, (_Axis(height, 0.5, 1.0), _Axis(width, 0.5, 1.0))), (height, width)):
+        pos = [axis.offset + axis.step * i for i in range(axis.n)]
+        if pool:  # AdaptiveAvgPool2d: output i averages input cells floor(i n / g) .. ceil((i + 1) n / g) - 1
+            n = axis.n
+            bins = [(i * n // pool, -(-(i + 1) * n // pool)) for i in range(pool)]
+            pos = [sum(pos[a:b]) / (b - a) for a, b in bins]
+        out.append(tuple(p / size for p in pos))
+    return CellCentres(*out)
 
 
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -66,6 +133,10 @@ class SmallCNN(Encoder):
         gh, gw = x.shape[-2:]
         return EncoderOutput(x.flatten(2).transpose(1, 2), (gh, gw))  # (B,C,h,w) -> (B,N,C)
 
+    def cell_centres(self, height: int, width: int) -> CellCentres:
+        """Its receptive fields' centres: cell i at pixel 8 i (+ 1/2), not 8 i + 4 (padded stride-2 convs)."""
+        return _centres(self.body, height, width)
+
 
 class TorchvisionEncoder(Encoder):
     """A torchvision ResNet cut after ``stage`` (1-4), optionally adaptive-pooled to ``grid``.
@@ -83,6 +154,7 @@ class TorchvisionEncoder(Encoder):
         layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
         self.arch = arch
         self.body = nn.Sequential(*layers[: 4 + stage])
+        self.grid = grid
         self.pool = nn.AdaptiveAvgPool2d(grid) if grid else nn.Identity()
         self.out_dim = _RESNET_STAGE_CHANNELS[arch][stage - 1]
         self.set_frozen(freeze)
@@ -91,6 +163,10 @@ class TorchvisionEncoder(Encoder):
         x = self.pool(self.body(images))  # (B,3,H,W) -> (B,C,h,w)
         gh, gw = x.shape[-2:]
         return EncoderOutput(x.flatten(2).transpose(1, 2), (gh, gw))  # (B,N,C)
+
+    def cell_centres(self, height: int, width: int) -> CellCentres:
+        """Its receptive fields' centres (cell i of stage 4 at pixel 32 i + 1/2), averaged over each pooling bin."""
+        return _centres(self.body, height, width, self.grid or None)
 
 
 def build_encoder(
