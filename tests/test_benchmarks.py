@@ -102,7 +102,7 @@ def test_each_benchmark_times_the_checkout_beside_it_not_an_installed_captioning
     other.mkdir()
     (other / "__init__.py").write_text("raise ImportError('another captioning, not this checkout')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}  # side by side: a thread each
-    scripts = ["beam_search.py", "beam_step_profile.py", "data_throughput.py", "throughput.py"]
+    scripts = ["beam_search.py", "beam_step_profile.py", "cell_centres.py", "data_throughput.py", "throughput.py"]
     # not conftest's start_script, which puts this checkout first on the path; its finish collects them
     started = [
         subprocess.Popen([sys.executable, str(BENCHMARKS / s), "--help"], cwd=tmp_path, env=env, text=True,
