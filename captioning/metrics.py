@@ -83,9 +83,9 @@ def grounding_counts(
 ) -> dict[str, float]:
     """Pointing hits and attention mass for one caption, per word class.
 
-    attention (T,N) aligned with ``tokens``, its cells at ``centres``; image_size (W,H). A named object counts only when
-    the attributes said match exactly one object. Returns sums: ``shape_hits``, ``shape_trials``,
-    ``shape_mass``, ``color_hits``, ``color_trials``, ``color_mass``.
+    attention (T,N) aligned with ``tokens``, its cells at ``centres``; image_size (W,H). A named object
+    counts only when the attributes said match exactly one object. Returns sums: ``shape_hits``,
+    ``shape_trials``, ``shape_mass``, ``color_hits``, ``color_trials``, ``color_mass``.
     """
     out = dict.fromkeys(("shape_hits", "shape_trials", "shape_mass", "color_hits", "color_trials", "color_mass"), 0.0)
     for m in parse_caption(list(tokens))[0]:

@@ -5,6 +5,7 @@ features came from."""
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,7 +30,8 @@ SMALL_CNN_64 = CellCentres(*[tuple((8 * i + 0.5) / 64 for i in range(8))] * 2)
         ("small_cnn", {}, 70, 61),
         ("resnet18", {}, 256, 256),
         ("resnet18", {"stage": 3}, 97, 130),
-        ("resnet50", {"grid": 14}, 256, 256),  # pooled up from 8x8: cells pooled from one cell share its centre
+        ("resnet50", {"grid": 14}, 224, 224),  # pooled up from 7x7: each cell's centre is shared by two
+        ("resnet50", {"grid": 14}, 256, 256),  # pooled up from 8x8: bins of one or two cells, uneven spacing
         ("resnet18", {"grid": 3}, 33, 45),
     ],
 )
@@ -39,6 +41,8 @@ def test_there_is_a_centre_for_every_cell_the_encoder_gives(name, options, heigh
     centres = encoder.cell_centres(height, width)
     assert centres.grid == grid
     assert all(list(c) == sorted(c) for c in centres)
+    if (options.get("grid"), height) == (14, 224):
+        assert len(set(centres.ys)) == len(set(centres.xs)) == 7
     assert encoder.optimize_for_inference().cell_centres(height, width) == centres  # BatchNorm folded: same cells
 
 
@@ -48,6 +52,68 @@ def test_small_cnn_and_resnet_cells_sit_on_their_strides_not_in_the_middle_of_ti
     assert resnet.xs == tuple((32 * i + 0.5) / 256 for i in range(8))
     pooled = build_encoder("resnet18", grid=4).cell_centres(256, 256)  # each of 4 cells averages 2 of the 8
     assert pooled.ys == tuple((32 * (2 * i) + 0.5 + 32 * (2 * i + 1) + 0.5) / 2 / 256 for i in range(4))
+
+
+def test_each_window_layer_gives_torchs_cell_count_and_the_middle_of_the_inputs_it_reads():
+    """Every Conv2d / MaxPool2d / AvgPool2d shape over 1-D inputs of 1..24 cells (kernel, stride, padding,
+    dilation, ceil mode): the traced count is the layer's output size, and an output whose window lies inside
+    the input is centred on the mean position of the inputs it reads (a dilated kernel's taps, not a compact
+    window)."""
+    from captioning.models.encoders import _Axis, _trace
+
+    checked = 0
+    for n in range(1, 25):
+        for k, s, p, d, ceil in itertools.product((1, 2, 3, 4, 5), (1, 2, 3), (0, 1, 2), (1, 2), (False, True)):
+            if 2 * p > k:
+                continue
+            layers = [nn.MaxPool2d((1, k), (1, s), (0, p), dilation=(1, d), ceil_mode=ceil)]
+            if d == 1:
+                layers.append(nn.AvgPool2d((1, k), (1, s), (0, p), ceil_mode=ceil))
+            if not ceil:
+                conv = nn.Conv2d(1, 1, (1, k), (1, s), (0, p), dilation=(1, d), bias=False)
+                nn.init.ones_(conv.weight)
+                layers.append(conv)
+            for layer in layers:
+                try:
+                    out = layer(torch.zeros(1, 1, 1, n)).shape[-1]
+                except RuntimeError:  # an output of no cells
+                    continue
+                axis = _trace(layer, (_Axis(1, 0.5, 1.0), _Axis(n, 0.5, 1.0)))[1]
+                assert axis.n == out, (layer, n)
+                checked += 1
+                if isinstance(layer, nn.Conv2d):  # all-ones weights: sums of positions and of taps inside
+                    pos = (torch.arange(n, dtype=torch.float32) + 0.5).view(1, 1, 1, n)
+                    total, taps = layer(pos)[0, 0, 0], layer(torch.ones_like(pos))[0, 0, 0]
+                    for o in range(out):
+                        if taps[o] == k:
+                            assert abs(float(total[o] / k) - (axis.offset + axis.step * o)) < 1e-4, (layer, n, o)
+    assert checked > 2000
+
+
+def test_pooled_centres_average_the_cells_of_torchs_adaptive_pooling_bins():
+    from captioning.models.encoders import _centres
+
+    for n in range(1, 21):
+        for g in range(1, 17):
+            pos = (torch.arange(n, dtype=torch.float64) + 0.5).view(1, 1, n)
+            want = nn.AdaptiveAvgPool1d(g)(pos)[0, 0] / n  # each bin's mean position, as a fraction
+            got = _centres(nn.Identity(), 1, n, g).xs
+            assert torch.allclose(torch.tensor(got, dtype=torch.float64), want), (n, g)
+
+
+def test_a_layer_it_cannot_place_or_a_shortcut_that_disagrees_is_an_error():
+    from torchvision.models.resnet import BasicBlock
+
+    from captioning.models.encoders import _Axis, _trace
+
+    axes = (_Axis(32, 0.5, 1.0), _Axis(32, 0.5, 1.0))
+    fits = BasicBlock(4, 4, stride=2, downsample=nn.Conv2d(4, 4, 1, 2))  # both paths: output o on input 2 o
+    assert _trace(fits, axes) == (_Axis(16, 0.5, 2.0),) * 2
+    off = BasicBlock(4, 4, stride=2, downsample=nn.Conv2d(4, 4, 3, 2))  # unpadded 3x3: on input 2 o + 1
+    with pytest.raises(ValueError, match="shortcut and main path"):
+        _trace(off, axes)
+    with pytest.raises(ValueError, match="cannot place the grid cells of a Upsample"):
+        _trace(nn.Sequential(nn.Conv2d(3, 3, 3), nn.Upsample(scale_factor=2)), axes)
 
 
 def _linear(encoder: nn.Module) -> nn.Module:
@@ -177,6 +243,7 @@ def test_pointing_and_attention_mass_use_the_cells_regions_around_their_centres(
     assert attention_mass(uniform, [0, 0, 99, 9], odd, (100, 10)) == pytest.approx(1.0)
     # [0, 40) belongs to the two cells at 0.2, [40, 90) to 0.6, [90, 100) to 1.2, nothing to 1.4
     assert attention_mass(uniform, [0, 0, 39, 9], odd, (100, 10)) == pytest.approx(0.4)
+    assert attention_mass(uniform, [0, 0, 19, 9], odd, (100, 10)) == pytest.approx(0.2)  # half of each one's region
     assert attention_mass(uniform, [40, 0, 89, 9], odd, (100, 10)) == pytest.approx(0.2)
 
 

@@ -77,6 +77,8 @@ def test_a_centre_half_a_cell_from_a_box_points_at_it_whatever_the_cell_size():
     # edge (12) of a box ending at pixel 11, which cell 2 (from 12 to 18) touches
     square = [{"shape": "square", "color": "red", "size": "small", "box": [0, 0, 11, 5]}]
     assert pointing_hits(words, torch.eye(3)[[2] * 4], CellCentres.tiling((1, 3)), square, (18, 6)) == (1, 1)
+    square = [{"shape": "square", "color": "red", "size": "small", "box": [0, 0, 5, 11]}]  # the same down the image
+    assert pointing_hits(words, torch.eye(3)[[2] * 4], CellCentres.tiling((3, 1)), square, (6, 18)) == (1, 1)
 
 
 def test_rows_run_down_the_image_and_columns_across_it():

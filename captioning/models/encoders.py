@@ -154,7 +154,7 @@ class TorchvisionEncoder(Encoder):
         layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
         self.arch = arch
         self.body = nn.Sequential(*layers[: 4 + stage])
-        self.grid = grid
+        self.pool_grid = grid  # cells a side after pooling (None: the stage's own grid)
         self.pool = nn.AdaptiveAvgPool2d(grid) if grid else nn.Identity()
         self.out_dim = _RESNET_STAGE_CHANNELS[arch][stage - 1]
         self.set_frozen(freeze)
@@ -166,7 +166,7 @@ class TorchvisionEncoder(Encoder):
 
     def cell_centres(self, height: int, width: int) -> CellCentres:
         """Its receptive fields' centres (cell i of stage 4 at pixel 32 i + 1/2), averaged over each pooling bin."""
-        return _centres(self.body, height, width, self.grid or None)
+        return _centres(self.body, height, width, self.pool_grid or None)
 
 
 def build_encoder(
