@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.encoder:
         from captioning.models.encoders import build_encoder, load_encoder_weights
 
+        torch.manual_seed(args.seed)  # the random weights too: the same numbers on every run
         encoder = build_encoder(args.encoder, grid=args.grid)
         if args.weights:
             load_encoder_weights(encoder, args.weights)
