@@ -106,6 +106,10 @@ def test_a_checkpoint_with_damaged_metadata_is_an_error_naming_the_file(tmp_path
         torch.save(broken, path)
         with pytest.raises(CheckpointError, match=f"{path}: the captioning metadata is incomplete.*{damage}"):
             Captioner.from_checkpoint(path)
+    wrong = dict(ckpt, captioning={**ckpt["captioning"], "grid": [4, 4]})  # the tiny run's encoder gives 8x8
+    torch.save(wrong, tmp_path / "grid.ckpt")
+    with pytest.raises(CheckpointError, match=r"grid.ckpt: its grid \[4, 4\] is not the 8x8 grid its encoder gives 64"):
+        Captioner.from_checkpoint(tmp_path / "grid.ckpt")
 
 
 def test_an_old_transformer_checkpoint_searching_past_its_position_table_is_cut_with_a_warning(tmp_path):
@@ -125,7 +129,7 @@ def test_an_old_transformer_checkpoint_searching_past_its_position_table_is_cut_
         net.decoder.out.weight.zero_()
         net.decoder.out.weight[len(SPECIALS)] = 1.0
     path = tmp_path / "old.ckpt"
-    meta = {"vocab": vocab, "model": model, "grid": [4, 4], "search": {"beam_size": 2, "max_len": 9}}
+    meta = {"vocab": vocab, "model": model, "grid": [8, 8], "search": {"beam_size": 2, "max_len": 9}}
     meta["preprocess"] = {"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
     torch.save({"captioning": meta, "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, path)
     with pytest.warns(UserWarning, match=r"search length \(9\) is more than .* \(5\); captions are cut at 5"):
