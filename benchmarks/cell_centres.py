@@ -44,9 +44,9 @@ def report(name: str, encoder: torch.nn.Module, size: int, images: int, seed: in
     gh, gw = measured.shape[:2]
     placed = {"centres": encoder.cell_centres(size, size), "tiles": CellCentres.tiling((gh, gw))}
     print(f"\n{name}: {size} px, {gh}x{gw} grid, {images} noise images")
-    for axis, name, n in ((0, "row", gh), (1, "column", gw)):
+    for axis, label, n in ((0, "row", gh), (1, "column", gw)):
         at = {k: [v * size for v in c[axis]] for k, c in placed.items()}
-        print(f"{name:>8} {'measured ' + 'yx'[axis]:>11} {'centre':>8} {'tile':>8}")
+        print(f"{label:>8} {'measured ' + 'yx'[axis]:>11} {'centre':>8} {'tile':>8}")
         for i in range(n):
             mean = float(measured.select(axis, i)[:, axis].mean())  # over the other axis's cells
             print(f"{i:>8} {mean:>11.1f} {at['centres'][i]:>8.1f} {at['tiles'][i]:>8.1f}")
@@ -75,14 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.checkpoints and not args.encoder:
         parser.error("give checkpoints or --encoder")
     print(checkout.describe())
-    for path in args.checkpoints:
-        from captioning.inference import Captioner
+    from captioning.inference import Captioner
+    from captioning.models.encoders import build_encoder, load_encoder_weights
 
+    for path in args.checkpoints:
         captioner = Captioner.from_checkpoint(path)
         report(path, captioner.net.encoder, captioner.transform.size, args.images, args.seed)
     if args.encoder:
-        from captioning.models.encoders import build_encoder, load_encoder_weights
-
         torch.manual_seed(args.seed)  # the random weights too: the same numbers on every run
         encoder = build_encoder(args.encoder, grid=args.grid)
         if args.weights:

@@ -135,11 +135,6 @@ class Captioner:
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not match the stored model configuration ({e})") from None
         net.encoder.optimize_for_inference()  # BatchNorm folded into the convolutions: this net only infers
-        h, w = net.encoder.cell_centres(image_size, image_size).grid
-        if (h, w) != grid:  # a hand-edited file: its maps would not fit the grid it names
-            raise CheckpointError(
-                f"{path}: its grid {list(grid)} is not the {h}x{w} grid its encoder gives {image_size} px images"
-            )
         max_len = int(search.get("max_len", 24))
         positions = getattr(net.decoder, "positions", None)  # the transformer's position table (P,D)
         if positions is not None and max_len > positions.size(0):
@@ -150,7 +145,7 @@ class Captioner:
                 stacklevel=2,
             )
             max_len = positions.size(0)
-        return cls(
+        captioner = cls(
             net,
             vocab,
             image_size,
@@ -162,6 +157,12 @@ class Captioner:
             device=device,
             length_penalty=length_penalty if length_penalty is not None else search.get("length_penalty", 0.0),
         )
+        if captioner.centres.grid != grid:  # a hand-edited file: its maps would not fit the grid it names
+            h, w = captioner.centres.grid
+            raise CheckpointError(
+                f"{path}: its grid {list(grid)} is not the {h}x{w} grid its encoder gives {image_size} px images"
+            )
+        return captioner
 
     @torch.no_grad()
     def caption(self, image: str | Path | Image.Image, beam_size: int | None = None) -> Caption:

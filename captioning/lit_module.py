@@ -544,8 +544,8 @@ class CaptionModule(pl.LightningModule):
         self.vocab = Vocabulary(vocab)
         self.arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items() if k in _ARCH_KEYS}
         self.net = CaptionNet(len(self.vocab), **self.arch)
-        self.grid = self.net.grid_for(image_size)
         self.cell_centres = self.net.encoder.cell_centres(image_size, image_size)  # where grounding puts each cell
+        self.grid = self.cell_centres.grid  # (h,w) for image_size x image_size images
         self._eval_outputs: list[tuple[int, list[int], torch.Tensor]] = []
 
     # -- set-up -----------------------------------------------------------------------------

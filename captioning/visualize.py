@@ -4,12 +4,11 @@ One panel for the image, then one per generated word with its attention map upsa
 (linear between the cells' centres, each cell at the centre of the image window its features were
 computed from: :class:`~captioning.models.base.CellCentres`, which a caption carries; no overshoot,
 the nearest cell's value past the outermost centres), coloured and blended over it, the word written
-on the panel. Panels keep the image's aspect
-ratio (up to 4:1; longer images are stretched to it): the model saw the whole image (squashed to its
-input size, not cropped), so the grid covers the whole picture however it is shaped. The image is
-drawn as the model saw it: a PIL image given as it was opened is normalised like the loader does
-(EXIF orientation, transparency on white, 16-bit greyscale scaled), so the maps land where the model
-looked.
+on the panel. Panels keep the image's aspect ratio (up to 4:1; longer images are stretched to it): the
+model saw the whole image (squashed to its input size, not cropped), so the grid covers the whole
+picture however it is shaped. The image is drawn as the model saw it: a PIL image given as it was
+opened is normalised like the loader does (EXIF orientation, transparency on white, 16-bit greyscale
+scaled), so the maps land where the model looked.
 """
 
 from __future__ import annotations

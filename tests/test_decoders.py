@@ -217,7 +217,7 @@ def test_an_encoder_released_from_freezing_takes_the_mode_its_model_was_put_in()
     bn = next(m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d))
     model.train()
     assert not enc.training  # frozen: eval mode, whatever its model's
-    with enc.evaluating():  # as CaptionNet.grid_for and the feature cache use it (they recorded eval as asked)
+    with enc.evaluating():  # as the default cell_centres and the feature cache use it (they recorded eval as asked)
         assert not enc.training
     enc.set_frozen(False)
     assert enc.training and bn.training and all(p.requires_grad for p in enc.parameters())

@@ -80,11 +80,3 @@ class CaptionNet(nn.Module):
     def forward(self, images: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced: images (B,3,H,W), tokens_in (B,T) -> logits (B,T,V), attention (B,T,N)."""
         return self.decoder(self.encode(images).features, tokens_in)
-
-    @torch.no_grad()
-    def grid_for(self, image_size: int) -> tuple[int, int]:
-        """The (h,w) grid this encoder gives for ``image_size`` x ``image_size`` images."""
-        p = next(self.encoder.parameters())
-        with self.encoder.evaluating():
-            grid = self.encoder(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).grid
-        return tuple(int(g) for g in grid)
