@@ -20,7 +20,7 @@
 # (.whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
 # take it along, e.g. the device tool's carry=[".whl"].)
 #
-# STEPS (space-separated, default "env throughput beam train infer") picks a subset; they run in that
+# STEPS (space-separated, default "env throughput beam train infer compile") picks a subset; they run in that
 # order, the throughput table first (issue 6's measurement; written mode by mode as it goes), so a command
 # cut short (a lease whose start-up left less than 10 minutes) loses the Lightning check last. TRAIN_ARGS
 # adds options to the train step (after its --trainer.max_epochs 3: "--trainer.max_epochs 20" trains the
@@ -32,7 +32,7 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=" ${STEPS:-env throughput beam train infer} "
+steps=" ${STEPS:-env throughput beam train infer compile} "
 device=${DEVICE:-cuda}
 # on the GPU the shapes recipe is bound by the host: its images load in worker processes there; the throughput
 # modes run the encoder channels-last there (cuDNN's NHWC kernels for tensor cores), as its search modes do anyway
@@ -44,10 +44,11 @@ export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   # pure-Python wheels: where pip is missing or fails, Python imports them from the wheel files themselves
   if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
-    .whl/*.whl >"$out/wheels.txt" 2>&1; then
+    .whl/*.whl >/tmp/gpu_check_wheels.txt 2>&1; then
     export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "pip failed (above): importing the wheels in place" >>"$out/wheels.txt"
+    cat /tmp/gpu_check_wheels.txt  # on stdout: a lent machine returns only 8 files from OUT_DIR, the steps' logs
+    echo "pip failed (above): importing the wheels in place"
     wheels=$(printf '%s:' "$PWD"/.whl/*.whl)
     export PYTHONPATH=${wheels%:}${PYTHONPATH:+:$PYTHONPATH}
   fi
@@ -57,10 +58,20 @@ runs=$(mktemp -d)  # the training run's checkpoints stay out of OUT_DIR (only a 
 trap 'rm -rf "$runs"' EXIT
 failed=0
 
+# every step's limit is cut to what is left before DEADLINE seconds (default 570) from the script's start, so the
+# whole script ends inside a 10-minute command limit however long the earlier steps took
+deadline=${DEADLINE:-570}
 step() {  # step NAME LIMIT_SECONDS COMMAND...: run COMMAND under a time limit, log to OUT_DIR/NAME.txt
   local name=$1 limit=$2
   shift 2
   [[ $steps == *" $name "* ]] || return 0
+  local left=$((deadline - SECONDS))
+  if ((left < 10)); then
+    echo "== $name: skipped, ${left} s left before the ${deadline} s deadline" | tee "$out/$name.txt"
+    failed=1
+    return 0
+  fi
+  ((limit > left)) && limit=$left
   echo "== $name: $*" | tee "$out/$name.txt"
   local t0=$SECONDS
   # -k: Lightning traps SIGTERM and stops only at its next batch; a step still running 15 s later is killed
@@ -84,4 +95,8 @@ elif [[ $steps == *" infer "* ]]; then
   echo "== infer: skipped, the train step left no best.ckpt" | tee "$out/infer.txt"
   failed=1
 fi
+# last, in whatever time is left: the LSTM's training modes with its decoder under torch.compile (one-off compile
+# time per mode, not counted in the rates)
+step compile 240 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
+  --modes cached,frozen --compile
 exit $failed
