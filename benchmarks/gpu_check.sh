@@ -20,7 +20,8 @@
 # (.whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
 # take it along, e.g. the device tool's carry=[".whl"].)
 #
-# STEPS (space-separated, default "env throughput beam train infer compile") picks a subset; they run in that
+# STEPS (space-separated, default "env throughput beam train infer profile graph compile compile_ro search_big")
+# picks a subset; they run in that
 # order, the throughput table first (issue 6's measurement; written mode by mode as it goes), so a command
 # cut short (a lease whose start-up left less than 10 minutes) loses the Lightning check last. TRAIN_ARGS
 # adds options to the train step (after its --trainer.max_epochs 3: "--trainer.max_epochs 20" trains the
@@ -32,7 +33,7 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=" ${STEPS:-env throughput beam train infer compile} "
+steps=" ${STEPS:-env throughput beam train infer profile graph compile compile_ro search_big} "
 device=${DEVICE:-cuda}
 # on the GPU the shapes recipe is bound by the host: its images load in worker processes there; the throughput
 # modes run the encoder channels-last there (cuDNN's NHWC kernels for tensor cores), as its search modes do anyway
@@ -95,8 +96,18 @@ elif [[ $steps == *" infer "* ]]; then
   echo "== infer: skipped, the train step left no best.ckpt" | tee "$out/infer.txt"
   failed=1
 fi
-# last, in whatever time is left: the LSTM's training modes with its decoder under torch.compile (one-off compile
-# time per mode, not counted in the rates)
-step compile 240 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
+# then, in whatever time is left, the ways to a faster training step: where an eager step's time goes (host
+# against device); each whole step replayed from a CUDA graph; the LSTM's decoder under torch.compile, plain and
+# with CUDA graphs (reduce-overhead; one-off compile time per mode, not counted in the rates); and the search on
+# 1,024 images at once
+step profile 60 "$py" benchmarks/train_step_profile.py --device "$device" "${bench[@]}" --decoders lstm,transformer \
+  --modes cached,frozen
+[[ $device == cuda ]] && step graph 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" \
+  --modes frozen,finetune,cached --cuda-graph
+step compile 150 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
   --modes cached,frozen --compile
+step compile_ro 150 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
+  --modes cached,frozen --compile --compile-mode reduce-overhead
+step search_big 60 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --modes search \
+  --search-images 1024
 exit $failed

@@ -5,7 +5,8 @@
         [--decoders lstm,transformer] [--modes frozen,finetune,cached,search,search1]
         [--images-per-batch B] [--captions-per-image 5] [--iters N] [--warmup N] [--search-images B]
         [--single-images N] [--encoder resnet101] [--image-size 256] [--grid 14] [--hidden 512]
-        [--heads 8] [--layers 3] [--vocab 9490] [--beam 5] [--steps 16] [--compile] [--channels-last] [--threads N]
+        [--heads 8] [--layers 3] [--vocab 9490] [--beam 5] [--steps 16] [--compile] [--compile-mode M]
+        [--cuda-graph] [--channels-last] [--threads N]
         [--seed 0]
 
 The COCO-scale model (the defaults on cuda): ResNet-101 (random weights: speed does not depend on
@@ -24,6 +25,11 @@ a plain loop of ``module.loss`` -> ``backward`` -> AdamW, fused on cuda):
   (min_len = max_len, so every image costs the same), ``--search-images`` images at once -> images/s.
 - ``search1``: the same search one image at a time over ``--single-images`` images -> images/s; the
   ratio search / search1 is printed after the table.
+
+``--cuda-graph`` (cuda): each training step (loss, backward, AdamW) is captured once as a CUDA graph and replayed,
+so the host launches none of its kernels one by one; what that leaves is the GPU's own time for the step.
+``--compile --compile-mode reduce-overhead`` gets CUDA graphs for the decoder alone, as a Lightning run can
+(``model.compile_decoder``, ``model.compile_mode``).
 
 Both searches run under the ``--precision`` autocast, as the validation of a ``bf16-mixed`` Lightning run
 decodes; ``Captioner`` and ``infer.py`` decode in float32 (no autocast), so on a GPU their rate is not this one.
@@ -94,9 +100,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def _autocast(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """``cache``: autocast's cache of weights cast to the low precision; off for a step captured as a CUDA
+    graph, as PyTorch asks (a cached cast made outside the capture would be read from memory the graph does
+    not own)."""
     dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def make_tokens(
@@ -139,6 +150,7 @@ def build(
         image_size=args.image_size,
         channels_last=args.channels_last,
         compile_decoder=compile_decoder,
+        compile_mode=args.compile_mode,
     )
     module.to(device)
     with torch.no_grad():
@@ -215,13 +227,19 @@ def _time(fn: Callable[[], None], warmup: int, iters: int, device: torch.device,
     return (time.perf_counter() - t0) / iters
 
 
-def train_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
-    """Training steps (loss, backward, AdamW) of one mode -> rate in captions/s, ms per step, peak memory."""
+def train_step(
+    args: argparse.Namespace, decoder: str, mode: str, device: torch.device, memory: PeakMemory | None = None
+) -> Callable[[], None]:
+    """One mode's training step (loss, backward, AdamW) on a fresh model, as a function of no arguments that
+    alternates between two token batches; with ``--cuda-graph`` captured (after its warm-up) and replayed.
+    ``memory`` is reset once the model and its inputs are made."""
     module = build(args, decoder, freeze=mode != "finetune", compile_decoder=args.compile, device=device)
     module.setup("fit")  # channels_last, torch.compile of the decoder
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=module.hparams.lr, fused=device.type == "cuda")
+    cuda = device.type == "cuda"
+    # capturable: the optimizer's step count and bias corrections stay on the GPU, as a CUDA graph needs
+    opt = torch.optim.AdamW(params, lr=module.hparams.lr, fused=cuda, capturable=args.cuda_graph)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     b, m = args.images_per_batch, args.captions_per_image
     gen = torch.Generator().manual_seed(args.seed)
@@ -238,17 +256,57 @@ def train_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.
         nonlocal step_no
         tokens = token_batches[step_no % len(token_batches)]
         step_no += 1
-        with _autocast(device, args.precision):
+        with _autocast(device, args.precision, cache=not args.cuda_graph):
             loss, _ = module.loss(inputs, tokens)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
+    if memory is not None:
+        memory.reset()
+    return _graphed(step, token_batches, args.warmup) if args.cuda_graph else step
+
+
+def train_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
+    """Training steps (loss, backward, AdamW) of one mode -> rate in captions/s, ms per step, peak memory."""
     memory = PeakMemory(device)
-    memory.reset()
+    step = train_step(args, decoder, mode, device, memory)
     seconds = _time(step, args.warmup, args.iters, device, memory)
+    b, m = args.images_per_batch, args.captions_per_image
     return dict(batch=f"{b} x {m}", rate=b * m / seconds, unit="captions/s", ms=1e3 * seconds, mem=memory.report())
+
+
+def _graphed(step: Callable[[], None], token_batches: list[torch.Tensor], warmup: int) -> Callable[[], None]:
+    """``step`` (loss, backward, optimizer step) captured once as a CUDA graph -> a function that replays it on
+    the next token batch: every kernel of the step launched by one call, none by the host one at a time.
+
+    A graph reads its inputs from fixed addresses: the images or features stay one tensor, and each replay first
+    copies the next token batch into the one buffer the capture read. Warm-up runs on a side stream first
+    (cuDNN's autotuner, the optimizer's state), as capture requires; the step ends by setting the gradients to
+    None, so the captured backward allocates them from the graph's own memory and every replay writes them.
+    """
+    batches = list(token_batches)
+    static = batches[0].clone()
+    token_batches[:] = [static]  # the step reads this buffer from now on
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 3)):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    replays = 0
+
+    def replay() -> None:
+        nonlocal replays
+        static.copy_(batches[replays % len(batches)])
+        replays += 1
+        graph.replay()
+
+    return replay
 
 
 def search_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
@@ -325,6 +383,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--steps", type=int, default=16, help="beam search steps (min_len = max_len)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (CaptionModule.compile_decoder)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile (e.g. reduce-overhead)")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="training modes: replay each whole step (loss, backward, AdamW) from one CUDA graph (cuda, bf16/fp32)",
+    )
     p.add_argument("--channels-last", action="store_true", help="encoder in channels-last memory format")
     p.add_argument("--threads", type=int, default=None, help="CPU threads, 0 = torch's default (cpu default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -332,6 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in DEVICE_DEFAULTS[args.device].items():
         if getattr(args, key) is None or (key == "precision" and args.precision == "auto"):
             setattr(args, key, value)
+    if args.cuda_graph and (args.device != "cuda" or args.precision == "fp16"):
+        p.error("--cuda-graph needs --device cuda and bf16 or fp32 (fp16's loss scaling is not captured)")
     if args.search_images is None:
         args.search_images = args.images_per_batch
     args.decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
@@ -369,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         f"LSTM E=H=A={args.hidden}; Transformer D={args.hidden}, {args.heads} heads, {args.layers} layers; "
         f"V={args.vocab}; captions {min(CAPTION_WORDS)}-{max(CAPTION_WORDS)} words (mean {mean_words:.1f}), "
         f"padded to L={max(CAPTION_WORDS) + 2}; search K={args.beam}, {args.steps} steps; "
-        f"compile={args.compile}, channels_last={args.channels_last}"
+        f"compile={args.compile} (mode {args.compile_mode}), cuda_graph={args.cuda_graph}, "
+        f"channels_last={args.channels_last}"
     )
     rows = []
     for decoder in args.decoders:

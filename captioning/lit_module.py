@@ -42,6 +42,8 @@ _ARCH_KEYS = tuple(_ARCH_DEFAULTS)
 
 #: exit status of a run stopped by SIGTERM (128 + the signal's number): each DDP rank's, and the run's
 SIGTERM_EXIT = 128 + signal.SIGTERM
+#: ``torch.compile`` modes that ``compile_mode`` takes
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class CheckpointOnSigterm(pl.Callback):
@@ -432,6 +434,9 @@ class CaptionModule(pl.LightningModule):
         compile_decoder: ``torch.compile`` the decoder for training (one-off compile time; the
             weights and checkpoints are unchanged). Training captions are then padded to
             ``max_caption_len`` + 2 tokens, so one compiled graph serves every batch.
+        compile_mode: ``torch.compile``'s mode for ``compile_decoder``: "default", "reduce-overhead" (the
+            compiled forward and backward replayed as CUDA graphs: the host no longer launches the LSTM's many
+            small kernels one by one), "max-autotune" or "max-autotune-no-cudagraphs".
         label_smoothing, alpha_c: loss terms. ``label_smoothing`` spreads its share of each target over the
             classes a caption can hold (not <pad> or <start>). ``alpha_c`` weights the doubly stochastic term; the
             paper used 1, but on shapes (64 cells, ~10 words) 1 spreads attention so much that
@@ -474,6 +479,7 @@ class CaptionModule(pl.LightningModule):
         lr_decay_epochs: int = 8,
         channels_last: bool = False,
         compile_decoder: bool = False,
+        compile_mode: str = "default",
         label_smoothing: float = 0.0,
         alpha_c: float = 0.1,
         beam_size: int = 3,
@@ -488,6 +494,8 @@ class CaptionModule(pl.LightningModule):
         super().__init__()
         if not vocab:
             raise ValueError("model.vocab is empty: it is set from the data module's training captions")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         if lr_schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"model.lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
         # checked here, before any data is generated or step taken: AdamW checks only its default lr, not a
@@ -566,7 +574,8 @@ class CaptionModule(pl.LightningModule):
         if self.hparams.channels_last:
             self.net.encoder.to(memory_format=torch.channels_last)
         if stage == "fit" and self.hparams.compile_decoder and not getattr(self, "_compiled", False):
-            self.net.decoder.compile()  # in place: parameter names (and checkpoints) stay as they are
+            # in place: parameter names (and checkpoints) stay as they are
+            self.net.decoder.compile(mode=self.hparams.compile_mode)
             self._compiled = True
 
     def _load_pretrained_encoder(self) -> None:

@@ -546,3 +546,24 @@ def test_an_encoder_released_by_a_callback_during_a_fit_trains_in_train_mode(tmp
     cli.trainer.callbacks.append(release)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert release.modes == [(0, False, False), (0, False, False), (1, True, True), (1, True, True)]
+
+
+def test_compile_mode_reaches_torch_compile_and_an_unknown_mode_is_refused(monkeypatch):
+    """``compile_mode`` is the mode the decoder is compiled with at fit (CUDA graphs with "reduce-overhead");
+    a misspelt mode is refused when the module is built, not after the data is loaded."""
+    import pytest
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    kwargs = dict(vocab=[*SPECIALS, *"abc"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+    with pytest.raises(ValueError, match="compile_mode.*reduce_overhead"):
+        CaptionModule(**kwargs, compile_decoder=True, compile_mode="reduce_overhead")
+    module = CaptionModule(**kwargs, compile_decoder=True, compile_mode="reduce-overhead")
+    seen = []
+    monkeypatch.setattr(type(module.net.decoder), "compile", lambda self, **kw: seen.append(kw))
+    module.setup("validate")
+    assert seen == []  # only training runs the compiled forward
+    module.setup("fit")
+    module.setup("fit")  # once
+    assert seen == [{"mode": "reduce-overhead"}]

@@ -1,0 +1,82 @@
+"""Where a training step's time goes: the host's time per step against the device's busy time, and the kernels.
+
+    python benchmarks/train_step_profile.py --device cuda --precision bf16 --channels-last --decoders lstm \
+        --modes cached [--steps 3] [--rows 12] [any option of benchmarks/throughput.py]
+
+The step is ``benchmarks/throughput.py``'s (same model, sizes and options, ``--compile`` and ``--cuda-graph``
+included), run ``--warmup`` times, then ``--steps`` times under ``torch.profiler``. Printed per decoder and mode:
+
+- wall ms per step (synchronised at the end of the profiled steps; the profiler's own overhead included), host
+  ms per step that the profiler saw in PyTorch's operators, device busy ms per step (the sum of the kernels'
+  own times; kernels do not overlap on one stream, so this is the time the device was working), kernel
+  launches and ``aten::`` operator calls (nested ones included) per step;
+- the ``--rows`` kernels (or, on CPU, operators) with the most self time, as the profiler's table.
+
+Wall time well above device busy time means the device waited for the host to launch kernels (many small
+kernels, as an LSTM's word loop makes): what CUDA graphs or fewer, larger kernels win back. Busy time near wall
+time means the kernels themselves are the cost, and the table says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from throughput import MODES, PeakMemory, _sync, parse_args, train_step
+
+
+def profile_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device, steps: int, rows: int):
+    step = train_step(args, decoder, mode, device, PeakMemory(device))
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    # device kernels' own time (the profiler's "self device" time); a kernel's row has no host time of its own
+    device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    kernels = sum(e.count for e in events if (getattr(e, "self_device_time_total", 0) or 0) > 0)
+    host_us = sum(e.self_cpu_time_total for e in events)  # the host's time inside PyTorch's operators
+    calls = sum(e.count for e in events if e.key.startswith("aten::"))  # nested calls counted too
+    print(
+        f"{decoder} {mode}: wall {1e3 * wall:.1f} ms/step, host (operators) {host_us / 1e3 / steps:.1f} ms/step, "
+        f"device busy {device_us / 1e3 / steps:.1f} ms/step, {kernels / steps:.0f} kernels/step, "
+        f"{calls / steps:.0f} aten calls/step"
+    )
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=rows, max_name_column_width=70))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--steps", type=int, default=3, help="profiled steps per mode")
+    extra.add_argument("--rows", type=int, default=12, help="kernels listed per mode")
+    ours, rest = extra.parse_known_args(argv)
+    args = parse_args(rest)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    print(f"train_step_profile, torch {torch.__version__}, command: python {' '.join(sys.argv)}")
+    for decoder in args.decoders:
+        for mode in args.modes:
+            if mode.startswith("search"):
+                continue  # training steps only
+            print(f"-- {decoder}: {MODES[mode]}, batch {args.images_per_batch} x {args.captions_per_image}")
+            profile_mode(args, decoder, mode, device, ours.steps, ours.rows)
+
+
+if __name__ == "__main__":
+    main()

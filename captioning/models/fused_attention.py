@@ -1,0 +1,254 @@
+"""The additive attention score v^T tanh(keys + q) in Triton kernels that never build its (B,M,N,A) tensor.
+
+At every word step the LSTM decoder's additive (Bahdanau / Show-Attend-Tell) attention scores each of an image's
+N grid cells for each of its M queries (its captions in training, its beams in search):
+
+    score[b,m,n] = sum_a v[a] * tanh(keys[b,n,a] + q[b,m,a])
+
+Eager PyTorch materialises the (B,M,N,A) tanh tensor for this: 128M elements per step at B=256, M=5, N=196,
+A=512, written and read again in the forward and several more times in the backward. That memory traffic, not
+arithmetic, dominates a GPU training step. Here the forward reads keys, q and v once and writes only the (B,M,N)
+scores; the backward recomputes tanh from the same three inputs (autograd saves only them) and writes only the
+gradients. :func:`additive_scores_reference` is the eager version: the definition of what the kernels compute.
+
+Triton is optional: without it this module still imports and :func:`fused_available` says False. To run the
+kernels on a CPU tensor through Triton's interpreter, set ``TRITON_INTERPRET=1`` before this module is first
+imported: Triton decides whether a kernel is compiled or interpreted when it is defined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install; fused_available() is then False
+    triton = None
+
+#: Whether the kernels below were defined under Triton's interpreter (they run on CPU tensors only then).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+#: Largest tiles along N and A. A tile of BLOCK_N x BLOCK_A float32 values is the largest live tensor in a
+#: program (the backward holds three or four), 16 registers per thread per tensor with 4 warps at 32 x 64.
+MAX_BLOCK_N = 32
+MAX_BLOCK_A = 64
+
+
+def fused_available(t: torch.Tensor) -> bool:
+    """Whether :func:`additive_scores` can run on ``t``'s device: Triton imports, and ``t`` is on a GPU or the
+    kernels are interpreted (``TRITON_INTERPRET=1``, set before this module was imported)."""
+    if triton is None:
+        return False
+    return t.is_cuda or (_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def additive_scores_reference(keys: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """keys (B,N,A), q (B,M,A), v (A,) -> scores (B,M,N) = v^T tanh(keys + q), in eager PyTorch."""
+    hidden = (keys.unsqueeze(1) + q.unsqueeze(2)).tanh()  # (B,1,N,A) + (B,M,1,A) -> (B,M,N,A)
+    return hidden @ v  # (B,M,N)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scores_fwd_kernel(
+        keys_ptr,  # (B,N,A)
+        q_ptr,  # (B,M,A)
+        v_ptr,  # (A,)
+        out_ptr,  # (B,M,N)
+        M,
+        N,
+        A,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_A: tl.constexpr,
+    ):
+        """One program per (image, block of N cells), for all M queries of the image: each keys tile is read
+        from memory once, not once per query."""
+        b = tl.program_id(0).to(tl.int64)  # int64: b * N * A can pass 2^31 at large batches
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        n_ok = n < N
+        rows = tl.arange(0, BLOCK_M)  # (BM,) query index m
+        keys_ptr += b * N * A
+        q_ptr += b * M * A
+        # transposed, (BN,BM): a query's scores come out of the A-reduction as a column of this
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for a0 in range(0, A, BLOCK_A):
+            a = a0 + tl.arange(0, BLOCK_A)  # (BA,)
+            a_ok = a < A
+            # masked lanes load 0: v = 0 there, so padding adds nothing to a score
+            k = tl.load(keys_ptr + n[:, None] * A + a[None, :], mask=n_ok[:, None] & a_ok[None, :], other=0.0)
+            k = k.to(tl.float32)  # (BN,BA)
+            v = tl.load(v_ptr + a, mask=a_ok, other=0.0).to(tl.float32)  # (BA,)
+            for m in range(M):
+                qm = tl.load(q_ptr + m * A + a, mask=a_ok, other=0.0).to(tl.float32)  # (BA,)
+                t = 2.0 * tl.sigmoid(2.0 * (k + qm[None, :])) - 1.0  # tanh, (BN,BA)
+                s = tl.sum(t * v[None, :], axis=1)  # (BN,)
+                # Triton has no indexed assignment: add the column into row m of the accumulator by a select
+                acc += tl.where(rows[None, :] == m, s[:, None], 0.0)
+        out = out_ptr + b * M * N + rows[None, :] * N + n[:, None]  # (BN,BM)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (rows[None, :] < M))
+
+    @triton.jit
+    def _scores_bwd_kernel(
+        keys_ptr,  # (B,N,A)
+        q_ptr,  # (B,M,A)
+        v_ptr,  # (A,)
+        g_ptr,  # (B,M,N) dL/dscores
+        dkeys_ptr,  # (B,N,A)
+        dq_ptr,  # (B,M,A)
+        dv_part_ptr,  # (B,A) float32: this image's share of dv
+        M,
+        N,
+        A,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_A: tl.constexpr,
+        NEED_DKEYS: tl.constexpr,
+        NEED_DQ: tl.constexpr,
+        NEED_DV: tl.constexpr,
+    ):
+        """One program per (image, block of A), looping over all N cells and M queries of the image. It is then
+        the only writer of dkeys[b,:,a-block], dq[b,:,a-block] and dv_part[b,a-block]: no atomics, and the
+        sums come out in a fixed order (deterministic gradients)."""
+        b = tl.program_id(0).to(tl.int64)
+        a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)  # (BA,)
+        a_ok = a < A
+        rows = tl.arange(0, BLOCK_M)  # (BM,) query index m
+        keys_ptr += b * N * A
+        dkeys_ptr += b * N * A
+        q_ptr += b * M * A
+        g_ptr += b * M * N
+        v = tl.load(v_ptr + a, mask=a_ok, other=0.0).to(tl.float32)  # (BA,)
+        dq_acc = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)  # sum_n g (1 - t^2), times v at the end
+        dv_acc = tl.zeros((BLOCK_A,), dtype=tl.float32)  # sum_{m,n} g t
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)  # (BN,)
+            n_ok = n < N
+            kmask = n_ok[:, None] & a_ok[None, :]
+            k = tl.load(keys_ptr + n[:, None] * A + a[None, :], mask=kmask, other=0.0).to(tl.float32)  # (BN,BA)
+            dk_acc = tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32)  # sum_m g (1 - t^2), times v at the end
+            for m in range(M):
+                qm = tl.load(q_ptr + m * A + a, mask=a_ok, other=0.0).to(tl.float32)  # (BA,)
+                # g = 0 on masked cells: they add nothing to any sum below, whatever t is there
+                g = tl.load(g_ptr + m * N + n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
+                t = 2.0 * tl.sigmoid(2.0 * (k + qm[None, :])) - 1.0  # tanh recomputed, (BN,BA)
+                if NEED_DV:
+                    dv_acc += tl.sum(g[:, None] * t, axis=0)
+                if NEED_DKEYS or NEED_DQ:
+                    s = g[:, None] * (1.0 - t * t)  # (BN,BA) dscore/d(keys + q), without v
+                    if NEED_DKEYS:
+                        dk_acc += s
+                    if NEED_DQ:
+                        # row m of dq_acc, by a select (no indexed assignment in Triton)
+                        dq_acc += tl.where(rows[:, None] == m, tl.sum(s, axis=0)[None, :], 0.0)
+            if NEED_DKEYS:
+                dk = (dk_acc * v[None, :]).to(dkeys_ptr.dtype.element_ty)
+                tl.store(dkeys_ptr + n[:, None] * A + a[None, :], dk, mask=kmask)
+        if NEED_DQ:
+            dq = (dq_acc * v[None, :]).to(dq_ptr.dtype.element_ty)
+            tl.store(dq_ptr + b * M * A + rows[:, None] * A + a[None, :], dq, mask=(rows[:, None] < M) & a_ok[None, :])
+        if NEED_DV:
+            tl.store(dv_part_ptr + b * A + a, dv_acc, mask=a_ok)
+
+
+def _block(size: int, cap: int, given: int | None) -> int:
+    """A tile size: ``given`` if set, else the next power of 2 of ``size``, capped; at least 2 (no size-1 tiles)."""
+    if given is not None:
+        if given < 2 or given & (given - 1):
+            raise ValueError(f"tile sizes must be powers of 2, at least 2, got {given}")
+        return given
+    return max(2, min(cap, triton.next_power_of_2(size)))
+
+
+def _device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (a no-op on a CPU tensor)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class _AdditiveScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, keys, q, v, block_n, block_a):
+        q_dtype = q.dtype
+        keys = keys.contiguous()  # the kernels index with the shapes' own strides
+        q = q.to(keys.dtype).contiguous()  # one dtype for both; the gradient goes back in q's own
+        v = v.contiguous()
+        bsz, n, a = keys.shape
+        m = q.size(1)
+        blocks = (max(2, triton.next_power_of_2(m)), _block(n, MAX_BLOCK_N, block_n), _block(a, MAX_BLOCK_A, block_a))
+        ctx.save_for_backward(keys, q, v)  # not the (B,M,N,A) tanh: the backward recomputes it
+        ctx.q_dtype, ctx.blocks = q_dtype, blocks
+        if a == 0:
+            return keys.new_zeros(bsz, m, n)  # an empty sum
+        out = keys.new_empty(bsz, m, n)  # (B,M,N), in keys' dtype as eager autocast gives
+        if out.numel():
+            with _device(keys):
+                grid = (bsz, triton.cdiv(n, blocks[1]))
+                _scores_fwd_kernel[grid](keys, q, v, out, m, n, a, *blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        keys, q, v = ctx.saved_tensors
+        need_dkeys, need_dq, need_dv = ctx.needs_input_grad[:3]
+        g = g.contiguous()  # (B,M,N)
+        bsz, n, a = keys.shape
+        m = q.size(1)
+        dkeys = torch.zeros_like(keys) if need_dkeys else None
+        dq = torch.zeros(q.shape, dtype=ctx.q_dtype, device=q.device) if need_dq else None
+        # per image partial sums in float32, summed here in a fixed order: deterministic, unlike atomics
+        dv_part = torch.zeros(bsz, a, dtype=torch.float32, device=v.device) if need_dv else None
+        if bsz * m * n * a:
+            block_m, block_n, block_a = ctx.blocks
+            with _device(keys):
+                grid = (bsz, triton.cdiv(a, block_a))
+                _scores_bwd_kernel[grid](
+                    keys,
+                    q,
+                    v,
+                    g,
+                    keys if dkeys is None else dkeys,  # an unused pointer when the gradient is not needed
+                    q if dq is None else dq,
+                    v if dv_part is None else dv_part,
+                    m,
+                    n,
+                    a,
+                    block_m,
+                    block_n,
+                    block_a,
+                    need_dkeys,
+                    need_dq,
+                    need_dv,
+                )
+        dv = dv_part.sum(0).to(v.dtype) if need_dv else None  # (A,)
+        return dkeys, dq, dv, None, None
+
+
+def additive_scores(
+    keys: torch.Tensor,
+    q: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_n: int | None = None,
+    block_a: int | None = None,
+) -> torch.Tensor:
+    """keys (B,N,A), q (B,M,A), v (A,) -> scores (B,M,N) = v^T tanh(keys + q), fused (see the module docstring),
+    differentiable in all three inputs.
+
+    Float32, bfloat16 or float16 inputs; the kernels compute in float32 and the scores come out in keys' dtype
+    (as eager autocast gives them), each gradient in its input's dtype. ``block_n``, ``block_a``: tile sizes,
+    powers of 2, chosen from the shapes when None (tests set small ones so small shapes span several tiles).
+    Needs :func:`fused_available`.
+    """
+    if triton is None:
+        raise RuntimeError("additive_scores needs Triton, which is not installed")
+    if keys.dim() != 3 or q.dim() != 3 or v.dim() != 1:
+        shapes = f"{tuple(keys.shape)}, {tuple(q.shape)}, {tuple(v.shape)}"
+        raise ValueError(f"expected keys (B,N,A), q (B,M,A), v (A,), got {shapes}")
+    if q.size(0) != keys.size(0) or q.size(2) != keys.size(2) or v.size(0) != keys.size(2):
+        raise ValueError(f"shapes do not match: keys {tuple(keys.shape)}, q {tuple(q.shape)}, v {tuple(v.shape)}")
+    return _AdditiveScores.apply(keys, q, v, block_n, block_a)

@@ -1,0 +1,182 @@
+"""The fused additive attention score (captioning/models/fused_attention.py) against its eager float64 definition:
+forward and gradients, in float32 and half precision, with tiles that do not divide the shapes.
+
+Without a GPU the kernels run in Triton's interpreter, which must be switched on before Triton defines them: one
+child interpreter (this file run as a script, with TRITON_INTERPRET=1) measures every case once and prints the
+errors as JSON; the tests below assert on them. The interpreter is slow, so shapes are small, and small tiles make
+them span several tiles along N and A with a partial last one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from captioning.models.fused_attention import (  # noqa: E402
+    additive_scores,
+    additive_scores_reference,
+    fused_available,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name: (B, M, N, A, block_n, block_a); None picks the tile from the shape as in training
+FLOAT32_CASES = {
+    "default-tiles": (2, 3, 13, 70, None, None),  # A over 2 tiles of 64, N in 1 tile of 16
+    "small-tiles": (2, 5, 13, 70, 4, 16),  # N over 4 tiles, A over 5, the last of each partial
+    "one-query": (2, 1, 7, 40, 4, 16),  # M = 1: one caption or one beam per image
+    "small-a": (2, 5, 7, 10, None, None),  # one partial tile along each of N and A
+    "non-contiguous": (2, 3, 7, 40, 4, 16),  # keys a transposed view, q a strided slice
+}
+# name: (keys dtype, q dtype); v stays float32, a parameter under autocast
+HALF_CASES = {
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "float16": (torch.float16, torch.float16),
+    "bfloat16-keys-float32-q": (torch.bfloat16, torch.float32),
+}
+HALF_SHAPE = (2, 5, 13, 70, 4, 16)
+NO_AUTOGRAD_SHAPE = (2, 3, 13, 40, 4, 16)
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute error over the reference's largest magnitude."""
+    return ((x.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def make_inputs(b, m, n, a, *, gen, keys_dtype=torch.float32, q_dtype=torch.float32, contiguous=True):
+    """keys (B,N,A), q (B,M,A), v (A,) at the scale a trained model sees: keys + q of order 1 (tanh neither
+    linear nor saturated), v as nn.Linear(A, 1) initialises it (scores of order 1)."""
+    if contiguous:
+        keys = torch.randn(b, n, a, generator=gen)
+        q = torch.randn(b, m, a, generator=gen)
+    else:
+        keys = torch.randn(b, a, n, generator=gen).transpose(1, 2)  # (B,N,A), strides (A*N,1,N)
+        q = torch.randn(b, m, 2 * a, generator=gen)[..., ::2]  # (B,M,A), stride 2 along A
+    v = (torch.rand(a, generator=gen) * 2 - 1) / a**0.5
+    keys, q = keys.to(keys_dtype), q.to(q_dtype)
+    return [t.requires_grad_() for t in (keys, q, v)]
+
+
+def gradients_against_reference(keys, q, v, out, gen) -> dict:
+    """Errors of the fused scores ``out`` and their gradients against float64 autograd of the eager definition,
+    on the same (already rounded) inputs and one random upstream gradient."""
+    ref_inputs = [t.detach().double().requires_grad_() for t in (keys, q, v)]
+    ref = additive_scores_reference(*ref_inputs)
+    upstream = torch.randn(out.shape, generator=gen).to(out.dtype)
+    grads = torch.autograd.grad(out, (keys, q, v), upstream)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, upstream.double())
+    result = {
+        "forward_abs": (out.double() - ref).abs().max().item(),
+        "forward_rel": rel_error(out, ref),
+        "dtype": str(out.dtype),
+        "grad_dtypes": [str(g.dtype) for g in grads],
+    }
+    for name, grad, ref_grad in zip(("dkeys", "dq", "dv"), grads, ref_grads):
+        result[name] = rel_error(grad, ref_grad)
+    return result
+
+
+def measure() -> dict:
+    """Every case once, in this (interpreted) process: what the child prints."""
+    import captioning.models.fused_attention as fused
+
+    gen = torch.Generator().manual_seed(0)
+    results = {"available": fused_available(torch.zeros(1)), "file": fused.__file__}
+    for name, (b, m, n, a, block_n, block_a) in FLOAT32_CASES.items():
+        keys, q, v = make_inputs(b, m, n, a, gen=gen, contiguous=name != "non-contiguous")
+        out = additive_scores(keys, q, v, block_n=block_n, block_a=block_a)
+        results[name] = gradients_against_reference(keys, q, v, out, gen)
+    b, m, n, a, block_n, block_a = HALF_SHAPE
+    for name, (keys_dtype, q_dtype) in HALF_CASES.items():
+        keys, q, v = make_inputs(b, m, n, a, gen=gen, keys_dtype=keys_dtype, q_dtype=q_dtype)
+        out = additive_scores(keys, q, v, block_n=block_n, block_a=block_a)
+        results[name] = gradients_against_reference(keys, q, v, out, gen)
+    b, m, n, a, block_n, block_a = NO_AUTOGRAD_SHAPE
+    keys, q, v = make_inputs(b, m, n, a, gen=gen)
+    ref = additive_scores_reference(keys.double(), q.double(), v.double())
+    for name, mode in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
+        with mode():
+            out = additive_scores(keys, q, v, block_n=block_n, block_a=block_a)
+        results[name] = {"forward_abs": (out.double() - ref).abs().max().item(), "requires_grad": out.requires_grad}
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the kernels measured are this checkout's (not an installed copy's)
+    assert Path(results["file"]).resolve() == ROOT / "captioning" / "models" / "fused_attention.py"
+    return results
+
+
+@pytest.mark.parametrize("case", sorted(FLOAT32_CASES))
+def test_forward_equals_float64_reference(interpreted, case):
+    result = interpreted[case]
+    assert result["dtype"] == "torch.float32"
+    assert result["forward_abs"] < 1e-5, result
+
+
+@pytest.mark.parametrize("case", sorted(FLOAT32_CASES))
+def test_gradients_equal_float64_reference(interpreted, case):
+    result = interpreted[case]
+    assert result["grad_dtypes"] == ["torch.float32"] * 3
+    for name in ("dkeys", "dq", "dv"):
+        assert result[name] < 1e-5, (name, result)
+
+
+@pytest.mark.parametrize("case", sorted(HALF_CASES))
+def test_half_precision_scores_in_keys_dtype_and_gradients_in_each_inputs(interpreted, case):
+    """As eager autocast: the scores in keys' (bf16) dtype, each gradient in its own input's."""
+    keys_dtype, q_dtype = HALF_CASES[case]
+    result = interpreted[case]
+    assert result["dtype"] == str(keys_dtype)
+    assert result["grad_dtypes"] == [str(keys_dtype), str(q_dtype), "torch.float32"]
+    assert result["forward_rel"] < 2e-2, result
+    for name in ("dkeys", "dq", "dv"):
+        assert result[name] < 2e-2, (name, result)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_forward_without_autograd(interpreted, mode):
+    result = interpreted[mode]
+    assert not result["requires_grad"]
+    assert result["forward_abs"] < 1e-5, result
+
+
+def test_fused_available_on_a_cpu_tensor_only_when_interpreted(interpreted, monkeypatch):
+    assert interpreted["available"]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not fused_available(torch.zeros(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernels_on_cuda_at_training_sizes(dtype):
+    """The compiled kernels (not the interpreter) at the sizes of a training step: 196 cells, A = 512."""
+    gen = torch.Generator().manual_seed(0)
+    keys, q, v = make_inputs(4, 5, 196, 512, gen=gen, keys_dtype=dtype, q_dtype=dtype)
+    keys, q, v = [t.detach().cuda().requires_grad_() for t in (keys, q, v)]
+    result = gradients_against_reference(keys, q, v, additive_scores(keys, q, v), torch.Generator("cuda"))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert result["dtype"] == str(dtype)
+    for name in ("forward_rel", "dkeys", "dq", "dv"):
+        assert result[name] < tol, (name, result)
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure()))
