@@ -20,7 +20,7 @@
 # (.whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
 # take it along, e.g. the device tool's carry=[".whl"].)
 #
-# STEPS (space-separated, default "env throughput beam train infer profile graph compile compile_ro search_big")
+# STEPS (space-separated, default "env gputest throughput beam train infer profile graph compile compile_ro search_big")
 # picks a subset; they run in that
 # order, the throughput table first (issue 6's measurement; written mode by mode as it goes), so a command
 # cut short (a lease whose start-up left less than 10 minutes) loses the Lightning check last. TRAIN_ARGS
@@ -33,7 +33,7 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=" ${STEPS:-env throughput beam train infer profile graph compile compile_ro search_big} "
+steps=" ${STEPS:-env gputest throughput beam train infer profile graph compile compile_ro search_big} "
 device=${DEVICE:-cuda}
 # on the GPU the shapes recipe is bound by the host: its images load in worker processes there; the throughput
 # modes run the encoder channels-last there (cuDNN's NHWC kernels for tensor cores), as its search modes do anyway
@@ -84,6 +84,8 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run COMMAND under a time limit, 
 
 # the versions, and whether train.py's jsonargparse is there (else the train step fails at once: carry .whl)
 step env 30 bash -c "{ nvidia-smi || true; }; $py -c 'import torch, pytorch_lightning as pl, jsonargparse; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(), \"lightning\", pl.__version__, \"jsonargparse\", jsonargparse.__version__)'"
+# the fused attention kernels (Triton) compiled for this GPU, against their float64 definition
+step gputest 60 "$py" -m pytest -q -m gpu -p no:cacheprovider tests
 step throughput 270 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}"
 step beam 60 "$py" benchmarks/beam_search.py --device "$device" --repeats 5
 step train 180 "$py" train.py fit -c configs/shapes.yaml "${accel[@]}" \

@@ -6,7 +6,7 @@
         [--images-per-batch B] [--captions-per-image 5] [--iters N] [--warmup N] [--search-images B]
         [--single-images N] [--encoder resnet101] [--image-size 256] [--grid 14] [--hidden 512]
         [--heads 8] [--layers 3] [--vocab 9490] [--beam 5] [--steps 16] [--compile] [--compile-mode M]
-        [--cuda-graph] [--channels-last] [--threads N]
+        [--cuda-graph] [--channels-last] [--eager-attention] [--threads N]
         [--seed 0]
 
 The COCO-scale model (the defaults on cuda): ResNet-101 (random weights: speed does not depend on
@@ -76,6 +76,7 @@ from data_throughput import calibrate_batchnorm  # benchmarks/ is on sys.path wh
 
 from captioning.decoding import beam_search
 from captioning.lit_module import CaptionModule
+from captioning.models.attention import AdditiveAttention
 from captioning.vocab import SPECIALS, Vocabulary
 
 # words per caption, 8..16, COCO-like (Karpathy train captions: mean ~10.5 words, most 8-13)
@@ -152,6 +153,9 @@ def build(
         compile_decoder=compile_decoder,
         compile_mode=args.compile_mode,
     )
+    for part in module.modules():  # the LSTM's additive attention: Triton kernels (default) or eager
+        if isinstance(part, AdditiveAttention):
+            part.fused = not args.eager_attention
     module.to(device)
     with torch.no_grad():
         calibrate_batchnorm(module.net.encoder, torch.randn(8, 3, args.image_size, args.image_size, device=device))
@@ -390,6 +394,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training modes: replay each whole step (loss, backward, AdamW) from one CUDA graph (cuda, bf16/fp32)",
     )
     p.add_argument("--channels-last", action="store_true", help="encoder in channels-last memory format")
+    p.add_argument(
+        "--eager-attention",
+        action="store_true",
+        help="the LSTM's additive score in eager PyTorch, not the fused Triton kernels (used where Triton runs)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads, 0 = torch's default (cpu default 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -436,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         f"V={args.vocab}; captions {min(CAPTION_WORDS)}-{max(CAPTION_WORDS)} words (mean {mean_words:.1f}), "
         f"padded to L={max(CAPTION_WORDS) + 2}; search K={args.beam}, {args.steps} steps; "
         f"compile={args.compile} (mode {args.compile_mode}), cuda_graph={args.cuda_graph}, "
+        f"additive score: {'eager' if args.eager_attention else 'fused where Triton runs'}, "
         f"channels_last={args.channels_last}"
     )
     rows = []

@@ -25,6 +25,7 @@ import time
 
 import torch
 from throughput import MODES, PeakMemory, _sync, parse_args, train_step
+from torch.autograd import DeviceType
 
 
 def profile_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device, steps: int, rows: int):
@@ -42,9 +43,10 @@ def profile_mode(args: argparse.Namespace, decoder: str, mode: str, device: torc
         _sync(device)
         wall = (time.perf_counter() - t0) / steps
     events = prof.key_averages()
-    # device kernels' own time (the profiler's "self device" time); a kernel's row has no host time of its own
-    device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
-    kernels = sum(e.count for e in events if (getattr(e, "self_device_time_total", 0) or 0) > 0)
+    # the device's own events (kernels, copies): an operator's row repeats its kernels' time, so only these count
+    on_device = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+    device_us = sum(e.self_device_time_total for e in on_device)
+    kernels = sum(e.count for e in on_device)
     host_us = sum(e.self_cpu_time_total for e in events)  # the host's time inside PyTorch's operators
     calls = sum(e.count for e in events if e.key.startswith("aten::"))  # nested calls counted too
     print(

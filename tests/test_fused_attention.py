@@ -70,7 +70,7 @@ def gradients_against_reference(keys, q, v, out, gen) -> dict:
     on the same (already rounded) inputs and one random upstream gradient."""
     ref_inputs = [t.detach().double().requires_grad_() for t in (keys, q, v)]
     ref = additive_scores_reference(*ref_inputs)
-    upstream = torch.randn(out.shape, generator=gen).to(out.dtype)
+    upstream = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, (keys, q, v), upstream)
     ref_grads = torch.autograd.grad(ref, ref_inputs, upstream.double())
     result = {
@@ -106,7 +106,37 @@ def measure() -> dict:
         with mode():
             out = additive_scores(keys, q, v, block_n=block_n, block_a=block_a)
         results[name] = {"forward_abs": (out.double() - ref).abs().max().item(), "requires_grad": out.requires_grad}
+    results["module"] = attention_module_fused_vs_eager()
     return results
+
+
+def attention_module_fused_vs_eager() -> dict:
+    """AdditiveAttention with ``fused`` on (the kernels; counted, so a silently skipped fused path shows) and off
+    (eager): context, weights and every parameter's gradient, M = 4 queries per image."""
+    import captioning.models.attention as attention
+
+    calls = []
+    kernels = attention.additive_scores
+    attention.additive_scores = lambda *a, **k: calls.append(1) or kernels(*a, **k)
+    torch.manual_seed(0)
+    module = attention.AdditiveAttention(feature_dim=24, query_dim=16, attention_dim=40)
+    features, query = torch.randn(3, 13, 24), torch.randn(3 * 4, 16)  # (B,N,C), (B*M,Q)
+    weights = torch.randn(3 * 4, 13)  # a loss that depends on alpha itself, not only on the context
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        module.fused = fused
+        module.zero_grad()
+        context, alpha = module(features, module.precompute(features), query)
+        (context.square().sum() + (alpha * weights).sum()).backward()
+        return [context.detach(), alpha.detach(), *(p.grad.clone() for p in module.parameters())]
+
+    fused, eager = run(True), run(False)
+    return {
+        "fused_calls": len(calls),
+        "max_rel": max(rel_error(f, e.double()) for f, e in zip(fused, eager) if e.abs().max() > 0),
+        # the score's bias only shifts every score: its gradient is exactly 0 either way (shift_only)
+        "bias_grads": [fused[-1].abs().max().item(), eager[-1].abs().max().item()],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +187,15 @@ def test_forward_without_autograd(interpreted, mode):
     assert result["forward_abs"] < 1e-5, result
 
 
+def test_additive_attention_takes_the_fused_path_and_agrees_with_eager(interpreted):
+    """The decoder's attention module with the kernels (Triton available: here interpreted) against its eager
+    score, forward and gradients of every parameter."""
+    result = interpreted["module"]
+    assert result["fused_calls"] == 1, result  # the fused run only
+    assert result["max_rel"] < 1e-5, result
+    assert result["bias_grads"] == [0.0, 0.0], result
+
+
 def test_fused_available_on_a_cpu_tensor_only_when_interpreted(interpreted, monkeypatch):
     assert interpreted["available"]
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -171,7 +210,7 @@ def test_compiled_kernels_on_cuda_at_training_sizes(dtype):
     gen = torch.Generator().manual_seed(0)
     keys, q, v = make_inputs(4, 5, 196, 512, gen=gen, keys_dtype=dtype, q_dtype=dtype)
     keys, q, v = [t.detach().cuda().requires_grad_() for t in (keys, q, v)]
-    result = gradients_against_reference(keys, q, v, additive_scores(keys, q, v), torch.Generator("cuda"))
+    result = gradients_against_reference(keys, q, v, additive_scores(keys, q, v), gen)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert result["dtype"] == str(dtype)
     for name in ("forward_rel", "dkeys", "dq", "dv"):

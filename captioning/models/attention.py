@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from captioning.models.fused_attention import additive_scores, fused_available
+
 #: Without autograd on a CPU, the additive score's (B,M,N,A) tensor is built a few images at a time,
 #: at most this many bytes each: a new multi-megabyte buffer at every step made the allocator hand
 #: memory back to the system and fault it in again (a batched search of 64 shapes images x 5 beams
@@ -58,7 +60,16 @@ def _attend(scores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor,
 
 
 class AdditiveAttention(nn.Module):
-    """score_n = v^T tanh(W_f f_n + W_h h) (Bahdanau-style MLP scoring, as in Show-Attend-Tell)."""
+    """score_n = v^T tanh(W_f f_n + W_h h) (Bahdanau-style MLP scoring, as in Show-Attend-Tell).
+
+    ``fused`` (default True): where Triton can run (a GPU), the score ``v^T tanh(keys + q)`` comes from the kernels
+    of :mod:`captioning.models.fused_attention`, which never build the (B,M,N,A) tensor that eager PyTorch writes
+    and reads many times per word (most of an LSTM training step's GPU time); the same function, computed in
+    float32. Set it False for the eager version (e.g. to compare). Under ``torch.compile`` the eager version is
+    traced, which the compiler fuses itself.
+    """
+
+    fused: bool = True
 
     def __init__(self, feature_dim: int, query_dim: int, attention_dim: int):
         super().__init__()
@@ -86,7 +97,11 @@ class AdditiveAttention(nn.Module):
             if via_sigmoid:  # v^T tanh(x) = 2 v^T sigmoid(2x) - sum(v)
                 scores = scores * 2 - v.sum()
             return _attend(scores + self.score.bias, features)
-        return _attend(self._score(keys, q) + shift_only(self.score.bias), features)
+        if self.fused and fused_available(keys) and not torch.compiler.is_compiling():
+            scores = additive_scores(keys, q.squeeze(2), self.score.weight[0])  # (B,M,N)
+        else:
+            scores = self._score(keys, q)
+        return _attend(scores + shift_only(self.score.bias), features)
 
     def _score(self, keys: torch.Tensor, q: torch.Tensor, via_sigmoid: bool = False) -> torch.Tensor:
         """keys (B,N,A), queries (B,M,1,A) -> v^T tanh(keys + q), (B,M,N), without the bias.
