@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one command, for a session that has a CUDA machine for a short
-# while: the COCO-scale throughput table (issue 6), the batched-vs-one-by-one beam search (issue 4),
-# and the default shapes recipe trained on the GPU in bf16-mixed for 3 epochs (fit, validation, test,
-# checkpoints), then infer.py on it (the Lightning + CUDA path of train.py / infer.py, which the CPU
-# test suite cannot cover).
+# while: the GPU tests (the fused attention kernels compiled for the card), the COCO-scale throughput
+# table (issue 6), the batched-vs-one-by-one beam search (issue 4), the default shapes recipe trained on
+# the GPU in bf16-mixed for 3 epochs (fit, validation, test, checkpoints), then infer.py on it (the
+# Lightning + CUDA path of train.py / infer.py, which the CPU test suite cannot cover); then, in what time
+# is left, a profile of the training step, the steps as CUDA graphs, the LSTM's decoder compiled, and the
+# search on 1,024 images.
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else ./gpu_check
 #
-# Each step has its own time limit and writes its own log under OUT_DIR, so one failing or slow
-# step still leaves the others' results. The limits add up to 9.5 minutes, inside a 10-minute
-# command limit; the script has not run on a GPU yet (only with DEVICE=cpu), so the time each
-# step takes there is still to be seen. Run from the repository root; the repo does not need installing
+# Each step has its own time limit, cut to what is left before DEADLINE (default 570 s, inside a 10-minute
+# command limit), and writes its own log under OUT_DIR (13 files with every step: a device tool that returns only 8
+# needs STEPS= to pick fewer), so one failing or slow step still leaves the others' results. On an H200
+# (2026-12-04) the steps took: env 17-24 s, gputest 22, throughput 61-63, beam 33-36, train 39-49 (the
+# shapes images generated first), infer 8-11, profile 31-37, graph 38-40, compile 65, compile_ro 71,
+# search_big 28: about 7.5 minutes in all. Run from the repository root; the repo does not need installing
 # (PYTHONPATH is set here). train.py needs jsonargparse; where the machine lacks it and cannot
 # reach a package index, carry its wheels in ./.whl (they are installed from there first):
 #
@@ -21,9 +25,8 @@
 # take it along, e.g. the device tool's carry=[".whl"].)
 #
 # STEPS (space-separated, default "env gputest throughput beam train infer profile graph compile compile_ro search_big")
-# picks a subset; they run in that
-# order, the throughput table first (issue 6's measurement; written mode by mode as it goes), so a command
-# cut short (a lease whose start-up left less than 10 minutes) loses the Lightning check last. TRAIN_ARGS
+# picks a subset; they run in that order, the throughput table right after the quick checks (issue 6's measurement;
+# written mode by mode as it goes), so a command cut short loses the optional steps first. TRAIN_ARGS
 # adds options to the train step (after its --trainer.max_epochs 3: "--trainer.max_epochs 20" trains the
 # whole recipe); PYTHON (default python3) is the interpreter; DEVICE=cpu runs the same steps on the CPU in
 # fp32 (to check this script itself on a machine without a GPU).

@@ -45,7 +45,8 @@ rate is the work of the timed iterations over their total time. Peak memory: on 
 ``torch.cuda.max_memory_allocated`` over the timed iterations (reset when the warm-up ends, with the
 model built and its optimizer state made, so it counts weights, optimizer state and activations, and
 not the one-off workspaces that cuDNN's autotuner, ``cudnn.benchmark``, allocates in the first
-iterations to try convolution algorithms); on CPU the growth of the process's peak resident set
+iterations to try convolution algorithms; with ``--cuda-graph``, from before the warm-up, since the graph's
+memory is taken while it is captured and its replays allocate nothing); on CPU the growth of the process's peak resident set
 (VmHWM, reset through /proc/self/clear_refs) over its RSS when the mode starts, i.e. activations and
 optimizer state, not weights; "n/a" where the kernel does not offer that.
 
@@ -183,6 +184,9 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.start: int | None = None
+        #: a step replayed from a CUDA graph allocates nothing: its memory was taken from the allocator while the
+        #: graph was captured, into the graph's own pool, so the peak must count from before the capture
+        self.graphed = False
 
     def reset(self) -> None:
         gc.collect()
@@ -202,12 +206,13 @@ class PeakMemory:
         """The warm-up is over: on cuda the peak starts again from what is allocated now (weights, optimizer
         state, inputs), so the autotuner's trial workspaces of the first iterations do not count. On CPU
         nothing changes: the RSS growth counts from the mode's start (optimizer state included)."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.graphed:
             torch.cuda.reset_peak_memory_stats(self.device)  # no empty_cache: the timed steps reuse the blocks
 
     def report(self) -> str:
         if self.device.type == "cuda":
-            return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+            peak = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+            return f"{peak} (warm-up and capture incl.)" if self.graphed else peak
         peak = _proc_status("VmHWM")
         if self.start is None or peak is None:
             return "n/a"
@@ -269,6 +274,7 @@ def train_step(
 
     if memory is not None:
         memory.reset()
+        memory.graphed = args.cuda_graph
     return _graphed(step, token_batches, args.warmup) if args.cuda_graph else step
 
 
