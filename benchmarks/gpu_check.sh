@@ -4,17 +4,17 @@
 # table (issue 6), the batched-vs-one-by-one beam search (issue 4), the default shapes recipe trained on
 # the GPU in bf16-mixed for 3 epochs (fit, validation, test, checkpoints), then infer.py on it (the
 # Lightning + CUDA path of train.py / infer.py, which the CPU test suite cannot cover); then, in what time
-# is left, a profile of the training step, the steps as CUDA graphs, the LSTM's decoder compiled, and the
+# is left, the fused attention kernels' tiles and warps timed against eager, a profile of the training step, the steps as CUDA graphs, the LSTM's decoder compiled, and the
 # search on 1,024 images.
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else ./gpu_check
 #
 # Each step has its own time limit, cut to what is left before DEADLINE (default 570 s, inside a 10-minute
-# command limit), and writes its own log under OUT_DIR (13 files with every step: a device tool that returns only 8
+# command limit), and writes its own log under OUT_DIR (14 files with every step: a device tool that returns only 8
 # needs STEPS= to pick fewer), so one failing or slow step still leaves the others' results. On an H200
 # (2026-12-04) the steps took: env 17-24 s, gputest 22, throughput 61-63, beam 33-36, train 39-49 (the
 # shapes images generated first), infer 8-11, profile 31-37, graph 38-40, compile 65, compile_ro 71,
-# search_big 28: about 7.5 minutes in all. Run from the repository root; the repo does not need installing
+# search_big 28: about 7.5 minutes in all, before the kernels step was added. Run from the repository root; the repo does not need installing
 # (PYTHONPATH is set here). train.py needs jsonargparse; where the machine lacks it and cannot
 # reach a package index, carry its wheels in ./.whl (they are installed from there first):
 #
@@ -24,7 +24,7 @@
 # (.whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
 # take it along, e.g. the device tool's carry=[".whl"].)
 #
-# STEPS (space-separated, default "env gputest throughput beam train infer profile graph compile compile_ro search_big")
+# STEPS (space-separated, default "env gputest throughput beam train infer kernels profile graph compile compile_ro search_big")
 # picks a subset; they run in that order, the throughput table right after the quick checks (issue 6's measurement;
 # written mode by mode as it goes), so a command cut short loses the optional steps first. TRAIN_ARGS
 # adds options to the train step (after its --trainer.max_epochs 3: "--trainer.max_epochs 20" trains the
@@ -36,7 +36,7 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=" ${STEPS:-env gputest throughput beam train infer profile graph compile compile_ro search_big} "
+steps=" ${STEPS:-env gputest throughput beam train infer kernels profile graph compile compile_ro search_big} "
 device=${DEVICE:-cuda}
 # on the GPU the shapes recipe is bound by the host: its images load in worker processes there; the throughput
 # modes run the encoder channels-last there (cuDNN's NHWC kernels for tensor cores), as its search modes do anyway
@@ -101,10 +101,11 @@ elif [[ $steps == *" infer "* ]]; then
   echo "== infer: skipped, the train step left no best.ckpt" | tee "$out/infer.txt"
   failed=1
 fi
-# then, in whatever time is left, the ways to a faster training step: where an eager step's time goes (host
-# against device); each whole step replayed from a CUDA graph; the LSTM's decoder under torch.compile, plain and
+# then, in whatever time is left, the ways to a faster training step: the fused attention kernels' tiles and warps
+# against eager; where a step's time goes (host against device); each whole step replayed from a CUDA graph; the LSTM's decoder under torch.compile, plain and
 # with CUDA graphs (reduce-overhead; one-off compile time per mode, not counted in the rates); and the search on
 # 1,024 images at once
+step kernels 90 "$py" benchmarks/fused_attention.py
 step profile 60 "$py" benchmarks/train_step_profile.py --device "$device" "${bench[@]}" --decoders lstm,transformer \
   --modes cached,frozen
 [[ $device == cuda ]] && step graph 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" \

@@ -46,8 +46,8 @@ rate is the work of the timed iterations over their total time. Peak memory: on 
 model built and its optimizer state made, so it counts weights, optimizer state and activations, and
 not the one-off workspaces that cuDNN's autotuner, ``cudnn.benchmark``, allocates in the first
 iterations to try convolution algorithms; with ``--cuda-graph``, from before the warm-up, since the graph's
-memory is taken while it is captured and its replays allocate nothing); on CPU the growth of the process's peak resident set
-(VmHWM, reset through /proc/self/clear_refs) over its RSS when the mode starts, i.e. activations and
+memory is taken while it is captured and its replays allocate nothing); on CPU the growth of the process's peak
+resident set (VmHWM, reset through /proc/self/clear_refs) over its RSS when the mode starts, i.e. activations and
 optimizer state, not weights; "n/a" where the kernel does not offer that.
 
 On a CPU the defaults are small (4 images per batch, 2 timed iterations) and the run uses one thread:

@@ -103,7 +103,7 @@ def test_each_benchmark_times_the_checkout_beside_it_not_an_installed_captioning
     (other / "__init__.py").write_text("raise ImportError('another captioning, not this checkout')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}  # side by side: a thread each
     scripts = ["beam_search.py", "beam_step_profile.py", "cell_centres.py", "data_throughput.py", "throughput.py",
-               "train_step_profile.py"]  # fmt: skip
+               "train_step_profile.py", "fused_attention.py"]  # fmt: skip
     # not conftest's start_script, which puts this checkout first on the path; its finish collects them
     started = [
         subprocess.Popen([sys.executable, str(BENCHMARKS / s), "--help"], cwd=tmp_path, env=env, text=True,
@@ -130,3 +130,21 @@ def test_cuda_peak_memory_of_a_graphed_step_counts_from_before_its_capture(throu
     throughput._time(lambda: events.append("step"), 2, 1, torch.device("cpu"), memory)
     assert events == ["reset", "step", "step", "step"]
     assert memory.report() == "1.00 GiB (warm-up and capture incl.)"
+
+
+def test_fused_attention_benchmark_checks_every_tile_it_times():
+    """benchmarks/fused_attention.py, run in Triton's interpreter at tiny sizes (how it is checked without a GPU):
+    a row per tile and warp count plus eager, each with its error against float64, small for float32."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    tiny = ["--device", "cpu", "--dtype", "fp32", "--images", "2", "--queries", "3", "--cells", "13", "--width", "40"]
+    tiles = ["--blocks-n", "4,16", "--blocks-a", "16", "--warps", "4"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "fused_attention.py"), *tiny, *tiles],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [cells[0].strip() for cells in rows[1:]]
+    assert names == ["eager (B,M,N,A) tensor", "fused 4 x 16, 4 warps", "fused 16 x 16, 4 warps"], proc.stdout
+    assert all(float(cells[-1]) < 1e-5 for cells in rows[1:]), proc.stdout

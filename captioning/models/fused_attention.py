@@ -172,7 +172,7 @@ def _device(t: torch.Tensor):
 
 class _AdditiveScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, keys, q, v, block_n, block_a):
+    def forward(ctx, keys, q, v, block_n, block_a, num_warps):
         q_dtype = q.dtype
         keys = keys.contiguous()  # the kernels index with the shapes' own strides
         q = q.to(keys.dtype).contiguous()  # one dtype for both; the gradient goes back in q's own
@@ -181,14 +181,14 @@ class _AdditiveScores(torch.autograd.Function):
         m = q.size(1)
         blocks = (max(2, triton.next_power_of_2(m)), _block(n, MAX_BLOCK_N, block_n), _block(a, MAX_BLOCK_A, block_a))
         ctx.save_for_backward(keys, q, v)  # not the (B,M,N,A) tanh: the backward recomputes it
-        ctx.q_dtype, ctx.blocks = q_dtype, blocks
+        ctx.q_dtype, ctx.blocks, ctx.num_warps = q_dtype, blocks, num_warps
         if a == 0:
             return keys.new_zeros(bsz, m, n)  # an empty sum
         out = keys.new_empty(bsz, m, n)  # (B,M,N), in keys' dtype as eager autocast gives
         if out.numel():
             with _device(keys):
                 grid = (bsz, triton.cdiv(n, blocks[1]))
-                _scores_fwd_kernel[grid](keys, q, v, out, m, n, a, *blocks)
+                _scores_fwd_kernel[grid](keys, q, v, out, m, n, a, *blocks, num_warps=num_warps)
         return out
 
     @staticmethod
@@ -223,9 +223,10 @@ class _AdditiveScores(torch.autograd.Function):
                     need_dkeys,
                     need_dq,
                     need_dv,
+                    num_warps=ctx.num_warps,
                 )
         dv = dv_part.sum(0).to(v.dtype) if need_dv else None  # (A,)
-        return dkeys, dq, dv, None, None
+        return dkeys, dq, dv, None, None, None
 
 
 def additive_scores(
@@ -235,13 +236,15 @@ def additive_scores(
     *,
     block_n: int | None = None,
     block_a: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """keys (B,N,A), q (B,M,A), v (A,) -> scores (B,M,N) = v^T tanh(keys + q), fused (see the module docstring),
     differentiable in all three inputs.
 
     Float32, bfloat16 or float16 inputs; the kernels compute in float32 and the scores come out in keys' dtype
     (as eager autocast gives them), each gradient in its input's dtype. ``block_n``, ``block_a``: tile sizes,
-    powers of 2, chosen from the shapes when None (tests set small ones so small shapes span several tiles).
+    powers of 2, chosen from the shapes when None (tests set small ones so small shapes span several tiles);
+    ``num_warps``: warps per program of both kernels (``benchmarks/fused_attention.py`` compares choices).
     Needs :func:`fused_available`.
     """
     if triton is None:
@@ -251,4 +254,4 @@ def additive_scores(
         raise ValueError(f"expected keys (B,N,A), q (B,M,A), v (A,), got {shapes}")
     if q.size(0) != keys.size(0) or q.size(2) != keys.size(2) or v.size(0) != keys.size(2):
         raise ValueError(f"shapes do not match: keys {tuple(keys.shape)}, q {tuple(q.shape)}, v {tuple(v.shape)}")
-    return _AdditiveScores.apply(keys, q, v, block_n, block_a)
+    return _AdditiveScores.apply(keys, q, v, block_n, block_a, num_warps)
