@@ -10,8 +10,8 @@
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else ./gpu_check
 #
 # Each step has its own time limit, cut to what is left before DEADLINE (default 570 s, inside a 10-minute
-# command limit), and writes its own log under OUT_DIR (14 files with every step: a device tool that returns only 8
-# needs STEPS= to pick fewer), so one failing or slow step still leaves the others' results. On an H200
+# command limit), and writes its own log under OUT_DIR (14 files with every step; where more than MAX_FILES, default 8,
+# they end up packed in OUT_DIR/gpu_check.tar), so one failing or slow step still leaves the others' results. On an H200
 # (2026-12-04) the steps took: env 17-24 s, gputest 22, throughput 61-63, beam 33-36, train 39-49 (the
 # shapes images generated first), infer 8-11, profile 31-37, graph 38-40, compile 65, compile_ro 71,
 # search_big 28: about 7.5 minutes in all, before the kernels step was added. Run from the repository root; the repo does not need installing
@@ -116,4 +116,14 @@ step compile_ro 150 "$py" benchmarks/throughput.py --device "$device" "${bench[@
   --modes cached,frozen --compile --compile-mode reduce-overhead
 step search_big 60 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --modes search \
   --search-images 1024
+
+# the numbers together at the end of the output (a caller that keeps only the output's tail still has them), then,
+# where OUT_DIR holds more files than MAX_FILES (default 8, what the device tool returns), all of them in one tar
+echo "== summary"
+grep -h -E '^\| |^== [a-z_]+: (exit|skipped)|^(lstm|transformer)[ :]|passed|failed' "$out"/*.txt 2>/dev/null
+files=("$out"/*)
+if ((${#files[@]} > ${MAX_FILES:-8})); then
+  tar -cf "$out/gpu_check.tar" -C "$out" "${files[@]##*/}" && rm -f "${files[@]}" &&
+    echo "== ${#files[@]} files packed into $out/gpu_check.tar (tar -xf to read them)"
+fi
 exit $failed

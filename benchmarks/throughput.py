@@ -413,6 +413,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.cuda_graph and (args.device != "cuda" or args.precision == "fp16"):
         p.error("--cuda-graph needs --device cuda and bf16 or fp32 (fp16's loss scaling is not captured)")
+    if args.cuda_graph and args.compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
+        # those modes make CUDA graphs of the compiled decoder themselves
+        p.error(f"--cuda-graph captures the whole step: --compile-mode {args.compile_mode} would capture graphs in it")
     if args.search_images is None:
         args.search_images = args.images_per_batch
     args.decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]

@@ -7,7 +7,8 @@ The step is ``benchmarks/throughput.py``'s (same model, sizes and options, ``--c
 included), run ``--warmup`` times, then ``--steps`` times under ``torch.profiler``. Printed per decoder and mode:
 
 - wall ms per step (synchronised at the end of the profiled steps; the profiler's own overhead included), host
-  ms per step that the profiler saw in PyTorch's operators, device busy ms per step (the sum of the kernels'
+  ms per step that the profiler saw in PyTorch's operators and the CUDA runtime's calls (waits in synchronize
+  calls left out), device busy ms per step (the sum of the kernels'
   own times; kernels do not overlap on one stream, so this is the time the device was working), kernel
   launches and ``aten::`` operator calls (nested ones included) per step;
 - the ``--rows`` kernels (or, on CPU, operators) with the most self time, as the profiler's table.
@@ -47,7 +48,9 @@ def profile_mode(args: argparse.Namespace, decoder: str, mode: str, device: torc
     on_device = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
     device_us = sum(e.self_device_time_total for e in on_device)
     kernels = sum(e.count for e in on_device)
-    host_us = sum(e.self_cpu_time_total for e in events)  # the host's time inside PyTorch's operators
+    # the host's own work: not the rows where it waits for the device (the final synchronize; a launch can block
+    # too when the queue is full, which this cannot tell apart and so still counts)
+    host_us = sum(e.self_cpu_time_total for e in events if "Synchronize" not in e.key)
     calls = sum(e.count for e in events if e.key.startswith("aten::"))  # nested calls counted too
     print(
         f"{decoder} {mode}: wall {1e3 * wall:.1f} ms/step, host (operators) {host_us / 1e3 / steps:.1f} ms/step, "

@@ -107,7 +107,27 @@ def measure() -> dict:
             out = additive_scores(keys, q, v, block_n=block_n, block_a=block_a)
         results[name] = {"forward_abs": (out.double() - ref).abs().max().item(), "requires_grad": out.requires_grad}
     results["module"] = attention_module_fused_vs_eager()
+    results["double_backward"] = second_derivatives(gen)
+    results["available_float64"] = fused_available(torch.zeros(1, dtype=torch.float64))
+    del os.environ["TRITON_INTERPRET"]  # the kernels stay interpreted, but the switch is read again at each call
+    results["available_without_env"] = fused_available(torch.zeros(1))
     return results
+
+
+def second_derivatives(gen: torch.Generator) -> dict:
+    """A gradient penalty through the fused scores (create_graph=True, then the gradient of the gradient's norm)
+    against float64 eager, for each input: the kernels' writes are not recorded by autograd, so before the
+    backward took the eager definition under create_graph the second derivatives came out without its terms."""
+    keys, q, v = make_inputs(2, 3, 7, 40, gen=gen)
+    weights = torch.randn(2, 3, 7, generator=gen)
+
+    def penalty_grads(fn, inputs):
+        first = torch.autograd.grad((fn(*inputs) * weights.to(inputs[0].dtype)).sum(), inputs, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in first), inputs)
+
+    fused = penalty_grads(additive_scores, [keys, q, v])
+    ref = penalty_grads(additive_scores_reference, [t.detach().double().requires_grad_() for t in (keys, q, v)])
+    return {name: rel_error(f, r) for name, f, r in zip(("keys", "q", "v"), fused, ref)}
 
 
 def attention_module_fused_vs_eager() -> dict:
@@ -196,10 +216,63 @@ def test_additive_attention_takes_the_fused_path_and_agrees_with_eager(interpret
     assert result["bias_grads"] == [0.0, 0.0], result
 
 
-def test_fused_available_on_a_cpu_tensor_only_when_interpreted(interpreted, monkeypatch):
+def test_fused_available_on_a_cpu_tensor_only_when_interpreted(interpreted):
     assert interpreted["available"]
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not fused_available(torch.zeros(1))
+    assert not interpreted["available_without_env"]
+
+
+def test_a_float64_tensor_keeps_the_eager_score(interpreted):
+    """The kernels compute in float32: a float64 model would get float32 precision labelled float64."""
+    assert not interpreted["available_float64"]
+
+
+def test_second_derivatives_through_the_fused_scores_equal_eager(interpreted):
+    """With create_graph=True the first derivatives came from the kernels, which autograd cannot differentiate:
+    a gradient penalty's second derivatives came out without their terms, silently."""
+    result = interpreted["double_backward"]
+    assert max(result.values()) < 1e-5, result
+
+
+def test_kernels_that_fail_to_compile_warn_once_and_leave_the_eager_score(monkeypatch):
+    """A GPU where Triton cannot build its launcher (no C compiler, say): the first fused call fails, the module
+    warns once and every instance takes the eager score from then on, with the same results."""
+    import captioning.models.attention as attention
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("failed to compile the launcher: no C compiler")
+
+    monkeypatch.setattr(attention, "additive_scores", broken)
+    monkeypatch.setattr(attention, "fused_available", lambda t: True)
+    monkeypatch.setattr(attention.AdditiveAttention, "_fused_ran", False)
+    monkeypatch.setattr(attention.AdditiveAttention, "_fused_broken", False)
+    torch.manual_seed(0)
+    module = attention.AdditiveAttention(feature_dim=24, query_dim=16, attention_dim=40)
+    other = attention.AdditiveAttention(feature_dim=24, query_dim=16, attention_dim=40)
+    features, query = torch.randn(3, 13, 24), torch.randn(3 * 4, 16)  # (B,N,C), (B*M,Q)
+    with pytest.warns(RuntimeWarning, match="failed to compile.*eager score"):
+        context, alpha = module(features, module.precompute(features), query)
+    module.fused = False
+    expected = module(features, module.precompute(features), query)
+    torch.testing.assert_close((context, alpha), expected)
+    other(features, other.precompute(features), query)  # no second try, no second warning
+    assert calls == [1]
+
+
+def test_kernels_that_ran_once_raise_their_errors(monkeypatch):
+    """Once the kernels have run, an error in them is a real one, not a missing compiler: it is raised."""
+    import captioning.models.attention as attention
+
+    monkeypatch.setattr(attention, "additive_scores", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad")))
+    monkeypatch.setattr(attention, "fused_available", lambda t: True)
+    monkeypatch.setattr(attention.AdditiveAttention, "_fused_ran", True)
+    monkeypatch.setattr(attention.AdditiveAttention, "_fused_broken", False)
+    module = attention.AdditiveAttention(feature_dim=24, query_dim=16, attention_dim=40)
+    features = torch.randn(3, 13, 24)
+    with pytest.raises(ValueError, match="bad"):
+        module(features, module.precompute(features), torch.randn(3 * 4, 16))
 
 
 @pytest.mark.gpu

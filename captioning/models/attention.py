@@ -10,6 +10,7 @@ features are read once for all of its M queries.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -20,7 +21,8 @@ from captioning.models.fused_attention import additive_scores, fused_available
 #: at most this many bytes each: a new multi-megabyte buffer at every step made the allocator hand
 #: memory back to the system and fault it in again (a batched search of 64 shapes images x 5 beams
 #: spent up to ~40% of its time so, depending on the allocator's history); chunks stay in the
-#: allocator's free lists and in the cache. On a GPU, or with autograd, it is one tensor.
+#: allocator's free lists and in the cache. With autograd on a CPU, or on a GPU without Triton, it is one
+#: tensor; on a GPU with Triton the fused kernels never build it (AdditiveAttention.fused).
 CPU_CHUNK_BYTES = 1 << 20
 
 
@@ -70,6 +72,11 @@ class AdditiveAttention(nn.Module):
     """
 
     fused: bool = True
+    #: whether the kernels ran in this process; until they have, a failure to compile them (no C compiler for
+    #: Triton's launcher, say) warns once and sets ``_fused_broken``: every instance then takes the eager score,
+    #: instead of the run stopping
+    _fused_ran: bool = False
+    _fused_broken: bool = False
 
     def __init__(self, feature_dim: int, query_dim: int, attention_dim: int):
         super().__init__()
@@ -97,11 +104,31 @@ class AdditiveAttention(nn.Module):
             if via_sigmoid:  # v^T tanh(x) = 2 v^T sigmoid(2x) - sum(v)
                 scores = scores * 2 - v.sum()
             return _attend(scores + self.score.bias, features)
-        if self.fused and fused_available(keys) and not torch.compiler.is_compiling():
-            scores = additive_scores(keys, q.squeeze(2), self.score.weight[0])  # (B,M,N)
-        else:
+        scores = None
+        if self.fused and not self._fused_broken and fused_available(keys) and not torch.compiler.is_compiling():
+            scores = self._fused_score(keys, q.squeeze(2))  # (B,M,N), or None where the kernels cannot compile
+        if scores is None:
             scores = self._score(keys, q)
         return _attend(scores + shift_only(self.score.bias), features)
+
+    def _fused_score(self, keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        """keys (B,N,A), queries (B,M,A) -> v^T tanh(keys + q), (B,M,N), from the fused kernels; None (with a warning,
+        once) when their first compile in this process fails: the eager score is the same function."""
+        if AdditiveAttention._fused_ran:
+            return additive_scores(keys, q, self.score.weight[0])
+        try:
+            scores = additive_scores(keys, q, self.score.weight[0])
+        except Exception as e:  # Triton's compile or launcher build: an environment problem, not a wrong input
+            AdditiveAttention._fused_broken = True
+            warnings.warn(
+                f"the fused attention kernels failed to compile ({type(e).__name__}: {e}); the LSTM's attention "
+                "uses the eager score from now on (same results, more memory and time)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+        AdditiveAttention._fused_ran = True
+        return scores
 
     def _score(self, keys: torch.Tensor, q: torch.Tensor, via_sigmoid: bool = False) -> torch.Tensor:
         """keys (B,N,A), queries (B,M,1,A) -> v^T tanh(keys + q), (B,M,N), without the bias.

@@ -38,12 +38,21 @@ MAX_BLOCK_N = 32
 MAX_BLOCK_A = 64
 
 
+#: Triton compiles for NVIDIA GPUs of compute capability 7.0 (Volta) and later only
+MIN_CAPABILITY = (7, 0)
+
+
 def fused_available(t: torch.Tensor) -> bool:
-    """Whether :func:`additive_scores` can run on ``t``'s device: Triton imports, and ``t`` is on a GPU or the
-    kernels are interpreted (``TRITON_INTERPRET=1``, set before this module was imported)."""
-    if triton is None:
+    """Whether :func:`additive_scores` can run on ``t``: Triton imports; ``t`` is float32, bfloat16 or float16 (the
+    kernels compute in float32, so a float64 model keeps the eager score and its precision); and ``t`` is on an
+    NVIDIA GPU Triton compiles for (compute capability 7.0 or later: not a Pascal P100 or GTX 10x0; ROCm builds keep
+    the eager score, the kernels are untested there) or the kernels are interpreted (``TRITON_INTERPRET=1``, set
+    before this module was imported)."""
+    if triton is None or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    return t.is_cuda or (_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
+    if t.is_cuda:
+        return torch.version.hip is None and torch.cuda.get_device_capability(t.device) >= MIN_CAPABILITY
+    return _INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def additive_scores_reference(keys: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -195,13 +204,24 @@ class _AdditiveScores(torch.autograd.Function):
     def backward(ctx, g):
         keys, q, v = ctx.saved_tensors
         need_dkeys, need_dq, need_dv = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, say): autograd cannot differentiate the kernels' writes, so the
+            # gradients come from the eager definition, itself differentiable (it builds the (B,M,N,A) tensor)
+            scores = (keys.unsqueeze(1) + q.unsqueeze(2)).float().tanh() @ v.float()  # (B,M,N)
+            wanted = [t for t, need in zip((keys, q, v), (need_dkeys, need_dq, need_dv)) if need]
+            grads = iter(torch.autograd.grad(scores, wanted, g.float(), create_graph=True))
+            dkeys, dq, dv = (next(grads) if need else None for need in (need_dkeys, need_dq, need_dv))
+            return dkeys, None if dq is None else dq.to(ctx.q_dtype), dv, None, None, None
         g = g.contiguous()  # (B,M,N)
         bsz, n, a = keys.shape
         m = q.size(1)
-        dkeys = torch.zeros_like(keys) if need_dkeys else None
-        dq = torch.zeros(q.shape, dtype=ctx.q_dtype, device=q.device) if need_dq else None
+        # the kernel writes every element of each (a memset of dkeys would cost as much as writing it); with an
+        # empty dimension it does not run, and the gradients are zeros
+        new = torch.empty if bsz * m * n * a else torch.zeros
+        dkeys = new(keys.shape, dtype=keys.dtype, device=keys.device) if need_dkeys else None
+        dq = new(q.shape, dtype=ctx.q_dtype, device=q.device) if need_dq else None
         # per image partial sums in float32, summed here in a fixed order: deterministic, unlike atomics
-        dv_part = torch.zeros(bsz, a, dtype=torch.float32, device=v.device) if need_dv else None
+        dv_part = new(bsz, a, dtype=torch.float32, device=v.device) if need_dv else None
         if bsz * m * n * a:
             block_m, block_n, block_a = ctx.blocks
             with _device(keys):
