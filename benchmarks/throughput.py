@@ -431,14 +431,20 @@ def _rate(row: dict) -> str:
     return f"{row['rate']:,.1f} {row['unit']}" if "error" not in row else f"failed: {row['error']}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def prepare(args: argparse.Namespace) -> torch.device:
+    """The run's device, with the seed, thread count and cuDNN autotuning set as every mode expects."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its convolution algorithms
+    return device
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = prepare(args)
     when = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"throughput, {when}, {_device_name(device)}, torch {torch.__version__}, precision {args.precision}")
     print(f"command: python {' '.join(sys.argv)}")

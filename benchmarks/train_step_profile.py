@@ -25,7 +25,7 @@ import sys
 import time
 
 import torch
-from throughput import MODES, PeakMemory, _sync, parse_args, train_step
+from throughput import MODES, PeakMemory, _sync, parse_args, prepare, train_step
 from torch.autograd import DeviceType
 
 
@@ -68,12 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     extra.add_argument("--rows", type=int, default=12, help="kernels listed per mode")
     ours, rest = extra.parse_known_args(argv)
     args = parse_args(rest)
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = prepare(args)
     print(f"train_step_profile, torch {torch.__version__}, command: python {' '.join(sys.argv)}")
     for decoder in args.decoders:
         for mode in args.modes:
