@@ -10,13 +10,14 @@
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else ./gpu_check
 #
 # Each step has its own time limit, cut to what is left before DEADLINE (default 570 s, inside a 10-minute
-# command limit), and writes its own log under OUT_DIR (14 files with every step; where more than MAX_FILES, default 8,
-# they end up packed in OUT_DIR/gpu_check.tar), so one failing or slow step still leaves the others' results. On an H200
+# command limit), and writes its own log under OUT_DIR (an empty or new folder; 14 files with every step: where
+# that could be more than MAX_FILES, default 8, each goes into OUT_DIR/gpu_check.tar as soon as it is complete), so
+# one failing or slow step still leaves the others' results, and a summary of the numbers ends the output. On an H200
 # (2026-12-04) the steps took: env 17-24 s, gputest 22, throughput 61-63, beam 33-36, train 39-49 (the
 # shapes images generated first), infer 8-11, profile 31-37, graph 38-40, compile 65, compile_ro 71,
-# search_big 28: about 7.5 minutes in all, before the kernels step was added. Run from the repository root; the repo does not need installing
-# (PYTHONPATH is set here). train.py needs jsonargparse; where the machine lacks it and cannot
-# reach a package index, carry its wheels in ./.whl (they are installed from there first):
+# search_big 28: about 7.5 minutes in all, before the kernels step was added. Run from the repository root; the
+# repo does not need installing (PYTHONPATH is set here). train.py needs jsonargparse; where the machine lacks it
+# and cannot reach a package index, carry its wheels in ./.whl (they are installed from there first):
 #
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux2014_x86_64 -d .whl jsonargparse docstring-parser typeshed-client
@@ -34,9 +35,19 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 out=${1:-${OUT:-gpu_check}}
+if [[ -e $out ]] && [[ -n $(ls -A "$out") ]]; then
+  echo "gpu_check.sh: $out holds files already; give an empty or new folder, so that no earlier run's log is mixed" \
+    "in or overwritten" >&2
+  exit 2
+fi
 mkdir -p "$out"
 py=${PYTHON:-python3}
 steps=" ${STEPS:-env gputest throughput beam train infer kernels profile graph compile compile_ro search_big} "
+# a machine that returns only MAX_FILES files (default 8) from OUT_DIR: where this run could write more (a log per
+# step, the test metrics and the overlay), each file goes into OUT_DIR/gpu_check.tar as soon as it is complete, so
+# OUT_DIR never holds more than that tar, even when the command is cut short
+read -ra selected <<<"$steps"
+pack=$(((${#selected[@]} + 2) > ${MAX_FILES:-8} ? 1 : 0))
 device=${DEVICE:-cuda}
 # on the GPU the shapes recipe is bound by the host: its images load in worker processes there; the throughput
 # modes run the encoder channels-last there (cuDNN's NHWC kernels for tensor cores), as its search modes do anyway
@@ -59,7 +70,17 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 runs=$(mktemp -d)  # the training run's checkpoints stay out of OUT_DIR (only a few files come back)
-trap 'rm -rf "$runs"' EXIT
+logs=$(mktemp -d)  # each step's log as it is written, delivered to OUT_DIR when the step ends
+current=
+deliver() {  # deliver FILE...: files of $logs into OUT_DIR, or into its tar
+  local f
+  for f in "$@"; do
+    [[ -f $logs/$f ]] || continue
+    if ((pack)); then tar -rf "$out/gpu_check.tar" -C "$logs" "$f"; else cp "$logs/$f" "$out/"; fi
+  done
+}
+# a run cut short still delivers the log of the step it was in
+trap '[[ -n $current ]] && deliver "$current.txt"; rm -rf "$runs" "$logs"' EXIT
 failed=0
 
 # every step's limit is cut to what is left before DEADLINE seconds (default 570) from the script's start, so the
@@ -71,17 +92,21 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run COMMAND under a time limit, 
   [[ $steps == *" $name "* ]] || return 0
   local left=$((deadline - SECONDS))
   if ((left < 10)); then
-    echo "== $name: skipped, ${left} s left before the ${deadline} s deadline" | tee "$out/$name.txt"
+    echo "== $name: skipped, ${left} s left before the ${deadline} s deadline" | tee "$logs/$name.txt"
+    deliver "$name.txt"
     failed=1
     return 0
   fi
   ((limit > left)) && limit=$left
-  echo "== $name: $*" | tee "$out/$name.txt"
+  current=$name
+  echo "== $name: $*" | tee "$logs/$name.txt"
   local t0=$SECONDS
   # -k: Lightning traps SIGTERM and stops only at its next batch; a step still running 15 s later is killed
-  timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
+  timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$logs/$name.txt"
   local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/$name.txt"
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$logs/$name.txt"
+  current=
+  deliver "$name.txt"
   [[ $rc -eq 0 ]] || failed=1
 }
 
@@ -95,10 +120,13 @@ step train 180 "$py" train.py fit -c configs/shapes.yaml "${accel[@]}" \
   --trainer.logger.init_args.save_dir "$runs" --trainer.max_epochs 3 ${TRAIN_ARGS:-}
 best=$(find "$runs" -name best.ckpt 2>/dev/null | head -n 1)
 if [[ -n $best ]]; then
-  cp "$(dirname "$(dirname "$best")")/test_metrics.json" "$out/train_test_metrics.json" 2>/dev/null
-  step infer 30 "$py" infer.py data/shapes/images/004600.png --ckpt "$best" --device "$device" --out "$out"
+  cp "$(dirname "$(dirname "$best")")/test_metrics.json" "$logs/train_test_metrics.json" 2>/dev/null &&
+    deliver train_test_metrics.json
+  step infer 30 "$py" infer.py data/shapes/images/004600.png --ckpt "$best" --device "$device" --out "$logs"
+  deliver 004600_attention.png
 elif [[ $steps == *" infer "* ]]; then
-  echo "== infer: skipped, the train step left no best.ckpt" | tee "$out/infer.txt"
+  echo "== infer: skipped, the train step left no best.ckpt" | tee "$logs/infer.txt"
+  deliver infer.txt
   failed=1
 fi
 # then, in whatever time is left, the ways to a faster training step: the fused attention kernels' tiles and warps
@@ -117,13 +145,9 @@ step compile_ro 150 "$py" benchmarks/throughput.py --device "$device" "${bench[@
 step search_big 60 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --modes search \
   --search-images 1024
 
-# the numbers together at the end of the output (a caller that keeps only the output's tail still has them), then,
-# where OUT_DIR holds more files than MAX_FILES (default 8, what the device tool returns), all of them in one tar
+# the numbers together at the end of the output (a caller that keeps only the output's tail still has them)
 echo "== summary"
-grep -h -E '^\| |^== [a-z_]+: (exit|skipped)|^(lstm|transformer)[ :]|passed|failed' "$out"/*.txt 2>/dev/null
-files=("$out"/*)
-if ((${#files[@]} > ${MAX_FILES:-8})); then
-  tar -cf "$out/gpu_check.tar" -C "$out" "${files[@]##*/}" && rm -f "${files[@]}" &&
-    echo "== ${#files[@]} files packed into $out/gpu_check.tar (tar -xf to read them)"
-fi
+grep -h -E '^\| (decoder|lstm|transformer|kernel|eager|fused) |^== [a-z_]+: (exit|skipped)|^(lstm|transformer)[ :]|^[0-9]+ (passed|failed)|^copy rate' \
+  "$logs"/*.txt 2>/dev/null
+((pack)) && echo "== the logs are in $out/gpu_check.tar (tar -xf to read them)"
 exit $failed

@@ -108,26 +108,66 @@ def measure() -> dict:
         results[name] = {"forward_abs": (out.double() - ref).abs().max().item(), "requires_grad": out.requires_grad}
     results["module"] = attention_module_fused_vs_eager()
     results["double_backward"] = second_derivatives(gen)
+    results["nan_filled"] = unwritten_gradients(gen)
     results["available_float64"] = fused_available(torch.zeros(1, dtype=torch.float64))
     del os.environ["TRITON_INTERPRET"]  # the kernels stay interpreted, but the switch is read again at each call
     results["available_without_env"] = fused_available(torch.zeros(1))
     return results
 
 
+#: second-derivative cases: (keys dtype, q dtype, contiguous inputs)
+SECOND_DERIVATIVE_CASES = {
+    "float32": (torch.float32, torch.float32, True),
+    "non-contiguous": (torch.float32, torch.float32, False),  # the forward copies keys and q before the kernels
+    "bfloat16-keys-float32-q": (torch.bfloat16, torch.float32, True),  # and casts q to keys' dtype
+}
+
+
 def second_derivatives(gen: torch.Generator) -> dict:
     """A gradient penalty through the fused scores (create_graph=True, then the gradient of the gradient's norm)
-    against float64 eager, for each input: the kernels' writes are not recorded by autograd, so before the
-    backward took the eager definition under create_graph the second derivatives came out without its terms."""
-    keys, q, v = make_inputs(2, 3, 7, 40, gen=gen)
-    weights = torch.randn(2, 3, 7, generator=gen)
+    against float64 eager, for each input: autograd cannot differentiate the kernels' writes, so before the
+    backward took the eager definition under create_graph there were no second derivatives (an error), and before
+    it saved the inputs as given, a copy made by the forward (non-contiguous inputs, q cast to keys' dtype) had no
+    history to differentiate."""
+    results = {}
+    for name, (keys_dtype, q_dtype, contiguous) in SECOND_DERIVATIVE_CASES.items():
+        keys, q, v = make_inputs(2, 3, 7, 40, gen=gen, keys_dtype=keys_dtype, q_dtype=q_dtype, contiguous=contiguous)
+        weights = torch.randn(2, 3, 7, generator=gen)
 
-    def penalty_grads(fn, inputs):
-        first = torch.autograd.grad((fn(*inputs) * weights.to(inputs[0].dtype)).sum(), inputs, create_graph=True)
-        return torch.autograd.grad(sum(g.square().sum() for g in first), inputs)
+        def penalty_grads(fn, inputs, weights=weights):
+            first = torch.autograd.grad((fn(*inputs) * weights.to(inputs[0].dtype)).sum(), inputs, create_graph=True)
+            return torch.autograd.grad(sum(g.float().square().sum() for g in first), inputs)
 
-    fused = penalty_grads(additive_scores, [keys, q, v])
-    ref = penalty_grads(additive_scores_reference, [t.detach().double().requires_grad_() for t in (keys, q, v)])
-    return {name: rel_error(f, r) for name, f, r in zip(("keys", "q", "v"), fused, ref)}
+        try:
+            fused = penalty_grads(additive_scores, [keys, q, v])
+        except RuntimeError as e:
+            results[name] = {"error": str(e)}
+            continue
+        ref = penalty_grads(additive_scores_reference, [t.detach().double().requires_grad_() for t in (keys, q, v)])
+        results[name] = {n: rel_error(f, r) for n, f, r in zip(("keys", "q", "v"), fused, ref)}
+        results[name]["dtypes"] = [str(f.dtype) for f in fused]
+    return results
+
+
+def unwritten_gradients(gen: torch.Generator) -> dict:
+    """The backward allocates its outputs without clearing them (the kernel writes every element): with every
+    allocation filled with NaN first, the gradients must still be finite and right, for tiles that do and do not
+    divide the shapes."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    torch.empty = nan_empty
+    try:
+        results = {}
+        for name, (b, m, n, a, block_n, block_a) in {**FLOAT32_CASES, "tiny": (2, 7, 3, 3, None, None)}.items():
+            keys, q, v = make_inputs(b, m, n, a, gen=gen, contiguous=name != "non-contiguous")
+            out = additive_scores(keys, q, v, block_n=block_n, block_a=block_a)
+            results[name] = gradients_against_reference(keys, q, v, out, gen)
+        return results
+    finally:
+        torch.empty = real_empty
 
 
 def attention_module_fused_vs_eager() -> dict:
@@ -226,11 +266,23 @@ def test_a_float64_tensor_keeps_the_eager_score(interpreted):
     assert not interpreted["available_float64"]
 
 
-def test_second_derivatives_through_the_fused_scores_equal_eager(interpreted):
-    """With create_graph=True the first derivatives came from the kernels, which autograd cannot differentiate:
-    a gradient penalty's second derivatives came out without their terms, silently."""
-    result = interpreted["double_backward"]
-    assert max(result.values()) < 1e-5, result
+@pytest.mark.parametrize("case", sorted(SECOND_DERIVATIVE_CASES))
+def test_second_derivatives_through_the_fused_scores_equal_eager(interpreted, case):
+    """With create_graph=True the first derivatives came from the kernels, which autograd cannot differentiate: a
+    gradient penalty raised; and where the forward had copied an input, its copy had no history to differentiate."""
+    result = interpreted["double_backward"][case]
+    assert "error" not in result, result
+    keys_dtype, q_dtype, _ = SECOND_DERIVATIVE_CASES[case]
+    assert result["dtypes"] == [str(keys_dtype), str(q_dtype), "torch.float32"], result
+    tol = 1e-5 if keys_dtype == q_dtype == torch.float32 else 3e-2  # q rounded to bf16 before the kernels
+    assert max(result[name] for name in ("keys", "q", "v")) < tol, result
+
+
+@pytest.mark.parametrize("case", [*sorted(FLOAT32_CASES), "tiny"])
+def test_every_gradient_element_is_written(interpreted, case):
+    result = interpreted["nan_filled"][case]
+    for name in ("dkeys", "dq", "dv"):
+        assert result[name] < 1e-5, (name, result)  # NaN compares False: an unwritten element fails
 
 
 def test_kernels_that_fail_to_compile_warn_once_and_leave_the_eager_score(monkeypatch):
@@ -259,6 +311,25 @@ def test_kernels_that_fail_to_compile_warn_once_and_leave_the_eager_score(monkey
     torch.testing.assert_close((context, alpha), expected)
     other(features, other.precompute(features), query)  # no second try, no second warning
     assert calls == [1]
+
+
+def test_running_out_of_memory_in_the_first_fused_call_is_raised_not_taken_for_a_compile_failure(monkeypatch):
+    """Taken for a failed compile, an OOM turned the kernels off for the whole process (the eager score needs twice
+    the memory) and never reached a caller that shrinks its batch on OOM."""
+    import captioning.models.attention as attention
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(attention, "additive_scores", oom)
+    monkeypatch.setattr(attention, "fused_available", lambda t: True)
+    monkeypatch.setattr(attention.AdditiveAttention, "_fused_ran", False)
+    monkeypatch.setattr(attention.AdditiveAttention, "_fused_broken", False)
+    module = attention.AdditiveAttention(feature_dim=24, query_dim=16, attention_dim=40)
+    features = torch.randn(3, 13, 24)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        module(features, module.precompute(features), torch.randn(3 * 4, 16))
+    assert not attention.AdditiveAttention._fused_broken
 
 
 def test_kernels_that_ran_once_raise_their_errors(monkeypatch):

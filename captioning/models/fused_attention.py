@@ -179,18 +179,25 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _kernel_inputs(
+    keys: torch.Tensor, q: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """keys, q, v as the kernels read them: contiguous (they index with the shapes' own strides), q in keys' dtype
+    (one dtype for both; q's gradient still goes back in its own). No copy for the model's inputs."""
+    return keys.contiguous(), q.to(keys.dtype).contiguous(), v.contiguous()
+
+
 class _AdditiveScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keys, q, v, block_n, block_a, num_warps):
-        q_dtype = q.dtype
-        keys = keys.contiguous()  # the kernels index with the shapes' own strides
-        q = q.to(keys.dtype).contiguous()  # one dtype for both; the gradient goes back in q's own
-        v = v.contiguous()
+        # the inputs as given are saved, not the copies made here: a second derivative (see backward) must reach
+        # the inputs through autograd, and copies made inside a Function have no autograd history
+        ctx.save_for_backward(keys, q, v)  # not the (B,M,N,A) tanh: the backward recomputes it
+        keys, q, v = _kernel_inputs(keys, q, v)
         bsz, n, a = keys.shape
         m = q.size(1)
         blocks = (max(2, triton.next_power_of_2(m)), _block(n, MAX_BLOCK_N, block_n), _block(a, MAX_BLOCK_A, block_a))
-        ctx.save_for_backward(keys, q, v)  # not the (B,M,N,A) tanh: the backward recomputes it
-        ctx.q_dtype, ctx.blocks, ctx.num_warps = q_dtype, blocks, num_warps
+        ctx.blocks, ctx.num_warps = blocks, num_warps
         if a == 0:
             return keys.new_zeros(bsz, m, n)  # an empty sum
         out = keys.new_empty(bsz, m, n)  # (B,M,N), in keys' dtype as eager autocast gives
@@ -202,16 +209,18 @@ class _AdditiveScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        keys, q, v = ctx.saved_tensors
+        keys_in, q_in, v_in = ctx.saved_tensors
         need_dkeys, need_dq, need_dv = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             # create_graph=True (a gradient penalty, say): autograd cannot differentiate the kernels' writes, so the
-            # gradients come from the eager definition, itself differentiable (it builds the (B,M,N,A) tensor)
-            scores = (keys.unsqueeze(1) + q.unsqueeze(2)).float().tanh() @ v.float()  # (B,M,N)
-            wanted = [t for t, need in zip((keys, q, v), (need_dkeys, need_dq, need_dv)) if need]
+            # gradients come from the eager definition, itself differentiable (it builds the (B,M,N,A) tensor), of
+            # the function the kernels compute: q rounded to keys' dtype, then everything in float32
+            hidden = keys_in.float().unsqueeze(1) + q_in.to(keys_in.dtype).float().unsqueeze(2)  # (B,M,N,A)
+            scores = hidden.tanh() @ v_in.float()  # (B,M,N)
+            wanted = [t for t, need in zip((keys_in, q_in, v_in), (need_dkeys, need_dq, need_dv)) if need]
             grads = iter(torch.autograd.grad(scores, wanted, g.float(), create_graph=True))
-            dkeys, dq, dv = (next(grads) if need else None for need in (need_dkeys, need_dq, need_dv))
-            return dkeys, None if dq is None else dq.to(ctx.q_dtype), dv, None, None, None
+            return (*(next(grads) if need else None for need in (need_dkeys, need_dq, need_dv)), None, None, None)
+        keys, q, v = _kernel_inputs(keys_in, q_in, v_in)  # the same copies as the forward's (none for the model's)
         g = g.contiguous()  # (B,M,N)
         bsz, n, a = keys.shape
         m = q.size(1)
@@ -219,7 +228,7 @@ class _AdditiveScores(torch.autograd.Function):
         # empty dimension it does not run, and the gradients are zeros
         new = torch.empty if bsz * m * n * a else torch.zeros
         dkeys = new(keys.shape, dtype=keys.dtype, device=keys.device) if need_dkeys else None
-        dq = new(q.shape, dtype=ctx.q_dtype, device=q.device) if need_dq else None
+        dq = new(q.shape, dtype=q_in.dtype, device=q.device) if need_dq else None
         # per image partial sums in float32, summed here in a fixed order: deterministic, unlike atomics
         dv_part = new(bsz, a, dtype=torch.float32, device=v.device) if need_dv else None
         if bsz * m * n * a:
