@@ -148,3 +148,29 @@ def test_fused_attention_benchmark_checks_every_tile_it_times():
     names = [cells[0].strip() for cells in rows[1:]]
     assert names == ["eager (B,M,N,A) tensor", "fused 4 x 16, 4 warps", "fused 16 x 16, 4 warps"], proc.stdout
     assert all(float(cells[-1]) < 1e-5 for cells in rows[1:]), proc.stdout
+
+
+def test_gpu_check_keeps_out_dir_within_what_a_lent_machine_returns(tmp_path):
+    """gpu_check.sh with every step (a stand-in interpreter, `echo`, makes each step instant): 14 files could not
+    all come back from a machine that returns 8, so each log goes into OUT_DIR/gpu_check.tar as it is complete;
+    with room for them all they stay files; and a folder that already holds files is refused (packing at the end
+    once deleted an earlier run's tar and, given the repo root, the repo's own files)."""
+    script = BENCHMARKS / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": "echo", "DEVICE": "cpu"}
+    steps = "env gputest throughput beam train infer kernels profile graph compile compile_ro search_big"
+
+    def run(out, **extra):
+        return subprocess.run(["bash", str(script), str(out)], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=120, check=False)  # fmt: skip
+
+    packed = run(tmp_path / "packed")
+    assert packed.returncode == 1, packed.stderr  # no training with `echo`: infer is skipped, and says so
+    assert [p.name for p in (tmp_path / "packed").iterdir()] == ["gpu_check.tar"]
+    listed = subprocess.run(["tar", "-tf", str(tmp_path / "packed" / "gpu_check.tar")], capture_output=True, text=True)
+    assert sorted(listed.stdout.split()) == sorted(f"{s}.txt" for s in steps.split() if s != "graph")  # cuda only
+    assert "== summary" in packed.stdout and "== infer: skipped" in packed.stdout
+    again = run(tmp_path / "packed")
+    assert again.returncode == 2 and "holds files already" in again.stderr
+    assert [p.name for p in (tmp_path / "packed").iterdir()] == ["gpu_check.tar"]
+    roomy = run(tmp_path / "roomy", MAX_FILES="100", STEPS="env beam")
+    assert sorted(p.name for p in (tmp_path / "roomy").iterdir()) == ["beam.txt", "env.txt"], roomy.stderr
