@@ -115,13 +115,13 @@ class AdditiveAttention(nn.Module):
         """keys (B,N,A), queries (B,M,A) -> v^T tanh(keys + q), (B,M,N), from the fused kernels; None (with a warning,
         once) when their first compile in this process fails: the eager score is the same function. (The backward
         kernel compiles at the first backward, outside this: where it alone fails to build, the error is raised.)"""
-        if AdditiveAttention._fused_ran:
-            return additive_scores(keys, q, self.score.weight[0])
         try:
             scores = additive_scores(keys, q, self.score.weight[0])
         except (torch.cuda.OutOfMemoryError, ValueError, TypeError):
             raise  # out of memory (a caller may shrink its batch) or a bad input: not the kernels' fault
         except Exception as e:  # Triton's compile or launcher build: an environment problem, not a wrong input
+            if AdditiveAttention._fused_ran:
+                raise  # they compiled and ran before: this is a real error
             AdditiveAttention._fused_broken = True
             warnings.warn(
                 f"the fused attention kernels failed to compile ({type(e).__name__}: {e}); the LSTM's attention "

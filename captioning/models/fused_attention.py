@@ -19,6 +19,7 @@ imported: Triton decides whether a kernel is compiled or interpreted when it is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -51,8 +52,15 @@ def fused_available(t: torch.Tensor) -> bool:
     if triton is None or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if t.is_cuda:
-        return torch.version.hip is None and torch.cuda.get_device_capability(t.device) >= MIN_CAPABILITY
+        return _compiles_for(t.device.index if t.device.index is not None else torch.cuda.current_device())
     return _INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _compiles_for(device_index: int) -> bool:
+    """Whether Triton compiles for this CUDA device; asked once per device (``fused_available`` runs at every
+    word step, and reading a device's properties is several Python calls)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= MIN_CAPABILITY
 
 
 def additive_scores_reference(keys: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -215,8 +223,7 @@ class _AdditiveScores(torch.autograd.Function):
             # create_graph=True (a gradient penalty, say): autograd cannot differentiate the kernels' writes, so the
             # gradients come from the eager definition, itself differentiable (it builds the (B,M,N,A) tensor), of
             # the function the kernels compute: q rounded to keys' dtype, then everything in float32
-            hidden = keys_in.float().unsqueeze(1) + q_in.to(keys_in.dtype).float().unsqueeze(2)  # (B,M,N,A)
-            scores = hidden.tanh() @ v_in.float()  # (B,M,N)
+            scores = additive_scores_reference(keys_in.float(), q_in.to(keys_in.dtype).float(), v_in.float())
             wanted = [t for t, need in zip((keys_in, q_in, v_in), (need_dkeys, need_dq, need_dv)) if need]
             grads = iter(torch.autograd.grad(scores, wanted, g.float(), create_graph=True))
             return (*(next(grads) if need else None for need in (need_dkeys, need_dq, need_dv)), None, None, None)
