@@ -107,6 +107,10 @@ def measure() -> dict:
             out = additive_scores(keys, q, v, block_n=block_n, block_a=block_a)
         results[name] = {"forward_abs": (out.double() - ref).abs().max().item(), "requires_grad": out.requires_grad}
     results["module"] = attention_module_fused_vs_eager()
+    # the default configuration (no tile given) ran above, in the "default-tiles" case and the module: in the
+    # interpreter nothing is timed or chosen
+    results["chosen"] = len(fused.chosen_configs())
+    results["tuned"] = tuned_as_on_a_gpu(gen)
     results["double_backward"] = second_derivatives(gen)
     results["nan_filled"] = unwritten_gradients(gen)
     results["available_float64"] = fused_available(torch.zeros(1, dtype=torch.float64))
@@ -168,6 +172,36 @@ def unwritten_gradients(gen: torch.Generator) -> dict:
         return results
     finally:
         torch.empty = real_empty
+
+
+def tuned_as_on_a_gpu(gen: torch.Generator) -> dict:
+    """The choice by timing that a GPU makes, run here with the interpreter's wall time: every candidate of both
+    kernels launched with its own tiles and warps, one chosen for each, and the results right."""
+    import time
+
+    import captioning.models.fused_attention as fused
+
+    def wall_ms(launch):
+        t0 = time.perf_counter()
+        launch()
+        return 1e3 * (time.perf_counter() - t0)
+
+    may_tune, defaults = fused._may_tune, fused._choose.__defaults__
+    fused._may_tune = lambda t: True
+    fused._choose.__defaults__ = (wall_ms,)
+    try:
+        keys, q, v = make_inputs(2, 3, 13, 40, gen=gen)
+        out = additive_scores(keys, q, v)
+        result = gradients_against_reference(keys, q, v, out, gen)
+    finally:
+        fused._may_tune, fused._choose.__defaults__ = may_tune, defaults
+    chosen = fused.chosen_configs()
+    result["kinds"] = sorted(key[0] for key in chosen)
+    candidates = {"forward": fused.FORWARD_CONFIGS, "backward": fused.BACKWARD_CONFIGS}
+    result["in_candidates"] = all(
+        config in [fused._fit(c, 13, 40) for c in candidates[key[0]]] for key, config in chosen.items()
+    )
+    return result
 
 
 def attention_module_fused_vs_eager() -> dict:
@@ -254,6 +288,18 @@ def test_additive_attention_takes_the_fused_path_and_agrees_with_eager(interpret
     assert result["fused_calls"] == 1, result  # the fused run only
     assert result["max_rel"] < 1e-5, result
     assert result["bias_grads"] == [0.0, 0.0], result
+
+
+def test_the_interpreter_times_no_configuration(interpreted):
+    assert interpreted["chosen"] == 0
+
+
+def test_the_choice_by_timing_launches_every_candidate_and_keeps_one_per_kernel(interpreted):
+    result = interpreted["tuned"]
+    assert result["kinds"] == ["backward", "forward"], result
+    assert result["in_candidates"], result
+    for name in ("forward_rel", "dkeys", "dq", "dv"):
+        assert result[name] < 1e-5, (name, result)
 
 
 def test_fused_available_on_a_cpu_tensor_only_when_interpreted(interpreted):
@@ -346,6 +392,83 @@ def test_kernels_that_ran_once_raise_their_errors(monkeypatch):
         module(features, module.precompute(features), torch.randn(3 * 4, 16))
 
 
+class TestChoose:
+    """The choice of a kernel configuration by timing (``_choose``), with a fake timer: no GPU needed."""
+
+    @pytest.fixture(autouse=True)
+    def fresh(self, monkeypatch):
+        import captioning.models.fused_attention as fused
+
+        monkeypatch.setattr(fused, "_CHOSEN", {})
+        self.fused = fused
+
+    def test_the_fastest_working_configuration_is_chosen_once_and_kept(self):
+        times = {(16, 64, 1): 3.0, (32, 64, 4): 1.0, (8, 64, 1): 2.0}
+        launched, timed = [], []
+
+        def launch(config):
+            launched.append(config)
+            if config == (64, 64, 4):
+                raise RuntimeError("out of resources: shared memory")
+
+        def timer(call):
+            call()
+            timed.append(launched[-1])
+            return times[launched[-1]]
+
+        candidates = [(16, 64, 1), (64, 64, 4), (32, 64, 4), (8, 64, 1), (16, 64, 1)]
+        chosen = self.fused._choose(("k",), candidates, launch, (2, 2, 4), True, timer=timer)
+        assert chosen == (32, 64, 4)
+        assert timed == [(16, 64, 1), (32, 64, 4), (8, 64, 1)]  # each once, the one that failed skipped
+        assert self.fused.chosen_configs() == {("k",): (32, 64, 4)}
+        # chosen before: no more timing, even where tuning is not allowed now (a CUDA graph being captured)
+        assert self.fused._choose(("k",), candidates, launch, (2, 2, 4), False, timer=timer) == (32, 64, 4)
+        assert len(timed) == 3
+
+    def test_without_tuning_the_default_runs_and_nothing_is_kept(self):
+        def timer(call):
+            raise AssertionError("timed")
+
+        assert self.fused._choose(("k",), [(16, 64, 1)], lambda c: None, (2, 2, 4), False, timer=timer) == (2, 2, 4)
+        assert self.fused.chosen_configs() == {}
+
+    def test_no_configuration_running_is_an_error_naming_them(self):
+        def launch(config):
+            raise RuntimeError(f"out of resources {config}")
+
+        with pytest.raises(RuntimeError, match=r"no configuration.*\(16, 64, 1\).*out of resources"):
+            self.fused._choose(("k",), [(16, 64, 1)], launch, (2, 2, 4), True, timer=lambda call: call())
+        assert self.fused.chosen_configs() == {}
+
+    def test_running_out_of_memory_is_raised_not_skipped(self):
+        def launch(config):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            self.fused._choose(("k",), [(16, 64, 1)], launch, (2, 2, 4), True, timer=lambda call: call())
+
+    def test_tiles_are_cut_to_the_shape(self):
+        assert self.fused._fit((64, 128, 4), 13, 70) == (16, 128, 4)
+        assert self.fused._fit((64, 128, 2), 196, 40) == (64, 64, 2)
+        assert self.fused._fit((16, 32, 1), 196, 512) == (16, 32, 1)
+
+    def test_tuning_only_on_a_gpu_and_never_under_deterministic_algorithms(self):
+        assert not self.fused._may_tune(torch.zeros(1))
+        if torch.cuda.is_available():
+            t = torch.zeros(1, device="cuda")
+            assert self.fused._may_tune(t)
+            torch.use_deterministic_algorithms(True)
+            try:
+                assert not self.fused._may_tune(t)
+            finally:
+                torch.use_deterministic_algorithms(False)
+
+    def test_no_fast_tanh_off_the_gpu(self):
+        assert not self.fused._use_fast_tanh(torch.zeros(1, dtype=torch.bfloat16), None)
+        with pytest.raises(ValueError, match="fast_tanh=True needs a CUDA tensor"):
+            self.fused._use_fast_tanh(torch.zeros(1), True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -359,6 +482,56 @@ def test_compiled_kernels_on_cuda_at_training_sizes(dtype):
     assert result["dtype"] == str(dtype)
     for name in ("forward_rel", "dkeys", "dq", "dv"):
         assert result[name] < tol, (name, result)
+
+
+def cuda_inputs(dtype, b=4, m=5, n=196, a=512, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys, q, v = make_inputs(b, m, n, a, gen=gen, keys_dtype=dtype, q_dtype=dtype)
+    return [t.detach().cuda().requires_grad_() for t in (keys, q, v)], gen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("dtype", "fast", "tol"), [(torch.float32, True, 2e-3), (torch.bfloat16, False, 2e-2)])
+def test_fast_tanh_either_way_on_cuda(dtype, fast, tol):
+    """The GPU's tanh instruction forced on float32 (where it is off by default) is within its 2^-10 error of the
+    definition; exact tanh forced on bfloat16 (where the instruction is the default) is within bfloat16's."""
+    (keys, q, v), gen = cuda_inputs(dtype)
+    result = gradients_against_reference(keys, q, v, additive_scores(keys, q, v, fast_tanh=fast), gen)
+    for name in ("forward_rel", "dkeys", "dq", "dv"):
+        assert result[name] < tol, (name, result)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_configuration_timed_is_correct_on_cuda():
+    """Each configuration the tuner may choose for either kernel, fixed for both, with cell and channel counts that
+    no tile divides."""
+    import captioning.models.fused_attention as fused
+
+    for config in dict.fromkeys(fused.FORWARD_CONFIGS + fused.BACKWARD_CONFIGS):
+        (keys, q, v), gen = cuda_inputs(torch.bfloat16, b=3, n=67, a=200)
+        block_n, block_a, warps = config
+        out = additive_scores(keys, q, v, block_n=block_n, block_a=block_a, num_warps=warps)
+        result = gradients_against_reference(keys, q, v, out, gen)
+        for name in ("forward_rel", "dkeys", "dq", "dv"):
+            assert result[name] < 2e-2, (config, name, result)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_tuned_kernels_are_chosen_once_per_shape_and_correct():
+    import captioning.models.fused_attention as fused
+
+    (keys, q, v), gen = cuda_inputs(torch.bfloat16, b=6, m=3, n=49, a=96, seed=1)
+    before = fused.chosen_configs()
+    result = gradients_against_reference(keys, q, v, additive_scores(keys, q, v), gen)
+    new = {k: c for k, c in fused.chosen_configs().items() if k not in before}
+    assert sorted(k[0] for k in new) == ["backward", "forward"], new
+    for name in ("forward_rel", "dkeys", "dq", "dv"):
+        assert result[name] < 2e-2, (name, result)
+    additive_scores(keys, q, v).sum().backward()  # the same shape again: nothing new timed
+    assert len(fused.chosen_configs()) == len(before) + 2
 
 
 if __name__ == "__main__":

@@ -60,7 +60,12 @@ def fused_available(t: torch.Tensor) -> bool:
 def _compiles_for(device_index: int) -> bool:
     """Whether Triton compiles for this CUDA device; asked once per device (``fused_available`` runs at every
     word step, and reading a device's properties is several Python calls)."""
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= MIN_CAPABILITY
+    return torch.version.hip is None and _capability(device_index) >= MIN_CAPABILITY
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def additive_scores_reference(keys: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -70,6 +75,17 @@ def additive_scores_reference(keys: torch.Tensor, q: torch.Tensor, v: torch.Tens
 
 
 if triton is not None:
+
+    @triton.jit
+    def _tanh(x, FAST: tl.constexpr):
+        """tanh of a float32 tile: the GPU's one-instruction approximation where FAST (relative error below 2^-10,
+        under the bfloat16 / float16 inputs' own rounding), else through the sigmoid, exact to float32 rounding."""
+        if FAST:
+            return tl.inline_asm_elementwise(
+                "tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
     def _scores_fwd_kernel(
@@ -83,6 +99,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_A: tl.constexpr,
+        FAST_TANH: tl.constexpr,
     ):
         """One program per (image, block of N cells), for all M queries of the image: each keys tile is read
         from memory once, not once per query."""
@@ -103,7 +120,7 @@ if triton is not None:
             v = tl.load(v_ptr + a, mask=a_ok, other=0.0).to(tl.float32)  # (BA,)
             for m in range(M):
                 qm = tl.load(q_ptr + m * A + a, mask=a_ok, other=0.0).to(tl.float32)  # (BA,)
-                t = 2.0 * tl.sigmoid(2.0 * (k + qm[None, :])) - 1.0  # tanh, (BN,BA)
+                t = _tanh(k + qm[None, :], FAST_TANH)  # (BN,BA)
                 s = tl.sum(t * v[None, :], axis=1)  # (BN,)
                 # Triton has no indexed assignment: add the column into row m of the accumulator by a select
                 acc += tl.where(rows[None, :] == m, s[:, None], 0.0)
@@ -128,6 +145,7 @@ if triton is not None:
         NEED_DKEYS: tl.constexpr,
         NEED_DQ: tl.constexpr,
         NEED_DV: tl.constexpr,
+        FAST_TANH: tl.constexpr,
     ):
         """One program per (image, block of A), looping over all N cells and M queries of the image. It is then
         the only writer of dkeys[b,:,a-block], dq[b,:,a-block] and dv_part[b,a-block]: no atomics, and the
@@ -142,7 +160,9 @@ if triton is not None:
         g_ptr += b * M * N
         v = tl.load(v_ptr + a, mask=a_ok, other=0.0).to(tl.float32)  # (BA,)
         dq_acc = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)  # sum_n g (1 - t^2), times v at the end
-        dv_acc = tl.zeros((BLOCK_A,), dtype=tl.float32)  # sum_{m,n} g t
+        # sum_{m,n} g t, kept per (cell, channel) and summed over the cells once at the end: a sum across the tile
+        # at every (query, cell block) costs a pass through shared memory and a barrier each time
+        dv_acc = tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)  # (BN,)
             n_ok = n < N
@@ -153,9 +173,9 @@ if triton is not None:
                 qm = tl.load(q_ptr + m * A + a, mask=a_ok, other=0.0).to(tl.float32)  # (BA,)
                 # g = 0 on masked cells: they add nothing to any sum below, whatever t is there
                 g = tl.load(g_ptr + m * N + n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
-                t = 2.0 * tl.sigmoid(2.0 * (k + qm[None, :])) - 1.0  # tanh recomputed, (BN,BA)
+                t = _tanh(k + qm[None, :], FAST_TANH)  # recomputed, (BN,BA)
                 if NEED_DV:
-                    dv_acc += tl.sum(g[:, None] * t, axis=0)
+                    dv_acc += g[:, None] * t
                 if NEED_DKEYS or NEED_DQ:
                     s = g[:, None] * (1.0 - t * t)  # (BN,BA) dscore/d(keys + q), without v
                     if NEED_DKEYS:
@@ -170,7 +190,7 @@ if triton is not None:
             dq = (dq_acc * v[None, :]).to(dq_ptr.dtype.element_ty)
             tl.store(dq_ptr + b * M * A + rows[:, None] * A + a[None, :], dq, mask=(rows[:, None] < M) & a_ok[None, :])
         if NEED_DV:
-            tl.store(dv_part_ptr + b * A + a, dv_acc, mask=a_ok)
+            tl.store(dv_part_ptr + b * A + a, tl.sum(dv_acc, axis=0), mask=a_ok)
 
 
 def _block(size: int, cap: int, given: int | None) -> int:
@@ -180,6 +200,103 @@ def _block(size: int, cap: int, given: int | None) -> int:
             raise ValueError(f"tile sizes must be powers of 2, at least 2, got {given}")
         return given
     return max(2, min(cap, triton.next_power_of_2(size)))
+
+
+#: A kernel configuration: (block_n, block_a, num_warps).
+Config = tuple[int, int, int]
+
+#: The configurations timed, on a GPU, the first time each kernel runs at a shape (:func:`_choose`). Fewer warps keep
+#: the sums across a tile inside one warp (register shuffles, no shared memory, no barrier); more, and larger tiles,
+#: give each program more independent work. Tiles are cut down to the shape (see :func:`_fit`).
+FORWARD_CONFIGS: tuple[Config, ...] = (
+    (16, 64, 2), (32, 64, 4), (32, 32, 2), (16, 32, 1), (64, 64, 4), (32, 128, 4), (16, 128, 2), (64, 32, 4),
+)  # fmt: skip
+BACKWARD_CONFIGS: tuple[Config, ...] = (
+    (16, 64, 1), (16, 64, 2), (32, 64, 2), (32, 64, 4), (16, 32, 1), (32, 32, 2), (8, 64, 1), (16, 128, 4),
+)  # fmt: skip
+
+#: The configuration chosen for each (kernel, device, dtype, batch size rounded up to a power of 2, M, N, A,
+#: gradients asked, fast tanh), kept for the life of the process. See :func:`chosen_configs`.
+_CHOSEN: dict[tuple, Config] = {}
+
+#: Timed calls of each configuration when choosing (after one untimed call that compiles it)
+TUNE_REPEATS = 5
+
+#: The GPU's tanh instruction (tanh.approx.f32) needs compute capability 7.5 (Turing) or later
+FAST_TANH_CAPABILITY = (7, 5)
+
+
+def chosen_configs() -> dict[tuple, Config]:
+    """The kernel configurations chosen so far in this process, by (kernel, device index, dtype, batch size rounded
+    up to a power of 2, M, N, A, gradients asked, fast tanh): what a benchmark reports beside its times."""
+    return dict(_CHOSEN)
+
+
+def _fit(config: Config, n: int, a: int) -> Config:
+    """``config`` with its tiles no larger than the shape needs (a 64-cell tile over 13 cells computes 51 empty
+    rows); configurations that then coincide are timed once."""
+    bn, ba, warps = config
+    return min(bn, _block(n, bn, None)), min(ba, _block(a, ba, None)), warps
+
+
+def _time_ms(launch) -> float:
+    """Mean milliseconds of ``launch()`` over :data:`TUNE_REPEATS` calls, after one that compiles it."""
+    launch()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(TUNE_REPEATS):
+        launch()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / TUNE_REPEATS
+
+
+def _may_tune(t: torch.Tensor) -> bool:
+    """Whether a kernel's configuration may be chosen by timing now: on a GPU (the interpreter's times mean nothing),
+    not while a CUDA graph is being captured (timing synchronises, which capture forbids; the default runs and is
+    not kept, so a later eager call still chooses), and not under ``torch.use_deterministic_algorithms``: the tile
+    sets the order of the sums, so a timed choice could differ between runs in the last bits."""
+    return (
+        t.is_cuda and not torch.cuda.is_current_stream_capturing() and not torch.are_deterministic_algorithms_enabled()
+    )
+
+
+def _choose(key: tuple, candidates: list[Config], launch, default: Config, tune: bool, timer=_time_ms) -> Config:
+    """The configuration to run ``launch(config)`` with: the one chosen before for ``key``; else, where ``tune``, the
+    fastest of ``candidates`` by ``timer`` (kept for ``key``; a candidate that does not compile, its tile too large
+    for this card's registers or shared memory, is skipped); else ``default``. The kernels write every element of
+    their outputs, so the timed calls leave nothing behind."""
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    if not tune:
+        return default
+    times, failures = {}, []
+    for config in dict.fromkeys(candidates):  # in order, without repeats
+        try:
+            times[config] = timer(lambda c=config: launch(c))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # Triton's OutOfResources and the like: this tile does not fit this card
+            failures.append(f"{config}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if not times:
+        raise RuntimeError(f"no configuration of the fused attention kernel ran at {key}: " + "; ".join(failures))
+    _CHOSEN[key] = min(times, key=times.get)
+    return _CHOSEN[key]
+
+
+def _use_fast_tanh(t: torch.Tensor, asked: bool | None) -> bool:
+    """Whether the kernels take the GPU's tanh instruction: asked for (True), or by default (None) for bfloat16 and
+    float16 inputs, whose own rounding (2^-8, 2^-11) is as coarse as its error; never in the interpreter (it
+    runs no GPU instructions), never on a card before compute capability 7.5."""
+    if asked is False or not t.is_cuda:
+        if asked:
+            raise ValueError("fast_tanh=True needs a CUDA tensor: the interpreter cannot run the GPU's tanh")
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    capable = _capability(index) >= FAST_TANH_CAPABILITY
+    if asked and not capable:
+        raise ValueError(f"fast_tanh=True needs compute capability {FAST_TANH_CAPABILITY} or later")
+    return capable and (asked or t.dtype in (torch.bfloat16, torch.float16))
 
 
 def _device(t: torch.Tensor):
@@ -195,24 +312,46 @@ def _kernel_inputs(
     return keys.contiguous(), q.to(keys.dtype).contiguous(), v.contiguous()
 
 
+def _key(kind: str, keys: torch.Tensor, m: int, needs: tuple[bool, ...], fast: bool) -> tuple:
+    """What a configuration is chosen for: (kernel, device index, dtype, batch size rounded up to a power of 2, M,
+    N, A, gradients asked (dkeys, dq, dv; none for the forward), fast tanh)."""
+    bsz, n, a = keys.shape
+    index = keys.device.index if keys.is_cuda else -1
+    return (kind, index, str(keys.dtype).removeprefix("torch."), triton.next_power_of_2(bsz), m, n, a, needs, fast)
+
+
 class _AdditiveScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, keys, q, v, block_n, block_a, num_warps):
+    def forward(ctx, keys, q, v, explicit, fast_tanh):
         # the inputs as given are saved, not the copies made here: a second derivative (see backward) must reach
         # the inputs through autograd, and copies made inside a Function have no autograd history
         ctx.save_for_backward(keys, q, v)  # not the (B,M,N,A) tanh: the backward recomputes it
         keys, q, v = _kernel_inputs(keys, q, v)
         bsz, n, a = keys.shape
         m = q.size(1)
-        blocks = (max(2, triton.next_power_of_2(m)), _block(n, MAX_BLOCK_N, block_n), _block(a, MAX_BLOCK_A, block_a))
-        ctx.blocks, ctx.num_warps = blocks, num_warps
+        fast = _use_fast_tanh(keys, fast_tanh)
+        ctx.explicit, ctx.fast = explicit, fast
         if a == 0:
             return keys.new_zeros(bsz, m, n)  # an empty sum
         out = keys.new_empty(bsz, m, n)  # (B,M,N), in keys' dtype as eager autocast gives
-        if out.numel():
-            with _device(keys):
-                grid = (bsz, triton.cdiv(n, blocks[1]))
-                _scores_fwd_kernel[grid](keys, q, v, out, m, n, a, *blocks, num_warps=num_warps)
+        if not out.numel():
+            return out
+        block_m = max(2, triton.next_power_of_2(m))
+
+        def launch(config: Config) -> None:
+            block_n, block_a, warps = config
+            grid = (bsz, triton.cdiv(n, block_n))
+            _scores_fwd_kernel[grid](keys, q, v, out, m, n, a, block_m, block_n, block_a, fast, num_warps=warps)
+
+        with _device(keys):
+            config = explicit or _choose(
+                _key("forward", keys, m, (), fast),
+                [_fit(c, n, a) for c in FORWARD_CONFIGS],
+                launch,
+                _fit((MAX_BLOCK_N, MAX_BLOCK_A, 4), n, a),
+                _may_tune(keys),
+            )
+            launch(config)
         return out
 
     @staticmethod
@@ -226,7 +365,7 @@ class _AdditiveScores(torch.autograd.Function):
             scores = additive_scores_reference(keys_in.float(), q_in.to(keys_in.dtype).float(), v_in.float())
             wanted = [t for t, need in zip((keys_in, q_in, v_in), (need_dkeys, need_dq, need_dv)) if need]
             grads = iter(torch.autograd.grad(scores, wanted, g.float(), create_graph=True))
-            return (*(next(grads) if need else None for need in (need_dkeys, need_dq, need_dv)), None, None, None)
+            return (*(next(grads) if need else None for need in (need_dkeys, need_dq, need_dv)), None, None)
         keys, q, v = _kernel_inputs(keys_in, q_in, v_in)  # the same copies as the forward's (none for the model's)
         g = g.contiguous()  # (B,M,N)
         bsz, n, a = keys.shape
@@ -239,8 +378,11 @@ class _AdditiveScores(torch.autograd.Function):
         # per image partial sums in float32, summed here in a fixed order: deterministic, unlike atomics
         dv_part = new(bsz, a, dtype=torch.float32, device=v.device) if need_dv else None
         if bsz * m * n * a:
-            block_m, block_n, block_a = ctx.blocks
-            with _device(keys):
+            block_m = max(2, triton.next_power_of_2(m))
+            needs = (need_dkeys, need_dq, need_dv)
+
+            def launch(config: Config) -> None:
+                block_n, block_a, warps = config
                 grid = (bsz, triton.cdiv(a, block_a))
                 _scores_bwd_kernel[grid](
                     keys,
@@ -256,13 +398,22 @@ class _AdditiveScores(torch.autograd.Function):
                     block_m,
                     block_n,
                     block_a,
-                    need_dkeys,
-                    need_dq,
-                    need_dv,
-                    num_warps=ctx.num_warps,
+                    *needs,
+                    ctx.fast,
+                    num_warps=warps,
                 )
+
+            with _device(keys):
+                config = ctx.explicit or _choose(
+                    _key("backward", keys, m, needs, ctx.fast),
+                    [_fit(c, n, a) for c in BACKWARD_CONFIGS],
+                    launch,
+                    _fit((MAX_BLOCK_N, MAX_BLOCK_A, 4), n, a),
+                    _may_tune(keys),
+                )
+                launch(config)
         dv = dv_part.sum(0).to(v.dtype) if need_dv else None  # (A,)
-        return dkeys, dq, dv, None, None, None
+        return dkeys, dq, dv, None, None
 
 
 def additive_scores(
@@ -272,16 +423,26 @@ def additive_scores(
     *,
     block_n: int | None = None,
     block_a: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
+    fast_tanh: bool | None = None,
 ) -> torch.Tensor:
     """keys (B,N,A), q (B,M,A), v (A,) -> scores (B,M,N) = v^T tanh(keys + q), fused (see the module docstring),
     differentiable in all three inputs.
 
     Float32, bfloat16 or float16 inputs; the kernels compute in float32 and the scores come out in keys' dtype
-    (as eager autocast gives them), each gradient in its input's dtype. ``block_n``, ``block_a``: tile sizes,
-    powers of 2, chosen from the shapes when None (tests set small ones so small shapes span several tiles);
-    ``num_warps``: warps per program of both kernels (``benchmarks/fused_attention.py`` compares choices).
-    Needs :func:`fused_available`.
+    (as eager autocast gives them), each gradient in its input's dtype.
+
+    ``block_n``, ``block_a`` (tile sizes, powers of 2) and ``num_warps`` (per program): left None, each kernel's
+    configuration is chosen the first time it runs at a shape on a GPU, by timing :data:`FORWARD_CONFIGS` /
+    :data:`BACKWARD_CONFIGS` (a few milliseconds once; :func:`chosen_configs` lists the choices), and is the
+    shape's default tile with 4 warps in the interpreter, under ``torch.use_deterministic_algorithms`` and while a
+    CUDA graph is captured before any choice. Any of them given fixes the configuration (the others at those
+    defaults): tests set small tiles so that small shapes span several, ``benchmarks/fused_attention.py`` compares
+    them.
+
+    ``fast_tanh``: whether tanh is the GPU's one-instruction approximation (relative error below 2^-10) rather than
+    exact to float32 rounding; None (default) takes it for bfloat16 and float16 keys on a card of compute
+    capability 7.5 or later (never in the interpreter). Needs :func:`fused_available`.
     """
     if triton is None:
         raise RuntimeError("additive_scores needs Triton, which is not installed")
@@ -290,4 +451,8 @@ def additive_scores(
         raise ValueError(f"expected keys (B,N,A), q (B,M,A), v (A,), got {shapes}")
     if q.size(0) != keys.size(0) or q.size(2) != keys.size(2) or v.size(0) != keys.size(2):
         raise ValueError(f"shapes do not match: keys {tuple(keys.shape)}, q {tuple(q.shape)}, v {tuple(v.shape)}")
-    return _AdditiveScores.apply(keys, q, v, block_n, block_a, num_warps)
+    explicit = None
+    if block_n is not None or block_a is not None or num_warps is not None:
+        n, a = keys.size(1), keys.size(2)
+        explicit = (_block(n, MAX_BLOCK_N, block_n), _block(a, MAX_BLOCK_A, block_a), num_warps or 4)
+    return _AdditiveScores.apply(keys, q, v, explicit, fast_tanh)
