@@ -1,12 +1,14 @@
 """The fused additive-attention kernels alone, at the COCO-scale training sizes: tile and warp choices against eager.
 
     python benchmarks/fused_attention.py [--images 256] [--queries 5] [--cells 196] [--width 512] [--dtype bf16]
-        [--blocks-n 16,32,64] [--blocks-a 32,64,128] [--warps 4,8] [--device cuda|cpu]
+        [--blocks-n 8,16,32] [--blocks-a 32,64,128] [--warps 1,2,4] [--fast-tanh 1] [--device cuda|cpu]
 
 Needs a CUDA GPU (Triton compiles the kernels for it); ``--device cpu`` with ``TRITON_INTERPRET=1`` runs the same
 steps in Triton's interpreter at small sizes, to check this script without a GPU (its times mean nothing).
 
-For each tile (``block_n`` cells × ``block_a`` attention channels) and warp count, and for the model's eager score
+For each tile (``block_n`` cells × ``block_a`` attention channels), warp count and tanh (``--fast-tanh``: 1 the GPU's
+one-instruction approximation, 0 exact), for the configuration the kernels choose themselves by timing (``tuned``, the
+model's default; the choices are printed after the table), and for the model's eager score
 (``AdditiveAttention._score`` under autocast, which builds the (B,M,N,A) tensor), it prints the forward and the
 backward time of one word step's score ``v^T tanh(keys + q)`` (B images × M queries × N cells × A channels), the
 bytes each must move at the least (forward: keys, q and v read, the scores written; backward: keys, q, v and the
@@ -27,7 +29,15 @@ import time
 import checkout  # first: this checkout's captioning, not an installed one
 import torch
 
-from captioning.models.fused_attention import additive_scores, additive_scores_reference, fused_available
+from captioning.models.fused_attention import (
+    additive_scores,
+    additive_scores_reference,
+    chosen_configs,
+    fused_available,
+)
+
+#: the fields of a chosen configuration's key after the kernel's name (see ``chosen_configs``)
+CHOSEN_KEY = ("device", "dtype", "batch (power of 2)", "M", "N", "A", "gradients", "fast tanh")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,9 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cells", type=int, default=196, help="N: grid cells (14 x 14)")
     p.add_argument("--width", type=int, default=512, help="A: attention width")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="keys and queries (v stays float32)")
-    p.add_argument("--blocks-n", type=_ints, default=[16, 32, 64])
+    p.add_argument("--blocks-n", type=_ints, default=[8, 16, 32])
     p.add_argument("--blocks-a", type=_ints, default=[32, 64, 128])
-    p.add_argument("--warps", type=_ints, default=[4, 8])
+    p.add_argument("--warps", type=_ints, default=[1, 2, 4])
+    p.add_argument("--fast-tanh", type=_ints, default=[1], help="1: the GPU's tanh instruction, 0: exact tanh")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: interpreted (TRITON_INTERPRET=1)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -86,7 +97,7 @@ def _median_ms(fn, device: str) -> float:
     if device == "cuda":
         from triton.testing import do_bench
 
-        return do_bench(fn, warmup=50, rep=200, return_mode="median")
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -137,9 +148,13 @@ def main(argv: list[str] | None = None) -> None:
         f"({1e6 * bwd_bytes / rate:.0f} us)"
     )
     rows = [("eager (B,M,N,A) tensor", eager)]
-    for bn, ba, w in itertools.product(args.blocks_n, args.blocks_a, args.warps):
-        rows.append((f"fused {bn} x {ba}, {w} warps", lambda k, q, v, bn=bn, ba=ba, w=w: additive_scores(
-            k, q, v, block_n=bn, block_a=ba, num_warps=w)))  # fmt: skip
+    fast_options = [bool(f) for f in args.fast_tanh] if args.device == "cuda" else [False]  # none in the interpreter
+    for fast in fast_options:
+        rows.append((f"fused, tuned, {'fast' if fast else 'exact'} tanh", lambda k, q, v, fast=fast: additive_scores(
+            k, q, v, fast_tanh=fast)))  # fmt: skip
+    for bn, ba, w, fast in itertools.product(args.blocks_n, args.blocks_a, args.warps, fast_options):
+        rows.append((f"fused {bn} x {ba}, {w} warps, {'fast' if fast else 'exact'} tanh", lambda k, q, v, bn=bn, ba=ba,
+            w=w, fast=fast: additive_scores(k, q, v, block_n=bn, block_a=ba, num_warps=w, fast_tanh=fast)))  # fmt: skip
     print("| kernel | forward us | backward us | forward TB/s | backward TB/s | max rel error |")
     print("|---|---|---|---|---|---|")
     for name, fn in rows:
@@ -156,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.device == "cuda":
             torch.cuda.empty_cache()
+    for key, (bn, ba, w) in chosen_configs().items():
+        print(f"chosen: {key[0]} {dict(zip(CHOSEN_KEY, key[1:]))}: {bn} x {ba}, {w} warps")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else ./gpu_check
 #
 # Each step has its own time limit, cut to what is left before DEADLINE (default 570 s, inside a 10-minute
-# command limit), and writes its own log under OUT_DIR (an empty or new folder; 14 files with every step: where
+# command limit), and writes its own log under OUT_DIR (an empty or new folder; 15 files with every step: where
 # that could be more than MAX_FILES, default 8, each goes into OUT_DIR/gpu_check.tar as soon as it is complete), so
 # one failing or slow step still leaves the others' results, and a summary of the numbers ends the output. On an H200
 # (2026-12-04) the steps took: env 17-24 s, gputest 22, throughput 61-63, beam 33-36, train 39-49 (the
@@ -25,7 +25,8 @@
 # (.whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
 # take it along, e.g. the device tool's carry=[".whl"].)
 #
-# STEPS (space-separated, default "env gputest throughput beam train infer kernels profile graph compile compile_ro search_big")
+# STEPS (space-separated, default "env gputest throughput encoder beam train infer kernels profile graph compile compile_ro
+# search_big")
 # picks a subset; they run in that order, the throughput table right after the quick checks (issue 6's measurement;
 # written mode by mode as it goes), so a command cut short loses the optional steps first. TRAIN_ARGS
 # adds options to the train step (after its --trainer.max_epochs 3: "--trainer.max_epochs 20" trains the
@@ -42,7 +43,7 @@ if [[ -e $out ]] && [[ -n $(ls -A "$out") ]]; then
 fi
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=" ${STEPS:-env gputest throughput beam train infer kernels profile graph compile compile_ro search_big} "
+steps=" ${STEPS:-env gputest throughput encoder beam train infer kernels profile graph compile compile_ro search_big} "
 # a machine that returns only MAX_FILES files (default 8) from OUT_DIR: where this run could write more (a log per
 # step, the test metrics and the overlay), each file goes into OUT_DIR/gpu_check.tar as soon as it is complete, so
 # OUT_DIR never holds more than that tar, even when the command is cut short
@@ -115,6 +116,10 @@ step env 30 bash -c "{ nvidia-smi || true; }; $py -c 'import torch, pytorch_ligh
 # the fused attention kernels (Triton) compiled for this GPU, against their float64 definition
 step gputest 60 "$py" -m pytest -q -m gpu -p no:cacheprovider tests
 step throughput 270 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}"
+# the frozen ResNet-101 alone, as a frozen-encoder training step runs it and with its BatchNorm folded (as a search
+# runs it): the ceiling it puts on those two rows
+step encoder 60 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
+  --modes encode,encode_folded
 step beam 60 "$py" benchmarks/beam_search.py --device "$device" --repeats 5
 step train 180 "$py" train.py fit -c configs/shapes.yaml "${accel[@]}" \
   --trainer.logger.init_args.save_dir "$runs" --trainer.max_epochs 3 ${TRAIN_ARGS:-}
@@ -134,8 +139,8 @@ fi
 # with CUDA graphs (reduce-overhead; one-off compile time per mode, not counted in the rates); and the search on
 # 1,024 images at once
 step kernels 90 "$py" benchmarks/fused_attention.py
-step profile 60 "$py" benchmarks/train_step_profile.py --device "$device" "${bench[@]}" --decoders lstm,transformer \
-  --modes cached,frozen
+step profile 60 "$py" benchmarks/train_step_profile.py --device "$device" "${bench[@]}" --decoders lstm \
+  --modes cached,frozen,search
 [[ $device == cuda ]] && step graph 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" \
   --modes frozen,finetune,cached --cuda-graph
 step compile 150 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
@@ -147,7 +152,7 @@ step search_big 60 "$py" benchmarks/throughput.py --device "$device" "${bench[@]
 
 # the numbers together at the end of the output (a caller that keeps only the output's tail still has them)
 echo "== summary"
-grep -h -E '^\| (decoder|lstm|transformer|kernel|eager|fused) |^== [a-z_]+: (exit|skipped)|^(lstm|transformer)[ :]|^[0-9]+ (passed|failed)|^copy rate' \
+grep -h -E '^\| (decoder|lstm|transformer|kernel|eager|fused) |^== [a-z_]+: (exit|skipped)|^(lstm|transformer)[ :]|^[0-9]+ (passed|failed)|^copy rate|^(fused kernel )?chosen' \
   "$logs"/*.txt 2>/dev/null
 ((pack)) && echo "== the logs are in $out/gpu_check.tar (tar -xf to read them)"
 exit $failed

@@ -78,6 +78,7 @@ from data_throughput import calibrate_batchnorm  # benchmarks/ is on sys.path wh
 from captioning.decoding import beam_search
 from captioning.lit_module import CaptionModule
 from captioning.models.attention import AdditiveAttention
+from captioning.models.fused_attention import chosen_configs
 from captioning.vocab import SPECIALS, Vocabulary
 
 # words per caption, 8..16, COCO-like (Karpathy train captions: mean ~10.5 words, most 8-13)
@@ -88,6 +89,13 @@ MODES = {
     "cached": "train, from cached features (fp16)",
     "search": "beam search, batched, encoder incl.",
     "search1": "beam search, one image at a time",
+}
+#: not in the default run: the frozen encoder's forward alone, the ceiling it puts on a frozen-encoder training step
+#: (as ``CaptionModule.features`` runs it in training) and on a search (BatchNorm folded into the convolutions, as
+#: ``Captioner`` and the search modes run it)
+ENCODER_MODES = {
+    "encode": "frozen encoder alone, as training runs it",
+    "encode_folded": "frozen encoder alone, BatchNorm folded",
 }
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # defaults that differ by device; on a CPU, small enough for a 2-core machine to finish in minutes
@@ -287,6 +295,28 @@ def train_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.
     return dict(batch=f"{b} x {m}", rate=b * m / seconds, unit="captions/s", ms=1e3 * seconds, mem=memory.report())
 
 
+def encode_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
+    """The frozen encoder's forward alone on a batch of images (``encode``: ``CaptionModule.features``, as a
+    frozen-encoder training step runs it; ``encode_folded``: the same with the BatchNorm folded, as a search runs
+    it) -> rate in images/s, ms per batch, peak memory."""
+    module = build(args, decoder, freeze=True, compile_decoder=False, device=device)
+    module.setup("fit")  # channels_last
+    module.train()  # a frozen encoder stays in eval mode
+    if mode == "encode_folded":
+        module.net.encoder.optimize_for_inference()
+    b = args.images_per_batch
+    images = torch.randn(b, 3, args.image_size, args.image_size, device=device)  # (B,3,H,W)
+    memory = PeakMemory(device)
+
+    def encode() -> None:
+        with _autocast(device, args.precision):
+            module.features(images)  # (B,N,C)
+
+    memory.reset()
+    seconds = _time(encode, args.warmup, args.iters, device, memory)
+    return dict(batch=f"{b} images", rate=b / seconds, unit="images/s", ms=1e3 * seconds, mem=memory.report())
+
+
 def _graphed(step: Callable[[], None], token_batches: list[torch.Tensor], warmup: int) -> Callable[[], None]:
     """``step`` (loss, backward, optimizer step) captured once as a CUDA graph -> a function that replays it on
     the next token batch: every kernel of the step launched by one call, none by the host one at a time.
@@ -319,25 +349,32 @@ def _graphed(step: Callable[[], None], token_batches: list[torch.Tensor], warmup
     return replay
 
 
-def search_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
-    """Encoder + beam search (exactly ``--steps`` steps) -> rate in images/s, ms per call, peak memory. ``search``
-    and ``search1`` of a decoder search with the same weights and images (the first ``--single-images`` of the
-    batched search's, one by one): the seed is set again here, whatever ran before."""
+def searcher(args: argparse.Namespace, decoder: str, device: torch.device) -> Callable[[torch.Tensor], None]:
+    """A fresh model's encoder + beam search (exactly ``--steps`` steps) as a function of the images (B,3,H,W). The
+    seed is set again here, whatever ran before, so every search of a decoder has the same weights."""
     torch.manual_seed(args.seed)
     module = build(args, decoder, freeze=True, compile_decoder=False, device=device)
     module.setup("validate")  # channels_last
     module.eval()
     net = module.net
     net.encoder.optimize_for_inference()  # BatchNorm folded, as Captioner.from_checkpoint runs it
-    k = args.beam
 
     def search(images: torch.Tensor) -> None:
         with torch.inference_mode(), _autocast(device, args.precision):
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             feats = net.encode(images).features  # (B,3,H,W) -> (B,N,C)
-            beam_search(net.decoder, feats, beam_size=k, max_len=args.steps, min_len=args.steps)
+            beam_search(net.decoder, feats, beam_size=args.beam, max_len=args.steps, min_len=args.steps)
 
+    return search
+
+
+def search_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
+    """Encoder + beam search (exactly ``--steps`` steps) -> rate in images/s, ms per call, peak memory. ``search``
+    and ``search1`` of a decoder search with the same weights and images (the first ``--single-images`` of the
+    batched search's, one by one)."""
+    search = searcher(args, decoder, device)
+    k = args.beam
     size = args.image_size
     memory = PeakMemory(device)
     pool = torch.randn(max(args.search_images, args.single_images), 3, size, size, device=device)  # (P,3,H,W)
@@ -376,7 +413,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help="auto: bf16 on cuda, fp32 on cpu")
     p.add_argument("--decoders", default="lstm,transformer")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join([*MODES, *ENCODER_MODES])}"
+    )
     p.add_argument("--images-per-batch", type=int, default=None, help="training batch in images (cuda 256, cpu 4)")
     p.add_argument("--captions-per-image", type=int, default=5)
     p.add_argument("--search-images", type=int, default=None, help="images per batched search (default: the batch)")
@@ -420,9 +459,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.search_images = args.images_per_batch
     args.decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in args.modes if m not in MODES]
+    unknown = [m for m in args.modes if m not in MODES and m not in ENCODER_MODES]
     if unknown:
-        p.error(f"unknown modes {unknown}; choose from {list(MODES)}")
+        p.error(f"unknown modes {unknown}; choose from {[*MODES, *ENCODER_MODES]}")
     return args
 
 
@@ -466,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for decoder in args.decoders:
         for mode in args.modes:
-            run = search_mode if mode.startswith("search") else train_mode
+            run = search_mode if mode.startswith("search") else encode_mode if mode in ENCODER_MODES else train_mode
             t0 = time.perf_counter()
             try:
                 row = run(args, decoder, mode, device)
@@ -495,12 +534,16 @@ def main(argv: list[str] | None = None) -> None:
     print("| decoder | mode | batch (images x captions) | rate | ms/iter | peak memory |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['decoder']} | {MODES[r['mode']]} | {r['batch']} | {_rate(r)} | {r['ms']:.1f} | {r['mem']} |")
+        name = MODES.get(r["mode"]) or ENCODER_MODES[r["mode"]]
+        print(f"| {r['decoder']} | {name} | {r['batch']} | {_rate(r)} | {r['ms']:.1f} | {r['mem']} |")
     print("(ms/iter: per training step or batched search; per image for one-at-a-time search)")
     for decoder in args.decoders:
         rate = {r["mode"]: r["rate"] for r in rows if r["decoder"] == decoder and "error" not in r}
         if "search" in rate and "search1" in rate:
             print(f"{decoder}: batched search {rate['search'] / rate['search1']:.1f}x the one-image-at-a-time rate")
+    for key, (bn, ba, warps) in chosen_configs().items():  # what the fused attention kernels timed and chose
+        print(f"fused kernel chosen: {key[0]} B~{key[3]} M={key[4]} N={key[5]} A={key[6]} {key[2]} fast tanh {key[8]}: "
+              f"{bn} x {ba}, {warps} warps")  # fmt: skip
     if device.type == "cpu":
         print("load average (1, 5, 15 min) at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 

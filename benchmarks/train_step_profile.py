@@ -4,7 +4,9 @@
         --modes cached [--steps 3] [--rows 12] [any option of benchmarks/throughput.py]
 
 The step is ``benchmarks/throughput.py``'s (same model, sizes and options, ``--compile`` and ``--cuda-graph``
-included), run ``--warmup`` times, then ``--steps`` times under ``torch.profiler``. Printed per decoder and mode:
+included), run ``--warmup`` times, then ``--steps`` times under ``torch.profiler``; mode ``search`` profiles its
+batched search instead (encoder included, ``--search-images`` images; ``search1`` is skipped). Printed per decoder and
+mode:
 
 - wall ms per step (synchronised at the end of the profiled steps; the profiler's own overhead included), host
   ms per step that the profiler saw in PyTorch's operators and the CUDA runtime's calls (waits in synchronize
@@ -25,12 +27,20 @@ import sys
 import time
 
 import torch
-from throughput import MODES, PeakMemory, _sync, parse_args, prepare, train_step
+from throughput import MODES, PeakMemory, _sync, parse_args, prepare, searcher, train_step
 from torch.autograd import DeviceType
 
 
 def profile_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device, steps: int, rows: int):
-    step = train_step(args, decoder, mode, device, PeakMemory(device))
+    if mode == "search":
+        images = torch.randn(args.search_images, 3, args.image_size, args.image_size, device=device)  # (B,3,H,W)
+        search = searcher(args, decoder, device)
+
+        def step() -> None:
+            search(images)
+
+    else:
+        step = train_step(args, decoder, mode, device, PeakMemory(device))
     for _ in range(args.warmup):
         step()
     _sync(device)
@@ -72,9 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train_step_profile, torch {torch.__version__}, command: python {' '.join(sys.argv)}")
     for decoder in args.decoders:
         for mode in args.modes:
-            if mode.startswith("search"):
-                continue  # training steps only
-            print(f"-- {decoder}: {MODES[mode]}, batch {args.images_per_batch} x {args.captions_per_image}")
+            if mode == "search1":
+                continue  # one image at a time: the batched search's steps, smaller
+            batch = f"{args.search_images} images x K={args.beam}" if mode == "search" else (
+                f"{args.images_per_batch} x {args.captions_per_image}")  # fmt: skip
+            print(f"-- {decoder}: {MODES[mode]}, batch {batch}")
             profile_mode(args, decoder, mode, device, ours.steps, ours.rows)
 
 

@@ -134,7 +134,8 @@ def test_cuda_peak_memory_of_a_graphed_step_counts_from_before_its_capture(throu
 
 def test_fused_attention_benchmark_checks_every_tile_it_times():
     """benchmarks/fused_attention.py, run in Triton's interpreter at tiny sizes (how it is checked without a GPU):
-    a row per tile and warp count plus eager, each with its error against float64, small for float32."""
+    a row per tile and warp count plus eager and the kernels' own choice, each with its error against float64, small
+    for float32."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     tiny = ["--device", "cpu", "--dtype", "fp32", "--images", "2", "--queries", "3", "--cells", "13", "--width", "40"]
@@ -146,18 +147,20 @@ def test_fused_attention_benchmark_checks_every_tile_it_times():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     names = [cells[0].strip() for cells in rows[1:]]
-    assert names == ["eager (B,M,N,A) tensor", "fused 4 x 16, 4 warps", "fused 16 x 16, 4 warps"], proc.stdout
+    expected = ["eager (B,M,N,A) tensor", "fused, tuned, exact tanh"]  # no timed choice nor fast tanh interpreted
+    expected += ["fused 4 x 16, 4 warps, exact tanh", "fused 16 x 16, 4 warps, exact tanh"]
+    assert names == expected, proc.stdout
     assert all(float(cells[-1]) < 1e-5 for cells in rows[1:]), proc.stdout
 
 
 def test_gpu_check_keeps_out_dir_within_what_a_lent_machine_returns(tmp_path):
-    """gpu_check.sh with every step (a stand-in interpreter, `echo`, makes each step instant): 14 files could not
+    """gpu_check.sh with every step (a stand-in interpreter, `echo`, makes each step instant): 15 files could not
     all come back from a machine that returns 8, so each log goes into OUT_DIR/gpu_check.tar as it is complete;
     with room for them all they stay files; and a folder that already holds files is refused (packing at the end
     once deleted an earlier run's tar and, given the repo root, the repo's own files)."""
     script = BENCHMARKS / "gpu_check.sh"
     env = {**os.environ, "PYTHON": "echo", "DEVICE": "cpu"}
-    steps = "env gputest throughput beam train infer kernels profile graph compile compile_ro search_big"
+    steps = "env gputest throughput encoder beam train infer kernels profile graph compile compile_ro search_big"
 
     def run(out, **extra):
         return subprocess.run(["bash", str(script), str(out)], env={**env, **extra}, capture_output=True, text=True,
