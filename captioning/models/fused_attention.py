@@ -207,20 +207,23 @@ Config = tuple[int, int, int]
 
 #: The configurations timed, on a GPU, the first time each kernel runs at a shape (:func:`_choose`). Fewer warps keep
 #: the sums across a tile inside one warp (register shuffles, no shared memory, no barrier); more, and larger tiles,
-#: give each program more independent work. Tiles are cut down to the shape (see :func:`_fit`).
+#: give each program more independent work. Tiles are cut down to the shape (see :func:`_fit`). The lists hold the
+#: fastest tiles of ``benchmarks/fused_attention.py``'s grid (8-32 cells x 32-128 channels, 1-4 warps) on an H200 at
+#: COCO-scale training sizes (B=256, M=5, N=196, A=512, bf16; 2026-12-04) and a few neighbours for other cards.
 FORWARD_CONFIGS: tuple[Config, ...] = (
-    (16, 64, 2), (32, 64, 4), (32, 32, 2), (16, 32, 1), (64, 64, 4), (32, 128, 4), (16, 128, 2), (64, 32, 4),
+    (8, 128, 2), (8, 64, 1), (16, 128, 2), (16, 128, 4), (16, 64, 2), (32, 64, 4), (32, 32, 2), (64, 64, 4),
 )  # fmt: skip
 BACKWARD_CONFIGS: tuple[Config, ...] = (
-    (16, 64, 1), (16, 64, 2), (32, 64, 2), (32, 64, 4), (16, 32, 1), (32, 32, 2), (8, 64, 1), (16, 128, 4),
+    (32, 64, 1), (32, 32, 1), (32, 32, 2), (16, 64, 1), (16, 64, 2), (16, 128, 2), (8, 64, 1), (32, 64, 4),
 )  # fmt: skip
 
 #: The configuration chosen for each (kernel, device, dtype, batch size rounded up to a power of 2, M, N, A,
 #: gradients asked, fast tanh), kept for the life of the process. See :func:`chosen_configs`.
 _CHOSEN: dict[tuple, Config] = {}
 
-#: Timed calls of each configuration when choosing (after one untimed call that compiles it)
-TUNE_REPEATS = 5
+#: Timed calls of each configuration when choosing (after one untimed call that compiles it): at ~0.1-0.3 ms a call
+#: (COCO-scale training sizes, H200), fewer left the choice to noise
+TUNE_REPEATS = 20
 
 #: The GPU's tanh instruction (tanh.approx.f32) needs compute capability 7.5 (Turing) or later
 FAST_TANH_CAPABILITY = (7, 5)
