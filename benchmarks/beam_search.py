@@ -113,7 +113,7 @@ def main() -> None:
     else:
         for name, kw in SHAPES_MODELS.items():
             net = CaptionNet(40, **kw).to(device).eval()
-            net.encoder.optimize_for_inference(fold=device.type == "cpu")  # as Captioner.from_checkpoint runs it
+            net.encoder.optimize_for_inference()  # as Captioner.from_checkpoint runs it
             models.append((name, net, args.image_size, args.steps, args.steps))
     print(f"beam search, {args.images} images, K={args.beam}, device={device}, torch {torch.__version__}")
     print(f"{checkout.describe()}; {torch.get_num_threads()} threads")

@@ -116,7 +116,7 @@ step env 30 bash -c "{ nvidia-smi || true; }; $py -c 'import torch, pytorch_ligh
 # the fused attention kernels (Triton) compiled for this GPU, against their float64 definition
 step gputest 60 "$py" -m pytest -q -m gpu -p no:cacheprovider tests
 step throughput 270 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}"
-# the frozen ResNet-101 alone, as a frozen-encoder training step runs it and with its BatchNorm folded (as a CPU search
+# the frozen ResNet-101 alone, as a frozen-encoder training step runs it and with its BatchNorm folded (as a search
 # runs it): the ceiling it puts on those two rows
 step encoder 60 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
   --modes encode,encode_folded

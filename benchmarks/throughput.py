@@ -91,8 +91,8 @@ MODES = {
     "search1": "beam search, one image at a time",
 }
 #: not in the default run: the frozen encoder's forward alone, the ceiling it puts on a frozen-encoder training step
-#: (as ``CaptionModule.features`` runs it in training, and as a search on a GPU does) and with BatchNorm folded into the
-#: convolutions (as ``Captioner`` and the search modes run it on a CPU)
+#: (as ``CaptionModule.features`` runs it in training) and on a search (BatchNorm folded into the convolutions, as
+#: ``Captioner`` and the search modes run it)
 ENCODER_MODES = {
     "encode": "frozen encoder alone, as training runs it",
     "encode_folded": "frozen encoder alone, BatchNorm folded",
@@ -298,12 +298,12 @@ def train_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.
 def encode_mode(args: argparse.Namespace, decoder: str, mode: str, device: torch.device) -> dict:
     """The frozen encoder's forward alone on a batch of images (``encode``: ``CaptionModule.features``, as a
     frozen-encoder training step runs it; ``encode_folded``: the same with the BatchNorm folded, as a search runs
-    it on a CPU) -> rate in images/s, ms per batch, peak memory."""
+    it) -> rate in images/s, ms per batch, peak memory."""
     module = build(args, decoder, freeze=True, compile_decoder=False, device=device)
     module.setup("fit")  # channels_last
     module.train()  # a frozen encoder stays in eval mode
     if mode == "encode_folded":
-        module.net.encoder.optimize_for_inference(fold=True)
+        module.net.encoder.optimize_for_inference()
     b = args.images_per_batch
     images = torch.randn(b, 3, args.image_size, args.image_size, device=device)  # (B,3,H,W)
     memory = PeakMemory(device)
@@ -357,7 +357,7 @@ def searcher(args: argparse.Namespace, decoder: str, device: torch.device) -> Ca
     module.setup("validate")  # channels_last
     module.eval()
     net = module.net
-    net.encoder.optimize_for_inference(fold=device.type == "cpu")  # as Captioner.from_checkpoint runs it
+    net.encoder.optimize_for_inference()  # BatchNorm folded, as Captioner.from_checkpoint runs it
 
     def search(images: torch.Tensor) -> None:
         with torch.inference_mode(), _autocast(device, args.precision):

@@ -134,8 +134,7 @@ class Captioner:
             net.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not match the stored model configuration ({e})") from None
-        # this net only infers: BatchNorm folded into the convolutions where that is faster (a CPU; see the method)
-        net.encoder.optimize_for_inference(fold=device.type == "cpu")
+        net.encoder.optimize_for_inference()  # BatchNorm folded into the convolutions: this net only infers
         max_len = int(search.get("max_len", 24))
         positions = getattr(net.decoder, "positions", None)  # the transformer's position table (P,D)
         if positions is not None and max_len > positions.size(0):

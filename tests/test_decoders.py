@@ -207,43 +207,6 @@ def test_an_encoder_optimized_for_inference_gives_the_same_features_without_batc
     assert not after.training and not any(p.requires_grad for p in after.parameters())
 
 
-def test_an_encoder_optimized_for_a_gpu_keeps_its_batchnorm_and_is_frozen_channels_last():
-    """fold=False (a GPU: a folded convolution's bias add is slower there than the BatchNorm it replaces)."""
-    torch.manual_seed(0)
-    enc = build_encoder("resnet18", stage=2).eval()
-    images = torch.randn(2, 3, 48, 48)
-    with torch.no_grad():
-        before = enc(images)
-        after = copy.deepcopy(enc).optimize_for_inference(fold=False)
-        out = after(images)
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in after.modules()) == 10
-    torch.testing.assert_close(out.features, before.features)
-    conv = after.body[0]
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    after.train()
-    assert not after.training and not any(p.requires_grad for p in after.parameters())
-
-
-@pytest.mark.parametrize(("device", "fold"), [("cpu", True), ("cuda", False)])
-def test_captioner_folds_batchnorm_on_a_cpu_only(tiny_ckpt, monkeypatch, device, fold):
-    from captioning.inference import Captioner
-    from captioning.models.base import Encoder
-
-    asked = []
-
-    class Stop(Exception):
-        pass
-
-    def record(self, fold=True):
-        asked.append(fold)
-        raise Stop  # before the net moves to the device: no GPU needed to see the choice
-
-    monkeypatch.setattr(Encoder, "optimize_for_inference", record)
-    with pytest.raises(Stop):
-        Captioner.from_checkpoint(tiny_ckpt, device=device)
-    assert asked == [fold]
-
-
 def test_an_encoder_released_from_freezing_takes_the_mode_its_model_was_put_in():
     """Staged fine-tuning (frozen, then released by a callback): the released encoder stayed in the eval mode it
     was held in while frozen, so its BatchNorm kept the statistics of the data it was pretrained on for the rest of

@@ -81,18 +81,14 @@ class Encoder(nn.Module):
             self.train(was)
             self._mode_asked = asked
 
-    def optimize_for_inference(self, fold: bool = True) -> Encoder:
-        """Freeze the encoder for good and keep the convolution weights channels-last; with ``fold`` (the default),
-        also fold each BatchNorm into the convolution before it: the same features (to float rounding) from fewer
-        passes over the activations on a CPU (64 shapes images: ~18 ms against 25-32 ms on the 2-core CPU). On a GPU
-        pass ``fold=False``: there a folded convolution's bias is added by a separate elementwise kernel that is
-        slower over channels-last activations than the BatchNorm it replaces (ResNet-101, 256 images at 256 px, bf16,
-        one H200: 37.7 ms folded against 32.1 ms, ``benchmarks/throughput.py --modes encode,encode_folded``). In
-        place, and for inference only: a folded encoder cannot be trained any more, since the BatchNorm statistics
+    def optimize_for_inference(self) -> Encoder:
+        """Freeze the encoder for good, fold each BatchNorm into the convolution before it and keep the
+        convolution weights channels-last: the same features (to float rounding) from fewer passes over
+        the activations (64 shapes images: ~18 ms against 25-32 ms on the 2-core CPU). In place, and for
+        inference only: the folded encoder cannot be trained any more, since the BatchNorm statistics
         are baked into its weights."""
         self.set_frozen(True)  # eval mode from now on: folding uses the running statistics
-        if fold:
-            fold_batchnorm(self)
+        fold_batchnorm(self)
         return self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:  # pragma: no cover - interface
