@@ -177,3 +177,20 @@ def test_gpu_check_keeps_out_dir_within_what_a_lent_machine_returns(tmp_path):
     assert [p.name for p in (tmp_path / "packed").iterdir()] == ["gpu_check.tar"]
     roomy = run(tmp_path / "roomy", MAX_FILES="100", STEPS="env beam")
     assert sorted(p.name for p in (tmp_path / "roomy").iterdir()) == ["beam.txt", "env.txt"], roomy.stderr
+
+
+def test_search_fold_ab_times_every_variant_of_both_decoders():
+    """benchmarks/search_fold_ab.py at its CPU sizes: a rate for folded and kept BatchNorm, under inference_mode
+    and no_grad, for each decoder."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "search_fold_ab.py"), "--repeats", "1"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.endswith("images/s per round")]
+    variants = [line.split(":")[0] for line in lines]
+    modes = ("inference_mode", "no_grad")
+    expected = [f"{d} {f} {m}" for d in ("lstm", "transformer") for f in ("folded", "kept BN") for m in modes]
+    assert variants == expected, proc.stdout
+    assert all(float(line.split(":")[1].split()[0].replace(",", "")) > 0 for line in lines), proc.stdout
