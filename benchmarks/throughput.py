@@ -542,7 +542,9 @@ def main(argv: list[str] | None = None) -> None:
         if "search" in rate and "search1" in rate:
             print(f"{decoder}: batched search {rate['search'] / rate['search1']:.1f}x the one-image-at-a-time rate")
     for key, (bn, ba, warps) in chosen_configs().items():  # what the fused attention kernels timed and chose
-        print(f"fused kernel chosen: {key[0]} B~{key[3]} M={key[4]} N={key[5]} A={key[6]} {key[2]} fast tanh {key[8]}: "
+        kind, index, dtype, batch, m, n, a, needs, fast = key
+        grads = f", gradients of (keys, q, v) {needs}" if kind == "backward" else ""
+        print(f"fused kernel chosen: {kind} cuda:{index} B~{batch} M={m} N={n} A={a} {dtype}{grads}, fast tanh {fast}: "
               f"{bn} x {ba}, {warps} warps")  # fmt: skip
     if device.type == "cpu":
         print("load average (1, 5, 15 min) at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))

@@ -27,7 +27,7 @@ import sys
 import time
 
 import torch
-from throughput import MODES, PeakMemory, _sync, parse_args, prepare, searcher, train_step
+from throughput import ENCODER_MODES, MODES, PeakMemory, _sync, parse_args, prepare, searcher, train_step
 from torch.autograd import DeviceType
 
 
@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train_step_profile, torch {torch.__version__}, command: python {' '.join(sys.argv)}")
     for decoder in args.decoders:
         for mode in args.modes:
-            if mode == "search1":
-                continue  # one image at a time: the batched search's steps, smaller
+            if mode == "search1" or mode in ENCODER_MODES:
+                # one image at a time: the batched search's steps, smaller; the encoder alone: no step to profile
+                print(f"-- {decoder}: {mode} skipped (profiled: training modes and the batched search)")
+                continue
             batch = f"{args.search_images} images x K={args.beam}" if mode == "search" else (
                 f"{args.images_per_batch} x {args.captions_per_image}")  # fmt: skip
             print(f"-- {decoder}: {MODES[mode]}, batch {batch}")

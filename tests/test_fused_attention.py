@@ -14,11 +14,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from captioning.models.fused_attention import (  # noqa: E402
     additive_scores,
@@ -181,7 +183,10 @@ def tuned_as_on_a_gpu(gen: torch.Generator) -> dict:
 
     import captioning.models.fused_attention as fused
 
+    timed = []
+
     def wall_ms(launch):
+        timed.append(1)
         t0 = time.perf_counter()
         launch()
         return 1e3 * (time.perf_counter() - t0)
@@ -201,6 +206,9 @@ def tuned_as_on_a_gpu(gen: torch.Generator) -> dict:
     result["in_candidates"] = all(
         config in [fused._fit(c, 13, 40) for c in candidates[key[0]]] for key, config in chosen.items()
     )
+    # every distinct candidate of both kernels timed once (tiles cut to the shape can coincide)
+    result["timed"] = len(timed)
+    result["distinct"] = sum(len({fused._fit(c, 13, 40) for c in configs}) for configs in candidates.values())
     return result
 
 
@@ -298,6 +306,7 @@ def test_the_choice_by_timing_launches_every_candidate_and_keeps_one_per_kernel(
     result = interpreted["tuned"]
     assert result["kinds"] == ["backward", "forward"], result
     assert result["in_candidates"], result
+    assert result["timed"] == result["distinct"] > 2, result
     for name in ("forward_rel", "dkeys", "dq", "dv"):
         assert result[name] < 1e-5, (name, result)
 
@@ -409,7 +418,7 @@ class TestChoose:
         def launch(config):
             launched.append(config)
             if config == (64, 64, 4):
-                raise RuntimeError("out of resources: shared memory")
+                raise OutOfResources(300_000, 232_448, "shared memory")
 
         def timer(call):
             call()
@@ -434,39 +443,87 @@ class TestChoose:
 
     def test_no_configuration_running_is_an_error_naming_them(self):
         def launch(config):
-            raise RuntimeError(f"out of resources {config}")
+            raise OutOfResources(300_000, 232_448, "shared memory")
 
-        with pytest.raises(RuntimeError, match=r"no configuration.*\(16, 64, 1\).*out of resources"):
+        with pytest.raises(RuntimeError, match=r"no configuration.*\(16, 64, 1\): OutOfResources: out of resource"):
             self.fused._choose(("k",), [(16, 64, 1)], launch, (2, 2, 4), True, timer=lambda call: call())
         assert self.fused.chosen_configs() == {}
 
-    def test_running_out_of_memory_is_raised_not_skipped(self):
-        def launch(config):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    @pytest.mark.parametrize(
+        "error",
+        [torch.cuda.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDA error: an illegal memory access"),
+         TypeError("launch() takes 1 argument")],
+    )  # fmt: skip
+    def test_errors_other_than_a_tile_that_does_not_fit_are_raised_not_skipped(self, error):
+        """Skipped, a CUDA error or a bug became "no configuration built", and the model then turned the kernels
+        off for the whole process as if Triton could not compile."""
 
-        with pytest.raises(torch.cuda.OutOfMemoryError):
-            self.fused._choose(("k",), [(16, 64, 1)], launch, (2, 2, 4), True, timer=lambda call: call())
+        def launch(config):
+            raise error
+
+        with pytest.raises(type(error)):
+            self.fused._choose(("k",), [(16, 64, 1), (8, 64, 1)], launch, (2, 2, 4), True, timer=lambda call: call())
+        assert self.fused.chosen_configs() == {}
 
     def test_tiles_are_cut_to_the_shape(self):
         assert self.fused._fit((64, 128, 4), 13, 70) == (16, 128, 4)
         assert self.fused._fit((64, 128, 2), 196, 40) == (64, 64, 2)
         assert self.fused._fit((16, 32, 1), 196, 512) == (16, 32, 1)
 
-    def test_tuning_only_on_a_gpu_and_never_under_deterministic_algorithms(self):
+    def test_tuning_only_on_a_gpu_and_not_while_a_graph_is_captured(self, monkeypatch):
+        gpu_tensor = SimpleNamespace(is_cuda=True)  # what _may_tune reads of a tensor
         assert not self.fused._may_tune(torch.zeros(1))
-        if torch.cuda.is_available():
-            t = torch.zeros(1, device="cuda")
-            assert self.fused._may_tune(t)
-            torch.use_deterministic_algorithms(True)
-            try:
-                assert not self.fused._may_tune(t)
-            finally:
-                torch.use_deterministic_algorithms(False)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        assert self.fused._may_tune(gpu_tensor)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert not self.fused._may_tune(gpu_tensor)
 
-    def test_no_fast_tanh_off_the_gpu(self):
+    def test_deterministic_algorithms_take_the_default_even_after_a_choice(self):
+        keys = torch.zeros(2, 13, 40)
+        default = self.fused._fit((self.fused.MAX_BLOCK_N, self.fused.MAX_BLOCK_A, 4), 13, 40)
+        self.fused._CHOSEN[self.fused._key("forward", keys, 3, (), False)] = (8, 64, 1)
+
+        def configure():
+            return self.fused._configure(None, "forward", keys, 3, (), False, self.fused.FORWARD_CONFIGS, None)
+
+        assert configure() == (8, 64, 1)
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert configure() == default == (16, 64, 4)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert self.fused._configure((4, 16, 2), "forward", keys, 3, (), False, (), None) == (4, 16, 2)  # given
+
+    def test_a_choice_is_kept_per_kernel_batch_size_gradients_asked_and_tanh(self):
+        key = self.fused._key
+        keys, bigger = torch.zeros(5, 13, 40), torch.zeros(9, 13, 40)
+        base = key("backward", keys, 3, (True, True, True), False)
+        assert base == ("backward", -1, "float32", 8, 3, 13, 40, (True, True, True), False)
+        others = [
+            key("forward", keys, 3, (True, True, True), False),
+            key("backward", bigger, 3, (True, True, True), False),  # 16 after rounding up
+            key("backward", keys, 2, (True, True, True), False),
+            key("backward", keys, 3, (False, True, True), False),
+            key("backward", keys, 3, (True, True, True), True),
+            key("backward", keys.double(), 3, (True, True, True), False),
+        ]
+        assert len({base, *others}) == 7
+        assert key("backward", torch.zeros(7, 13, 40), 3, (True, True, True), False) == base  # 5 and 7: 8
+
+    def test_no_fast_tanh_off_an_nvidia_gpu(self, monkeypatch):
         assert not self.fused._use_fast_tanh(torch.zeros(1, dtype=torch.bfloat16), None)
-        with pytest.raises(ValueError, match="fast_tanh=True needs a CUDA tensor"):
+        with pytest.raises(ValueError, match="fast_tanh=True needs an NVIDIA GPU"):
             self.fused._use_fast_tanh(torch.zeros(1), True)
+        monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: the instruction is NVIDIA's PTX
+        rocm_tensor = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+        assert not self.fused._use_fast_tanh(rocm_tensor, None)
+        with pytest.raises(ValueError, match="fast_tanh=True needs an NVIDIA GPU"):
+            self.fused._use_fast_tanh(rocm_tensor, True)
+
+    @pytest.mark.parametrize("warps", [0, 3, -4])
+    def test_a_warp_count_that_is_not_a_power_of_2_is_refused(self, warps):
+        with pytest.raises(ValueError, match="num_warps must be a power of 2"):
+            additive_scores(torch.zeros(1, 3, 4), torch.zeros(1, 2, 4), torch.zeros(4), num_warps=warps)
 
 
 @pytest.mark.gpu

@@ -30,11 +30,37 @@ try:
 except ImportError:  # a CPU-only install; fused_available() is then False
     triton = None
 
+
+def _tile_errors() -> tuple[type[BaseException], ...]:
+    """Triton's errors for a configuration that does not build or fit on this card (too much shared memory or too
+    many registers, the PTX assembler refusing it): what choosing a configuration skips. Any other error (a CUDA
+    error, a bug) is raised. Looked up by name: older Triton versions lack some of them."""
+    if triton is None:
+        return ()
+    import importlib
+
+    found = []
+    for module, name in (
+        ("triton.runtime.errors", "OutOfResources"),
+        ("triton.runtime.errors", "PTXASError"),
+        ("triton.compiler.errors", "CompilationError"),
+    ):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_TILE_ERRORS = _tile_errors()
+
 #: Whether the kernels below were defined under Triton's interpreter (they run on CPU tensors only then).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-#: Largest tiles along N and A. A tile of BLOCK_N x BLOCK_A float32 values is the largest live tensor in a
-#: program (the backward holds three or four), 16 registers per thread per tensor with 4 warps at 32 x 64.
+#: The largest tiles along N and A of the default configuration (the interpreter, deterministic algorithms, a
+#: capture before any choice) and of one given in part. A tile of BLOCK_N x BLOCK_A float32 values is the largest
+#: live tensor in a program (the backward holds four or five), 16 registers per thread per tensor with 4 warps at
+#: 32 x 64. The timed candidates (FORWARD_CONFIGS, BACKWARD_CONFIGS) go beyond these.
 MAX_BLOCK_N = 32
 MAX_BLOCK_A = 64
 
@@ -255,13 +281,33 @@ def _time_ms(launch) -> float:
 
 
 def _may_tune(t: torch.Tensor) -> bool:
-    """Whether a kernel's configuration may be chosen by timing now: on a GPU (the interpreter's times mean nothing),
-    not while a CUDA graph is being captured (timing synchronises, which capture forbids; the default runs and is
-    not kept, so a later eager call still chooses), and not under ``torch.use_deterministic_algorithms``: the tile
-    sets the order of the sums, so a timed choice could differ between runs in the last bits."""
-    return (
-        t.is_cuda and not torch.cuda.is_current_stream_capturing() and not torch.are_deterministic_algorithms_enabled()
-    )
+    """Whether a kernel's configuration may be chosen by timing now: on a GPU (the interpreter's times mean nothing)
+    and not while a CUDA graph is being captured (timing synchronises, which capture forbids; the default runs and is
+    not kept, so a later eager call still chooses)."""
+    return t.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _configure(
+    explicit: Config | None,
+    kind: str,
+    keys: torch.Tensor,
+    m: int,
+    needs: tuple[bool, ...],
+    fast: bool,
+    candidates: tuple[Config, ...],
+    launch,
+) -> Config:
+    """The configuration a kernel runs with: the one given; the shape's default under
+    ``torch.use_deterministic_algorithms`` (even where one was chosen before: the tile sets the order of the sums,
+    so a timed choice could differ between runs in the last bits); else :func:`_choose`'s."""
+    if explicit:
+        return explicit
+    n, a = keys.shape[1:]
+    default = _fit((MAX_BLOCK_N, MAX_BLOCK_A, 4), n, a)
+    if torch.are_deterministic_algorithms_enabled():
+        return default
+    key = _key(kind, keys, m, needs, fast)
+    return _choose(key, [_fit(c, n, a) for c in candidates], launch, default, _may_tune(keys))
 
 
 def _choose(key: tuple, candidates: list[Config], launch, default: Config, tune: bool, timer=_time_ms) -> Config:
@@ -273,16 +319,16 @@ def _choose(key: tuple, candidates: list[Config], launch, default: Config, tune:
         return _CHOSEN[key]
     if not tune:
         return default
-    times, failures = {}, []
+    times, failures, last = {}, [], None
     for config in dict.fromkeys(candidates):  # in order, without repeats
         try:
             times[config] = timer(lambda c=config: launch(c))
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # Triton's OutOfResources and the like: this tile does not fit this card
+        except _TILE_ERRORS as e:  # this tile does not build or fit on this card
             failures.append(f"{config}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            last = e
     if not times:
-        raise RuntimeError(f"no configuration of the fused attention kernel ran at {key}: " + "; ".join(failures))
+        message = f"no configuration of the fused attention kernel built at {key}: " + "; ".join(failures)
+        raise RuntimeError(message) from last
     _CHOSEN[key] = min(times, key=times.get)
     return _CHOSEN[key]
 
@@ -290,10 +336,11 @@ def _choose(key: tuple, candidates: list[Config], launch, default: Config, tune:
 def _use_fast_tanh(t: torch.Tensor, asked: bool | None) -> bool:
     """Whether the kernels take the GPU's tanh instruction: asked for (True), or by default (None) for bfloat16 and
     float16 inputs, whose own rounding (2^-8, 2^-11) is as coarse as its error; never in the interpreter (it
-    runs no GPU instructions), never on a card before compute capability 7.5."""
-    if asked is False or not t.is_cuda:
+    runs no GPU instructions), on ROCm (the instruction is NVIDIA's PTX) or on a card before compute capability
+    7.5."""
+    if asked is False or not t.is_cuda or torch.version.hip is not None:
         if asked:
-            raise ValueError("fast_tanh=True needs a CUDA tensor: the interpreter cannot run the GPU's tanh")
+            raise ValueError("fast_tanh=True needs an NVIDIA GPU: the interpreter and ROCm cannot run its tanh")
         return False
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     capable = _capability(index) >= FAST_TANH_CAPABILITY
@@ -347,14 +394,7 @@ class _AdditiveScores(torch.autograd.Function):
             _scores_fwd_kernel[grid](keys, q, v, out, m, n, a, block_m, block_n, block_a, fast, num_warps=warps)
 
         with _device(keys):
-            config = explicit or _choose(
-                _key("forward", keys, m, (), fast),
-                [_fit(c, n, a) for c in FORWARD_CONFIGS],
-                launch,
-                _fit((MAX_BLOCK_N, MAX_BLOCK_A, 4), n, a),
-                _may_tune(keys),
-            )
-            launch(config)
+            launch(_configure(explicit, "forward", keys, m, (), fast, FORWARD_CONFIGS, launch))
         return out
 
     @staticmethod
@@ -364,7 +404,8 @@ class _AdditiveScores(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True (a gradient penalty, say): autograd cannot differentiate the kernels' writes, so the
             # gradients come from the eager definition, itself differentiable (it builds the (B,M,N,A) tensor), of
-            # the function the kernels compute: q rounded to keys' dtype, then everything in float32
+            # the function the kernels compute: q rounded to keys' dtype, then everything in float32 (with exact
+            # tanh, where the forward may have taken the GPU's approximation: within its 2^-10)
             scores = additive_scores_reference(keys_in.float(), q_in.to(keys_in.dtype).float(), v_in.float())
             wanted = [t for t, need in zip((keys_in, q_in, v_in), (need_dkeys, need_dq, need_dv)) if need]
             grads = iter(torch.autograd.grad(scores, wanted, g.float(), create_graph=True))
@@ -407,14 +448,7 @@ class _AdditiveScores(torch.autograd.Function):
                 )
 
             with _device(keys):
-                config = ctx.explicit or _choose(
-                    _key("backward", keys, m, needs, ctx.fast),
-                    [_fit(c, n, a) for c in BACKWARD_CONFIGS],
-                    launch,
-                    _fit((MAX_BLOCK_N, MAX_BLOCK_A, 4), n, a),
-                    _may_tune(keys),
-                )
-                launch(config)
+                launch(_configure(ctx.explicit, "backward", keys, m, needs, ctx.fast, BACKWARD_CONFIGS, launch))
         dv = dv_part.sum(0).to(v.dtype) if need_dv else None  # (A,)
         return dkeys, dq, dv, None, None
 
@@ -437,11 +471,12 @@ def additive_scores(
 
     ``block_n``, ``block_a`` (tile sizes, powers of 2) and ``num_warps`` (per program): left None, each kernel's
     configuration is chosen the first time it runs at a shape on a GPU, by timing :data:`FORWARD_CONFIGS` /
-    :data:`BACKWARD_CONFIGS` (a few milliseconds once; :func:`chosen_configs` lists the choices), and is the
-    shape's default tile with 4 warps in the interpreter, under ``torch.use_deterministic_algorithms`` and while a
-    CUDA graph is captured before any choice. Any of them given fixes the configuration (the others at those
-    defaults): tests set small tiles so that small shapes span several, ``benchmarks/fused_attention.py`` compares
-    them.
+    :data:`BACKWARD_CONFIGS` (once per process and shape: milliseconds of timing, plus compiling each candidate
+    where Triton's disk cache does not hold it yet, seconds; :func:`chosen_configs` lists the choices), and is the
+    shape's default tile with 4 warps in the interpreter, under ``torch.use_deterministic_algorithms`` (even where a
+    choice was made before) and while a CUDA graph is captured before any choice. Any of them given fixes the
+    configuration (the others at those defaults): tests set small tiles so that small shapes span several,
+    ``benchmarks/fused_attention.py`` compares them.
 
     ``fast_tanh``: whether tanh is the GPU's one-instruction approximation (relative error below 2^-10) rather than
     exact to float32 rounding; None (default) takes it for bfloat16 and float16 keys on a card of compute
@@ -457,5 +492,7 @@ def additive_scores(
     explicit = None
     if block_n is not None or block_a is not None or num_warps is not None:
         n, a = keys.size(1), keys.size(2)
+        if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
+            raise ValueError(f"num_warps must be a power of 2, got {num_warps}")
         explicit = (_block(n, MAX_BLOCK_N, block_n), _block(a, MAX_BLOCK_A, block_a), num_warps or 4)
     return _AdditiveScores.apply(keys, q, v, explicit, fast_tanh)
