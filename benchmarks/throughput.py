@@ -5,7 +5,8 @@
         [--decoders lstm,transformer] [--modes frozen,finetune,cached,search,search1]
         [--images-per-batch B] [--captions-per-image 5] [--iters N] [--warmup N] [--search-images B]
         [--single-images N] [--encoder resnet101] [--image-size 256] [--grid 14] [--hidden 512]
-        [--heads 8] [--layers 3] [--vocab 9490] [--beam 5] [--steps 16] [--compile] [--compile-mode M]
+        [--heads 8] [--layers 3] [--vocab 9490] [--beam 5] [--steps 16] [--compile] [--compile-encoder]
+        [--compile-mode M]
         [--cuda-graph] [--channels-last] [--eager-attention] [--threads N]
         [--seed 0]
 
@@ -29,7 +30,8 @@ a plain loop of ``module.loss`` -> ``backward`` -> AdamW, fused on cuda):
 ``--cuda-graph`` (cuda): each training step (loss, backward, AdamW) is captured once as a CUDA graph and replayed,
 so the host launches none of its kernels one by one; what that leaves is the GPU's own time for the step.
 ``--compile --compile-mode reduce-overhead`` gets CUDA graphs for the decoder alone, as a Lightning run can
-(``model.compile_decoder``, ``model.compile_mode``).
+(``model.compile_decoder``, ``model.compile_mode``). ``--compile-encoder`` compiles the encoder
+(``model.compile_encoder``; the one-off compile time falls in the warm-up iterations, not in the rates).
 
 Both searches run under the ``--precision`` autocast, as the validation of a ``bf16-mixed`` Lightning run
 decodes; ``Captioner`` and ``infer.py`` decode in float32 (no autocast), so on a GPU their rate is not this one.
@@ -160,6 +162,7 @@ def build(
         image_size=args.image_size,
         channels_last=args.channels_last,
         compile_decoder=compile_decoder,
+        compile_encoder=args.compile_encoder,
         compile_mode=args.compile_mode,
     )
     for part in module.modules():  # the LSTM's additive attention: Triton kernels (default) or eager
@@ -432,6 +435,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--steps", type=int, default=16, help="beam search steps (min_len = max_len)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (CaptionModule.compile_decoder)")
+    p.add_argument(
+        "--compile-encoder", action="store_true", help="torch.compile the encoder (CaptionModule.compile_encoder)"
+    )
     p.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile (e.g. reduce-overhead)")
     p.add_argument(
         "--cuda-graph",
@@ -452,8 +458,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.cuda_graph and (args.device != "cuda" or args.precision == "fp16"):
         p.error("--cuda-graph needs --device cuda and bf16 or fp32 (fp16's loss scaling is not captured)")
-    if args.cuda_graph and args.compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
-        # those modes make CUDA graphs of the compiled decoder themselves
+    graphs_inside = args.compile_mode in ("reduce-overhead", "max-autotune")
+    if args.cuda_graph and (args.compile or args.compile_encoder) and graphs_inside:
+        # those modes make CUDA graphs of the compiled modules themselves
         p.error(f"--cuda-graph captures the whole step: --compile-mode {args.compile_mode} would capture graphs in it")
     if args.search_images is None:
         args.search_images = args.images_per_batch
@@ -498,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
         f"LSTM E=H=A={args.hidden}; Transformer D={args.hidden}, {args.heads} heads, {args.layers} layers; "
         f"V={args.vocab}; captions {min(CAPTION_WORDS)}-{max(CAPTION_WORDS)} words (mean {mean_words:.1f}), "
         f"padded to L={max(CAPTION_WORDS) + 2}; search K={args.beam}, {args.steps} steps; "
-        f"compile={args.compile} (mode {args.compile_mode}), cuda_graph={args.cuda_graph}, "
+        f"compile={args.compile}, compile_encoder={args.compile_encoder} (mode {args.compile_mode}), "
+        f"cuda_graph={args.cuda_graph}, "
         f"additive score: {'eager' if args.eager_attention else 'fused where Triton runs'}, "
         f"channels_last={args.channels_last}"
     )

@@ -434,9 +434,15 @@ class CaptionModule(pl.LightningModule):
         compile_decoder: ``torch.compile`` the decoder for training (one-off compile time; the
             weights and checkpoints are unchanged). Training captions are then padded to
             ``max_caption_len`` + 2 tokens, so one compiled graph serves every batch.
-        compile_mode: ``torch.compile``'s mode for ``compile_decoder``: "default", "reduce-overhead" (the
-            compiled forward and backward replayed as CUDA graphs: the host no longer launches the LSTM's many
-            small kernels one by one), "max-autotune" or "max-autotune-no-cudagraphs".
+        compile_encoder: ``torch.compile`` the encoder, at the first ``setup`` of any stage (fit, validate, test,
+            predict: the encoder's forward is the same in each). For a frozen ResNet on a GPU, where its BatchNorm,
+            ReLU and residual additions each pass over the activations again (19 of a frozen ResNet-101's ~30 ms
+            of kernels per 256 images on an H200, ``benchmarks/RESULTS.md``), the compiler can fuse them into
+            fewer passes. One-off compile time; weights and checkpoints unchanged. Not measured on a GPU yet:
+            ``python benchmarks/throughput.py --compile-encoder`` compares.
+        compile_mode: ``torch.compile``'s mode for ``compile_decoder`` and ``compile_encoder``: "default",
+            "reduce-overhead" (the compiled forward and backward replayed as CUDA graphs: the host no longer
+            launches the LSTM's many small kernels one by one), "max-autotune" or "max-autotune-no-cudagraphs".
         label_smoothing, alpha_c: loss terms. ``label_smoothing`` spreads its share of each target over the
             classes a caption can hold (not <pad> or <start>). ``alpha_c`` weights the doubly stochastic term; the
             paper used 1, but on shapes (64 cells, ~10 words) 1 spreads attention so much that
@@ -479,6 +485,7 @@ class CaptionModule(pl.LightningModule):
         lr_decay_epochs: int = 8,
         channels_last: bool = False,
         compile_decoder: bool = False,
+        compile_encoder: bool = False,
         compile_mode: str = "default",
         label_smoothing: float = 0.0,
         alpha_c: float = 0.1,
@@ -577,6 +584,9 @@ class CaptionModule(pl.LightningModule):
             # in place: parameter names (and checkpoints) stay as they are
             self.net.decoder.compile(mode=self.hparams.compile_mode)
             self._compiled = True
+        if self.hparams.compile_encoder and not getattr(self, "_encoder_compiled", False):
+            self.net.encoder.compile(mode=self.hparams.compile_mode)  # in place, as the decoder
+            self._encoder_compiled = True
 
     def _load_pretrained_encoder(self) -> None:
         """``encoder_weights`` into the encoder, once, unless a checkpoint was restored: a resumed fit (or a

@@ -567,3 +567,46 @@ def test_compile_mode_reaches_torch_compile_and_an_unknown_mode_is_refused(monke
     module.setup("fit")
     module.setup("fit")  # once
     assert seen == [{"mode": "reduce-overhead"}]
+
+
+def test_compile_encoder_compiles_the_encoder_once_at_the_first_setup_of_any_stage(monkeypatch):
+    """``compile_encoder``: the encoder's forward is the same in every stage, so a validate-only or test-only run
+    gets it compiled too; once, with ``compile_mode``; and not at all without the option."""
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    kwargs = dict(vocab=[*SPECIALS, *"abc"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+    seen = []
+    plain = CaptionModule(**kwargs)
+    monkeypatch.setattr(type(plain.net.encoder), "compile", lambda self, **kw: seen.append(kw))
+    plain.setup("fit")
+    assert seen == []
+    module = CaptionModule(**kwargs, compile_encoder=True, compile_mode="max-autotune-no-cudagraphs")
+    module.setup("validate")
+    module.setup("fit")
+    module.setup("test")
+    assert seen == [{"mode": "max-autotune-no-cudagraphs"}]
+
+
+@pytest.mark.slow
+def test_a_compiled_frozen_encoder_gives_the_features_of_the_eager_one():
+    """A real torch.compile of a small frozen encoder (~40 s on the 2-core CPU): the same features, and the
+    weights' names (what checkpoints store) unchanged."""
+    import torch
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    torch.manual_seed(0)
+    kwargs = dict(vocab=[*SPECIALS, *"abc"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+    module = CaptionModule(**kwargs, freeze_encoder=True, compile_encoder=True)
+    names = list(module.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eager = module.features(images)
+    module.setup("fit")
+    with torch.no_grad():
+        compiled = module.features(images)
+    assert module.net.encoder._compiled_call_impl is not None  # the compiled forward ran
+    torch.testing.assert_close(compiled, eager)
+    assert list(module.state_dict()) == names
