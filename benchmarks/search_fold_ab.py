@@ -3,7 +3,8 @@
     python benchmarks/search_fold_ab.py [--rounds 4] [--repeats 5]
 
 On a GPU (COCO scale: ResNet-101 at 256 px, 256 images, K = 5, 16 steps, bf16, channels-last, as
-``benchmarks/throughput.py``'s search rows) each round times every variant in turn, folded or not, under
+``benchmarks/throughput.py``'s search rows) each round times every variant in turn (every other round in reverse
+order), folded or not, under
 ``torch.inference_mode`` (how ``Captioner`` and the benchmarks search) and ``torch.no_grad`` (how a frozen-encoder
 training step encodes), so that drift between rounds (clocks, other jobs) hits every variant alike; rates from
 separate processes varied by up to 10% for the same code. On a CPU it runs tiny sizes (ResNet-18 at 64 px, 2
@@ -63,17 +64,18 @@ def main(argv: list[str] | None = None) -> None:
                             min_len=args.steps)  # fmt: skip
 
         rates: dict[tuple[bool, str], list[float]] = {}
-        for _ in range(rounds):
-            for fold in (True, False):
-                for grad_mode in (torch.inference_mode, torch.no_grad):
-                    search(nets[fold], grad_mode)  # warm-up (cuDNN's autotuner, the kernels' own choices)
-                    tp._sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(ours.repeats):
-                        search(nets[fold], grad_mode)
-                    tp._sync(device)
-                    rate = b * ours.repeats / (time.perf_counter() - t0)
-                    rates.setdefault((fold, grad_mode.__name__), []).append(rate)
+        variants = [(fold, mode) for fold in (True, False) for mode in (torch.inference_mode, torch.no_grad)]
+        for round_no in range(rounds):
+            # every other round in reverse order: drift within a round (clocks warming up) favours no variant
+            for fold, grad_mode in variants if round_no % 2 == 0 else variants[::-1]:
+                search(nets[fold], grad_mode)  # warm-up (cuDNN's autotuner, the kernels' own choices)
+                tp._sync(device)
+                t0 = time.perf_counter()
+                for _ in range(ours.repeats):
+                    search(nets[fold], grad_mode)
+                tp._sync(device)
+                rate = b * ours.repeats / (time.perf_counter() - t0)
+                rates.setdefault((fold, grad_mode.__name__), []).append(rate)
         for (fold, mode), values in rates.items():
             print(f"{decoder} {'folded' if fold else 'kept BN'} {mode}: "
                   + " ".join(f"{r:,.0f}" for r in values) + " images/s per round", flush=True)  # fmt: skip
