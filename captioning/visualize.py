@@ -108,6 +108,12 @@ def heatmap(
     return heat / heat.max() if heat.max() > 0 else heat
 
 
+def label_height(panel_size: int = 224) -> int:
+    """Pixels of the strip above each panel of :func:`attention_figure` that holds its word."""
+    font = _font(max(12, panel_size // 12))
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((4, 2), "Ag", font=font)[3] + 4
+
+
 def attention_figure(
     image: Image.Image,
     words: Sequence[str],
@@ -116,10 +122,17 @@ def attention_figure(
     columns: int = 5,
     centres: CellCentres | None = None,
 ) -> Image.Image:
-    """The image followed by one overlay panel per word; attention (T,h,w) aligned with ``words``, its cells
-    placed at ``centres`` (a caption's ``centres``; None: cells that tile the image, which is not where a
-    strided CNN's cells look). Panels are ``panel_size`` on the image's longer side and keep its aspect
-    ratio up to 4:1."""
+    """The image followed by one overlay panel per word; attention (T,h,w) aligned with ``words`` (one map per
+    word), its cells placed at ``centres`` (a caption's ``centres``; None: cells that tile the image, which is not
+    where a strided CNN's cells look). Panels are ``panel_size`` on the image's longer side and keep its aspect
+    ratio up to 4:1; each word is written in a strip above its panel (:func:`label_height`), not on it, where it
+    hid the heat of the top-left cells."""
+    shape = tuple(attention.shape)
+    if len(shape) != 3 or shape[0] != len(words):
+        raise ValueError(
+            f"attention must be (T,h,w) with one map per word: {len(words)} words, attention of shape {shape} "
+            "(a Caption's tokens and attention go together; a flat (T,N) map needs reshaping to its grid)"
+        )
     # the loader's normalisation, as Captioner applies it: the attention grid is in the frame of the
     # EXIF-transposed image, so an image drawn as stored put each map on the wrong region (and with a
     # rotated aspect); convert("RGB") also showed 16-bit greyscale white and transparency black
@@ -129,16 +142,16 @@ def attention_figure(
     rows = (n + cols - 1) // cols
     pad = 4
     pw, ph = _panel_size(image, panel_size)
-    fig = Image.new("RGB", (cols * (pw + pad) + pad, rows * (ph + pad) + pad), (255, 255, 255))
+    strip = label_height(panel_size)
+    fig = Image.new("RGB", (cols * (pw + pad) + pad, rows * (strip + ph + pad) + pad), (255, 255, 255))
     font = _font(max(12, panel_size // 12))
     base = image.resize((pw, ph), Image.BICUBIC)  # once, not per word
-    panels = [(base.copy(), "<image>")]
+    panels = [(base, "<image>")]
     panels += [(overlay(base, attention[t], (pw, ph), centres), w) for t, w in enumerate(words)]
     for k, (panel, label) in enumerate(panels):
-        x, y = pad + (k % cols) * (pw + pad), pad + (k // cols) * (ph + pad)
-        draw = ImageDraw.Draw(panel)
-        box = draw.textbbox((4, 2), label, font=font)
-        draw.rectangle((box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2), fill=(0, 0, 0))
-        draw.text((4, 2), label, fill=(255, 255, 255), font=font)
-        fig.paste(panel, (x, y))
+        x, y = pad + (k % cols) * (pw + pad), pad + (k // cols) * (strip + ph + pad)
+        tag = Image.new("RGB", (pw, strip), (255, 255, 255))  # the word, cut at the panel's width
+        ImageDraw.Draw(tag).text((4, 2), label, fill=(0, 0, 0), font=font)
+        fig.paste(tag, (x, y))
+        fig.paste(panel, (x, y + strip))
     return fig

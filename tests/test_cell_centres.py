@@ -198,15 +198,16 @@ def test_the_overlay_peaks_on_the_cells_centre():
 
 
 def test_the_figure_draws_each_word_with_the_centres_it_is_given():
-    from captioning.visualize import attention_figure, overlay
+    from captioning.visualize import attention_figure, label_height, overlay
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     one = torch.zeros(1, 8, 8)
     one[0, 4, 4] = 1.0
     figure = np.asarray(attention_figure(image, ["w"], one, panel_size=64, centres=SMALL_CNN_64), dtype=np.int16)
-    panel = figure[4 + 20 : 4 + 64, 4 + 64 + 4 : 4 + 64 + 4 + 64]  # the word's panel below its label
-    want = np.asarray(overlay(image, one[0], 64, SMALL_CNN_64), dtype=np.int16)[20:]
-    tiled = np.asarray(overlay(image, one[0], 64), dtype=np.int16)[20:]
+    strip = label_height(64)  # the word's strip above its panel
+    panel = figure[4 + strip : 4 + strip + 64, 4 + 64 + 4 : 4 + 64 + 4 + 64]  # the word's panel
+    want = np.asarray(overlay(image, one[0], 64, SMALL_CNN_64), dtype=np.int16)
+    tiled = np.asarray(overlay(image, one[0], 64), dtype=np.int16)
     assert np.abs(panel - want).max() <= 1 < np.abs(panel - tiled).max()
 
 

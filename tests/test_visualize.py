@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.visualize import attention_figure, heatmap
+from captioning.visualize import attention_figure, heatmap, label_height, overlay
 
 
 def _centre(row: int, col: int, grid: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
@@ -54,9 +54,10 @@ def test_a_wide_image_keeps_its_shape_and_the_grid_covers_it_row_major():
     y, x = np.unravel_index(heat.argmax(), heat.shape)
     assert y < 56 and x >= 168
     fig = attention_figure(image, ["a", "b"], torch.stack([one, one.flip(0)]), panel_size=224)
-    assert fig.size == (3 * (224 + 4) + 4, 112 + 8)  # three 224x112 panels in a row, 4 px apart
+    strip = label_height(224)  # each word above its panel
+    assert fig.size == (3 * (224 + 4) + 4, strip + 112 + 8)  # three 224x112 panels in a row, 4 px apart
     tall = attention_figure(image.rotate(90, expand=True), ["a"], one.t()[None], panel_size=224)
-    assert tall.size == (2 * (112 + 4) + 4, 224 + 8)
+    assert tall.size == (2 * (112 + 4) + 4, strip + 224 + 8)
 
 
 def test_the_figure_draws_the_image_as_the_model_saw_it(tmp_path):
@@ -72,10 +73,11 @@ def test_the_figure_draws_the_image_as_the_model_saw_it(tmp_path):
     one = torch.zeros(1, 2, 2)
     one[0, 0, 0] = 1.0  # top-left cell of the upright image
     fig = attention_figure(photo, ["a"], one, panel_size=224)
-    assert fig.size == (2 * (112 + 4) + 4, 224 + 8)  # two upright 112x224 panels, not 224x112
-    panel = np.asarray(fig, dtype=np.float32)[4 : 4 + 224, 4 : 4 + 112]  # the image panel (H,W,3)
+    strip = label_height(224)
+    assert fig.size == (2 * (112 + 4) + 4, strip + 224 + 8)  # two upright 112x224 panels, not 224x112
+    panel = np.asarray(fig, dtype=np.float32)[4 + strip : 4 + strip + 224, 4 : 4 + 112]  # the image panel (H,W,3)
     assert panel[150:, :, 0].mean() < 60  # black at the bottom of the upright image
-    top = panel[40:100, 20:100]  # below the label: red at the top of the upright image
+    top = panel[10:100, 10:100]  # red at the top of the upright image
     assert top[..., 0].mean() > 200 and top[..., 2].mean() < 60
     grey = Image.fromarray(np.full((32, 32), 20000, dtype=np.uint16))  # 16-bit, about 31% of full scale
     assert grey.mode == "I;16"
@@ -93,11 +95,37 @@ def test_a_panorama_gets_panels_with_room_for_the_word_and_the_map_still_on_its_
     one = torch.zeros(1, 2, 4)
     one[0, 1, 3] = 1.0  # bottom right
     fig = attention_figure(image, ["a"], one, panel_size=224)
-    assert fig.size == (2 * (224 + 4) + 4, 56 + 8)  # two 224x56 panels
-    panel = np.asarray(fig, dtype=np.float32)[4 : 4 + 56, 4 + 228 : 4 + 228 + 224]  # the word's panel (H,W,3)
+    strip = label_height(224)
+    assert fig.size == (2 * (224 + 4) + 4, strip + 56 + 8)  # two 224x56 panels
+    panel = np.asarray(fig, dtype=np.float32)[4 + strip : 4 + strip + 56, 4 + 228 : 4 + 228 + 224]  # (H,W,3)
     red = panel[..., 0] - panel[..., 2]  # the ramp's hot end is red, its cold end blue
     y, x = np.unravel_index(red.argmax(), red.shape)
     assert y >= 28 and x >= 168  # in the bottom-right cell
     assert red[42, 196] > 50 and red[42, 28] < -50  # hot there, cold in the bottom-left cell
     tall = attention_figure(image.rotate(90, expand=True), [], torch.zeros(0, 4, 2), panel_size=224)
-    assert tall.size == (56 + 8, 224 + 8)
+    assert tall.size == (56 + 8, strip + 224 + 8)
+
+
+def test_the_word_sits_above_its_panel_not_over_the_top_left_cells():
+    """The label was a black box on the panel's top-left corner: a word attending the top-left cells showed a
+    sliver of their heat. Now every pixel of a word's panel is the overlay's."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    one = torch.zeros(1, 8, 8)
+    one[0, 0, 0] = 1.0  # the top-left cell
+    fig = np.asarray(attention_figure(image, ["triangle"], one, panel_size=224), dtype=np.int16)
+    strip = label_height(224)
+    panel = fig[4 + strip : 4 + strip + 224, 4 + 228 : 4 + 228 + 224]
+    want = np.asarray(overlay(image.resize((224, 224), Image.BICUBIC), one[0], 224), dtype=np.int16)
+    assert np.abs(panel - want).max() <= 1
+    assert (fig[4 : 4 + strip, 4 + 228 : 4 + 228 + 224] < 128).any()  # the word is written above
+
+
+@pytest.mark.parametrize(
+    ("words", "attention"),
+    [(["a", "man's", "hat"], torch.zeros(4, 2, 2)), (["a", "b"], torch.zeros(1, 2, 2)), (["a"], torch.zeros(1, 4))],
+)
+def test_words_and_maps_that_do_not_pair_up_are_refused(words, attention):
+    """Fewer words than maps drew a word with another's map, more raised a bare IndexError, and a flat (T,N)
+    map a TypeError from deep inside."""
+    with pytest.raises(ValueError, match="one map per word"):
+        attention_figure(Image.new("RGB", (32, 32)), words, attention)
