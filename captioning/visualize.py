@@ -108,10 +108,13 @@ def heatmap(
     return heat / heat.max() if heat.max() > 0 else heat
 
 
+def _label_font(panel_size: int) -> ImageFont.ImageFont:
+    return _font(max(12, panel_size // 12))
+
+
 def label_height(panel_size: int = 224) -> int:
     """Pixels of the strip above each panel of :func:`attention_figure` that holds its word."""
-    font = _font(max(12, panel_size // 12))
-    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((4, 2), "Ag", font=font)[3] + 4
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((4, 2), "Ag", font=_label_font(panel_size))[3] + 4
 
 
 def attention_figure(
@@ -144,7 +147,7 @@ def attention_figure(
     pw, ph = _panel_size(image, panel_size)
     strip = label_height(panel_size)
     fig = Image.new("RGB", (cols * (pw + pad) + pad, rows * (strip + ph + pad) + pad), (255, 255, 255))
-    font = _font(max(12, panel_size // 12))
+    font = _label_font(panel_size)
     base = image.resize((pw, ph), Image.BICUBIC)  # once, not per word
     panels = [(base, "<image>")]
     panels += [(overlay(base, attention[t], (pw, ph), centres), w) for t, w in enumerate(words)]

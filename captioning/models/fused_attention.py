@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Iterable
 
 import torch
 
@@ -307,10 +308,11 @@ def _configure(
     if torch.are_deterministic_algorithms_enabled():
         return default
     key = _key(kind, keys, m, needs, fast)
-    return _choose(key, [_fit(c, n, a) for c in candidates], launch, default, _may_tune(keys))
+    # a generator: the tiles are fitted only when a choice is made, not at every word step that finds one made
+    return _choose(key, (_fit(c, n, a) for c in candidates), launch, default, _may_tune(keys))
 
 
-def _choose(key: tuple, candidates: list[Config], launch, default: Config, tune: bool, timer=_time_ms) -> Config:
+def _choose(key: tuple, candidates: Iterable[Config], launch, default: Config, tune: bool, timer=_time_ms) -> Config:
     """The configuration to run ``launch(config)`` with: the one chosen before for ``key``; else, where ``tune``, the
     fastest of ``candidates`` by ``timer`` (kept for ``key``; a candidate that does not compile, its tile too large
     for this card's registers or shared memory, is skipped); else ``default``. The kernels write every element of
