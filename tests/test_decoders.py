@@ -374,3 +374,78 @@ def test_a_transformer_module_refuses_a_search_longer_than_its_position_table():
     assert [len(h[0].tokens) for h in hyps] == [8, 8]
     # the LSTM has no position table, so nothing limits its search
     CaptionModule(**{**small, "decoder": "lstm"}, max_decode_len=9)
+
+
+def step_loop(decoder, feats, toks):
+    """The teacher-forced pass word by word through ``step`` (the modules one at a time, nn.LSTMCell for the
+    LSTM): the reference for a decoder's own ``forward``. tokens (R,T) grouped by image -> logits (R,T,V),
+    attention (R,T,N)."""
+    state = decoder.init_state(feats)
+    m = toks.size(0) // feats.size(0)
+    static = set(decoder.per_image_state)
+    state = {k: v if k in static else v.repeat_interleave(m, 0) for k, v in state.items()}
+    logits, alphas = [], []
+    for t in range(toks.size(1)):
+        step_logits, alpha, state = decoder.step(toks[:, t], state, feats)
+        logits.append(step_logits)
+        alphas.append(alpha)
+    return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+
+def gradients(decoder, feats, run):
+    """Gradients of a fixed random function of ``run()``'s logits and attention, for every parameter and the
+    features."""
+    decoder.zero_grad()
+    feats.grad = None
+    logits, alpha = run()
+    gen = torch.Generator().manual_seed(1)
+    loss = (logits * torch.randn(logits.shape, generator=gen, dtype=logits.dtype)).sum()
+    loss = loss + (alpha * torch.randn(alpha.shape, generator=gen, dtype=alpha.dtype)).sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in decoder.named_parameters() if p.grad is not None}
+    return {**grads, "features": feats.grad.clone()}
+
+
+@pytest.mark.parametrize("attention", ["additive", "dot"])
+def test_the_lstms_lean_forward_is_its_step_in_value_and_gradient(attention):
+    """The LSTM's forward takes each word's products of h as one, the embedding's share of the cell's input gates
+    for all words before the loop, and the cell's pointwise part by hand: in float64, its logits, attention and
+    every gradient (weights, biases, features) are those of the word-by-word step through the modules."""
+    torch.manual_seed(0)
+    decoder = LSTMDecoder(V, C, embed_dim=8, hidden_dim=24, attention_dim=10, attention=attention, dropout=0.0)
+    decoder = decoder.double().train()
+    m = 2
+    feats = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
+    toks = torch.randint(0, V, (B, m, T))
+    logits, alpha = decoder(feats, toks)
+    ref_logits, ref_alpha = step_loop(decoder, feats, toks.flatten(0, 1))
+    torch.testing.assert_close(logits.flatten(0, 1), ref_logits, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(alpha.flatten(0, 1), ref_alpha, rtol=1e-10, atol=1e-12)
+    lean = gradients(decoder, feats, lambda: [x.flatten(0, 1) for x in decoder(feats, toks)])
+    ref = gradients(decoder, feats, lambda: step_loop(decoder, feats, toks.flatten(0, 1)))
+    assert lean.keys() == ref.keys() and len(ref) == len(list(decoder.parameters())) + 1  # every one, features too
+    for name in ref:
+        torch.testing.assert_close(lean[name], ref[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_the_lstms_lean_forward_on_cuda_is_its_step(dtype, tol):
+    """On a GPU the lean forward's cell is PyTorch's fused LSTM kernel, fed gates from other products than
+    nn.LSTMCell's: the same logits, attention and gradients as the step through nn.LSTMCell, in float32 and
+    under bfloat16 autocast (as training runs)."""
+    torch.manual_seed(0)
+    decoder = LSTMDecoder(V, 64, embed_dim=32, hidden_dim=48, attention_dim=40, dropout=0.0).cuda().train()
+    feats = torch.randn(4, 49, 64, device="cuda", requires_grad=True)
+    toks = torch.randint(0, V, (4, 3, 9), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits, alpha = decoder(feats, toks)
+        ref_logits, ref_alpha = step_loop(decoder, feats, toks.flatten(0, 1))
+        torch.testing.assert_close(logits.flatten(0, 1).float(), ref_logits.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(alpha.flatten(0, 1).float(), ref_alpha.float(), rtol=tol, atol=tol)
+        lean = gradients(decoder, feats, lambda: [x.flatten(0, 1).float() for x in decoder(feats, toks)])
+        ref = gradients(decoder, feats, lambda: [x.float() for x in step_loop(decoder, feats, toks.flatten(0, 1))])
+    for name in ref:
+        scale = ref[name].abs().max().clamp_min(1e-6)
+        assert (lean[name] - ref[name]).abs().max() / scale < tol, name

@@ -91,8 +91,15 @@ class AdditiveAttention(nn.Module):
         self, features: torch.Tensor, keys: torch.Tensor, query: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B,N,C), keys (B,N,A), query (B*M,Q) grouped by image -> context (B*M,C), alpha (B*M,N)."""
+        return self.attend(features, keys, self.query(query))
+
+    def attend(
+        self, features: torch.Tensor, keys: torch.Tensor, projected: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` from the query's projection ``projected`` = ``self.query(query)`` (B*M,A), which a caller
+        may take from a larger product (the LSTM's one product of h a word)."""
         b, n, a = keys.shape
-        q = self.query(query).view(b, rows_per_image(query, b), 1, a)  # (B,M,1,A)
+        q = projected.view(b, rows_per_image(projected, b), 1, a)  # (B,M,1,A)
         v = self.score.weight[0]  # (A,)
         if keys.device.type == "cpu" and not torch.is_grad_enabled():
             # see CPU_CHUNK_BYTES; each chunk's (b',M,N) scores are small. No out= here: autocast
@@ -166,8 +173,14 @@ class DotAttention(nn.Module):
         self, features: torch.Tensor, keys: torch.Tensor, query: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B,N,C), keys (B,N,A), query (B*M,Q) grouped by image -> context (B*M,C), alpha (B*M,N)."""
+        return self.attend(features, keys, self.query(query))
+
+    def attend(
+        self, features: torch.Tensor, keys: torch.Tensor, projected: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` from the query's projection ``projected`` = ``self.query(query)`` (B*M,A)."""
         b, n, a = keys.shape
-        q = self.query(query).view(b, rows_per_image(query, b), a)  # (B,M,A)
+        q = projected.view(b, rows_per_image(projected, b), a)  # (B,M,A)
         scores = torch.bmm(q, keys.transpose(1, 2)) * self.scale  # (B,M,A)@(B,A,N) -> (B,M,N)
         return _attend(scores, features)
 

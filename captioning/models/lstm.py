@@ -13,6 +13,7 @@ The doubly stochastic regulariser lives in the training loss (it needs the paddi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captioning.models.attention import build_attention
@@ -77,20 +78,52 @@ class LSTMDecoder(Decoder):
 
     def forward(self, features: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B,N,C), tokens_in (B,T) or (B,M,T) (M captions per image) -> logits (B,[M],T,V),
-        attention (B,[M],T,N)."""
+        attention (B,[M],T,N).
+
+        The same function as :meth:`step` word after word, in fewer and larger products: per word, one product of
+        h for everything that reads it (the attention's query, the context gate, the cell's hidden gates) and one
+        of the context for the cell's input gates; the embedding's share of the input gates for all words at
+        once, before the loop; the output layer once, after it. Checkpoints keep the modules' own weights."""
         tokens = tokens_in.flatten(0, 1) if tokens_in.dim() == 3 else tokens_in  # (R,T), R = B*M
         m = tokens.size(0) // features.size(0)
         state = self.init_state(features)
+        h, c, keys = state["h"], state["c"], state["keys"]
         if m > 1:  # every caption starts from its image's initial h, c; keys stay one per image
-            state = {**state, "h": state["h"].repeat_interleave(m, 0), "c": state["c"].repeat_interleave(m, 0)}
-        embs, hs, contexts, alphas = [], [], [], []
+            h, c = h.repeat_interleave(m, 0), c.repeat_interleave(m, 0)
+        query, gate, cell = self.attention.query, self.gate, self.cell
+        e, a, g = self.embed.embedding_dim, query.out_features, gate.out_features
+        emb = self.embed(tokens)  # (R,T,E)
+        # word-major, so that each word's slice is contiguous: (T,R,E) -> (T,R,4H), input bias included
+        emb_gates = F.linear(emb.transpose(0, 1), cell.weight_ih[:, :e], cell.bias_ih)
+        w_h = torch.cat([query.weight, gate.weight, cell.weight_hh])  # (A+C+4H, H)
+        b_h = torch.cat([query.bias, gate.bias, cell.bias_hh])  # (A+C+4H,)
+        w_context = cell.weight_ih[:, e:]  # (4H, C)
+        hs, contexts, alphas = [], [], []
         for t in range(tokens.size(1)):
-            emb, context, alpha, state = self._advance(tokens[:, t], state, features)
-            embs.append(emb)
-            hs.append(state["h"])
+            q, gate_in, h_gates = F.linear(h, w_h, b_h).split([a, g, w_h.size(0) - a - g], dim=1)  # (R,A|C|4H)
+            context, alpha = self.attention.attend(features, keys, q)  # (R,C), (R,N)
+            context = torch.sigmoid(gate_in) * context
+            # (R,4H): W_hh h + b_hh + W_ic context in one product, contiguous as the fused cell wants it
+            h_gates = torch.addmm(h_gates, context, w_context.t())
+            h, c = _lstm_cell(emb_gates[t], h_gates, c)
+            hs.append(h)
             contexts.append(context)
             alphas.append(alpha)
         # the output layer runs once over all steps, outside the sequential loop: (R,T,*) -> (R,T,V)
-        logits = self._output(torch.stack(embs, 1), torch.stack(hs, 1), torch.stack(contexts, 1))
+        logits = self._output(emb, torch.stack(hs, 1), torch.stack(contexts, 1))
         alpha = torch.stack(alphas, 1)  # (R,T,N)
         return logits.view(*tokens_in.shape, -1), alpha.view(*tokens_in.shape, -1)
+
+
+def _lstm_cell(
+    input_gates: torch.Tensor, hidden_gates: torch.Tensor, c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An LSTM cell's pointwise part, gates (R,4H) in the order i, f, g, o with their biases in -> h, c (R,H): on a
+    GPU PyTorch's fused kernel (the one nn.LSTMCell runs there), elsewhere and under torch.compile plain ops."""
+    if input_gates.is_cuda and not torch.compiler.is_compiling():
+        dtype = torch.promote_types(input_gates.dtype, hidden_gates.dtype)  # one dtype, as the kernel needs
+        h, c, _ = torch._thnn_fused_lstm_cell(input_gates.to(dtype), hidden_gates.to(dtype), c.to(dtype))
+        return h, c
+    i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=1)  # (R,H) each
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
