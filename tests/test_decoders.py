@@ -449,3 +449,40 @@ def test_the_lstms_lean_forward_on_cuda_is_its_step(dtype, tol):
     for name in ref:
         scale = ref[name].abs().max().clamp_min(1e-6)
         assert (lean[name] - ref[name]).abs().max() / scale < tol, name
+
+
+@pytest.mark.parametrize("tanh_directly", [True, False])
+def test_the_cpu_inference_score_is_the_same_with_tanh_or_through_the_sigmoid(monkeypatch, tanh_directly):
+    """CPU_TANH picks how the no-autograd CPU score takes its tanh; either way the scores are the autograd path's
+    (which takes tanh directly), and the way asked for is the one taken."""
+    from captioning.models import attention
+
+    torch.manual_seed(0)
+    att = attention.AdditiveAttention(C, 24, 10)
+    feats, query = torch.randn(4, N, C), torch.randn(4 * 3, 24)
+    keys = att.precompute(feats)
+    want = att(feats, keys, query)  # autograd on
+    monkeypatch.setattr(attention, "CPU_TANH", tanh_directly)
+    seen = []
+    monkeypatch.setattr(att, "_score", lambda k, q, via: seen.append(via) or type(att)._score(att, k, q, via))
+    with torch.no_grad():
+        got = att(feats, keys, query)
+    assert seen == [not tanh_directly]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_the_cpu_tanh_rule_follows_the_maker_unless_told(monkeypatch, tmp_path):
+    from captioning.models import attention
+
+    for vendor, intel in [("GenuineIntel", True), ("AuthenticAMD", False)]:
+        cpuinfo = tmp_path / f"{vendor}.txt"
+        cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 6\n")
+        assert attention._cpu_is_intel(str(cpuinfo)) is intel
+    assert attention._cpu_is_intel(str(tmp_path / "missing")) is False  # unreadable: the sigmoid, as before
+    for intel in (True, False):
+        monkeypatch.setattr(attention, "_cpu_is_intel", lambda: intel)  # noqa: B023 (called at once)
+        monkeypatch.setattr(attention, "CPU_TANH", None)
+        assert attention.cpu_tanh_directly() is intel
+        monkeypatch.setattr(attention, "CPU_TANH", not intel)  # told: the maker no longer matters
+        assert attention.cpu_tanh_directly() is (not intel)

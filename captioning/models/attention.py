@@ -9,6 +9,7 @@ features are read once for all of its M queries.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -24,6 +25,29 @@ from captioning.models.fused_attention import additive_scores, fused_available
 #: allocator's free lists and in the cache. With autograd on a CPU, or on a GPU without Triton, it is one
 #: tensor; on a GPU with Triton the fused kernels never build it (AdditiveAttention.fused).
 CPU_CHUNK_BYTES = 1 << 20
+
+#: How the CPU inference score takes its tanh in float32: directly (True) or as 2 sigmoid(2x) - 1 (False, the same
+#: function to float32 rounding). None (default): directly on Intel CPUs, through the sigmoid on others. PyTorch's
+#: CPU tanh goes to MKL, whose fast path is for Intel's own CPUs: per element of one score chunk, 2 threads
+#: (``benchmarks/cpu_elementwise.py``), an AMD EPYC VM took 2.3 ns for tanh against 0.5 for the sigmoid, and an
+#: Intel Xeon VM 0.155 for tanh against 0.252 for the sigmoid of 2x. A rule by maker, not a timing, so that a
+#: machine always scores the same way (a timing that came out differently in two processes could flip a tie).
+CPU_TANH: bool | None = None
+
+
+@functools.cache
+def _cpu_is_intel(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this machine's CPU says it is Intel's ("GenuineIntel" in /proc/cpuinfo); False where unreadable."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
+
+
+def cpu_tanh_directly() -> bool:
+    """Whether the CPU inference score takes tanh directly (see :data:`CPU_TANH`)."""
+    return _cpu_is_intel() if CPU_TANH is None else CPU_TANH
 
 
 def shift_only(bias: torch.Tensor, count: int | None = None) -> torch.Tensor:
@@ -104,7 +128,7 @@ class AdditiveAttention(nn.Module):
         if keys.device.type == "cpu" and not torch.is_grad_enabled():
             # see CPU_CHUNK_BYTES; each chunk's (b',M,N) scores are small. No out= here: autocast
             # does not apply to out= calls, and under bf16 the chunk and the weight row differ in dtype
-            via_sigmoid = keys.dtype == q.dtype == torch.float32
+            via_sigmoid = keys.dtype == q.dtype == torch.float32 and not cpu_tanh_directly()
             per = max(1, CPU_CHUNK_BYTES // (q.size(1) * n * a * keys.element_size()))  # images per chunk
             chunks = [self._score(keys[i : i + per], q[i : i + per], via_sigmoid) for i in range(0, b, per)]
             scores = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # (B,M,N)
@@ -144,16 +168,18 @@ class AdditiveAttention(nn.Module):
         """keys (B,N,A), queries (B,M,1,A) -> v^T tanh(keys + q), (B,M,N), without the bias.
 
         ``via_sigmoid``: return v^T sigmoid(2 (keys + q)) instead, which the caller maps to the same
-        score (tanh(x) = 2 sigmoid(2x) - 1; the two differ by float32 rounding, ~1e-7). Why: PyTorch's
-        CPU tanh goes to MKL, which on AMD CPUs runs ~5x slower than sigmoid (2.3 vs 0.5 ns per element
-        for one chunk on an AMD EPYC, 2 threads: ``benchmarks/cpu_elementwise.py``), and this pass is the
-        largest elementwise cost of a batched search. Only for float32: in bfloat16 sigmoid near 1/2 is
-        coarser than tanh near 0.
+        score (tanh(x) = 2 sigmoid(2x) - 1; the two differ by float32 rounding, ~1e-7). Why: where
+        PyTorch's CPU tanh is slow (:data:`CPU_TANH`), and this pass is the largest elementwise cost of a
+        batched search. Only for float32: in bfloat16 sigmoid near 1/2 is coarser than tanh near 0.
         """
-        hidden = keys.unsqueeze(1) + q  # (B,M,N,A): the largest tensor of a step
+        if via_sigmoid:
+            # 2q + 2 keys in the add's one pass: doubling is exact, so this is 2 (keys + q) to the bit, without
+            # a pass of its own over the largest tensor
+            hidden = torch.add(q * 2, keys.unsqueeze(1), alpha=2).sigmoid_()  # (B,M,N,A)
+        else:
+            hidden = (keys.unsqueeze(1) + q).tanh_()  # (B,M,N,A): the largest tensor of a step
         # in place: one (B,M,N,A) buffer, not two; the score is a matrix-vector product against the
         # Linear(A,1)'s weight row, not a GEMM with a one-column output
-        hidden = hidden.mul_(2).sigmoid_() if via_sigmoid else hidden.tanh_()
         return torch.matmul(hidden, self.score.weight[0])
 
 
