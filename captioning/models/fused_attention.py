@@ -360,7 +360,7 @@ def _kernel_inputs(
     keys: torch.Tensor, q: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """keys, q, v as the kernels read them: contiguous (they index with the shapes' own strides), q in keys' dtype
-    (one dtype for both; q's gradient still goes back in its own). No copy for the model's inputs."""
+    (one dtype for both; q's gradient still goes back in its own). No copy of inputs that are so already."""
     return keys.contiguous(), q.to(keys.dtype).contiguous(), v.contiguous()
 
 

@@ -98,10 +98,18 @@ class LSTMDecoder(Decoder):
         w_h = torch.cat([query.weight, gate.weight, cell.weight_hh])  # (A+C+4H, H)
         b_h = torch.cat([query.bias, gate.bias, cell.bias_hh])  # (A+C+4H,)
         w_context = cell.weight_ih[:, e:]  # (4H, C)
+        device = h.device.type
+        if torch.is_autocast_enabled(device):
+            # autocast caches the casts of parameters only: these joined and sliced weights would be cast again at
+            # every word. Once here, as nn.LSTMCell's own weights were
+            dtype = torch.get_autocast_dtype(device)
+            w_h, b_h, w_context = w_h.to(dtype), b_h.to(dtype), w_context.to(dtype)
         hs, contexts, alphas = [], [], []
         for t in range(tokens.size(1)):
             q, gate_in, h_gates = F.linear(h, w_h, b_h).split([a, g, w_h.size(0) - a - g], dim=1)  # (R,A|C|4H)
-            context, alpha = self.attention.attend(features, keys, q)  # (R,C), (R,N)
+            # contiguous: the attention would copy the strided slice anyway, and would keep the whole product for
+            # its backward
+            context, alpha = self.attention.attend(features, keys, q.contiguous())  # (R,C), (R,N)
             context = torch.sigmoid(gate_in) * context
             # (R,4H): W_hh h + b_hh + W_ic context in one product, contiguous as the fused cell wants it
             h_gates = torch.addmm(h_gates, context, w_context.t())
