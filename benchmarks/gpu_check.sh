@@ -10,7 +10,7 @@
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else ./gpu_check
 #
 # Each step has its own time limit, cut to what is left before DEADLINE (default 570 s, inside a 10-minute
-# command limit), and writes its own log under OUT_DIR (an empty or new folder; 17 files with every step: where
+# command limit), and writes its own log under OUT_DIR (an empty or new folder; 19 files with every step: where
 # that could be more than MAX_FILES, default 8, each goes into OUT_DIR/gpu_check.tar as soon as it is complete), so
 # one failing or slow step still leaves the others' results, and a summary of the numbers ends the output. On an H200
 # (2026-12-04) the steps took: env 17-24 s, gputest 22, throughput 61-63, beam 33-36, train 39-49 (the
@@ -25,8 +25,8 @@
 # (.whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
 # take it along, e.g. the device tool's carry=[".whl"].)
 #
-# STEPS (space-separated, default "env gputest throughput encoder beam train infer kernels profile graph compile_enc
-# compile_enc_graph compile compile_ro search_big")
+# STEPS (space-separated, default "env gputest throughput encoder overlap overlap_graph beam train infer kernels profile
+# graph compile_enc compile_enc_graph compile compile_ro search_big")
 # picks a subset; they run in that order, the throughput table right after the quick checks (issue 6's measurement;
 # written mode by mode as it goes), so a command cut short loses the optional steps first. TRAIN_ARGS
 # adds options to the train step (after its --trainer.max_epochs 3: "--trainer.max_epochs 20" trains the
@@ -43,7 +43,7 @@ if [[ -e $out ]] && [[ -n $(ls -A "$out") ]]; then
 fi
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=" ${STEPS:-env gputest throughput encoder beam train infer kernels profile graph compile_enc compile_enc_graph compile compile_ro search_big} "
+steps=" ${STEPS:-env gputest throughput encoder overlap overlap_graph beam train infer kernels profile graph compile_enc compile_enc_graph compile compile_ro search_big} "
 # a machine that returns only MAX_FILES files (default 8) from OUT_DIR: where this run could write more (a log per
 # step, the test metrics and the overlay), each file goes into OUT_DIR/gpu_check.tar as soon as it is complete, so
 # OUT_DIR never holds more than that tar, even when the command is cut short
@@ -120,6 +120,12 @@ step throughput 270 "$py" benchmarks/throughput.py --device "$device" "${bench[@
 # runs it): the ceiling it puts on those two rows
 step encoder 60 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
   --modes encode,encode_folded
+# the frozen-encoder step with the next batch encoded on a second CUDA stream while the decoder trains (can the
+# decoder's small kernels run beside the encoder's?), eager and as one CUDA graph, beside the plain step
+step overlap 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
+  --modes frozen,frozen_overlap
+[[ $device == cuda ]] && step overlap_graph 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" \
+  --decoders lstm --modes frozen,frozen_overlap --cuda-graph
 step beam 60 "$py" benchmarks/beam_search.py --device "$device" --repeats 5
 step train 180 "$py" train.py fit -c configs/shapes.yaml "${accel[@]}" \
   --trainer.logger.init_args.save_dir "$runs" --trainer.max_epochs 3 ${TRAIN_ARGS:-}

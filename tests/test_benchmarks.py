@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import finish
 
@@ -44,6 +45,36 @@ def test_each_mode_reports_its_numbers_before_the_next_starts(throughput, monkey
     err = capsys.readouterr().err
     done = [line for line in err.splitlines() if line.strip().startswith("done lstm frozen")]
     assert done and "captions/s" in done[0] and "ms/iter" in done[0] and "peak memory" in done[0], err
+
+
+def test_the_overlapped_frozen_step_trains_on_the_batch_before_while_the_next_is_encoded(throughput):
+    """frozen_overlap: each step encodes one batch and trains on the one encoded before it; the features the step
+    trains on stay as they were until its block ends (its backward reads them), and take the next batch's after."""
+
+    class Encoder:
+        calls = 0
+
+        def features(self, images):
+            self.calls += 1
+            return torch.full((1, 2, 3), float(self.calls))  # (B,N,C): batch i's features are all i
+
+    encoder = Encoder()
+    args = throughput.parse_args(TINY)
+    encode_next = throughput._pipeline(encoder, torch.zeros(1, 3, 8, 8), args, torch.device("cpu"))
+    assert encoder.calls == 1  # the first batch, before any step
+    for step in range(1, 4):
+        with encode_next() as features:
+            assert encoder.calls == step + 1  # the next batch is encoded (on a GPU: alongside the block)
+            assert (features == step).all()  # this step trains on the batch before
+            held = features
+        assert (held == step + 1).all()  # the next step's batch
+
+
+def test_the_overlapped_mode_reports_a_rate(throughput, capsys):
+    throughput.main([*TINY, "--decoders", "lstm", "--modes", "frozen_overlap"])
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if "next batch encoded alongside" in line]
+    assert row and "captions/s" in row[0] and "failed" not in row[0], out
 
 
 def test_a_failing_mode_leaves_its_traceback(throughput, monkeypatch, capsys):
@@ -154,13 +185,14 @@ def test_fused_attention_benchmark_checks_every_tile_it_times():
 
 
 def test_gpu_check_keeps_out_dir_within_what_a_lent_machine_returns(tmp_path):
-    """gpu_check.sh with every step (a stand-in interpreter, `echo`, makes each step instant): 17 files could not
+    """gpu_check.sh with every step (a stand-in interpreter, `echo`, makes each step instant): 19 files could not
     all come back from a machine that returns 8, so each log goes into OUT_DIR/gpu_check.tar as it is complete;
     with room for them all they stay files; and a folder that already holds files is refused (packing at the end
     once deleted an earlier run's tar and, given the repo root, the repo's own files)."""
     script = BENCHMARKS / "gpu_check.sh"
     env = {**os.environ, "PYTHON": "echo", "DEVICE": "cpu"}
-    steps = "env gputest throughput encoder beam train infer kernels profile graph compile_enc compile_enc_graph "
+    steps = "env gputest throughput encoder overlap overlap_graph beam train infer kernels profile graph compile_enc "
+    steps += "compile_enc_graph "
     steps += "compile compile_ro "
     steps += "search_big"
 
@@ -172,7 +204,7 @@ def test_gpu_check_keeps_out_dir_within_what_a_lent_machine_returns(tmp_path):
     assert packed.returncode == 1, packed.stderr  # no training with `echo`: infer is skipped, and says so
     assert [p.name for p in (tmp_path / "packed").iterdir()] == ["gpu_check.tar"]
     listed = subprocess.run(["tar", "-tf", str(tmp_path / "packed" / "gpu_check.tar")], capture_output=True, text=True)
-    cuda_only = ("graph", "compile_enc_graph")
+    cuda_only = ("graph", "compile_enc_graph", "overlap_graph")
     assert sorted(listed.stdout.split()) == sorted(f"{s}.txt" for s in steps.split() if s not in cuda_only)
     assert "== summary" in packed.stdout and "== infer: skipped" in packed.stdout
     again = run(tmp_path / "packed")
