@@ -25,7 +25,7 @@
 # (.whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
 # take it along, e.g. the device tool's carry=[".whl"].)
 #
-# STEPS (space-separated, default "env gputest throughput encoder overlap overlap_graph beam train infer kernels profile
+# STEPS (space-separated, default "env gputest throughput encoder beam train infer overlap overlap_graph kernels profile
 # graph compile_enc compile_enc_graph compile compile_ro search_big")
 # picks a subset; they run in that order, the throughput table right after the quick checks (issue 6's measurement;
 # written mode by mode as it goes), so a command cut short loses the optional steps first. TRAIN_ARGS
@@ -43,7 +43,7 @@ if [[ -e $out ]] && [[ -n $(ls -A "$out") ]]; then
 fi
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=" ${STEPS:-env gputest throughput encoder overlap overlap_graph beam train infer kernels profile graph compile_enc compile_enc_graph compile compile_ro search_big} "
+steps=" ${STEPS:-env gputest throughput encoder beam train infer overlap overlap_graph kernels profile graph compile_enc compile_enc_graph compile compile_ro search_big} "
 # a machine that returns only MAX_FILES files (default 8) from OUT_DIR: where this run could write more (a log per
 # step, the test metrics and the overlay), each file goes into OUT_DIR/gpu_check.tar as soon as it is complete, so
 # OUT_DIR never holds more than that tar, even when the command is cut short
@@ -120,12 +120,6 @@ step throughput 270 "$py" benchmarks/throughput.py --device "$device" "${bench[@
 # runs it): the ceiling it puts on those two rows
 step encoder 60 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
   --modes encode,encode_folded
-# the frozen-encoder step with the next batch encoded on a second CUDA stream while the decoder trains (can the
-# decoder's small kernels run beside the encoder's?), eager and as one CUDA graph, beside the plain step
-step overlap 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
-  --modes frozen,frozen_overlap
-[[ $device == cuda ]] && step overlap_graph 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" \
-  --decoders lstm --modes frozen,frozen_overlap --cuda-graph
 step beam 60 "$py" benchmarks/beam_search.py --device "$device" --repeats 5
 step train 180 "$py" train.py fit -c configs/shapes.yaml "${accel[@]}" \
   --trainer.logger.init_args.save_dir "$runs" --trainer.max_epochs 3 ${TRAIN_ARGS:-}
@@ -140,13 +134,19 @@ elif [[ $steps == *" infer "* ]]; then
   deliver infer.txt
   failed=1
 fi
+# the frozen-encoder step with the next batch encoded on a second CUDA stream while the decoder trains (can the
+# decoder's small kernels run beside the encoder's?), eager and as one CUDA graph, beside the plain step
+step overlap 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" --decoders lstm \
+  --modes frozen,frozen_overlap
+[[ $device == cuda ]] && step overlap_graph 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" \
+  --decoders lstm --modes frozen,frozen_overlap --cuda-graph
 # then, in whatever time is left, the ways to a faster training step: the fused attention kernels' tiles and warps
 # against eager; where a step's time goes (host against device); each whole step replayed from a CUDA graph; the LSTM's decoder under torch.compile, plain and
 # with CUDA graphs (reduce-overhead; one-off compile time per mode, not counted in the rates); and the search on
 # 1,024 images at once
 step kernels 90 "$py" benchmarks/fused_attention.py
-step profile 60 "$py" benchmarks/train_step_profile.py --device "$device" "${bench[@]}" --decoders lstm \
-  --modes cached,frozen,search
+step profile 75 "$py" benchmarks/train_step_profile.py --device "$device" "${bench[@]}" --decoders lstm \
+  --modes cached,frozen,frozen_overlap,search
 [[ $device == cuda ]] && step graph 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" \
   --modes frozen,finetune,cached --cuda-graph
 # the frozen encoder compiled (model.compile_encoder): alone, in a frozen-encoder training step and in the search

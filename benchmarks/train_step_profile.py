@@ -27,7 +27,17 @@ import sys
 import time
 
 import torch
-from throughput import ENCODER_MODES, MODES, PeakMemory, _sync, parse_args, prepare, searcher, train_step
+from throughput import (
+    ENCODER_MODES,
+    MODES,
+    PIPELINE_MODES,
+    PeakMemory,
+    _sync,
+    parse_args,
+    prepare,
+    searcher,
+    train_step,
+)
 from torch.autograd import DeviceType
 
 
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             batch = f"{args.search_images} images x K={args.beam}" if mode == "search" else (
                 f"{args.images_per_batch} x {args.captions_per_image}")  # fmt: skip
-            print(f"-- {decoder}: {MODES[mode]}, batch {batch}")
+            print(f"-- {decoder}: {MODES.get(mode) or PIPELINE_MODES[mode]}, batch {batch}")
             profile_mode(args, decoder, mode, device, ours.steps, ours.rows)
 
 

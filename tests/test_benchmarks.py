@@ -3,6 +3,7 @@ behind when it is stopped or a mode fails, at tiny sizes on the CPU; and every b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -68,6 +69,54 @@ def test_the_overlapped_frozen_step_trains_on_the_batch_before_while_the_next_is
             assert (features == step).all()  # this step trains on the batch before
             held = features
         assert (held == step + 1).all()  # the next step's batch
+
+
+def test_the_overlapped_step_forks_the_encoder_onto_a_second_stream_and_joins_it_back(throughput, monkeypatch):
+    """With (stand-in) CUDA streams: the first batch is encoded on the current stream; at each step the second
+    stream waits for the current one (whatever stream that is: the warm-up's, the capture's), the encoder runs on
+    it, the decoder's step on the current one, and the current one waits for the second before the next batch's
+    features are taken, even when the step fails (else a CUDA graph capture ends with a stream unjoined)."""
+    log = []
+
+    class Stream:
+        def __init__(self, name="second"):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    current = [Stream("current")]
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+
+    class Encoder:
+        def features(self, images):
+            log.append(f"encode on {current[-1].name}")
+            return torch.zeros(1, 2, 3)  # (B,N,C)
+
+    args = throughput.parse_args(TINY)
+    encode_next = throughput._pipeline(Encoder(), torch.zeros(1, 3, 8, 8), args, torch.device("cuda"))
+    assert log == ["encode on current"]
+    for name in ("current", "capture"):
+        current[0] = Stream(name)
+        log.clear()
+        with encode_next():
+            log.append(f"step on {current[-1].name}")
+        assert log == [f"second waits for {name}", "encode on second", f"step on {name}", f"{name} waits for second"]
+    log.clear()
+    with pytest.raises(RuntimeError, match="out of memory"), encode_next():
+        raise RuntimeError("out of memory")
+    assert log[-1] == "capture waits for second"
 
 
 def test_the_overlapped_mode_reports_a_rate(throughput, capsys):
@@ -191,7 +240,7 @@ def test_gpu_check_keeps_out_dir_within_what_a_lent_machine_returns(tmp_path):
     once deleted an earlier run's tar and, given the repo root, the repo's own files)."""
     script = BENCHMARKS / "gpu_check.sh"
     env = {**os.environ, "PYTHON": "echo", "DEVICE": "cpu"}
-    steps = "env gputest throughput encoder overlap overlap_graph beam train infer kernels profile graph compile_enc "
+    steps = "env gputest throughput encoder beam train infer overlap overlap_graph kernels profile graph compile_enc "
     steps += "compile_enc_graph "
     steps += "compile compile_ro "
     steps += "search_big"
