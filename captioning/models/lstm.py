@@ -107,11 +107,11 @@ class LSTMDecoder(Decoder):
         hs, contexts, alphas = [], [], []
         for t in range(tokens.size(1)):
             q, gate_in, h_gates = F.linear(h, w_h, b_h).split([a, g, w_h.size(0) - a - g], dim=1)  # (R,A|C|4H)
-            # contiguous: the attention would copy the strided slice anyway, and would keep the whole product for
-            # its backward
+            # contiguous: the fused attention kernels would copy the strided slice anyway, and keep the whole product
+            # of h for their backward
             context, alpha = self.attention.attend(features, keys, q.contiguous())  # (R,C), (R,N)
             context = torch.sigmoid(gate_in) * context
-            # (R,4H): W_hh h + b_hh + W_ic context in one product, contiguous as the fused cell wants it
+            # (R,4H): W_hh h + b_hh + W_ic context in one product (the strided slice is the addmm's input term)
             h_gates = torch.addmm(h_gates, context, w_context.t())
             h, c = _lstm_cell(emb_gates[t], h_gates, c)
             hs.append(h)
