@@ -4,8 +4,10 @@
 # table (issue 6), the batched-vs-one-by-one beam search (issue 4), the default shapes recipe trained on
 # the GPU in bf16-mixed for 3 epochs (fit, validation, test, checkpoints), then infer.py on it (the
 # Lightning + CUDA path of train.py / infer.py, which the CPU test suite cannot cover); then, in what time
-# is left, the fused attention kernels' tiles and warps timed against eager, a profile of the training step, the steps as CUDA graphs, the frozen encoder and the LSTM's decoder compiled, and the
-# search on 1,024 images.
+# is left, the frozen-encoder step with the encoder one batch ahead on a second stream, the fused attention
+# kernels' tiles and warps timed against eager, a profile of the training step, the steps as CUDA graphs, the
+# frozen encoder and the LSTM's decoder compiled, and the search on 1,024 images. Every step no longer fits one
+# 570 s command: STEPS picks a subset (benchmarks/RESULTS.md names the one for the next GPU session).
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else ./gpu_check
 #
