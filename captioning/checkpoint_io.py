@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
+from captioning.errors import InputError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(InputError):
     """A checkpoint could not be used; the message names the file and the cause."""
 
 

@@ -35,6 +35,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_weights_only
 from captioning.data.datamodule import CaptionDataModule
+from captioning.errors import InputError
 from captioning.lit_module import SIGTERM_EXIT, CaptionModule
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
@@ -367,6 +368,8 @@ def main(args: list[str] | None = None) -> CaptionCLI:
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": True},
         )
+    except InputError as e:  # a data file, an option's value, a checkpoint: the message names it and the cause
+        sys.exit(f"error: {e}")
     except SIGTERMException:  # one process (Lightning's own exit status: 0), or rank 0 of plain ddp (143)
         _stopped_by_sigterm()
     except ProcessExitedException as e:  # ddp_spawn: a rank ended so (CheckpointOnSigterm), after saving

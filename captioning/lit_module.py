@@ -26,6 +26,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from captioning.decoding import beam_search
+from captioning.errors import InputError
 from captioning.metrics import score_captions, shapes_scores
 from captioning.models.encoders import load_encoder_weights
 from captioning.models.net import CaptionNet, ignored_options
@@ -500,11 +501,11 @@ class CaptionModule(pl.LightningModule):
     ):
         super().__init__()
         if not vocab:
-            raise ValueError("model.vocab is empty: it is set from the data module's training captions")
+            raise InputError("model.vocab is empty: it is set from the data module's training captions")
         if compile_mode not in COMPILE_MODES:
-            raise ValueError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+            raise InputError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         if lr_schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"model.lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
+            raise InputError(f"model.lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
         # checked here, before any data is generated or step taken: AdamW checks only its default lr, not a
         # group's, so a negative model.lr trained (uphill) without a word, a negative warmup was no warmup, and
         # beam_size 0 or label_smoothing 1.5 stopped the run only at the first validation or step
@@ -536,7 +537,7 @@ class CaptionModule(pl.LightningModule):
         )
         if encoder == "small_cnn" and (encoder_stage != 4 or encoder_grid):
             # SmallCNN has neither stages nor pooling: model.encoder_grid 4 trained on the 8x8 grid, silently
-            raise ValueError(
+            raise InputError(
                 f"model.encoder_stage ({encoder_stage}) and model.encoder_grid ({encoder_grid}) shape a torchvision "
                 "ResNet's grid; small_cnn has none of either (its grid is the image size / 8; model.encoder_channels "
                 "sets its widths): leave them at 4 and null (--model.encoder_stage 4 --model.encoder_grid null, also "
@@ -545,7 +546,7 @@ class CaptionModule(pl.LightningModule):
         if decoder == "transformer" and max_decode_len > max_len:
             # the search feeds word t at position t: past the position table it would stop the first
             # validation, after a whole epoch of training, so the two are checked here instead
-            raise ValueError(
+            raise InputError(
                 f"model.max_decode_len ({max_decode_len}) is more than model.max_len ({max_len}), the positions "
                 f"the transformer decoder's table covers: lower model.max_decode_len or raise model.max_len"
             )
@@ -573,7 +574,7 @@ class CaptionModule(pl.LightningModule):
             # teacher forcing feeds <start> and up to max_caption_len words: one position each. Checked here,
             # not at the first batch with a long caption, which stopped the run naming model.max_len only
             if words + 1 > self.hparams.max_len:
-                raise ValueError(
+                raise InputError(
                     f"data.max_caption_len ({words}) needs {words + 1} positions (<start> and the words), more "
                     f"than model.max_len ({self.hparams.max_len}) the transformer decoder's table covers: lower "
                     f"data.max_caption_len or raise model.max_len"
@@ -625,7 +626,7 @@ class CaptionModule(pl.LightningModule):
             total = max(int(total), 1)
         elif hp.lr_schedule == "cosine":
             # int(inf) stopped such a run with a bare OverflowError, whatever its schedule
-            raise ValueError(
+            raise InputError(
                 "model.lr_schedule 'cosine' decays to 0 at the run's last step, but this run has no last step "
                 "(trainer.max_epochs -1 and no trainer.max_steps): set one of them, or use lr_schedule 'step' or "
                 "'constant' (e.g. with early stopping)"
@@ -652,7 +653,7 @@ class CaptionModule(pl.LightningModule):
             epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
             steps_per_epoch = max(total // epochs, 1)
         elif hp.lr_schedule == "step":
-            raise ValueError("model.lr_schedule 'step' needs the length of an epoch, and this run's loader has none")
+            raise InputError("model.lr_schedule 'step' needs the length of an epoch, and this run's loader has none")
         else:
             steps_per_epoch = 1  # unused: only the step schedule reads it
 
@@ -999,7 +1000,7 @@ class CaptionModule(pl.LightningModule):
         ours, theirs = list(self.vocab.tokens), list(meta["vocab"])
         if ours != theirs:
             diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            raise ValueError(
+            raise InputError(
                 f"vocabulary mismatch: the checkpoint has {len(theirs)} tokens, the data gives {len(ours)}; "
                 f"first difference at index {diff}: "
                 f"checkpoint {theirs[diff : diff + 3]} vs data {ours[diff : diff + 3]}"
@@ -1010,7 +1011,7 @@ class CaptionModule(pl.LightningModule):
         differ = {k: (arch[k], self.arch[k]) for k in arch if arch[k] != self.arch[k]}
         if differ:
             sides = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(f"model configuration mismatch ({sides})")
+            raise InputError(f"model configuration mismatch ({sides})")
         # image size, mean and std come from the data options, not from the checkpoint: a model tested (or
         # resumed) on images prepared otherwise than it was trained on scores lower, silently
         pre = meta.get("preprocess") or {}
@@ -1019,7 +1020,7 @@ class CaptionModule(pl.LightningModule):
         if differ:
             sides = ", ".join(f"{k}: checkpoint {a!r} vs data {b!r}" for k, (a, b) in differ.items())
             flags = " ".join(f"--data.{k} {json.dumps(a)}" for k, (a, _) in differ.items())
-            raise ValueError(f"image preprocessing mismatch ({sides}); to match the checkpoint pass {flags}")
+            raise InputError(f"image preprocessing mismatch ({sides}); to match the checkpoint pass {flags}")
 
     def _preprocess(self) -> dict:
         """How this model's images are prepared, as checkpoints store it (and inference reads it back)."""
@@ -1046,7 +1047,7 @@ class CaptionModule(pl.LightningModule):
             if their_decay is not None and (their_decay > 0) != (self.hparams.weight_decay > 0)
             else "a checkpoint written before weight decay left biases and norms alone, or other trainable parameters"
         )
-        raise ValueError(
+        raise InputError(
             f"cannot resume: the checkpoint's optimizer has parameter groups of {theirs} tensors, this run's options "
             f"give {ours} ({why}); resume with the checkpoint's options, or start a new fit"
         )

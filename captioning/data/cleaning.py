@@ -25,6 +25,7 @@ from pathlib import Path
 
 from captioning.data.images import MAX_PIXELS, check_image
 from captioning.data.records import CaptionRecord
+from captioning.errors import InputError
 
 SPLITS = ("train", "val", "test")
 _WORD = re.compile(r"\w")
@@ -112,7 +113,7 @@ def clean_records(
             continue
         other = split_of.setdefault(r.image_path, r.split)
         if other != r.split:
-            raise ValueError(f"{source}: image {r.image_path} is in both the '{other}' and the '{r.split}' split")
+            raise InputError(f"{source}: image {r.image_path} is in both the '{other}' and the '{r.split}' split")
         seen = ids.setdefault(r.split, set())
         if r.image_id in seen:
             report.duplicate_ids += 1
@@ -149,7 +150,7 @@ def clean_records(
         report.images[s] = len(split[s])
         report.captions[s] = sum(len(r.tokens) for r in split[s])
     if report.bad_fraction > max_bad_fraction:
-        raise ValueError(
+        raise InputError(
             f"{source}: {sum(report.bad_images.values())} of {report.total_images} images are bad "
             f"({report.bad_fraction:.1%} > data.max_bad_fraction {max_bad_fraction:.1%}); is data.image_root right?\n"
             + report.summary(source)
@@ -162,4 +163,4 @@ def clean_records(
 def check_train_split(split: dict[str, list[CaptionRecord]], report: DataReport, source: str | Path) -> None:
     """Raise ValueError, naming ``source`` and with the data summary, when the training split is empty."""
     if not split["train"]:
-        raise ValueError(f"{source}: no usable images in the 'train' split\n" + report.summary(source))
+        raise InputError(f"{source}: no usable images in the 'train' split\n" + report.summary(source))

@@ -29,6 +29,7 @@ from captioning.data.records import CaptionRecord
 from captioning.data.sources import read_karpathy_json, read_records
 from captioning.data.synthetic import JSON_NAME, MIN_SHAPES_SIZE, ShapesConfig, generate
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from captioning.errors import InputError, InputFileNotFoundError
 from captioning.options import check_ranges
 from captioning.vocab import Vocabulary
 
@@ -281,9 +282,9 @@ class CaptionDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         if dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {list(DATASETS)}, got {dataset!r}")
+            raise InputError(f"data.dataset must be one of {list(DATASETS)}, got {dataset!r}")
         if dataset != "shapes" and not annotations:
-            raise ValueError(f"data.dataset={dataset!r} needs data.annotations ({DATASETS[dataset]})")
+            raise InputError(f"data.dataset={dataset!r} needs data.annotations ({DATASETS[dataset]})")
         # before any data is read: image_size 0 failed deep in the shapes generator (randrange), and
         # max_caption_len 0 or captions_per_image -1 trained on empty (or all) captions without a word
         check_ranges(
@@ -343,7 +344,7 @@ class CaptionDataModule(pl.LightningDataModule):
                 try:
                     records = read_records(self.dataset, self.annotations, self.image_root, **self.source_options)
                 except FileNotFoundError as e:
-                    raise FileNotFoundError(f"{e} (where to get it and where to put it: data/README.md)") from None
+                    raise InputFileNotFoundError(f"{e} (where to get it and where to put it: data/README.md)") from None
             # with a vocabulary given (a checkpoint's, for test / validate) the training split may be empty:
             # a model is then scored on a data set of test images only. Training still needs it (train_dataloader)
             self._records, self.report = clean_records(
@@ -410,7 +411,7 @@ class CaptionDataModule(pl.LightningDataModule):
             module = trainer.lightning_module
             encoder = module.net.encoder
             if not encoder.freeze:
-                raise ValueError(
+                raise InputError(
                     "data.feature_cache needs a frozen encoder (model.freeze_encoder: true): "
                     "the features of an encoder that is being trained change at every step"
                 )

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
 from captioning.data.tempfiles import file_lock, locked_temp, remove_orphans, try_lock
 from captioning.data.transforms import EvalTransform
+from captioning.errors import InputError
 from captioning.models.base import Encoder
 
 _DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -100,7 +101,7 @@ class FeatureCache:
         dtype: str = "float16",
     ):
         if dtype not in _DTYPES:
-            raise ValueError(f"feature cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            raise InputError(f"feature cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.folder, self.name, self.paths, self.dtype = Path(folder), name, list(paths), dtype
         self.transform = transform
         self.description = {

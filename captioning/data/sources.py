@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from captioning.data.records import CaptionRecord
+from captioning.errors import InputError, InputFileNotFoundError
 from captioning.vocab import tokenize
 
 #: The split names of Karpathy's files; restval (COCO's images beyond the 5,000 val and test) joins train
@@ -49,20 +50,20 @@ def read_karpathy_json(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: Karpathy JSON not found")
+        raise InputFileNotFoundError(f"{path}: Karpathy JSON not found")
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise InputError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict) or "images" not in data:
-        raise ValueError(f"{path}: not a Karpathy-format file (no 'images' list)")
+        raise InputError(f"{path}: not a Karpathy-format file (no 'images' list)")
     if not isinstance(data["images"], list):
-        raise ValueError(f"{path}: 'images' must be a list of image entries, got {_kind(data['images'])}")
+        raise InputError(f"{path}: 'images' must be a list of image entries, got {_kind(data['images'])}")
     first = data["images"][0] if data["images"] else None
     if "annotations" in data and isinstance(first, dict) and "sentences" not in first:
         # COCO's own captions_*.json also has an 'images' list, so without this its first entry would only be
         # said to lack 'filename' (it has 'file_name'), which reads as a typo to fix rather than the wrong file
-        raise ValueError(
+        raise InputError(
             f"{path}: a COCO annotation file ('images' and 'annotations', such as captions_train2014.json), not a "
             "Karpathy-format file: use dataset_coco.json from Karpathy's caption_datasets.zip (see data/README.md)"
         )
@@ -71,20 +72,20 @@ def read_karpathy_json(
     for i, img in enumerate(data["images"]):
         where = f"{path}: images[{i}]"
         if not isinstance(img, dict):
-            raise ValueError(f"{where} must be an object with 'filename' and 'sentences', got {_kind(img)}")
+            raise InputError(f"{where} must be an object with 'filename' and 'sentences', got {_kind(img)}")
         for key in ("filename", "sentences"):
             if key not in img:
-                raise ValueError(f"{where} has no {key!r}")
+                raise InputError(f"{where} has no {key!r}")
         filename = img["filename"]
         if not isinstance(filename, str) or not filename:
-            raise ValueError(f"{where}: 'filename' must be a non-empty string, got {_kind(filename)}")
+            raise InputError(f"{where}: 'filename' must be a non-empty string, got {_kind(filename)}")
         where = f"{where} ({filename})"
         for key in ("filepath", "split"):
             if not isinstance(img.get(key, ""), str):
-                raise ValueError(f"{where}: {key!r} must be a string, got {_kind(img[key])}")
+                raise InputError(f"{where}: {key!r} must be a string, got {_kind(img[key])}")
         split = img.get("split", "train")
         if split not in KARPATHY_SPLITS:  # it was left out with the "in no split" count, unseen
-            raise ValueError(f"{where}: unknown split {split!r}, expected one of {', '.join(KARPATHY_SPLITS)}")
+            raise InputError(f"{where}: unknown split {split!r}, expected one of {', '.join(KARPATHY_SPLITS)}")
         if split == "restval" and restval_to_train:
             split = "train"
         raws, toks = _karpathy_sentences(where, img["sentences"])
@@ -116,7 +117,7 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         at = e.start + len(data) - len(e.object)  # e.start counts from after a byte-order mark
         line = data.count(b"\n", 0, at) + 1
-        raise ValueError(
+        raise InputError(
             f"{path}:{line}: not UTF-8 text (byte 0x{data[at]:02x} at offset {at}); save the file as UTF-8"
         ) from None
 
@@ -135,20 +136,20 @@ def _karpathy_sentences(where: str, sentences: Any) -> tuple[list[str], list[lis
     on words ("dog."), read as a sentence it would be tokenised again, and nothing says which it is.
     """
     if not isinstance(sentences, list):
-        raise ValueError(f"{where}: 'sentences' must be a list, got {_kind(sentences)}")
+        raise InputError(f"{where}: 'sentences' must be a list, got {_kind(sentences)}")
     raws, toks = [], []
     for j, s in enumerate(sentences):
         here = f"{where}: sentences[{j}]"
         if not isinstance(s, dict):
-            raise ValueError(f"{here} must be an object with 'raw' and/or 'tokens', got {_kind(s)}")
+            raise InputError(f"{here} must be an object with 'raw' and/or 'tokens', got {_kind(s)}")
         if "raw" not in s and "tokens" not in s:
-            raise ValueError(f"{here} has neither 'raw' nor 'tokens'")
+            raise InputError(f"{here} has neither 'raw' nor 'tokens'")
         raw, tokens = s.get("raw"), s.get("tokens")
         if raw is not None and not isinstance(raw, str):
-            raise ValueError(f"{here}: 'raw' must be a string, got {_kind(raw)}")
+            raise InputError(f"{here}: 'raw' must be a string, got {_kind(raw)}")
         if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
             hint = f" (a list such as {tokens.split()!r})" if isinstance(tokens, str) else ""
-            raise ValueError(f"{here}: 'tokens' must be a list of strings{hint}, got {_kind(tokens)}")
+            raise InputError(f"{here}: 'tokens' must be a list of strings{hint}, got {_kind(tokens)}")
         if raw is None:
             raw = " ".join(tokens or [])
         raws.append(raw)
@@ -185,7 +186,9 @@ def _flickr8k_splits(splits_dir: Path) -> dict[str, str]:
     """Image name -> split from whichever of the three Flickr8k split files exist."""
     found = [(splits_dir / f, split) for f, split in FLICKR8K_SPLIT_FILES.items() if (splits_dir / f).is_file()]
     if not found:
-        raise FileNotFoundError(f"{splits_dir}: no Flickr8k split file, expected {', '.join(FLICKR8K_SPLIT_FILES)}")
+        raise InputFileNotFoundError(
+            f"{splits_dir}: no Flickr8k split file, expected {', '.join(FLICKR8K_SPLIT_FILES)}"
+        )
     splits: dict[str, str] = {}
     source: dict[str, Path] = {}
     for f, split in found:
@@ -194,7 +197,7 @@ def _flickr8k_splits(splits_dir: Path) -> dict[str, str]:
             if not name or source.get(name) == f:
                 continue
             if name in source:
-                raise ValueError(f"{f}: {name} is also listed in {source[name]}")
+                raise InputError(f"{f}: {name} is also listed in {source[name]}")
             splits[name], source[name] = split, f
     return splits
 
@@ -211,7 +214,7 @@ def read_flickr8k(
     """
     token_file = Path(token_file)
     if not token_file.is_file():
-        raise FileNotFoundError(f"{token_file}: Flickr8k token file not found")
+        raise InputFileNotFoundError(f"{token_file}: Flickr8k token file not found")
     captions: dict[str, list[str]] = {}
     # newline=None: lines end at \n, \r\n or \r, as in a file opened in text mode
     with io.StringIO(_read_text(token_file), newline=None) as f:
@@ -220,10 +223,10 @@ def read_flickr8k(
                 continue
             key, tab, caption = line.rstrip("\r\n").partition("\t")
             if not tab:
-                raise ValueError(f"{token_file}:{lineno}: no tab between image#index and caption")
+                raise InputError(f"{token_file}:{lineno}: no tab between image#index and caption")
             name, hash_, _ = key.strip().rpartition("#")
             if not hash_ or not name:
-                raise ValueError(f"{token_file}:{lineno}: expected 'image.jpg#index', got {key!r}")
+                raise InputError(f"{token_file}:{lineno}: expected 'image.jpg#index', got {key!r}")
             captions.setdefault(name, []).append(caption.strip())
     folder = Path(splits_dir) if splits_dir is not None else token_file.parent
     splits = _flickr8k_splits(folder)
@@ -238,7 +241,7 @@ def _split_name(path: Path, lineno: int, value: Any) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str) or value.strip().lower() not in _SPLIT_ALIASES:
-        raise ValueError(f"{path}:{lineno}: unknown split {value!r}, expected one of {', '.join(_SPLIT_ALIASES)}")
+        raise InputError(f"{path}:{lineno}: unknown split {value!r}, expected one of {', '.join(_SPLIT_ALIASES)}")
     return _SPLIT_ALIASES[value.strip().lower()]
 
 
@@ -252,24 +255,24 @@ def _read_jsonl(path: Path) -> list[tuple[int, str, list[str], str | None]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e})") from e
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             image = obj.get("image")
             if not isinstance(image, str) or not image:
-                raise ValueError(f"{path}:{lineno}: missing or empty 'image'")
+                raise InputError(f"{path}:{lineno}: missing or empty 'image'")
             if "captions" in obj and "caption" in obj:
-                raise ValueError(f"{path}:{lineno}: give either 'captions' or 'caption', not both")
+                raise InputError(f"{path}:{lineno}: give either 'captions' or 'caption', not both")
             if "captions" in obj:
                 caps = obj["captions"]
                 if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-                    raise ValueError(f"{path}:{lineno}: 'captions' must be a list of strings")
+                    raise InputError(f"{path}:{lineno}: 'captions' must be a list of strings")
             elif "caption" in obj:
                 if not isinstance(obj["caption"], str):
-                    raise ValueError(f"{path}:{lineno}: 'caption' must be a string")
+                    raise InputError(f"{path}:{lineno}: 'caption' must be a string")
                 caps = [obj["caption"]]
             else:
-                raise ValueError(f"{path}:{lineno}: missing 'captions' (or 'caption')")
+                raise InputError(f"{path}:{lineno}: missing 'captions' (or 'caption')")
             rows.append((lineno, image, caps, _split_name(path, lineno, obj.get("split"))))
     return rows
 
@@ -283,15 +286,15 @@ def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"{path}: empty file, expected a header row with columns 'image' and 'caption'")
+            raise InputError(f"{path}: empty file, expected a header row with columns 'image' and 'caption'")
         columns = [c.strip() for c in header]
         if "image" not in columns or "caption" not in columns:
-            raise ValueError(f"{path}: needs columns 'image' and 'caption' (optional 'split'), found {columns}")
+            raise InputError(f"{path}: needs columns 'image' and 'caption' (optional 'split'), found {columns}")
         # a repeated column (a "wide" file with one caption column per caption) would be read by its first
         # copy only, the other captions lost unsaid: one row per caption is the format
         repeated = sorted({c for c in ("image", "caption", "split") if columns.count(c) > 1})
         if repeated:
-            raise ValueError(
+            raise InputError(
                 f"{path}: column {', '.join(map(repr, repeated))} appears more than once in the header; "
                 "give one row per caption (image,caption[,split])"
             )
@@ -301,17 +304,17 @@ def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) <= max(col.values()):
-                raise ValueError(f"{path}:{lineno}: {len(row)} fields, header has {len(columns)}")
+                raise InputError(f"{path}:{lineno}: {len(row)} fields, header has {len(columns)}")
             if any(cell.strip() for cell in row[len(columns) :]):
                 # most often an unquoted comma in a caption: read by its columns, the caption would be cut
                 # at the comma and the rest dropped, unsaid (empty trailing cells, as spreadsheets write, pass)
-                raise ValueError(
+                raise InputError(
                     f"{path}:{lineno}: {len(row)} fields, header has {len(columns)}; "
                     'a caption with a comma must be in double quotes ("a dog, a cat")'
                 )
             image = row[col["image"]].strip()
             if not image:
-                raise ValueError(f"{path}:{lineno}: empty 'image'")
+                raise InputError(f"{path}:{lineno}: empty 'image'")
             split = _split_name(path, lineno, row[col["split"]]) if "split" in col else None
             rows.append((lineno, image, [row[col["caption"]].strip()], split))
     return rows
@@ -346,7 +349,7 @@ def _unit_hash(text: str) -> float:
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     # `not x >= 0` also rejects NaN
     if not (val_fraction >= 0 and test_fraction >= 0 and val_fraction + test_fraction < 1):
-        raise ValueError(
+        raise InputError(
             f"need 0 <= val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1, "
             f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
         )
@@ -370,9 +373,9 @@ def read_captions_file(
     readers = {".jsonl": _read_jsonl, ".csv": _read_csv}
     suffix = path.suffix.lower()
     if suffix not in readers:
-        raise ValueError(f"{path}: unsupported captions file suffix {path.suffix!r}, expected .jsonl or .csv")
+        raise InputError(f"{path}: unsupported captions file suffix {path.suffix!r}, expected .jsonl or .csv")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: captions file not found")
+        raise InputFileNotFoundError(f"{path}: captions file not found")
     captions: dict[str, list[str]] = {}
     explicit: dict[str, str] = {}
     for lineno, image, caps, split in readers[suffix](path):
@@ -380,7 +383,7 @@ def read_captions_file(
         if split is None:
             continue
         if explicit.setdefault(image, split) != split:
-            raise ValueError(f"{path}:{lineno}: {image} has split {split!r} here but {explicit[image]!r} earlier")
+            raise InputError(f"{path}:{lineno}: {image} has split {split!r} here but {explicit[image]!r} earlier")
     if explicit:
         splits = {name: explicit.get(name, "train") for name in captions}
     else:
@@ -401,5 +404,5 @@ def read_records(
     ``val_fraction``, ``test_fraction``, ``seed`` (captions).
     """
     if source not in READERS:
-        raise ValueError(f"unknown caption source {source!r}, expected one of {', '.join(READERS)}")
+        raise InputError(f"unknown caption source {source!r}, expected one of {', '.join(READERS)}")
     return READERS[source](path, image_root=image_root, **kwargs)

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from captioning.data.tempfiles import file_lock, locked_temp, remove_orphans
+from captioning.errors import InputError
 from captioning.vocab import tokenize
 
 SHAPES = ("circle", "square", "triangle")
@@ -156,11 +157,11 @@ def _check_replaceable(root: Path) -> None:
     if not root.exists():
         return
     if not root.is_dir():
-        raise ValueError(f"{root}: exists and is not a folder; the shapes set needs a folder of its own")
+        raise InputError(f"{root}: exists and is not a folder; the shapes set needs a folder of its own")
     entries = {p.name for p in root.iterdir()}
     if entries and not (JSON_NAME in entries and entries <= {JSON_NAME, "images"}):
         others = sorted(entries - {JSON_NAME, "images"}) or sorted(entries)
-        raise ValueError(
+        raise InputError(
             f"{root}: refusing to generate the shapes set here: the folder holds other files ({', '.join(others[:5])}"
             f"{', ...' if len(others) > 5 else ''}) and generating replaces the whole folder; point data_dir at an "
             "empty or new folder, or at an earlier shapes set"
@@ -277,7 +278,7 @@ def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: 
     set it returns for as long as it runs, and replacing a set needs that lock exclusively.
     """
     if config.image_size < MIN_SHAPES_SIZE:
-        raise ValueError(f"shapes image_size must be at least {MIN_SHAPES_SIZE}, got {config.image_size}")
+        raise InputError(f"shapes image_size must be at least {MIN_SHAPES_SIZE}, got {config.image_size}")
     root = Path(root)
     json_path = root / JSON_NAME
     params = {"format_version": FORMAT_VERSION, **asdict(config)}

@@ -23,6 +23,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from captioning.errors import InputError
 from captioning.models.base import CellCentres, Encoder, EncoderOutput
 
 _RESNET_STAGE_CHANNELS = {
@@ -114,7 +115,7 @@ class SmallCNN(Encoder):
     def __init__(self, channels: tuple[int, ...] = (32, 64, 96, 128), freeze: bool = False):
         super().__init__()
         if len(channels) != 4:
-            raise ValueError(f"small_cnn takes 4 channel widths, got {list(channels)}")
+            raise InputError(f"small_cnn takes 4 channel widths, got {list(channels)}")
         c0, c1, c2, c3 = channels
         self.body = nn.Sequential(
             _conv_bn(3 + 2, c0, 2),  # /2, +2 coordinate channels
@@ -147,9 +148,9 @@ class TorchvisionEncoder(Encoder):
     def __init__(self, arch: str = "resnet50", stage: int = 4, grid: int | None = None, freeze: bool = True):
         super().__init__()
         if arch not in _RESNET_STAGE_CHANNELS:
-            raise ValueError(f"encoder arch must be one of {sorted(_RESNET_STAGE_CHANNELS)}, got {arch!r}")
+            raise InputError(f"encoder arch must be one of {sorted(_RESNET_STAGE_CHANNELS)}, got {arch!r}")
         if stage not in (1, 2, 3, 4):
-            raise ValueError(f"encoder stage must be 1..4, got {stage}")
+            raise InputError(f"encoder stage must be 1..4, got {stage}")
         net = torchvision.models.get_model(arch, weights=None)
         layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
         self.arch = arch
@@ -194,7 +195,7 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
     ``load_state_dict`` itself accepts that).
     """
     if not isinstance(encoder, TorchvisionEncoder):
-        raise ValueError(f"pretrained weights need a torchvision encoder, not {type(encoder).__name__}")
+        raise InputError(f"pretrained weights need a torchvision encoder, not {type(encoder).__name__}")
     path = Path(weights)
     if path.suffix in (".pt", ".pth", ".bin") or path.exists():
         if path.is_dir():
@@ -208,13 +209,13 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
             with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path}: cannot load encoder weights ({e})") from e
+            raise InputError(f"{path}: cannot load encoder weights ({e})") from e
         for wrapper in ("state_dict", "model"):  # a training checkpoint: the weights and more
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
                 break
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: not a state dict (a dict of tensors) but a {type(state).__name__}")
+            raise InputError(f"{path}: not a state dict (a dict of tensors) but a {type(state).__name__}")
         if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel / DDP wrapper
             state = {k[len("module.") :]: v for k, v in state.items()}
     else:
@@ -222,7 +223,7 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
         try:
             spec = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
         except KeyError:
-            raise ValueError(
+            raise InputError(
                 f"unknown weights {weights!r} for {encoder.arch}: no such file, nor one of torchvision's names "
                 f"{['DEFAULT', *(w.name for w in enum)]}"
             ) from None
@@ -258,5 +259,5 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
     if problems:
         if not mapped:  # no ResNet names at all: show the file's own, so another prefix or format is plain
             problems.append(f"none of its {len(state)} keys is a ResNet's (first: {list(state)[:3]})")
-        raise ValueError(f"{weights}: weights do not fit {encoder.arch}: " + "; ".join(problems))
+        raise InputError(f"{weights}: weights do not fit {encoder.arch}: " + "; ".join(problems))
     encoder.body.load_state_dict(mapped)

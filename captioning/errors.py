@@ -1,0 +1,16 @@
+"""Errors in what a user gave: a data file, an image folder, an option's value, a checkpoint.
+
+Their message names the file or the option and the cause, so ``train.py`` prints it as one line (``error: ...``)
+instead of a traceback through Lightning's setup, which buried it under some fifteen frames. They are ValueErrors
+(and the missing-file one a FileNotFoundError too), so code that caught those before still catches them.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Something a user gave cannot be used; the message names it and says why."""
+
+
+class InputFileNotFoundError(InputError, FileNotFoundError):
+    """A file a user named does not exist; the message names it."""
