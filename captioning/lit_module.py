@@ -979,6 +979,9 @@ class CaptionModule(pl.LightningModule):
         if states:  # its optimizer's group sizes and weight decay, for configure_optimizers to compare
             hparams = checkpoint.get("hyper_parameters") or {}
             self._ckpt_groups = ([len(g["params"]) for g in states[0]["param_groups"]], hparams.get("weight_decay"))
+        # read before _resume_after_epoch_end rewrites the loops' state
+        batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        epoch_ended = bool(batches.get("is_last_batch"))
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Lightning then counts the logged steps from a restart's rule; the first batch sets them right
             self._align_logged_step = _resume_after_epoch_end(checkpoint, self.trainer.max_steps != -1)
@@ -991,8 +994,14 @@ class CaptionModule(pl.LightningModule):
         ranks = resume.get("rng_ranks")
         if ranks and len(ranks) == self.trainer.world_size:  # the same number of processes: each its own
             self._pending_rng = ranks[self.trainer.global_rank]
-        if resume["batches_done"] and self.trainer.datamodule is not None:
-            self.trainer.datamodule.resume_at(resume["epoch"], resume["batches_done"])
+        epoch, batches_done = resume["epoch"], resume["batches_done"]
+        if batches_done and epoch_ended:
+            # written after the epoch's last batch: the next epoch, from its start. The sampler tells so only where
+            # the epoch took all of its items; with trainer.limit_train_batches it took fewer, and a resume then
+            # trained on the rest of that epoch's order, the loader's workers having drawn it before set_epoch
+            epoch, batches_done = epoch + 1, 0
+        if (batches_done or epoch != resume["epoch"]) and self.trainer.datamodule is not None:
+            self.trainer.datamodule.resume_at(epoch, batches_done)
 
     def _check_matches(self, meta: dict) -> None:
         """Refuse a checkpoint whose vocabulary, architecture or image preprocessing differs from this

@@ -453,3 +453,50 @@ def test_a_resumed_loader_with_workers_continues_where_the_checkpoint_stopped():
     assert _resumed_epochs((1, 2), first_epoch=1) == [_order(1)[4:], _order(2)]
     # written at epoch 1's end (all 5 batches done): Lightning goes on with epoch 2, whole
     assert _resumed_epochs((1, 5), first_epoch=2) == [_order(2), _order(3)]
+
+
+@pytest.mark.parametrize("max_steps", [-1, 9])
+def test_a_resume_from_an_epochs_end_under_limit_train_batches_starts_the_next_epochs_order(tmp_path, max_steps):
+    """With trainer.limit_train_batches an epoch takes fewer items than the sampler has, so the sampler could not
+    tell a checkpoint written at the epoch's end from one inside it: a resume with data-loader workers trained
+    its next epoch on the rest of the finished epoch's order (its batches 3-5 instead of the next epoch's 0-2)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.lit_module import CaptionModule
+
+    class Seen(pl.Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.batches.append((trainer.current_epoch, batch_idx, batch[0].sum().item()))
+
+    def run(folder, ckpt=None):
+        pl.seed_everything(0, verbose=False)
+        data = CaptionDataModule(
+            dataset="shapes", data_dir=str(tmp_path / "shapes"), image_size=32, batch_size=8, num_train=48,
+            num_val=8, num_test=8, num_workers=2,
+        )  # fmt: skip
+        data.prepare_data()
+        module = CaptionModule(
+            vocab=data.vocab_tokens, encoder="small_cnn", encoder_channels=(4, 8, 8, 8), embed_dim=8, hidden_dim=16,
+            attention_dim=8, image_size=32, dropout=0.0, lr_schedule="constant", warmup_steps=0,
+        )  # fmt: skip
+        seen = Seen()
+        every_epoch = ModelCheckpoint(dirpath=folder, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True)
+        trainer = pl.Trainer(
+            accelerator="cpu", max_epochs=3, max_steps=max_steps, limit_train_batches=3, limit_val_batches=0,
+            num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[every_epoch, seen],
+        )  # fmt: skip
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        return seen.batches, module
+
+    whole, whole_module = run(tmp_path / "whole")
+    resumed, resumed_module = run(tmp_path / "resumed", ckpt=str(tmp_path / "whole" / "epoch=0.ckpt"))
+    assert [b[:2] for b in whole] == [(e, i) for e in range(3) for i in range(3)]
+    assert resumed == whole[3:]
+    for a, b in zip(whole_module.parameters(), resumed_module.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
