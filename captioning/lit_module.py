@@ -1073,9 +1073,11 @@ class CaptionModule(pl.LightningModule):
         opt, sched = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler
         for i, (group, (lr, weight_decay)) in enumerate(zip(opt.param_groups, wanted)):
             group["weight_decay"] = weight_decay
-            if group["initial_lr"] != lr:
-                group["initial_lr"] = sched.base_lrs[i] = lr
-                group["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)  # the LR of the step it resumes at
+            group["initial_lr"] = sched.base_lrs[i] = lr
+            # the LR of the step it resumes at, by this run's schedule: the checkpoint's own was for its options
+            # (another model.lr_schedule, warmup_steps, lr_decay, or a longer trainer.max_steps, which stretches the
+            # cosine), and the first step took it before the schedule's next step set the new one
+            group["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)
         sched._last_lr = [group["lr"] for group in opt.param_groups]
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -1085,6 +1087,17 @@ class CaptionModule(pl.LightningModule):
             # writes each module's flag back after a validation), so the encoder stayed in the eval mode it was
             # held in while frozen, its BatchNorm statistics fixed for the rest of the run
             encoder.train(self.training)
+        if not encoder.freeze and not getattr(self, "_release_checked", False):
+            self._release_checked = True  # once: a fine-tuned encoder is in the optimizer from the start
+            optimized = {id(p) for opt in self.trainer.optimizers for g in opt.param_groups for p in g["params"]}
+            if any(id(p) not in optimized for p in encoder.parameters()):
+                # the optimizer was built with the encoder frozen (its weights left out): released now, it takes
+                # gradients and its BatchNorm statistics follow the data, but no step ever changes its weights
+                rank_zero_warn(
+                    "the encoder was released during the fit (set_frozen(False)), but the optimizer was built with it "
+                    "frozen: its weights will not change (staged fine-tuning is not supported). To fine-tune the "
+                    "encoder, start the fit with model.freeze_encoder false"
+                )
         if getattr(self, "_align_logged_step", False):
             # the step loggers write (batches that took an optimizer step) is the optimizer's step count in
             # an uninterrupted run of one optimizer; Lightning's restart rule was made for another checkpoint

@@ -387,6 +387,40 @@ def test_lr_and_weight_decay_flags_given_with_a_resume_are_applied_at_the_schedu
     assert resumed_sched.last_epoch == 3  # the schedule's position is the checkpoint's
 
 
+def test_a_resume_with_another_schedule_takes_its_lr_from_the_first_step():
+    """The LR of a resumed run's first step came from the checkpoint's schedule: resumed from a cosine run at step 3
+    with model.lr_schedule constant, that step trained at the cosine's LR, the next ones at the constant one."""
+    import types
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    def configured(**options):
+        module = CaptionModule(
+            vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, warmup_steps=0, **options
+        )
+        module._trainer = types.SimpleNamespace(
+            estimated_stepping_batches=10, num_training_batches=10, accumulate_grad_batches=1, max_epochs=1
+        )
+        out = module.configure_optimizers()
+        return module, out["optimizer"], out["lr_scheduler"]["scheduler"]
+
+    _, opt, sched = configured(lr=2e-3, lr_schedule="cosine")
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] < 2e-3  # the cosine has decayed
+    module, resumed_opt, resumed_sched = configured(lr=2e-3, lr_schedule="constant")
+    resumed_opt.load_state_dict(opt.state_dict())  # what Lightning's restore does
+    resumed_sched.load_state_dict(sched.state_dict())
+    module._restored = True
+    module._trainer.optimizers = [resumed_opt]
+    module._trainer.lr_scheduler_configs = [types.SimpleNamespace(scheduler=resumed_sched)]
+    module.on_train_start()
+    assert [group["lr"] for group in resumed_opt.param_groups] == [2e-3] * len(resumed_opt.param_groups)
+    assert resumed_sched.get_last_lr() == [2e-3] * len(resumed_opt.param_groups)
+
+
 def test_a_resume_that_switches_weight_decay_on_is_refused_naming_it():
     """Weight decay > 0 splits each optimizer group into decayed matrices and undecayed biases and norms, so a
     resume of a run trained without it cannot restore the optimizer: Lightning stopped with only "loaded state
@@ -515,7 +549,7 @@ def test_overfit_batches_runs_and_an_accumulated_window_is_normalised_by_its_own
             )
 
 
-def test_an_encoder_released_by_a_callback_during_a_fit_trains_in_train_mode(tmp_path, monkeypatch):
+def test_an_encoder_released_by_a_callback_during_a_fit_is_in_train_mode_and_warns(tmp_path, monkeypatch):
     """Staged fine-tuning through Lightning: an encoder frozen at the start and released by a callback at the second
     epoch stayed in the eval mode it was held in while frozen (Lightning never calls train() in a fit; the sanity
     check and each validation write the modules' flags back), so its BatchNorm statistics never followed the data."""
@@ -544,7 +578,9 @@ def test_an_encoder_released_by_a_callback_during_a_fit_trains_in_train_mode(tmp
     cli = CaptionCLI(CaptionModule, CaptionDataModule, args=args, run=False)
     release = Release()
     cli.trainer.callbacks.append(release)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    # and it says that the released weights will not train: the optimizer was built without them
+    with pytest.warns(UserWarning, match="released during the fit.*its weights will not change"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert release.modes == [(0, False, False), (0, False, False), (1, True, True), (1, True, True)]
 
 
