@@ -268,6 +268,48 @@ def test_a_record_without_a_usable_caption_does_not_make_the_next_record_of_its_
     assert (report.images_without_captions, report.duplicate_ids) == (1, 0)
 
 
+def test_an_image_file_listed_twice_in_a_split_is_kept_once_and_counted(tmp_path):
+    """Only a repeated id or a file in two splits was caught: the same file under two ids in one split was kept
+    twice, silently (scored twice in val or test, weighed double in train)."""
+    from captioning.data.records import CaptionRecord
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(path)
+    first = CaptionRecord(path, ["a dog"], [["a", "dog"]], "1", "val")
+    again = CaptionRecord(path, ["a cat"], [["a", "cat"]], "999", "val")
+    other = CaptionRecord(tmp_path / "b.png", ["a cow"], [["a", "cow"]], "2", "train")
+    split, report = clean_records([first, again, other], tmp_path / "caps.json", check_images=False)
+    assert [r.image_id for r in split["val"]] == ["1"] and len(split["train"]) == 1
+    assert (report.duplicate_files, report.duplicate_ids) == (1, 0)
+    assert "  1 records of an image file already in their split skipped" in report.summary("x").splitlines()
+
+
+@pytest.mark.parametrize(
+    ("ids", "expected"),
+    [
+        ([{"cocoid": None, "imgid": 7}, {"cocoid": None, "imgid": 8}], ["7", "8"]),  # null: the next id
+        ([{"cocoid": 5.0}, {"imgid": "x"}, {}], ["5", "x", "2"]),  # an integral float; no id: the index
+    ],
+)
+def test_karpathy_image_ids_skip_nulls_and_take_integral_floats(tmp_path, ids, expected):
+    """A null cocoid became the id "None" for every such image, so all but the first were dropped as duplicates."""
+    images = [
+        {"filename": f"{i}.jpg", "split": "train", "sentences": [{"raw": "a dog"}], **x} for i, x in enumerate(ids)
+    ]
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": images}))
+    assert [r.image_id for r in read_karpathy_json(path)] == expected
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, True, "", [3]])
+def test_a_karpathy_image_id_that_is_not_an_integer_or_a_string_is_refused_naming_the_entry(tmp_path, bad):
+    images = [{"filename": "0.jpg", "split": "train", "sentences": [{"raw": "a dog"}], "cocoid": bad}]
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": images}))
+    with pytest.raises(ValueError, match=r"images\[0\] \(0.jpg\): 'cocoid' must be an integer or a non-empty string"):
+        read_karpathy_json(path)
+
+
 def test_clean_records_counts_a_flickr8k_file_with_an_image_in_no_split(real):
     records = read_flickr8k(real["flickr8k"], image_root=real["images"])
     split, report = clean_records(records, real["flickr8k"], max_bad_fraction=0.5)

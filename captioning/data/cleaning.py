@@ -42,6 +42,7 @@ class DataReport:
     empty_captions: int = 0
     images_without_captions: int = 0
     duplicate_ids: int = 0
+    duplicate_files: int = 0
     unassigned: int = 0
     total_images: int = 0
 
@@ -63,6 +64,7 @@ class DataReport:
             (self.empty_captions, "empty or punctuation-only captions dropped"),
             (self.images_without_captions, "images without a usable caption skipped"),
             (self.duplicate_ids, "records with a duplicate image id skipped"),
+            (self.duplicate_files, "records of an image file already in their split skipped"),
             (self.unassigned, "images in no split ignored"),
         ):
             if count:
@@ -106,6 +108,7 @@ def clean_records(
     report = DataReport()
     split_of: dict[Path, str] = {}
     ids: dict[str, set[str]] = {}
+    files: dict[str, set[Path]] = {}  # split -> image files kept: one listed twice (under two ids) counted twice
     candidates: list[CaptionRecord] = []
     for r in records:
         if r.split not in SPLITS:
@@ -118,12 +121,17 @@ def clean_records(
         if r.image_id in seen:
             report.duplicate_ids += 1
             continue
+        kept_files = files.setdefault(r.split, set())
+        if r.image_path in kept_files:
+            report.duplicate_files += 1
+            continue
         usable = [i for i, t in enumerate(r.tokens) if any(_WORD.search(w) for w in t)]
         report.empty_captions += len(r.tokens) - len(usable)
         if not usable:
             report.images_without_captions += 1
             continue  # before taking the id: a later record of the image with captions is not a duplicate
         seen.add(r.image_id)
+        kept_files.add(r.image_path)
         if len(usable) < len(r.tokens):
             r = replace(r, captions=[r.captions[i] for i in usable], tokens=[r.tokens[i] for i in usable])
         candidates.append(r)

@@ -94,12 +94,28 @@ def read_karpathy_json(
                 image_path=root / img.get("filepath", "") / filename,
                 captions=raws,
                 tokens=toks,
-                image_id=str(img.get("cocoid", img.get("imgid", i))),
+                image_id=_image_id(where, img, i),
                 split=split,
                 objects=img.get("objects"),
             )
         )
     return records
+
+
+def _image_id(where: str, img: dict, index: int) -> str:
+    """An image's id: its ``cocoid``, else its ``imgid``, else its index in the file; a null id counts as absent
+    (as ``str(None)`` it gave every such image the one id "None", and all but the first were dropped as
+    duplicates). Refused, naming the entry, where it is neither an integer (an integral float is one) nor a
+    non-empty string."""
+    key = next((k for k in ("cocoid", "imgid") if img.get(k) is not None), None)
+    if key is None:
+        return str(index)
+    value = img[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+        raise InputError(f"{where}: {key!r} must be an integer or a non-empty string, got {_kind(value)}")
+    return str(value)
 
 
 def _read_text(path: Path) -> str:
