@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -75,6 +76,26 @@ def test_a_name_with_glob_characters_still_has_its_stale_cache_and_killed_builds
     second = FeatureCache(tmp_path, name, paths, _frozen_cnn(1), EvalTransform(32))
     second.build(_frozen_cnn(1), progress=False)
     assert _files(tmp_path).keys() == {second.file.name, second.meta_file.name}
+
+
+def test_a_cache_whose_array_was_cut_short_is_built_again_and_one_damaged_later_is_named(tiny_shapes, tmp_path):
+    """Only the metadata was checked: an array cut short after the build (a copy of data/cache stopped part-way)
+    passed as a finished cache and failed later inside the data loader, with numpy's message and no file named."""
+    paths = [r.image_path for r in _train_records(tiny_shapes, 3)]
+    cache = FeatureCache(tmp_path, "set-train", paths, _frozen_cnn(0), EvalTransform(32))
+    cache.build(_frozen_cnn(0), progress=False)
+    want = np.array(cache.open()[0])
+    assert cache.exists()
+    whole = cache.file.read_bytes()
+    cache.file.write_bytes(whole[:-100])
+    fresh = FeatureCache(tmp_path, "set-train", paths, _frozen_cnn(0), EvalTransform(32))
+    assert not fresh.exists()
+    fresh.build_or_wait(_frozen_cnn(0), builder=True, barrier=lambda: None, progress=False)
+    assert fresh.exists() and np.array_equal(fresh.open()[0], want)
+    cache.file.write_bytes(whole[:-100])  # damaged after the check
+    later = FeatureCache(tmp_path, "set-train", paths, _frozen_cnn(0), EvalTransform(32))
+    with pytest.raises(ValueError, match=f"{re.escape(str(later.file))}: the feature cache cannot be read"):
+        later.open()
 
 
 def test_cache_key_follows_size_weights_dtype_and_files_and_a_rebuild_removes_the_stale_file(tiny_shapes, tmp_path):

@@ -128,7 +128,15 @@ class FeatureCache:
             meta = json.loads(self.meta_file.read_text())
         except (OSError, json.JSONDecodeError):
             return False
-        return meta.get("key") == self.key and meta.get("complete") is True
+        if not (meta.get("key") == self.key and meta.get("complete") is True):
+            return False
+        # the build writes the array whole before its metadata, but a copy of the cache folder cut short (to
+        # another disk, say) leaves a short array beside complete metadata, which would only fail in the loader
+        try:
+            features = np.load(self.file, mmap_mode="r")
+        except (OSError, ValueError):
+            return False  # damaged: built again
+        return features.ndim == 3 and len(features) == len(self.paths)
 
     @torch.no_grad()
     def build(
@@ -241,8 +249,14 @@ class FeatureCache:
     def open(self) -> tuple[np.ndarray, np.ndarray]:
         """(features (I,N,C) memory-mapped read-only, valid (I,) bool)."""
         if self._features is None:
-            meta = json.loads(self.meta_file.read_text())
-            self._features = np.load(self.file, mmap_mode="r")
+            try:
+                meta = json.loads(self.meta_file.read_text())
+                self._features = np.load(self.file, mmap_mode="r")
+            except (OSError, ValueError) as e:  # damaged since it was checked: name it, and the way out
+                raise InputError(
+                    f"{self.file}: the feature cache cannot be read ({type(e).__name__}: {e}); delete it and its "
+                    ".json to build it again"
+                ) from e
             valid = np.ones(len(self._features), dtype=bool)
             valid[meta.get("invalid", [])] = False
             self._valid = valid
