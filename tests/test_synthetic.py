@@ -69,6 +69,18 @@ def test_generation_is_seeded_and_only_reruns_on_parameter_change(tmp_path):
     assert len(json.loads(a.read_text())["images"]) == 11
 
 
+def test_a_set_with_an_image_deleted_is_generated_again(tmp_path):
+    """Same parameters but a deleted image: the set was taken as complete, and the run stopped at the data check
+    asking whether data.image_root was right."""
+    cfg = ShapesConfig(num_train=6, num_val=2, num_test=2, seed=3)
+    json_path = generate(tmp_path / "a", cfg, progress=False)
+    image = json_path.parent / "images" / "000003.png"
+    want = image.read_bytes()
+    image.unlink()
+    assert generate(tmp_path / "a", cfg, progress=False) == json_path
+    assert image.read_bytes() == want
+
+
 def test_the_size_of_one_split_does_not_change_the_scenes_of_the_others(tmp_path):
     """Each split draws from its own seeded stream: a run with more training images is scored on the
     same validation and test images (a single stream over train, val, test made them other scenes)."""

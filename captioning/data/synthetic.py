@@ -210,10 +210,16 @@ _READING: dict[Path, int] = {}
 
 
 def _matches(json_path: Path, params: dict) -> bool:
-    """A complete set of ``params`` is at ``json_path`` (the JSON is written last, so it marks completion)."""
+    """A complete set of ``params`` is at ``json_path`` (the JSON is written last, so it marks completion) with
+    every image it lists: with some deleted since, the run stopped at the data check with "is data.image_root
+    right?", which no option of the shapes set could answer; now the set is generated again."""
     try:
-        return json.loads(json_path.read_text()).get("params") == params
-    except (json.JSONDecodeError, OSError, AttributeError):
+        data = json.loads(json_path.read_text())
+        if data.get("params") != params:
+            return False
+        folder = json_path.parent
+        return all((folder / img["filepath"] / img["filename"]).is_file() for img in data["images"])
+    except (json.JSONDecodeError, OSError, AttributeError, KeyError, TypeError):
         return False  # missing or unreadable: regenerate
 
 
