@@ -1067,6 +1067,7 @@ class CaptionModule(pl.LightningModule):
         (which wins over the checkpoint's options, see cli.py) was not applied, silently, while the checkpoints
         the run then wrote recorded it. Set here, after the restore and before the first step; the schedule's
         position (and the optimizer's moments) are kept. Without such a flag the values are the same."""
+        self._warn_if_validations_split_accumulation_windows()
         wanted = getattr(self, "_group_options", None)
         if not getattr(self, "_restored", False) or not wanted or not self.trainer.lr_scheduler_configs:
             return
@@ -1079,6 +1080,23 @@ class CaptionModule(pl.LightningModule):
             # cosine), and the first step took it before the schedule's next step set the new one
             group["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)
         sched._last_lr = [group["lr"] for group in opt.param_groups]
+
+    def _warn_if_validations_split_accumulation_windows(self) -> None:
+        """A validation inside an epoch (trainer.val_check_interval) every N batches, with gradients accumulated
+        over A batches and N not a multiple of A, writes its checkpoints inside a window: the gradient summed so far
+        is in no checkpoint, so a run resumed from one takes that window's step on its remaining batches alone.
+        (SIGTERM's checkpoint waits for the window's end; a validation's cannot.)"""
+        trainer = self.trainer
+        every, window = getattr(trainer, "val_check_batch", None), trainer.accumulate_grad_batches
+        within_epoch = isinstance(every, int) and every < trainer.num_training_batches
+        validating = any(n > 0 for n in trainer.num_val_batches)
+        if within_epoch and window > 1 and every % window and trainer.checkpoint_callbacks and validating:
+            rank_zero_warn(
+                f"validation runs every {every} batches, inside the accumulation windows of {window} batches "
+                f"(trainer.accumulate_grad_batches): a run resumed from a checkpoint written then loses the gradient "
+                f"its window had summed so far. Make trainer.val_check_interval a multiple of {window} for exact "
+                "resumes"
+            )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         encoder = self.net.encoder

@@ -584,6 +584,32 @@ def test_an_encoder_released_by_a_callback_during_a_fit_is_in_train_mode_and_war
     assert release.modes == [(0, False, False), (0, False, False), (1, True, True), (1, True, True)]
 
 
+@pytest.mark.parametrize(("every", "warned"), [(3, True), (4, False)])
+def test_validations_inside_accumulation_windows_warn_that_their_checkpoints_do_not_resume_exactly(
+    tmp_path, monkeypatch, every, warned
+):
+    """A validation every 3 batches with windows of 2 writes its checkpoints mid-window: a resume from one loses the
+    window's gradient so far (batch 2's), silently. Every 4 batches: at windows' ends, nothing to say."""
+    import warnings
+
+    from captioning.cli import CaptionCLI
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.lit_module import CaptionModule
+
+    monkeypatch.chdir(tmp_path)  # the config's relative data and run folders
+    args = ["--config", str(TINY), "--trainer.max_steps", "1", "--trainer.limit_train_batches", "8"]
+    args += ["--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", str(every)]
+    args += ["--trainer.limit_val_batches", "1"]
+    cli = CaptionCLI(CaptionModule, CaptionDataModule, args=args, run=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    said = [str(w.message) for w in caught if "inside the accumulation windows" in str(w.message)]
+    assert len(said) == warned, said
+    if warned:
+        assert said[0].startswith("validation runs every 3 batches, inside the accumulation windows of 2 batches")
+
+
 def test_compile_mode_reaches_torch_compile_and_an_unknown_mode_is_refused(monkeypatch):
     """``compile_mode`` is the mode the decoder is compiled with at fit (CUDA graphs with "reduce-overhead");
     a misspelt mode is refused when the module is built, not after the data is loaded."""
