@@ -1089,8 +1089,9 @@ class CaptionModule(pl.LightningModule):
         trainer = self.trainer
         every, window = getattr(trainer, "val_check_batch", None), trainer.accumulate_grad_batches
         within_epoch = isinstance(every, int) and every < trainer.num_training_batches
-        validating = any(n > 0 for n in trainer.num_val_batches)
-        if within_epoch and window > 1 and every % window and trainer.checkpoint_callbacks and validating:
+        if not (within_epoch and window > 1 and every % window and trainer.checkpoint_callbacks):
+            return
+        if any(n > 0 for n in trainer.num_val_batches):
             rank_zero_warn(
                 f"validation runs every {every} batches, inside the accumulation windows of {window} batches "
                 f"(trainer.accumulate_grad_batches): a run resumed from a checkpoint written then loses the gradient "

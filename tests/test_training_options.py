@@ -346,36 +346,47 @@ def test_weight_decay_shrinks_weight_matrices_but_not_biases_or_norm_gains(decod
             torch.testing.assert_close(p, before[n] * (1 - lr * 0.5), msg=n)
 
 
-def test_lr_and_weight_decay_flags_given_with_a_resume_are_applied_at_the_schedules_position():
-    """Lightning's restore writes the checkpoint's optimizer groups (lr, initial_lr, weight_decay) and the
-    scheduler's base LRs over this run's: `fit --ckpt_path ... --model.lr 5e-4` trained on at the checkpoint's
-    LR, silently, while its new checkpoints recorded 5e-4."""
+def _configured(**options):
+    """A small module's optimizer and schedule for a 10-step run, without a Trainer."""
     import types
 
     from captioning.lit_module import CaptionModule
     from captioning.vocab import SPECIALS
 
-    def configured(**options):
-        module = CaptionModule(
-            vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, warmup_steps=0, **options
-        )
-        module._trainer = types.SimpleNamespace(
-            estimated_stepping_batches=10, num_training_batches=10, accumulate_grad_batches=1, max_epochs=1
-        )
-        out = module.configure_optimizers()
-        return module, out["optimizer"], out["lr_scheduler"]["scheduler"]
+    module = CaptionModule(
+        vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, warmup_steps=0, **options
+    )
+    module._trainer = types.SimpleNamespace(
+        estimated_stepping_batches=10, num_training_batches=10, accumulate_grad_batches=1, max_epochs=1
+    )
+    out = module.configure_optimizers()
+    return module, out["optimizer"], out["lr_scheduler"]["scheduler"]
 
-    _, opt, sched = configured(lr=2e-3, weight_decay=0.01)
-    for _ in range(3):
-        opt.step()
-        sched.step()
-    module, resumed_opt, resumed_sched = configured(lr=5e-4, encoder_lr=1e-4, weight_decay=0.1)
-    resumed_opt.load_state_dict(opt.state_dict())  # what Lightning's restore does
+
+def _resumed_from(opt, sched, **options):
+    """A module of ``options`` resumed from ``opt`` and ``sched``'s state as Lightning's restore writes it, up to
+    its on_train_start -> (module, optimizer, schedule)."""
+    import types
+
+    module, resumed_opt, resumed_sched = _configured(**options)
+    resumed_opt.load_state_dict(opt.state_dict())
     resumed_sched.load_state_dict(sched.state_dict())
     module._restored = True
     module._trainer.optimizers = [resumed_opt]
     module._trainer.lr_scheduler_configs = [types.SimpleNamespace(scheduler=resumed_sched)]
     module.on_train_start()
+    return module, resumed_opt, resumed_sched
+
+
+def test_lr_and_weight_decay_flags_given_with_a_resume_are_applied_at_the_schedules_position():
+    """Lightning's restore writes the checkpoint's optimizer groups (lr, initial_lr, weight_decay) and the
+    scheduler's base LRs over this run's: `fit --ckpt_path ... --model.lr 5e-4` trained on at the checkpoint's
+    LR, silently, while its new checkpoints recorded 5e-4."""
+    _, opt, sched = _configured(lr=2e-3, weight_decay=0.01)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    module, resumed_opt, resumed_sched = _resumed_from(opt, sched, lr=5e-4, encoder_lr=1e-4, weight_decay=0.1)
     cosine_at_3 = 0.5 * (1 + math.cos(math.pi * 3 / 10))
     encoder = {id(p) for p in module.net.encoder.parameters()}
     for group in resumed_opt.param_groups:
@@ -390,33 +401,12 @@ def test_lr_and_weight_decay_flags_given_with_a_resume_are_applied_at_the_schedu
 def test_a_resume_with_another_schedule_takes_its_lr_from_the_first_step():
     """The LR of a resumed run's first step came from the checkpoint's schedule: resumed from a cosine run at step 3
     with model.lr_schedule constant, that step trained at the cosine's LR, the next ones at the constant one."""
-    import types
-
-    from captioning.lit_module import CaptionModule
-    from captioning.vocab import SPECIALS
-
-    def configured(**options):
-        module = CaptionModule(
-            vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8, warmup_steps=0, **options
-        )
-        module._trainer = types.SimpleNamespace(
-            estimated_stepping_batches=10, num_training_batches=10, accumulate_grad_batches=1, max_epochs=1
-        )
-        out = module.configure_optimizers()
-        return module, out["optimizer"], out["lr_scheduler"]["scheduler"]
-
-    _, opt, sched = configured(lr=2e-3, lr_schedule="cosine")
+    _, opt, sched = _configured(lr=2e-3, lr_schedule="cosine")
     for _ in range(3):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] < 2e-3  # the cosine has decayed
-    module, resumed_opt, resumed_sched = configured(lr=2e-3, lr_schedule="constant")
-    resumed_opt.load_state_dict(opt.state_dict())  # what Lightning's restore does
-    resumed_sched.load_state_dict(sched.state_dict())
-    module._restored = True
-    module._trainer.optimizers = [resumed_opt]
-    module._trainer.lr_scheduler_configs = [types.SimpleNamespace(scheduler=resumed_sched)]
-    module.on_train_start()
+    module, resumed_opt, resumed_sched = _resumed_from(opt, sched, lr=2e-3, lr_schedule="constant")
     assert [group["lr"] for group in resumed_opt.param_groups] == [2e-3] * len(resumed_opt.param_groups)
     assert resumed_sched.get_last_lr() == [2e-3] * len(resumed_opt.param_groups)
 
