@@ -55,6 +55,14 @@ def _reads_back_joined(first: str, second: str) -> bool:
     return tokenize(f"{first} {second}") != [first, second] and tokenize(first + second) == [first, second]
 
 
+@functools.lru_cache(maxsize=4096)
+def _attaches(first: str, second: str) -> bool:
+    """Whether the clitic or comma ``second`` is written onto ``first``: unless joined it would read back as other
+    tokens and apart as these two ("mr." "n't": "mr.n't" reads back as "mr.n" "t", "mr. n't" as the two)."""
+    joined, apart = _written(first) + second, f"{_written(first)} {second}"
+    return tokenize(joined) == [first, second] or tokenize(apart) != [first, second]
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _written(token: str) -> str:
     """How ``token`` is written to read back as itself: as it is, or in capitals where only those keep it one
@@ -75,7 +83,7 @@ def detokenize(tokens: Sequence[str]) -> str:
     out: list[str] = []
     onto_next = False  # the last token is written onto this one
     for i, tok in enumerate(tokens):
-        if out and (onto_next or tok in _ATTACHED):
+        if out and (onto_next or (tok in _ATTACHED and _attaches(tokens[i - 1], tok))):
             out[-1] += tok
         else:
             out.append(_written(tok))

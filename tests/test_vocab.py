@@ -84,6 +84,18 @@ def test_detokenize_writes_a_word_the_tokenizer_keeps_whole_only_in_capitals_in_
         assert tokenize(shown) == tokenize(raw), raw
 
 
+def test_detokenize_writes_a_clitic_apart_where_joined_it_would_read_back_as_other_words():
+    """After a word that ends in a full stop, a clitic written onto it read back split elsewhere ("mr.n't" as "mr.n"
+    "t"), so the display text scored other tokens than the caption's; apart, it reads back as the tokens."""
+    for raw, shown in [
+        ("mr. n't", "mr. n't"),
+        ("st. 'll st. n't", "st.'ll st. n't"),  # "st.'ll" reads back as the two: joined as other clitics are
+        ("he does n't", "he doesn't"),
+    ]:
+        assert detokenize(tokenize(raw)) == shown, raw
+        assert tokenize(shown) == tokenize(raw), raw
+
+
 def test_build_respects_min_freq_and_is_order_independent():
     caps = [["a", "red", "circle"], ["a", "blue", "square"], ["a", "red", "square"]]
     v = Vocabulary.build(caps, min_freq=2)
