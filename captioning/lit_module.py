@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 
+from captioning.checkpoint_io import CheckpointError, load_weights_only
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from captioning.decoding import beam_search
 from captioning.errors import InputError
@@ -421,6 +422,12 @@ class CaptionModule(pl.LightningModule):
         encoder_weights: pretrained encoder weights, a torchvision weights name or a local file;
             loaded when a fresh fit starts. A fit resumed from a checkpoint takes the encoder from
             the checkpoint and needs neither the file nor a download.
+        init_weights: a checkpoint of this library (``best.ckpt``, ``last.ckpt``) whose weights a fresh fit starts
+            from, with this run's own optimizer, schedule and options: the second stage of staged fine-tuning
+            (a first fit with ``freeze_encoder`` true, then ``--model.init_weights <its best.ckpt>
+            --model.freeze_encoder false``). Its vocabulary, architecture and preprocessing must be this run's
+            (refused otherwise, naming both sides). Not with ``encoder_weights`` (the checkpoint holds the
+            encoder's); a resumed fit (``--ckpt_path``) takes its weights from what it resumes instead.
         lr, encoder_lr, weight_decay: AdamW; ``encoder_lr`` (default ``lr``) for a fine-tuned encoder.
             ``weight_decay`` applies to weight matrices and convolution kernels only: biases and the
             gains and shifts of BatchNorm and LayerNorm are not decayed. With ``weight_decay`` > 0 the
@@ -465,6 +472,7 @@ class CaptionModule(pl.LightningModule):
         encoder_channels: tuple[int, ...] = (32, 64, 96, 128),
         freeze_encoder: bool = False,
         encoder_weights: str | None = None,
+        init_weights: str | None = None,
         decoder: str = "lstm",
         embed_dim: int = 128,
         hidden_dim: int = 256,
@@ -504,6 +512,11 @@ class CaptionModule(pl.LightningModule):
             raise InputError("model.vocab is empty: it is set from the data module's training captions")
         if compile_mode not in COMPILE_MODES:
             raise InputError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+        if init_weights and encoder_weights:
+            raise InputError(
+                f"model.init_weights ({init_weights}) and model.encoder_weights ({encoder_weights}) are both set: the "
+                "checkpoint holds the encoder's weights, so leave encoder_weights unset"
+            )
         if lr_schedule not in ("cosine", "step", "constant"):
             raise InputError(f"model.lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
         # checked here, before any data is generated or step taken: AdamW checks only its default lr, not a
@@ -590,13 +603,31 @@ class CaptionModule(pl.LightningModule):
             self._encoder_compiled = True
 
     def _load_pretrained_encoder(self) -> None:
-        """``encoder_weights`` into the encoder, once, unless a checkpoint was restored: a resumed fit (or a
-        module loaded from a checkpoint) already holds the encoder's weights, which the pretrained ones
+        """``encoder_weights`` into the encoder, or ``init_weights`` into the whole model, once, unless a checkpoint
+        was restored: a resumed fit (or a module loaded from a checkpoint) already holds its weights, which these
         would overwrite, and needs neither the file nor a download."""
         hp = self.hparams
-        if hp.encoder_weights and not getattr(self, "_weights_loaded", False) and not getattr(self, "_restored", False):
+        if getattr(self, "_weights_loaded", False) or getattr(self, "_restored", False):
+            return
+        if hp.encoder_weights:
             load_encoder_weights(self.net.encoder, hp.encoder_weights)
-            self._weights_loaded = True
+        if hp.init_weights:
+            self._load_init_weights(hp.init_weights)
+        self._weights_loaded = True
+
+    def _load_init_weights(self, path: str) -> None:
+        """The weights of the checkpoint ``path`` into this model, after the checks a resume makes (vocabulary,
+        architecture, preprocessing), each error naming the file."""
+        ckpt = load_weights_only(path)  # a CheckpointError naming the file when missing or unreadable
+        meta = ckpt.get("captioning") if isinstance(ckpt, dict) else None
+        if not isinstance(meta, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise CheckpointError(f"{path}: not a checkpoint of this library (no 'captioning' metadata or state_dict)")
+        try:
+            # what a second stage may change: whether the encoder trains, dropout, which layer's map is shown
+            self._check_matches(meta, free=("freeze_encoder", "dropout", "attention_layer"))
+        except InputError as e:
+            raise CheckpointError(f"{path}: {e} (model.init_weights)") from None
+        self.load_state_dict(ckpt["state_dict"])
 
     def configure_optimizers(self):
         # the first hook after Lightning restores a checkpoint (setup() runs before the restore, so it cannot
@@ -1003,9 +1034,10 @@ class CaptionModule(pl.LightningModule):
         if (batches_done or epoch != resume["epoch"]) and self.trainer.datamodule is not None:
             self.trainer.datamodule.resume_at(epoch, batches_done)
 
-    def _check_matches(self, meta: dict) -> None:
+    def _check_matches(self, meta: dict, free: tuple[str, ...] = ()) -> None:
         """Refuse a checkpoint whose vocabulary, architecture or image preprocessing differs from this
-        run's, naming both sides, before any weights are copied or any step is taken."""
+        run's, naming both sides, before any weights are copied or any step is taken; the options ``free``
+        may differ."""
         ours, theirs = list(self.vocab.tokens), list(meta["vocab"])
         if ours != theirs:
             diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -1016,7 +1048,7 @@ class CaptionModule(pl.LightningModule):
             )
         # options this decoder ignores change nothing, so they cannot mismatch
         unused = ignored_options(self.arch["decoder"])
-        arch = {k: v for k, v in meta["model"].items() if k in self.arch and k not in unused}
+        arch = {k: v for k, v in meta["model"].items() if k in self.arch and k not in unused and k not in free}
         differ = {k: (arch[k], self.arch[k]) for k in arch if arch[k] != self.arch[k]}
         if differ:
             sides = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differ.items())
@@ -1114,8 +1146,8 @@ class CaptionModule(pl.LightningModule):
                 # gradients and its BatchNorm statistics follow the data, but no step ever changes its weights
                 rank_zero_warn(
                     "the encoder was released during the fit (set_frozen(False)), but the optimizer was built with it "
-                    "frozen: its weights will not change (staged fine-tuning is not supported). To fine-tune the "
-                    "encoder, start the fit with model.freeze_encoder false"
+                    "frozen: its weights will not change. For staged fine-tuning, start a second fit from this one's "
+                    "checkpoint: --model.init_weights <best.ckpt> --model.freeze_encoder false"
                 )
         if getattr(self, "_align_logged_step", False):
             # the step loggers write (batches that took an optimizer step) is the optimizer's step count in

@@ -600,6 +600,55 @@ def test_validations_inside_accumulation_windows_warn_that_their_checkpoints_do_
         assert said[0].startswith("validation runs every 3 batches, inside the accumulation windows of 2 batches")
 
 
+def test_staged_fine_tuning_starts_a_second_fit_from_the_first_ones_weights(tmp_path, monkeypatch):
+    """model.init_weights: a fit with the encoder frozen, then a fresh fit from its checkpoint with the encoder
+    fine-tuned: the second starts from exactly the first one's weights (decoder and encoder), and its encoder
+    trains. A checkpoint of another architecture is refused naming the file and both sides; with
+    encoder_weights as well, refused when the module is built."""
+    import re
+
+    import pytorch_lightning as pl
+    import torch
+
+    from captioning.checkpoint_io import CheckpointError
+    from captioning.cli import CaptionCLI
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.errors import InputError
+    from captioning.lit_module import CaptionModule
+
+    monkeypatch.chdir(tmp_path)  # the config's relative data and run folders
+    base = ["--config", str(TINY), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]
+    first = CaptionCLI(CaptionModule, CaptionDataModule, args=[*base, "--model.freeze_encoder", "true"], run=False)
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    ckpt = next(tmp_path.glob("runs/tiny/version_*/checkpoints/last.ckpt"))
+    trained = {k: v.clone() for k, v in first.model.state_dict().items()}
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer, module):
+            self.weights = {k: v.clone() for k, v in module.state_dict().items()}
+
+    flags = ["--model.init_weights", str(ckpt), "--model.freeze_encoder", "false"]
+    second = CaptionCLI(CaptionModule, CaptionDataModule, args=[*base, *flags], run=False)
+    at_start = AtStart()
+    second.trainer.callbacks.append(at_start)
+    second.trainer.fit(second.model, datamodule=second.datamodule)
+    assert at_start.weights.keys() == trained.keys()
+    for k, v in trained.items():
+        torch.testing.assert_close(at_start.weights[k], v, rtol=0, atol=0, msg=k)
+    moved = [
+        k for k, v in second.model.net.encoder.state_dict().items() if not torch.equal(v, trained[f"net.encoder.{k}"])
+    ]
+    assert any(k.endswith("weight") for k in moved), moved  # the encoder trained in the second fit
+
+    other = CaptionCLI(CaptionModule, CaptionDataModule, args=[*base, *flags, "--model.hidden_dim", "24"], run=False)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(ckpt))}: model configuration mismatch.*hidden_dim"):
+        other.trainer.fit(other.model, datamodule=other.datamodule)
+    with pytest.raises(InputError, match="init_weights .* and model.encoder_weights .* are both set"):
+        CaptionModule(
+            vocab=["<pad>", "<start>", "<end>", "<unk>", "a"], init_weights=str(ckpt), encoder_weights="x.pth"
+        )
+
+
 def test_compile_mode_reaches_torch_compile_and_an_unknown_mode_is_refused(monkeypatch):
     """``compile_mode`` is the mode the decoder is compiled with at fit (CUDA graphs with "reduce-overhead");
     a misspelt mode is refused when the module is built, not after the data is loaded."""
