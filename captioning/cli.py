@@ -327,9 +327,16 @@ def resolve_ckpt_path(ckpt_path: str | None, subcommand: str | None = "fit") -> 
     if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return ckpt_path, None
     try:
-        return ckpt_path, load_weights_only(ckpt_path)
+        ckpt = load_weights_only(ckpt_path)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
+        # a plain state dict (a weights file) stopped inside Lightning's restore with a KeyError naming neither
+        sys.exit(
+            f"error: {ckpt_path}: not a training checkpoint (no Lightning state: a weights file?); ckpt_path takes a "
+            "run's last.ckpt or best.ckpt (model.init_weights starts a fresh fit from a checkpoint's weights)"
+        )
+    return ckpt_path, ckpt
 
 
 def with_default_config(argv: list[str]) -> list[str]:

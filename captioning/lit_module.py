@@ -515,7 +515,8 @@ class CaptionModule(pl.LightningModule):
         if init_weights and encoder_weights:
             raise InputError(
                 f"model.init_weights ({init_weights}) and model.encoder_weights ({encoder_weights}) are both set: the "
-                "checkpoint holds the encoder's weights, so leave encoder_weights unset"
+                "checkpoint holds the encoder's weights, so unset encoder_weights (--model.encoder_weights null, "
+                "where a config sets it)"
             )
         if lr_schedule not in ("cosine", "step", "constant"):
             raise InputError(f"model.lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
@@ -1004,15 +1005,24 @@ class CaptionModule(pl.LightningModule):
         (dropout) where they were, so the run goes on exactly as if it had never stopped."""
         meta = checkpoint.get("captioning")
         if meta is not None:
-            self._check_matches(meta)
+            try:
+                self._check_matches(meta)
+            except InputError as e:
+                path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+                if not path:
+                    raise
+                raise InputError(f"{path}: {e}") from None  # which checkpoint, as every other checkpoint error says
         self._restored = True  # the encoder's weights come from the checkpoint (_load_pretrained_encoder)
         states = checkpoint.get("optimizer_states")
         if states:  # its optimizer's group sizes and weight decay, for configure_optimizers to compare
             hparams = checkpoint.get("hyper_parameters") or {}
             self._ckpt_groups = ([len(g["params"]) for g in states[0]["param_groups"]], hparams.get("weight_decay"))
         # read before _resume_after_epoch_end rewrites the loops' state
-        batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-        epoch_ended = bool(batches.get("is_last_batch"))
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        epoch_ended = bool(loop.get("epoch_loop.batch_progress", {}).get("is_last_batch"))
+        # and the epoch's end hooks ran too (a SIGTERM's checkpoint then): resume["epoch"] is already the next one
+        epochs = loop.get("epoch_progress", {}).get("total", {})
+        epoch_closed = bool(epochs) and epochs.get("started") == epochs.get("completed")
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Lightning then counts the logged steps from a restart's rule; the first batch sets them right
             self._align_logged_step = _resume_after_epoch_end(checkpoint, self.trainer.max_steps != -1)
@@ -1026,12 +1036,14 @@ class CaptionModule(pl.LightningModule):
         if ranks and len(ranks) == self.trainer.world_size:  # the same number of processes: each its own
             self._pending_rng = ranks[self.trainer.global_rank]
         epoch, batches_done = resume["epoch"], resume["batches_done"]
-        if batches_done and epoch_ended:
+        after_last_batch = bool(batches_done) and epoch_ended
+        if after_last_batch:
             # written after the epoch's last batch: the next epoch, from its start. The sampler tells so only where
             # the epoch took all of its items; with trainer.limit_train_batches it took fewer, and a resume then
-            # trained on the rest of that epoch's order, the loader's workers having drawn it before set_epoch
-            epoch, batches_done = epoch + 1, 0
-        if (batches_done or epoch != resume["epoch"]) and self.trainer.datamodule is not None:
+            # trained on the rest of that epoch's order, the loader's workers having drawn it before set_epoch.
+            # Said to the sampler even where the epoch number stays (a closed epoch's): its workers draw at once
+            epoch, batches_done = (epoch if epoch_closed else epoch + 1), 0
+        if (batches_done or after_last_batch) and self.trainer.datamodule is not None:
             self.trainer.datamodule.resume_at(epoch, batches_done)
 
     def _check_matches(self, meta: dict, free: tuple[str, ...] = ()) -> None:

@@ -309,12 +309,16 @@ def test_flickr8k_native_files_read_with_the_recipes_image_root(tmp_path, monkey
         (["--data.dataset", "karpathy", "--data.annotations", "nothere/dataset_coco.json"],
          "error: nothere/dataset_coco.json: Karpathy JSON not found (where to get it"),
         (["--data.batch_size", "0"], "error: data.batch_size must be >= 1, got 0"),
+        (["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.decoder", "gru"],
+         "error: decoder must be 'lstm' or 'transformer', got 'gru'"),
+        (["--ckpt_path", "weights.pt"], "error: weights.pt: not a training checkpoint (no Lightning state"),
     ],
 )  # fmt: skip
 def test_a_bad_data_file_or_option_is_one_line_naming_it_not_a_traceback(flags, message, tmp_path, monkeypatch):
     """train.py read data while Lightning's CLI set itself up, so a wrong path or value reached the user as a
     traceback of some fifteen frames with the message at its end; now the message alone, and a failing exit."""
     monkeypatch.chdir(tmp_path)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")  # a plain state dict, not a run's checkpoint
     with pytest.raises(SystemExit) as stop:
         main(["fit", *flags])
     assert isinstance(stop.value.code, str) and stop.value.code.startswith(message), stop.value.code

@@ -79,6 +79,25 @@ def test_sigkill_after_step_7_then_resume_gives_the_same_losses(tmp_path):
             assert loss == reference[s], (step, s, loss, reference[s])
 
 
+def test_a_sigterm_at_an_epochs_last_batch_resumes_exactly_with_loader_workers(tmp_path):
+    """SIGTERM's checkpoint at the last batch of epoch 0 is written after the epoch's end hooks: its epoch is already
+    1. Read as "after the last batch of epoch 1", the resume set the sampler to epoch 2, whose order the loader's
+    workers drew before set_epoch(1): epoch 1 trained on epoch 2's batches (weights 0.046 apart at the end)."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    workers = ["--data.num_workers", "2"]
+    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=6"]
+    term += ["--trainer.callbacks.signal_name=SIGTERM"]
+    whole_proc, killed_proc = finish(_start(whole, *workers), _start(killed, *workers, *term))
+    assert whole_proc.returncode == 0, whole_proc.stderr[-3000:]
+    assert killed_proc.returncode == 143, killed_proc.stderr[-3000:]
+    run = killed / "runs" / "tiny" / "version_0"
+    proc = _fit(killed, *workers, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = _losses(next(whole.glob("runs/tiny/version_*")))
+    assert len(reference) == 12 and _losses(run) == reference
+
+
 def test_same_seed_same_losses_with_workers_and_a_different_seed_differs(tmp_path):
     started = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):  # three independent runs, side by side

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from captioning.errors import InputError
 from captioning.models.fused_attention import additive_scores, fused_available
 
 #: Without autograd on a CPU, the additive score's (B,M,N,A) tensor is built a few images at a time,
@@ -217,4 +218,4 @@ def build_attention(kind: str, feature_dim: int, query_dim: int, attention_dim: 
         return AdditiveAttention(feature_dim, query_dim, attention_dim)
     if kind == "dot":
         return DotAttention(feature_dim, query_dim, attention_dim)
-    raise ValueError(f"attention must be 'additive' or 'dot', got {kind!r}")
+    raise InputError(f"attention must be 'additive' or 'dot', got {kind!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from captioning.errors import InputError
 from captioning.models.base import Decoder, Encoder, EncoderOutput
 from captioning.models.encoders import build_encoder
 from captioning.models.lstm import LSTMDecoder
@@ -72,7 +73,7 @@ class CaptionNet(nn.Module):
                 attention_layer=attention_layer,
             )
         else:
-            raise ValueError(f"decoder must be 'lstm' or 'transformer', got {decoder!r}")
+            raise InputError(f"decoder must be 'lstm' or 'transformer', got {decoder!r}")
 
     def encode(self, images: torch.Tensor) -> EncoderOutput:
         return self.encoder(images)  # (B,3,H,W) -> (B,N,C), (h,w)

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from captioning.errors import InputError
 from captioning.models.attention import rows_per_image, shift_only
 from captioning.models.base import Decoder, DecoderState
 
@@ -39,7 +40,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"model width {dim} is not divisible by {heads} heads")
+            raise InputError(f"model width {dim} is not divisible by {heads} heads")
         self.heads, self.head_dim = heads, dim // heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
@@ -131,7 +132,7 @@ class TransformerDecoder(Decoder):
         super().__init__()
         self.vocab_size, self.dim = vocab_size, dim
         if not -layers <= attention_layer < layers:  # a wrap-around would show (and train) another layer
-            raise ValueError(
+            raise InputError(
                 f"attention_layer must be in [{-layers}, {layers - 1}] for {layers} layers, got {attention_layer}"
             )
         self.attention_layer = attention_layer % layers
