@@ -623,11 +623,8 @@ class CaptionModule(pl.LightningModule):
         meta = ckpt.get("captioning") if isinstance(ckpt, dict) else None
         if not isinstance(meta, dict) or not isinstance(ckpt.get("state_dict"), dict):
             raise CheckpointError(f"{path}: not a checkpoint of this library (no 'captioning' metadata or state_dict)")
-        try:
-            # what a second stage may change: whether the encoder trains, dropout, which layer's map is shown
-            self._check_matches(meta, free=("freeze_encoder", "dropout", "attention_layer"))
-        except InputError as e:
-            raise CheckpointError(f"{path}: {e} (model.init_weights)") from None
+        # what a second stage may change: whether the encoder trains, dropout, which layer's map is shown
+        self._check_matches(meta, source=path, free=("freeze_encoder", "dropout", "attention_layer"))
         self.load_state_dict(ckpt["state_dict"])
 
     def configure_optimizers(self):
@@ -1005,13 +1002,7 @@ class CaptionModule(pl.LightningModule):
         (dropout) where they were, so the run goes on exactly as if it had never stopped."""
         meta = checkpoint.get("captioning")
         if meta is not None:
-            try:
-                self._check_matches(meta)
-            except InputError as e:
-                path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-                if not path:
-                    raise
-                raise InputError(f"{path}: {e}") from None  # which checkpoint, as every other checkpoint error says
+            self._check_matches(meta, source=getattr(self._trainer, "ckpt_path", None) if self._trainer else None)
         self._restored = True  # the encoder's weights come from the checkpoint (_load_pretrained_encoder)
         states = checkpoint.get("optimizer_states")
         if states:  # its optimizer's group sizes and weight decay, for configure_optimizers to compare
@@ -1046,14 +1037,18 @@ class CaptionModule(pl.LightningModule):
         if (batches_done or after_last_batch) and self.trainer.datamodule is not None:
             self.trainer.datamodule.resume_at(epoch, batches_done)
 
-    def _check_matches(self, meta: dict, free: tuple[str, ...] = ()) -> None:
+    def _check_matches(self, meta: dict, source: str | None = None, free: tuple[str, ...] = ()) -> None:
         """Refuse a checkpoint whose vocabulary, architecture or image preprocessing differs from this
-        run's, naming both sides, before any weights are copied or any step is taken; the options ``free``
-        may differ."""
+        run's, naming both sides (and the checkpoint file ``source``, where known), before any weights are copied
+        or any step is taken; the options ``free`` may differ."""
+
+        def refuse(message: str) -> CheckpointError:
+            return CheckpointError(f"{source}: {message}" if source else message)
+
         ours, theirs = list(self.vocab.tokens), list(meta["vocab"])
         if ours != theirs:
             diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            raise InputError(
+            raise refuse(
                 f"vocabulary mismatch: the checkpoint has {len(theirs)} tokens, the data gives {len(ours)}; "
                 f"first difference at index {diff}: "
                 f"checkpoint {theirs[diff : diff + 3]} vs data {ours[diff : diff + 3]}"
@@ -1064,7 +1059,7 @@ class CaptionModule(pl.LightningModule):
         differ = {k: (arch[k], self.arch[k]) for k in arch if arch[k] != self.arch[k]}
         if differ:
             sides = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differ.items())
-            raise InputError(f"model configuration mismatch ({sides})")
+            raise refuse(f"model configuration mismatch ({sides})")
         # image size, mean and std come from the data options, not from the checkpoint: a model tested (or
         # resumed) on images prepared otherwise than it was trained on scores lower, silently
         pre = meta.get("preprocess") or {}
@@ -1073,7 +1068,7 @@ class CaptionModule(pl.LightningModule):
         if differ:
             sides = ", ".join(f"{k}: checkpoint {a!r} vs data {b!r}" for k, (a, b) in differ.items())
             flags = " ".join(f"--data.{k} {json.dumps(a)}" for k, (a, _) in differ.items())
-            raise InputError(f"image preprocessing mismatch ({sides}); to match the checkpoint pass {flags}")
+            raise refuse(f"image preprocessing mismatch ({sides}); to match the checkpoint pass {flags}")
 
     def _preprocess(self) -> dict:
         """How this model's images are prepared, as checkpoints store it (and inference reads it back)."""
