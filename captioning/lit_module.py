@@ -413,6 +413,22 @@ def _caption_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     return (((1.0 - smoothing) * nll + smoothing * words) * mask).sum()
 
 
+def validates_inside_window(every: int, window: int, batches: int, *, across_epochs: bool) -> bool:
+    """Whether a validation every ``every`` training batches ever comes inside a gradient accumulation window of
+    ``window`` batches, in epochs of ``batches`` batches. Lightning restarts the windows at each epoch and steps at
+    its last batch, so a validation at an epoch's position p (1-based) ends a window when p % window == 0 or p is
+    the last. With ``across_epochs`` (trainer.check_val_every_n_epoch null) the count runs on over epochs: the
+    k-th validation is at total batch k * every, position ((k * every - 1) % batches) + 1, and the positions repeat
+    after batches / gcd(every, batches) validations; else it restarts each epoch (every, 2 * every, ... < batches;
+    the epoch's last batch validates anyway)."""
+    if across_epochs:
+        cycle = range(1, batches // math.gcd(every, batches) + 1)
+        positions = ((k * every - 1) % batches + 1 for k in cycle)
+    else:
+        positions = range(every, batches, every)
+    return any(p % window and p != batches for p in positions)
+
+
 class CaptionModule(pl.LightningModule):
     """Trains a :class:`CaptionNet`.
 
@@ -1126,17 +1142,27 @@ class CaptionModule(pl.LightningModule):
         is in no checkpoint, so a run resumed from one takes that window's step on its remaining batches alone.
         (SIGTERM's checkpoint waits for the window's end; a validation's cannot.)"""
         trainer = self.trainer
-        every, window = getattr(trainer, "val_check_batch", None), trainer.accumulate_grad_batches
-        within_epoch = isinstance(every, int) and every < trainer.num_training_batches
-        if not (within_epoch and window > 1 and every % window and trainer.checkpoint_callbacks):
+        window, batches = trainer.accumulate_grad_batches, trainer.num_training_batches
+        if window < 2 or not trainer.checkpoint_callbacks or not any(n > 0 for n in trainer.num_val_batches):
             return
-        if any(n > 0 for n in trainer.num_val_batches):
-            rank_zero_warn(
-                f"validation runs every {every} batches, inside the accumulation windows of {window} batches "
-                f"(trainer.accumulate_grad_batches): a run resumed from a checkpoint written then loses the gradient "
-                f"its window had summed so far. Make trainer.val_check_interval a multiple of {window} for exact "
-                "resumes"
-            )
+        every = getattr(trainer, "val_check_batch", None)
+        across = trainer.check_val_every_n_epoch is None
+        if getattr(trainer, "_val_check_time_interval", None) is not None:
+            when, fix = f"every {trainer.val_check_interval} (a time), at any batch, so also", "a number of batches"
+        elif not isinstance(every, int) or not isinstance(batches, int):
+            return  # once an epoch (at its last batch, which always steps), or an epoch of unknown length
+        elif validates_inside_window(every, window, batches, across_epochs=across):
+            # across epochs the windows restart at each epoch: multiples of A meet their ends only if epochs are too
+            unit = batches if across and batches % window else window
+            when = f"every {every} batches{' (counted across epochs)' if across else ''}, at times"
+            fix = f"a multiple of {unit}"
+        else:
+            return
+        rank_zero_warn(
+            f"validation runs {when} inside the accumulation windows of {window} batches "
+            f"(trainer.accumulate_grad_batches): a run resumed from a checkpoint written then loses the gradient its "
+            f"window had summed so far. Make trainer.val_check_interval {fix} for exact resumes"
+        )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         encoder = self.net.encoder

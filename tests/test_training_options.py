@@ -574,9 +574,15 @@ def test_an_encoder_released_by_a_callback_during_a_fit_is_in_train_mode_and_war
     assert release.modes == [(0, False, False), (0, False, False), (1, True, True), (1, True, True)]
 
 
-@pytest.mark.parametrize(("every", "warned"), [(3, True), (4, False)])
+@pytest.mark.parametrize(
+    ("every", "epoch", "across", "warned"),
+    [(3, 8, False, "every 3 batches, at times"), (4, 8, False, None)]
+    # counted across epochs of 3 batches: the 4th batch is the next epoch's 1st, inside its first window; every 3
+    # (each epoch's last batch) and every 4 in epochs of 4 are at windows' ends
+    + [(4, 3, True, "every 4 batches (counted across epochs), at times"), (3, 3, True, None), (4, 4, True, None)],
+)
 def test_validations_inside_accumulation_windows_warn_that_their_checkpoints_do_not_resume_exactly(
-    tmp_path, monkeypatch, every, warned
+    tmp_path, monkeypatch, every, epoch, across, warned
 ):
     """A validation every 3 batches with windows of 2 writes its checkpoints mid-window: a resume from one loses the
     window's gradient so far (batch 2's), silently. Every 4 batches: at windows' ends, nothing to say."""
@@ -587,17 +593,39 @@ def test_validations_inside_accumulation_windows_warn_that_their_checkpoints_do_
     from captioning.lit_module import CaptionModule
 
     monkeypatch.chdir(tmp_path)  # the config's relative data and run folders
-    args = ["--config", str(TINY), "--trainer.max_steps", "1", "--trainer.limit_train_batches", "8"]
+    args = ["--config", str(TINY), "--trainer.max_steps", "1", "--trainer.limit_train_batches", str(epoch)]
     args += ["--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", str(every)]
-    args += ["--trainer.limit_val_batches", "1"]
+    args += ["--trainer.limit_val_batches", "1"] + (["--trainer.check_val_every_n_epoch", "null"] if across else [])
     cli = CaptionCLI(CaptionModule, CaptionDataModule, args=args, run=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     said = [str(w.message) for w in caught if "inside the accumulation windows" in str(w.message)]
-    assert len(said) == warned, said
+    assert len(said) == bool(warned), said
     if warned:
-        assert said[0].startswith("validation runs every 3 batches, inside the accumulation windows of 2 batches")
+        assert said[0].startswith(f"validation runs {warned} inside the accumulation windows of 2 batches"), said
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_validates_inside_window_agrees_with_batch_by_batch_counting(across):
+    """The closed form (one cycle of positions) against walking 40 epochs batch by batch the way Lightning's loop
+    counts: windows restart at each epoch and its last batch steps; validation every N batches of the epoch, or of
+    the run with check_val_every_n_epoch null."""
+    from captioning.lit_module import validates_inside_window
+
+    for batches in range(1, 13):
+        for every in range(1, 3 * batches + 2):
+            if not across and every > batches:
+                continue  # Lightning refuses val_check_interval > an epoch's batches unless counted across
+            for window in range(2, 6):
+                walked, total = False, 0
+                for _ in range(40):
+                    for position in range(1, batches + 1):
+                        total += 1
+                        validates = (total if across else position) % every == 0
+                        walked |= validates and position % window != 0 and position != batches
+                got = validates_inside_window(every, window, batches, across_epochs=across)
+                assert got == walked, (every, window, batches)
 
 
 def test_staged_fine_tuning_starts_a_second_fit_from_the_first_ones_weights(tmp_path, monkeypatch):
