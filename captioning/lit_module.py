@@ -1147,8 +1147,8 @@ class CaptionModule(pl.LightningModule):
             return
         every = getattr(trainer, "val_check_batch", None)
         across = trainer.check_val_every_n_epoch is None
-        if getattr(trainer, "_val_check_time_interval", None) is not None:
-            when, fix = f"every {trainer.val_check_interval} (a time), at any batch, so also", "a number of batches"
+        if (seconds := getattr(trainer, "_val_check_time_interval", None)) is not None:
+            when, fix = f"every {seconds:g} s (a time), at any batch, so also", "a number of batches"
         elif not isinstance(every, int) or not isinstance(batches, int):
             return  # once an epoch (at its last batch, which always steps), or an epoch of unknown length
         elif validates_inside_window(every, window, batches, across_epochs=across):

@@ -579,7 +579,9 @@ def test_an_encoder_released_by_a_callback_during_a_fit_is_in_train_mode_and_war
     [(3, 8, False, "every 3 batches, at times"), (4, 8, False, None)]
     # counted across epochs of 3 batches: the 4th batch is the next epoch's 1st, inside its first window; every 3
     # (each epoch's last batch) and every 4 in epochs of 4 are at windows' ends
-    + [(4, 3, True, "every 4 batches (counted across epochs), at times"), (3, 3, True, None), (4, 4, True, None)],
+    + [(4, 3, True, "every 4 batches (counted across epochs), at times"), (3, 3, True, None), (4, 4, True, None)]
+    # by time: at whatever batch the clock says
+    + [("00:00:10:00", 8, False, "every 600 s (a time), at any batch, so also")],
 )
 def test_validations_inside_accumulation_windows_warn_that_their_checkpoints_do_not_resume_exactly(
     tmp_path, monkeypatch, every, epoch, across, warned
