@@ -20,8 +20,10 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -364,7 +366,7 @@ def main(args: list[str] | None = None) -> CaptionCLI:
         else:
             args = argv
     from pytorch_lightning.utilities.exceptions import SIGTERMException
-    from torch.multiprocessing import ProcessExitedException
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     try:
         # args=None: LightningCLI reads sys.argv itself (passing both makes it warn)
@@ -383,6 +385,34 @@ def main(args: list[str] | None = None) -> CaptionCLI:
         if e.exit_code != SIGTERM_EXIT:
             raise
         _stopped_by_sigterm()
+    except ProcessRaisedException as e:  # ddp_spawn: a rank raised; an InputError there is one line too
+        message = input_error_message(str(e))
+        if message is None:
+            raise
+        sys.exit(f"error: {message}")
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*)\.([A-Za-z_]\w*): ", re.MULTILINE)
+
+
+def input_error_message(traceback_text: str) -> str | None:
+    """The message of the InputError a ``ddp_spawn`` rank raised, from the traceback text the spawn launcher sends
+    back (the exception itself does not cross the process boundary); None if the rank raised anything else. The
+    exception raised last is the text's last ``module.Class: message`` line whose class resolves (a message's own
+    lines could look like one); chained exceptions come before it."""
+    text = traceback_text.rstrip()
+    for line in reversed(list(_EXCEPTION_LINE.finditer(text))):
+        try:
+            cls = getattr(importlib.import_module(line[1]), line[2])
+        except (ImportError, AttributeError):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            continue
+        message = text[line.end() :]
+        if issubclass(cls, InputError) and "Traceback (most recent call last)" not in message:
+            return message
+        return None
+    return None
 
 
 def _stopped_by_sigterm() -> NoReturn:

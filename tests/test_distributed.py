@@ -377,3 +377,42 @@ def test_a_gloo_process_group_is_destroyed_before_the_interpreter_exits(tmp_path
     proc = run_script("-c", GLOO_AT_EXIT, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines() == ["process group at exit: False"], proc.stdout + proc.stderr[-2000:]
+
+
+def test_an_input_error_inside_a_ddp_spawn_rank_is_one_line(tmp_path):
+    """A bad checkpoint given as model.init_weights is read inside the ranks (configure_optimizers): under ddp_spawn
+    the launcher re-raised the rank's traceback text, about 60 lines with the message at the end; now it is the
+    one line that one process prints."""
+    torch.save({"state_dict": {}}, tmp_path / "junk.ckpt")
+    args = ["fit", "-c", str(TINY), "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+    args += ["--trainer.strategy", "ddp_spawn", "--model.init_weights", str(tmp_path / "junk.ckpt")]
+    proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {tmp_path / 'junk.ckpt'}: not a checkpoint of this library (no 'captioning' metadata or state_dict)"
+    ], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "Traceback:\n  File x\ncaptioning.checkpoint_io.CheckpointError: a.ckpt: bad\nits data.x: y line",
+            "a.ckpt: bad\nits data.x: y line",
+        ),
+        ("Traceback:\n  File x\ncaptioning.errors.InputFileNotFoundError: b.json: not found\n", "b.json: not found"),
+        ("Traceback:\n  File x\nValueError: not ours", None),
+        ("Traceback:\n  File x\ntorch.OutOfMemoryError: CUDA out of memory", None),
+        # an InputError while handling which another exception came: the last one is not the user's
+        (
+            "captioning.errors.InputError: a\n\nDuring handling...:\n\nTraceback (most recent call last):\nKeyError: 1",
+            None,
+        ),
+    ],
+)
+def test_input_error_message_reads_the_last_exception_of_a_rank_traceback(text, message):
+    from captioning.cli import input_error_message
+
+    assert input_error_message(text) == message
