@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import json
@@ -27,6 +28,7 @@ import re
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -38,7 +40,7 @@ from pytorch_lightning.loggers import CSVLogger
 from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_weights_only
 from captioning.data.datamodule import CaptionDataModule
 from captioning.errors import InputError
-from captioning.lit_module import SIGTERM_EXIT, CaptionModule
+from captioning.lit_module import FIT_END_EPOCH, FIT_END_STEP, SIGTERM_EXIT, CaptionModule
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 
@@ -249,8 +251,67 @@ class CaptionCLI(LightningCLI):
         elif not best and self.config.fit.test_after_fit and trainer.is_global_zero:  # e.g. no 'val' split
             print("no checkpoint has a validation score: testing the final weights", file=sys.stderr)
         if self.config.fit.test_after_fit and not trainer.interrupted:
-            trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
+            with _metrics_kept_across_spawned_test(trainer):
+                trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
         self._print_run(best)
+
+
+@contextlib.contextmanager
+def _metrics_kept_across_spawned_test(trainer: pl.Trainer) -> Iterator[None]:
+    """Under ``ddp_spawn`` the test after fit runs in new processes, whose CSV logger deletes the ``metrics.csv``
+    the fit wrote (every training and validation row), then logs its test row at step 0 (the fit's step counts do
+    not come back from the ranks). Here, in the main process: the fit's rows are read before the test and written
+    back after it, the test's rows after them stamped with the fit's final epoch and step, as one process stamps
+    them (the rank's ``on_fit_end`` sends them back in callback_metrics). The ranks'
+    warning that the old log files will be deleted is silenced: they are not lost. One process, or plain ddp
+    (whose ranks go on to the test themselves), keeps its writer and its rows."""
+    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+    if not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher) or not loggers:
+        yield
+        return
+    path = Path(loggers[0].log_dir) / "metrics.csv"
+    fit_rows, header = _csv_rows(path)
+    before = os.environ.get("PYTHONWARNINGS")
+    # read by each rank's interpreter at its start
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [before, "ignore:Experiment logs directory"]))
+    try:
+        yield
+    finally:  # a failed test keeps the fit's rows too
+        if before is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = before
+        if fit_rows:
+            end = trainer.callback_metrics  # without them (a fit that never reached its end), Lightning's stamp
+            stamp = {
+                k: str(int(end[key])) for k, key in (("epoch", FIT_END_EPOCH), ("step", FIT_END_STEP)) if key in end
+            }
+            _rewrite_with_test_rows(path, fit_rows, header, stamp)
+
+
+def _rewrite_with_test_rows(path: Path, fit_rows: list[dict[str, str]], header: list[str], stamp: dict) -> None:
+    """``metrics.csv`` as the fit's rows, then the test's (whatever the file now holds), stamped ``stamp``."""
+    test_rows, test_header = _csv_rows(path)
+    for row in test_rows:
+        row.update(stamp)
+    header = header + [k for k in test_header if k not in header]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(fit_rows + test_rows)
+    os.replace(tmp, path)
+
+
+def _csv_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """The rows and the header of a CSV file; none if it is not there."""
+    if not path.is_file():
+        return [], []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader), list(reader.fieldnames or [])
 
 
 def _keep_metrics_before(logger: CSVLogger, step: int) -> None:

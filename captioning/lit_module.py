@@ -429,6 +429,10 @@ def validates_inside_window(every: int, window: int, batches: int, *, across_epo
     return any(p % window and p != batches for p in positions)
 
 
+#: callback_metrics keys of the fit's final epoch and logged step (``on_fit_end``)
+FIT_END_EPOCH, FIT_END_STEP = "_fit_end/epoch", "_fit_end/step"
+
+
 class CaptionModule(pl.LightningModule):
     """Trains a :class:`CaptionNet`.
 
@@ -863,6 +867,13 @@ class CaptionModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self._raise_if_loss_not_finite()
+
+    def on_fit_end(self) -> None:
+        # the fit's final epoch and step, which a test after fit stamps its metrics.csv rows with: under ddp_spawn
+        # that test runs in new processes and only callback_metrics come back to the main process (cli.py)
+        trainer = self.trainer
+        trainer.callback_metrics.update({FIT_END_EPOCH: torch.tensor(trainer.current_epoch)})
+        trainer.callback_metrics.update({FIT_END_STEP: torch.tensor(trainer.fit_loop.epoch_loop._batches_that_stepped)})
 
     def training_step(self, batch, batch_idx):
         self._raise_if_loss_not_finite()  # the step before's, where it is read one step late

@@ -8,6 +8,7 @@ with dropout off, so the only differences left are floating-point summation orde
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import pytest
@@ -31,10 +32,6 @@ COMMON = [
     "8",
     "--data.captions_per_image",
     "2",
-    # under ddp_spawn the test after fit would run in new processes whose CSV logger rewrites
-    # metrics.csv with the test columns only (Lightning 2.6), losing the training rows we compare
-    "--test_after_fit",
-    "false",
 ]
 
 
@@ -88,11 +85,26 @@ def test_validation_agrees(runs):
         assert float(v2[0][k]) == pytest.approx(float(v1[0][k]), abs=1e-6), k
 
 
+def test_the_test_after_fit_agrees_and_keeps_the_fits_metrics_rows(runs):
+    """Under ddp_spawn the test after fit runs in new processes, whose CSV logger deleted the metrics.csv of the
+    fit (every training and validation row: the comparisons above had to turn the test off) and stamped its row at
+    epoch 0, step 0. Now the file holds the fit's rows and then the test's, stamped as one process stamps it."""
+    (run1, _), (run2, _) = runs
+    rows1, rows2 = (list(csv.DictReader(open(run / "metrics.csv"))) for run in (run1, run2))
+    assert [r["step"] for r in rows2] == [r["step"] for r in rows1]
+    t1, t2 = ([r for r in rows if r.get("test/cider_d")] for rows in (rows1, rows2))
+    assert len(t1) == len(t2) == 1 and (t2[0]["epoch"], t2[0]["step"]) == (t1[0]["epoch"], t1[0]["step"]) == ("1", "6")
+    for k in ("test/cider_d", "test/bleu4", "test/object_accuracy", "test/pointing_accuracy"):
+        assert float(t2[0][k]) == pytest.approx(float(t1[0][k]), abs=1e-6), k
+    m1, m2 = (json.loads((run / "test_metrics.json").read_text()) for run in (run1, run2))
+    assert m2 == pytest.approx(m1, abs=1e-6)
+
+
 def test_plain_ddp_relaunches_train_py_and_tests_once(tmp_path):
     """``--trainer.strategy ddp`` (what several GPUs get): Lightning starts rank 1 by running
     train.py again; both ranks fit, the test after fit runs on both and is written once, beside
     the checkpoints, with the training rows of metrics.csv kept."""
-    args = [*COMMON[: COMMON.index("--test_after_fit")], "--data.batch_size", "4"]
+    args = [*COMMON, "--data.batch_size", "4"]
     args += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
     proc = run_script(str(ROOT / "train.py"), *args, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
