@@ -1061,8 +1061,8 @@ class CaptionModule(pl.LightningModule):
             # trained on the rest of that epoch's order, the loader's workers having drawn it before set_epoch.
             # Said to the sampler even where the epoch number stays (a closed epoch's): its workers draw at once
             epoch, batches_done = (epoch if epoch_closed else epoch + 1), 0
-        if (batches_done or after_last_batch) and self.trainer.datamodule is not None:
-            self.trainer.datamodule.resume_at(epoch, batches_done)
+        if (batches_done or after_last_batch or "data_seed" in resume) and self.trainer.datamodule is not None:
+            self.trainer.datamodule.resume_at(epoch, batches_done, resume.get("data_seed"))
 
     def _check_matches(self, meta: dict, source: str | None = None, free: tuple[str, ...] = ()) -> None:
         """Refuse a checkpoint whose vocabulary, architecture or image preprocessing differs from this
@@ -1235,6 +1235,9 @@ class CaptionModule(pl.LightningModule):
                 "batches_done": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed),
                 "rng": rng,
             }
+            data_seed = getattr(self.trainer.datamodule, "data_seed", None)
+            if data_seed is not None:  # the epoch's order: a resume goes on in it, whatever its own seed
+                checkpoint["resume"]["data_seed"] = int(data_seed)
             if self._distributed():
                 # each rank's own: the ranks' captions differ in length, so their dropout draws and RNG states
                 # part; a resume that gave every rank rank 0's state changed rank 1's dropout. Every rank

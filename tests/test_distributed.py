@@ -428,3 +428,37 @@ def test_input_error_message_reads_the_last_exception_of_a_rank_traceback(text, 
     from captioning.cli import input_error_message
 
     assert input_error_message(text) == message
+
+
+def _rank_training_items(rank: int, port: int, out: dict, data_dir: str) -> None:
+    """This rank's epoch-0 training images, its process seeded apart from the other's (as ranks started apart,
+    plain ddp with seed_everything false or torchrun, are)."""
+    import types
+
+    from captioning.data.datamodule import CaptionDataModule
+
+    _forked_rank_setup(rank, port)
+    torch.manual_seed(1000 + rank)
+
+    def broadcast(obj, src=0):  # Lightning's DDPStrategy.broadcast
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src)
+        return box[0]
+
+    dm = CaptionDataModule(data_dir=data_dir, num_train=48, num_val=16, num_test=16, batch_size=4)
+    strategy = types.SimpleNamespace(root_device=torch.device("cpu"), broadcast=broadcast)
+    dm.trainer = types.SimpleNamespace(world_size=2, global_rank=rank, is_global_zero=rank == 0, strategy=strategy)
+    out[rank] = [i for i, _ in dm.train_dataloader().sampler]
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_seeded_apart_still_share_one_training_order(tmp_path):
+    """The training order and caption draws are seeded by rank 0's seed on every rank. Each rank's own
+    torch.initial_seed() gave each its own order, so their shards overlapped: a review's two ranks of 24 images
+    each shared 12, and 12 of the 48 were never trained on in the epoch."""
+    from captioning.data.datamodule import CaptionDataModule
+
+    CaptionDataModule(data_dir=str(tmp_path), num_train=48, num_val=16, num_test=16).prepare_data()  # generated once
+    out = _on_two_ranks(_rank_training_items, str(tmp_path))
+    assert len(out[0]) == len(out[1]) == 24
+    assert sorted(out[0] + out[1]) == list(range(48))

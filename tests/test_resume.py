@@ -79,6 +79,21 @@ def test_sigkill_after_step_7_then_resume_gives_the_same_losses(tmp_path):
             assert loss == reference[s], (step, s, loss, reference[s])
 
 
+@pytest.mark.parametrize("schedule", [[], ["--model.lr_schedule", "step"]], ids=["default", "step-schedule"])
+def test_a_resume_under_another_seed_goes_on_in_the_checkpoints_training_order(tmp_path, schedule):
+    """The order and caption draws of the interrupted run are in its checkpoint: a resume whose seed differs (a
+    config's seed_everything: true draws a new one each start) trained the rest of the epoch on its own order,
+    some images twice and some never, and every later epoch on other draws."""
+    assert _fit(tmp_path, *schedule).returncode == 0
+    run = next(tmp_path.glob("runs/tiny/version_*"))
+    reference = _losses(run)
+    ckpt = str(run / "checkpoints" / "step=3.ckpt")
+    proc = _fit(tmp_path, *schedule, "--ckpt_path", ckpt, "--seed_everything", "7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = {s: loss for s, loss in _losses(run).items() if s >= 3}
+    assert resumed == {s: reference[s] for s in range(3, 12)}
+
+
 def test_a_sigterm_at_an_epochs_last_batch_resumes_exactly_with_loader_workers(tmp_path):
     """SIGTERM's checkpoint at the last batch of epoch 0 is written after the epoch's end hooks: its epoch is already
     1. Read as "after the last batch of epoch 1", the resume set the sampler to epoch 2, whose order the loader's
@@ -454,6 +469,29 @@ def _resumed_epochs(resume: tuple[int, int], first_epoch: int) -> list[list[tupl
     dm.train_sampler.set_epoch(first_epoch + 1)
     epochs.append([x for batch in iter(loader) for x in batch])
     return epochs
+
+
+def test_a_checkpoints_seed_read_after_the_loader_was_made_is_taken_by_its_order_and_draws(tmp_path):
+    """resume_at with the checkpoint's data seed, after the training loader was made under this run's seed: the
+    sampler's order and the caption draws are those of a loader made under the checkpoint's seed."""
+    from captioning.data.datamodule import CaptionDataModule
+
+    def made(seed: int):
+        torch.manual_seed(seed)
+        dm = CaptionDataModule(data_dir=str(tmp_path), num_train=12, num_val=4, num_test=4, batch_size=2)
+        dm.captions_per_image = 2
+        dm.prepare_data()
+        dm.train_dataloader()
+        return dm
+
+    theirs, ours = made(7), made(0)
+    ours.window_counts(range(2))  # counted (and kept) under this run's seed
+    ours.resume_at(0, 2, seed=7)
+    theirs.resume_at(0, 2)
+    assert ours.data_seed == theirs.data_seed == 7
+    assert list(ours.train_sampler) == list(theirs.train_sampler)
+    assert [ours._train_set._chosen(i, 0) for i in range(12)] == [theirs._train_set._chosen(i, 0) for i in range(12)]
+    assert ours.window_counts(range(2)) == theirs.window_counts(range(2))
 
 
 def _order(epoch: int) -> list[tuple[int, int]]:

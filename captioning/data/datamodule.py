@@ -327,6 +327,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self._order: tuple[int | str | None, list[int]] = (None, [])  # (epoch, its order), for window_counts
         self._window: tuple[tuple[int, range] | None, tuple[int, int]] = (None, (0, 0))  # (epoch, batches), counts
         self._resume: tuple[int, int] | None = None
+        self.data_seed: int | None = None  # the training order's and caption draws' (_data_seed), once drawn
         self._train_cache: FeatureCache | None = None
 
     # -- records and vocabulary (built once, on first use) ----------------------------------
@@ -363,11 +364,31 @@ class CaptionDataModule(pl.LightningDataModule):
         """Records of ``split`` ("train", "val" or "test"), in loader order."""
         return self._load()[split]
 
-    def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Start the training data of ``epoch`` after its first ``batches_done`` batches (of each rank)."""
+    def resume_at(self, epoch: int, batches_done: int, seed: int | None = None) -> None:
+        """Start the training data of ``epoch`` after its first ``batches_done`` batches (of each rank), in the
+        order and caption draws of ``seed`` (the interrupted run's, from its checkpoint; None: this run's)."""
         self._resume = (epoch, batches_done * self.batch_size)
+        if seed is not None and seed != self.data_seed:
+            self.data_seed = seed
+            if self._train_set is not None:  # made before the checkpoint was read (configure_optimizers can)
+                self._train_set.seed = seed
+            self._order, self._window = (None, []), (None, (0, 0))
         if self.train_sampler is not None:
+            if self.data_seed is not None:
+                self.train_sampler.seed = self.data_seed
             self.train_sampler.resume_at(*self._resume)
+
+    def _data_seed(self) -> int:
+        """The seed of the training order and the caption draws: a resumed run's checkpoint's (see resume_at), else
+        the run's (seed_everything), not a fresh draw; under DDP rank 0's, for every rank: ranks started apart
+        without one shared seed (plain ddp with seed_everything false, torchrun) each had their own, and their
+        shards of the order overlapped (half the images trained twice an epoch, half never)."""
+        if self.data_seed is None:
+            seed = torch.initial_seed()
+            if self.trainer is not None and self.trainer.world_size > 1:
+                seed = int(self.trainer.strategy.broadcast(seed, src=0))
+            self.data_seed = seed
+        return self.data_seed
 
     @property
     def vocab(self) -> Vocabulary:
@@ -466,7 +487,7 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         check_train_split(self._load(), self.report, self.source)
-        seed = torch.initial_seed()  # the run's seed (seed_everything), not a fresh draw
+        seed = self._data_seed()
         ds = TrainCaptions(
             self.records("train"),
             self.vocab,
