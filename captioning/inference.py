@@ -99,6 +99,15 @@ class Captioner:
     ):
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be at least 1, got {max_len}")
+        positions = getattr(net.decoder, "positions", None)  # the transformer's position table (P,D)
+        if positions is not None and max_len > positions.size(0):
+            # else the search fails only once some caption gets that long, mid-search (from_checkpoint caps it)
+            raise ValueError(
+                f"max_len {max_len} is more than the transformer decoder's position table covers "
+                f"({positions.size(0)} words)"
+            )
         self.net = net.to(device).eval()
         self.vocab = vocab
         self.transform = EvalTransform(image_size, mean, std)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from captioning.decoding import greedy
@@ -374,6 +375,29 @@ def test_a_transformer_module_refuses_a_search_longer_than_its_position_table():
     assert [len(h[0].tokens) for h in hyps] == [8, 8]
     # the LSTM has no position table, so nothing limits its search
     CaptionModule(**{**small, "decoder": "lstm"}, max_decode_len=9)
+
+
+def test_a_captioner_made_directly_refuses_a_search_longer_than_the_position_table():
+    """from_checkpoint caps the search at the table (and warns); a Captioner made from a net directly took any
+    max_len, and failed mid-search once a caption got that long (a review's repro: a 16-position table, max_len
+    24, the end word made unlikely)."""
+    from captioning.inference import Captioner
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS, Vocabulary
+
+    tokens = [*SPECIALS, *"abcdef"]
+    small = dict(vocab=tokens, decoder="transformer", hidden_dim=16, num_heads=2, num_layers=1, max_len=8)
+    net = CaptionModule(**small, encoder_channels=(8, 8, 8, 8), max_decode_len=8).net
+    made = dict(vocab=Vocabulary(tokens), image_size=32, mean=[0.5] * 3, std=[0.25] * 3, grid=(1, 1))
+    with pytest.raises(ValueError, match=r"max_len 9 is more than the transformer decoder's position table covers"):
+        Captioner(net, **made, max_len=9)
+    with pytest.raises(ValueError, match="max_len must be at least 1"):
+        Captioner(net, **made, max_len=0)
+    # the end word never wins: every caption runs to max_len, the table's last position
+    end = torch.tensor([Vocabulary(tokens).end_id])
+    net.decoder.out.register_forward_hook(lambda module, args, logits: logits.index_fill(-1, end, -1e4))
+    caption = Captioner(net, **made, max_len=8).caption(Image.new("RGB", (32, 32)))
+    assert len(caption.tokens) == 8
 
 
 def step_loop(decoder, feats, toks):
