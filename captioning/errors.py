@@ -14,3 +14,12 @@ class InputError(ValueError):
 
 class InputFileNotFoundError(InputError, FileNotFoundError):
     """A file a user named does not exist; the message names it."""
+
+
+class InputIsADirectoryError(InputError, IsADirectoryError):
+    """A file a user named is a folder; the message names it."""
+
+
+class InputUnavailableError(InputError, OSError):
+    """Something a user named could not be fetched (torchvision weights offline); the message names it, where from,
+    and what to do instead."""

@@ -23,6 +23,7 @@ from captioning.data.features import FeatureCache, encoder_fingerprint
 from captioning.data.images import load_image
 from captioning.data.sources import read_karpathy_json
 from captioning.data.transforms import EvalTransform
+from captioning.errors import InputError
 from captioning.lit_module import CaptionModule
 from captioning.models.encoders import SmallCNN, TorchvisionEncoder, load_encoder_weights
 from captioning.vocab import Vocabulary
@@ -259,10 +260,13 @@ def test_load_encoder_weights_refuses_wrong_files_clearly(tmp_path, r18_file):
     text.write_text("not a state dict")
     with pytest.raises(ValueError, match=rf"{text}: cannot load encoder weights"):
         load_encoder_weights(TorchvisionEncoder("resnet18"), str(text))
-    with pytest.raises(FileNotFoundError, match="gone.pth: encoder weights file not found"):
+    # InputErrors (train.py prints them as one line), and still the OSErrors they were
+    with pytest.raises(FileNotFoundError, match="gone.pth: encoder weights file not found") as raised:
         load_encoder_weights(TorchvisionEncoder("resnet18"), str(tmp_path / "gone.pth"))
-    with pytest.raises(IsADirectoryError, match=rf"{tmp_path}: a folder, not an encoder weights file"):
+    assert isinstance(raised.value, InputError)
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path}: a folder, not an encoder weights file") as raised:
         load_encoder_weights(TorchvisionEncoder("resnet18"), str(tmp_path))
+    assert isinstance(raised.value, InputError)
     with pytest.raises(ValueError, match="need a torchvision encoder, not SmallCNN"):
         load_encoder_weights(SmallCNN(), str(path))
 
@@ -311,8 +315,9 @@ def test_torchvision_weights_that_cannot_be_downloaded_or_do_not_exist_are_named
     monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
     with pytest.raises(
         OSError, match=r"DEFAULT: cannot get torchvision's resnet18 weights IMAGENET1K_V1 from https://"
-    ):
+    ) as raised:
         load_encoder_weights(TorchvisionEncoder("resnet18"), "DEFAULT")
+    assert isinstance(raised.value, InputError)  # one line from train.py, not three chained tracebacks
     with pytest.raises(ValueError, match=r"'r101.ckpt' for resnet18: no such file, nor one of .*'IMAGENET1K_V1'"):
         load_encoder_weights(TorchvisionEncoder("resnet18"), "r101.ckpt")
 
@@ -558,7 +563,8 @@ def test_a_resume_needs_no_weights_file_but_a_fresh_fit_names_the_missing_one(tm
     torch.testing.assert_close(ckpt["state_dict"]["net.encoder.body.0.weight"], state["conv1.weight"], atol=0, rtol=0)
 
     assert fresh.returncode != 0
-    assert f"{path}: encoder weights file not found" in fresh.stderr
+    assert f"error: {path}: encoder weights file not found" in fresh.stderr.splitlines()  # one line
+    assert "Traceback" not in fresh.stderr, fresh.stderr[-3000:]
 
 
 def test_a_cache_the_disk_cannot_hold_is_refused_before_the_build_and_leaves_no_file(

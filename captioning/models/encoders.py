@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from captioning.errors import InputError
+from captioning.errors import InputError, InputFileNotFoundError, InputIsADirectoryError, InputUnavailableError
 from captioning.models.base import CellCentres, Encoder, EncoderOutput
 
 _RESNET_STAGE_CHANNELS = {
@@ -199,9 +199,9 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
     path = Path(weights)
     if path.suffix in (".pt", ".pth", ".bin") or path.exists():
         if path.is_dir():
-            raise IsADirectoryError(f"{path}: a folder, not an encoder weights file")
+            raise InputIsADirectoryError(f"{path}: a folder, not an encoder weights file")
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: encoder weights file not found")
+            raise InputFileNotFoundError(f"{path}: encoder weights file not found")
         # torchvision's reference training scripts save their argparse options beside the weights ("args"):
         # a plain attribute bag, safe to allow (torch >= 2.5; before, such a file is refused below)
         allow = getattr(torch.serialization, "safe_globals", None)
@@ -230,7 +230,7 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> None:
         try:
             state = spec.get_state_dict(progress=True)
         except OSError as e:  # offline (URLError), a proxy, a full or read-only hub cache
-            raise OSError(
+            raise InputUnavailableError(
                 f"{weights}: cannot get torchvision's {encoder.arch} weights {spec.name} from {spec.url} ({e}); "
                 "without a network, pass a local state-dict file"
             ) from e
