@@ -426,6 +426,7 @@ def main(args: list[str] | None = None) -> CaptionCLI:
             sys.argv[1:] = argv
         else:
             args = argv
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
     from pytorch_lightning.utilities.exceptions import SIGTERMException
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
@@ -440,6 +441,8 @@ def main(args: list[str] | None = None) -> CaptionCLI:
         )
     except InputError as e:  # a data file, an option's value, a checkpoint: the message names it and the cause
         sys.exit(f"error: {e}")
+    except MisconfigurationException as e:  # Lightning's own refusal of trainer options ("No supported gpu ...")
+        sys.exit(f"error: trainer: {e}")
     except SIGTERMException:  # one process (Lightning's own exit status: 0), or rank 0 of plain ddp (143)
         _stopped_by_sigterm()
     except ProcessExitedException as e:  # ddp_spawn: a rank ended so (CheckpointOnSigterm), after saving

@@ -312,6 +312,10 @@ def test_flickr8k_native_files_read_with_the_recipes_image_root(tmp_path, monkey
         (["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.decoder", "gru"],
          "error: decoder must be 'lstm' or 'transformer', got 'gru'"),
         (["--ckpt_path", "weights.pt"], "error: weights.pt: not a training checkpoint (no Lightning state"),
+        # Lightning's own refusal (MisconfigurationException) was a 35-line traceback
+        pytest.param(["--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.accelerator", "gpu"],
+                     "error: trainer: No supported gpu backend found!",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused where no GPU is")),
     ],
 )  # fmt: skip
 def test_a_bad_data_file_or_option_is_one_line_naming_it_not_a_traceback(flags, message, tmp_path, monkeypatch):
