@@ -40,7 +40,7 @@ from pytorch_lightning.loggers import CSVLogger
 from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_weights_only
 from captioning.data.datamodule import CaptionDataModule
 from captioning.errors import InputError
-from captioning.lit_module import FIT_END_EPOCH, FIT_END_STEP, SIGTERM_EXIT, CaptionModule
+from captioning.lit_module import FIT_END_EPOCH, FIT_END_STEP, SIGTERM_EXIT, CaptionModule, check_model_options
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 
@@ -127,6 +127,7 @@ class CaptionCLI(LightningCLI):
                 parser.error(f"--{option} is not supported: the optimizer is AdamW, set by the model.* options")
         if config is None or "ckpt_path" not in config:
             return
+        self._check_model_options_before_the_data(config)
         if subcommand in ("validate", "test") and config.ckpt_path is None:
             # it ran, and wrote test_metrics.json, for weights no one trained
             print(f"warning: {subcommand} without --ckpt_path scores an untrained model", file=sys.stderr)
@@ -152,6 +153,16 @@ class CaptionCLI(LightningCLI):
             # built from this data's training captions refused a model tested on another dataset (the
             # references are scored as text, so they need no ids). A resume (fit) still refuses other data.
             data.vocabulary = list(vocab)
+        self._check_model_options_before_the_data(self.config[subcommand])
+
+    @staticmethod
+    def _check_model_options_before_the_data(config) -> None:
+        """The module's own option checks, on the parsed config: the module is made after the data module has read
+        the data (its vocabulary comes from it), so a bad model option stopped a run only after a scan of every
+        image. Checked again, with the checkpoint's options merged, after a checkpoint was read."""
+        model = config.get("model")
+        if model is not None:
+            check_model_options({k: v for k, v in dict(model).items() if k not in LINKED_FROM_DATA})
 
     def _parse_ckpt_path(self) -> None:
         # done in parse_arguments, in the order of the command line (see there)
@@ -407,20 +418,36 @@ def with_default_config(argv: list[str]) -> list[str]:
     ``python train.py fit --trainer.max_epochs 5`` is the default recipe with one change (its runs
     folder, checkpoints and seed), not Lightning's bare defaults. Flags after it still override it."""
     given = any(a in ("-c", "--config") or a.startswith("--config=") for a in argv)
-    if argv and argv[0] in ("fit", "validate", "test") and not given:
+    if argv and argv[0] in SUBCOMMANDS and not given:
         return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
     return argv
 
 
+SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def with_subcommand(argv: list[str]) -> list[str]:
+    """Flags without a subcommand are ``fit``'s, as ``python train.py`` alone is ``fit``: ``python train.py -c
+    configs/tiny.yaml`` or ``python train.py --trainer.max_epochs 5`` failed as "invalid choice: '5' (choose from
+    'fit', 'validate', 'test')". Help (``-h``) and command lines that name a subcommand anywhere are left alone."""
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help") and not set(argv) & set(SUBCOMMANDS):
+        return ["fit", *argv]
+    return argv
+
+
 def main(args: list[str] | None = None) -> CaptionCLI:
-    """``python train.py`` alone = ``fit`` with ``configs/shapes.yaml``; a subcommand without a config
-    starts from it too (:func:`with_default_config`)."""
+    """``python train.py`` alone = ``fit`` with ``configs/shapes.yaml``; flags without a subcommand are ``fit``'s
+    (:func:`with_subcommand`); a subcommand without a config starts from it too (:func:`with_default_config`)."""
     if args is None and not sys.argv[1:]:
         args = ["fit", "--config", str(DEFAULT_CONFIG)]
     argv = list(sys.argv[1:] if args is None else args)
-    based = with_default_config(argv)
-    if based != argv:
+    sub = with_subcommand(argv)
+    if sub != argv:
+        print("no subcommand given: fit", file=sys.stderr)
+    based = with_default_config(sub)
+    if based != sub:
         print(f"no --config given: {DEFAULT_CONFIG.name} is the base, the flags change it", file=sys.stderr)
+    if based != argv:
         argv = based
         if args is None:  # in sys.argv, which LightningCLI reads, and DDP's relaunch of rank 1 runs again
             sys.argv[1:] = argv

@@ -48,6 +48,81 @@ SIGTERM_EXIT = 128 + signal.SIGTERM
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def check_model_options(options: dict[str, object]) -> None:
+    """The range and consistency checks of CaptionModule's options (those left out take the module's defaults),
+    raising one InputError naming the bad ones. Run by the module, and by train.py before the data is read (the
+    module is made after it, its vocabulary coming from the data: a negative model.lr stopped a COCO run only
+    after a scan of every image)."""
+    defaults = {k: p.default for k, p in inspect.signature(CaptionModule.__init__).parameters.items() if k != "self"}
+    o = {**defaults, **options}
+    compile_mode, init_weights, encoder_weights, lr_schedule = (
+        o["compile_mode"], o["init_weights"], o["encoder_weights"], o["lr_schedule"]
+    )  # fmt: skip
+    lr, encoder_lr, weight_decay, warmup_steps = o["lr"], o["encoder_lr"], o["weight_decay"], o["warmup_steps"]
+    lr_decay, lr_decay_epochs, label_smoothing, alpha_c = (
+        o["lr_decay"], o["lr_decay_epochs"], o["label_smoothing"], o["alpha_c"]
+    )  # fmt: skip
+    beam_size, max_decode_len, length_penalty = o["beam_size"], o["max_decode_len"], o["length_penalty"]
+    encoder, encoder_stage, encoder_grid = o["encoder"], o["encoder_stage"], o["encoder_grid"]
+    embed_dim, hidden_dim, attention_dim = o["embed_dim"], o["hidden_dim"], o["attention_dim"]
+    num_heads, num_layers, ffn_dim, dropout = o["num_heads"], o["num_layers"], o["ffn_dim"], o["dropout"]
+    decoder, max_len = o["decoder"], o["max_len"]
+    if compile_mode not in COMPILE_MODES:
+        raise InputError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+    if init_weights and encoder_weights:
+        raise InputError(
+            f"model.init_weights ({init_weights}) and model.encoder_weights ({encoder_weights}) are both set: the "
+            "checkpoint holds the encoder's weights, so unset encoder_weights (--model.encoder_weights null, "
+            "where a config sets it)"
+        )
+    if lr_schedule not in ("cosine", "step", "constant"):
+        raise InputError(f"model.lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
+    # AdamW checks only its default lr, not a group's, so a negative model.lr trained (uphill) without a word, a
+    # negative warmup was no warmup, and beam_size 0 or label_smoothing 1.5 stopped the run only at the first
+    # validation or step
+    check_ranges(
+        "model",
+        lr=(lr, lr > 0, "> 0"),
+        # 0 keeps the weights, but an encoder that is not frozen trains in train mode: its BatchNorm
+        # statistics still follow the data (freeze_encoder keeps those too)
+        encoder_lr=(encoder_lr, encoder_lr is None or encoder_lr >= 0, ">= 0"),
+        weight_decay=(weight_decay, weight_decay >= 0, ">= 0"),
+        warmup_steps=(warmup_steps, warmup_steps >= 0, ">= 0"),
+        lr_decay=(lr_decay, 0 < lr_decay <= 1, "in (0, 1]"),
+        lr_decay_epochs=(lr_decay_epochs, lr_decay_epochs >= 1, ">= 1"),
+        label_smoothing=(label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
+        alpha_c=(alpha_c, alpha_c >= 0, ">= 0"),
+        beam_size=(beam_size, beam_size >= 1, ">= 1"),
+        max_decode_len=(max_decode_len, max_decode_len >= 1, ">= 1"),
+        length_penalty=(length_penalty, math.isfinite(length_penalty), "a finite number"),
+        encoder_grid=(encoder_grid, encoder_grid is None or encoder_grid >= 0, ">= 0 (0 or null: no pooling)"),
+        # widths and depths: 0 heads was a bare ZeroDivisionError, 0 layers blamed attention_layer, ffn_dim 0
+        # became 4 x the width and hidden_dim 0 built a decoder of no width, silently
+        embed_dim=(embed_dim, embed_dim >= 1, ">= 1"),
+        hidden_dim=(hidden_dim, hidden_dim >= 1, ">= 1"),
+        attention_dim=(attention_dim, attention_dim >= 1, ">= 1"),
+        num_heads=(num_heads, num_heads >= 1, ">= 1"),
+        num_layers=(num_layers, num_layers >= 1, ">= 1"),
+        ffn_dim=(ffn_dim, ffn_dim is None or ffn_dim >= 1, ">= 1 (null: 4 x hidden_dim)"),
+        dropout=(dropout, 0 <= dropout < 1, "in [0, 1)"),
+    )
+    if encoder == "small_cnn" and (encoder_stage != 4 or encoder_grid):
+        # SmallCNN has neither stages nor pooling: model.encoder_grid 4 trained on the 8x8 grid, silently
+        raise InputError(
+            f"model.encoder_stage ({encoder_stage}) and model.encoder_grid ({encoder_grid}) shape a torchvision "
+            "ResNet's grid; small_cnn has none of either (its grid is the image size / 8; model.encoder_channels "
+            "sets its widths): leave them at 4 and null (--model.encoder_stage 4 --model.encoder_grid null, also "
+            "for a checkpoint that was trained with them, which they never changed), or choose a ResNet encoder"
+        )
+    if decoder == "transformer" and max_decode_len > max_len:
+        # the search feeds word t at position t: past the position table it would stop the first
+        # validation, after a whole epoch of training, so the two are checked here instead
+        raise InputError(
+            f"model.max_decode_len ({max_decode_len}) is more than model.max_len ({max_len}), the positions "
+            f"the transformer decoder's table covers: lower model.max_decode_len or raise model.max_len"
+        )
+
+
 class CheckpointOnSigterm(pl.Callback):
     """A pre-empted run (SIGTERM) writes ``last.ckpt`` before it exits, so no work is lost.
 
@@ -530,60 +605,7 @@ class CaptionModule(pl.LightningModule):
         super().__init__()
         if not vocab:
             raise InputError("model.vocab is empty: it is set from the data module's training captions")
-        if compile_mode not in COMPILE_MODES:
-            raise InputError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
-        if init_weights and encoder_weights:
-            raise InputError(
-                f"model.init_weights ({init_weights}) and model.encoder_weights ({encoder_weights}) are both set: the "
-                "checkpoint holds the encoder's weights, so unset encoder_weights (--model.encoder_weights null, "
-                "where a config sets it)"
-            )
-        if lr_schedule not in ("cosine", "step", "constant"):
-            raise InputError(f"model.lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
-        # checked here, before any data is generated or step taken: AdamW checks only its default lr, not a
-        # group's, so a negative model.lr trained (uphill) without a word, a negative warmup was no warmup, and
-        # beam_size 0 or label_smoothing 1.5 stopped the run only at the first validation or step
-        check_ranges(
-            "model",
-            lr=(lr, lr > 0, "> 0"),
-            # 0 keeps the weights, but an encoder that is not frozen trains in train mode: its BatchNorm
-            # statistics still follow the data (freeze_encoder keeps those too)
-            encoder_lr=(encoder_lr, encoder_lr is None or encoder_lr >= 0, ">= 0"),
-            weight_decay=(weight_decay, weight_decay >= 0, ">= 0"),
-            warmup_steps=(warmup_steps, warmup_steps >= 0, ">= 0"),
-            lr_decay=(lr_decay, 0 < lr_decay <= 1, "in (0, 1]"),
-            lr_decay_epochs=(lr_decay_epochs, lr_decay_epochs >= 1, ">= 1"),
-            label_smoothing=(label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
-            alpha_c=(alpha_c, alpha_c >= 0, ">= 0"),
-            beam_size=(beam_size, beam_size >= 1, ">= 1"),
-            max_decode_len=(max_decode_len, max_decode_len >= 1, ">= 1"),
-            length_penalty=(length_penalty, math.isfinite(length_penalty), "a finite number"),
-            encoder_grid=(encoder_grid, encoder_grid is None or encoder_grid >= 0, ">= 0 (0 or null: no pooling)"),
-            # widths and depths: 0 heads was a bare ZeroDivisionError, 0 layers blamed attention_layer, ffn_dim 0
-            # became 4 x the width and hidden_dim 0 built a decoder of no width, silently
-            embed_dim=(embed_dim, embed_dim >= 1, ">= 1"),
-            hidden_dim=(hidden_dim, hidden_dim >= 1, ">= 1"),
-            attention_dim=(attention_dim, attention_dim >= 1, ">= 1"),
-            num_heads=(num_heads, num_heads >= 1, ">= 1"),
-            num_layers=(num_layers, num_layers >= 1, ">= 1"),
-            ffn_dim=(ffn_dim, ffn_dim is None or ffn_dim >= 1, ">= 1 (null: 4 x hidden_dim)"),
-            dropout=(dropout, 0 <= dropout < 1, "in [0, 1)"),
-        )
-        if encoder == "small_cnn" and (encoder_stage != 4 or encoder_grid):
-            # SmallCNN has neither stages nor pooling: model.encoder_grid 4 trained on the 8x8 grid, silently
-            raise InputError(
-                f"model.encoder_stage ({encoder_stage}) and model.encoder_grid ({encoder_grid}) shape a torchvision "
-                "ResNet's grid; small_cnn has none of either (its grid is the image size / 8; model.encoder_channels "
-                "sets its widths): leave them at 4 and null (--model.encoder_stage 4 --model.encoder_grid null, also "
-                "for a checkpoint that was trained with them, which they never changed), or choose a ResNet encoder"
-            )
-        if decoder == "transformer" and max_decode_len > max_len:
-            # the search feeds word t at position t: past the position table it would stop the first
-            # validation, after a whole epoch of training, so the two are checked here instead
-            raise InputError(
-                f"model.max_decode_len ({max_decode_len}) is more than model.max_len ({max_len}), the positions "
-                f"the transformer decoder's table covers: lower model.max_decode_len or raise model.max_len"
-            )
+        check_model_options({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         self.save_hyperparameters()
         # accepted, as a config may serve either decoder, but said: `--model.attention dot` for a transformer
         # (or `--model.num_layers 4` for the LSTM) changed nothing, silently

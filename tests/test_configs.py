@@ -312,6 +312,10 @@ def test_flickr8k_native_files_read_with_the_recipes_image_root(tmp_path, monkey
         (["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.decoder", "gru"],
          "error: decoder must be 'lstm' or 'transformer', got 'gru'"),
         (["--ckpt_path", "weights.pt"], "error: weights.pt: not a training checkpoint (no Lightning state"),
+        # a model option, before the data is read (the Karpathy JSON is not even looked for): the module is made
+        # after the data, and a bad model.lr stopped a run only after a scan of every image
+        (["--data.dataset", "karpathy", "--data.annotations", "nothere/dataset_coco.json", "--model.lr", "-1"],
+         "error: model.lr must be > 0, got -1.0"),
         # Lightning's own refusal (MisconfigurationException) was a 35-line traceback
         pytest.param(["--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.accelerator", "gpu"],
                      "error: trainer: No supported gpu backend found!",

@@ -423,6 +423,21 @@ def test_a_subcommand_without_a_config_starts_from_the_default_recipe(tmp_path):
     )
 
 
+def test_flags_without_a_subcommand_are_fits(tmp_path):
+    """`python train.py` alone is fit; `python train.py -c configs/tiny.yaml` or `--trainer.max_epochs 3` failed as
+    "invalid choice: '3' (choose from 'fit', 'validate', 'test')", and `--print_config` as "expected subcommand"."""
+    from captioning.cli import with_subcommand
+
+    fit = ["fit", "-c", "x.yaml", "--trainer.max_epochs", "3"]
+    assert with_subcommand(fit[1:]) == fit
+    for argv in (["--help"], ["-h"], [], ["test", "-c", "x.yaml"], ["-c", "x.yaml", "validate"], ["predict"]):
+        assert with_subcommand(argv) == argv
+    proc = run_script(str(ROOT / "train.py"), "--trainer.max_epochs", "3", "--print_config", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no subcommand given: fit" in proc.stderr and "no --config given: shapes.yaml is the base" in proc.stderr
+    assert "max_epochs: 3" in proc.stdout and "save_dir: runs" in proc.stdout
+
+
 def test_a_validation_split_whose_images_all_fail_says_so(tmp_path, tiny_shapes):
     """With data.check_images off, unreadable images are skipped at load time; when that leaves a split with
     nothing to score, the run stops naming the split, not on a missing checkpoint metric."""
