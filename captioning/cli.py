@@ -131,7 +131,7 @@ class CaptionCLI(LightningCLI):
         if subcommand in ("validate", "test") and config.ckpt_path is None:
             # it ran, and wrote test_metrics.json, for weights no one trained
             print(f"warning: {subcommand} without --ckpt_path scores an untrained model", file=sys.stderr)
-        config.ckpt_path, ckpt = resolve_ckpt_path(config.ckpt_path, subcommand)
+        config.ckpt_path, ckpt = resolve_ckpt_path(config.ckpt_path, subcommand, runs_folder(config))
         if ckpt is None:
             return
         self._resume_step = int(ckpt.get("global_step", 0))
@@ -381,21 +381,36 @@ def with_checkpoint_options(argv: list[str], subcommand: str, hparams: dict[str,
     return [*argv[:at], "--model", json.dumps(hparams), *argv[at:]]
 
 
-def resolve_ckpt_path(ckpt_path: str | None, subcommand: str | None = "fit") -> tuple[str | None, dict | None]:
+def runs_folder(config) -> Path:
+    """Where this command's runs go, for ``ckpt_path last``: its CSV logger's ``save_dir/name`` (as
+    ``configs/tiny.yaml`` gives ``runs/tiny``), else ``runs``."""
+    logger = (config.get("trainer") or {}).get("logger")
+    for lg in logger if isinstance(logger, list) else [logger]:
+        init = lg.get("init_args") if hasattr(lg, "get") else None
+        if init is not None and init.get("save_dir") is not None:
+            name = init.get("name", "lightning_logs")  # CSVLogger's default; "" or null: save_dir itself
+            return Path(init.get("save_dir")) / str(name) if name else Path(init.get("save_dir"))
+    return Path("runs")
+
+
+def resolve_ckpt_path(
+    ckpt_path: str | None, subcommand: str | None = "fit", runs: Path = Path("runs")
+) -> tuple[str | None, dict | None]:
     """``ckpt_path`` as the command line or a config file gave it, resolved and checked before anything else
-    touches it (the data, the model, the run directory): "last" is the newest ``last.ckpt`` under ./runs, and
-    a missing, truncated or untrusted file ends the program with an error naming it.
+    touches it (the data, the model, the run directory): "last" is the newest ``last.ckpt`` under ``runs`` (this
+    config's runs folder), and a missing, truncated or untrusted file ends the program with an error naming it.
 
     Returns the path and the checkpoint it holds (None for no path or Lightning's "best", "hpc", "registry").
     """
     if ckpt_path is not None:
         ckpt_path = str(ckpt_path)
     if ckpt_path == "last":
-        # Lightning would look for "last" only in the new run's folder and, finding nothing, start
-        # afresh in silence; here it means the newest last.ckpt of any run under ./runs.
-        found = sorted(Path("runs").glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        # Lightning would look for "last" only in the new run's folder and, finding nothing, start afresh in
+        # silence; here it means the newest last.ckpt of this config's runs (any of runs/ took another
+        # experiment's, a Transformer's under an LSTM config, and trained it in a new folder)
+        found = sorted(runs.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
-            sys.exit("error: ckpt_path last: no last.ckpt under runs/ to resume from")
+            sys.exit(f"error: ckpt_path last: no last.ckpt under {runs}/ to resume from")
         ckpt_path = str(found[-1])
         print(f"{'resuming from' if subcommand == 'fit' else 'using'} {ckpt_path}", file=sys.stderr)
     if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):

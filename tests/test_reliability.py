@@ -161,9 +161,36 @@ def test_resuming_from_a_missing_checkpoint_is_an_error(tmp_path):
     assert proc.returncode != 0
     assert f"{missing}: checkpoint not found" in proc.stderr
     assert proc_last.returncode != 0
-    assert "no last.ckpt under runs/ to resume from" in proc_last.stderr
+    assert "no last.ckpt under runs/tiny/ to resume from" in proc_last.stderr  # the config's runs folder
     for cwd in (given, last):
         assert not (cwd / "runs").exists()  # no fresh run was started
+
+
+def test_ckpt_path_last_is_the_newest_of_this_configs_runs(tmp_path, monkeypatch):
+    """`--ckpt_path last` took the newest last.ckpt anywhere under runs/: with an LSTM config it resumed another
+    experiment's Transformer (a newer run under runs/tiny_tf) and trained it in a new folder of its own."""
+    from jsonargparse import Namespace
+
+    from captioning.cli import resolve_ckpt_path, runs_folder
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = {"state_dict": {}, "pytorch-lightning_version": "2.6.0"}
+    for name in ("tiny", "tiny_tf"):  # tiny_tf's written last: the newest
+        folder = tmp_path / "runs" / name / "version_0" / "checkpoints"
+        folder.mkdir(parents=True)
+        torch.save(ckpt, folder / "last.ckpt")
+        os.utime(folder / "last.ckpt", (1e9 + len(name), 1e9 + len(name)))
+
+    def logged(**init_args):
+        logger = Namespace(class_path="pytorch_lightning.loggers.CSVLogger", init_args=Namespace(**init_args))
+        return Namespace(trainer=Namespace(logger=logger))
+
+    config = logged(save_dir="runs", name="tiny")
+    assert runs_folder(config) == Path("runs/tiny")
+    assert resolve_ckpt_path("last", "fit", runs_folder(config))[0] == "runs/tiny/version_0/checkpoints/last.ckpt"
+    assert runs_folder(logged(save_dir="runs", name="")) == Path("runs")  # no name: the save_dir itself
+    assert runs_folder(Namespace(trainer=Namespace(logger=True))) == Path("runs")
+    assert resolve_ckpt_path("last", "fit")[0] == "runs/tiny_tf/version_0/checkpoints/last.ckpt"
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["checked-at-once", "checked-one-step-late"])
