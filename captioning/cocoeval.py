@@ -839,6 +839,14 @@ def score_captions(
     if not references:
         raise ValueError("no images to score")
     ids = list(references)
+    for i in ids:
+        # a str is a Sequence[str] too: {id: "a caption"} scored each character as a reference (BLEU-4 ~1e-12
+        # for a candidate equal to it), silently
+        refs_i, cand_i = references[i], candidates[i]
+        if isinstance(refs_i, str) or not all(isinstance(r, str) for r in refs_i):
+            raise TypeError(f"references[{i!r}] must be a list of caption strings, got {refs_i!r:.80}")
+        if not isinstance(cand_i, str):
+            raise TypeError(f"candidates[{i!r}] must be one caption string, got {cand_i!r:.80}")
     if any(len(references[i]) == 0 for i in ids):
         raise ValueError("every image needs at least one reference")
     # tokenised in two runs, references then candidates, like COCOEvalCap.evaluate

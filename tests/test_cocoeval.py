@@ -306,6 +306,18 @@ def test_score_captions_checks_image_ids():
         score_captions({"a": []}, {"a": "x"}, meteor=False)
 
 
+def test_score_captions_refuses_a_bare_string_of_references_and_a_list_as_candidate():
+    """{id: "a caption"} as references scored each character as a reference (a candidate equal to the caption got
+    BLEU-1 0.2 and BLEU-4 ~1e-12); a list as the candidate failed inside the tokeniser on 'list'.replace."""
+    with pytest.raises(TypeError, match=r"references\[1\] must be a list of caption strings, got 'a man riding"):
+        score_captions({1: "a man riding a horse"}, {1: "a man riding a horse"}, meteor=False)
+    with pytest.raises(TypeError, match=r"candidates\['x'\] must be one caption string, got \['a man'\]"):
+        score_captions({"x": ["a man"]}, {"x": ["a man"]}, meteor=False)
+    with pytest.raises(TypeError, match=r"references\[1\] must be a list of caption strings"):
+        score_captions({1: [["a", "man"]]}, {1: "a man"}, meteor=False)  # tokens, not a caption
+    assert score_captions({1: ("a man riding a horse",)}, {1: "a man riding a horse"}, meteor=False)["bleu4"] > 0.99
+
+
 def test_meteor_is_left_out_with_a_warning_without_java(monkeypatch):
     monkeypatch.setattr(cocoeval.shutil, "which", lambda name: None)
     with pytest.warns(RuntimeWarning, match="METEOR"):
