@@ -127,12 +127,12 @@ class CaptionCLI(LightningCLI):
                 parser.error(f"--{option} is not supported: the optimizer is AdamW, set by the model.* options")
         if config is None or "ckpt_path" not in config:
             return
-        self._check_model_options_before_the_data(config)
         if subcommand in ("validate", "test") and config.ckpt_path is None:
             # it ran, and wrote test_metrics.json, for weights no one trained
             print(f"warning: {subcommand} without --ckpt_path scores an untrained model", file=sys.stderr)
         config.ckpt_path, ckpt = resolve_ckpt_path(config.ckpt_path, subcommand, runs_folder(config))
         if ckpt is None:
+            self._check_model_options_before_the_data(config)
             return
         self._resume_step = int(ckpt.get("global_step", 0))
         hparams = checkpoint_model_options(ckpt)
@@ -159,7 +159,7 @@ class CaptionCLI(LightningCLI):
     def _check_model_options_before_the_data(config) -> None:
         """The module's own option checks, on the parsed config: the module is made after the data module has read
         the data (its vocabulary comes from it), so a bad model option stopped a run only after a scan of every
-        image. Checked again, with the checkpoint's options merged, after a checkpoint was read."""
+        image. With a checkpoint, on the config with its options merged in."""
         model = config.get("model")
         if model is not None:
             check_model_options({k: v for k, v in dict(model).items() if k not in LINKED_FROM_DATA})
@@ -273,9 +273,9 @@ def _metrics_kept_across_spawned_test(trainer: pl.Trainer) -> Iterator[None]:
     the fit wrote (every training and validation row), then logs its test row at step 0 (the fit's step counts do
     not come back from the ranks). Here, in the main process: the fit's rows are read before the test and written
     back after it, the test's rows after them stamped with the fit's final epoch and step, as one process stamps
-    them (the rank's ``on_fit_end`` sends them back in callback_metrics). The ranks'
-    warning that the old log files will be deleted is silenced: they are not lost. One process, or plain ddp
-    (whose ranks go on to the test themselves), keeps its writer and its rows."""
+    them (the rank's ``on_fit_end`` sends them back in callback_metrics). The ranks' warning that the old log
+    files will be deleted is silenced: they are not lost. One process, or plain ddp (whose ranks go on to the
+    test themselves), keeps its writer and its rows."""
     from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
     loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]

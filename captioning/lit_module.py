@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from captioning.checkpoint_io import CheckpointError, load_weights_only
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -503,6 +505,12 @@ def validates_inside_window(every: int, window: int, batches: int, *, across_epo
         positions = range(every, batches, every)
     return any(p % window and p != batches for p in positions)
 
+
+# every rank scores the same gathered captions, so the val/ and test/ metrics need no reduction (sync_dist): under
+# DDP Lightning advised syncing them, once per metric at the first validation and test, dozens of lines of noise
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self\.log\('(val|test)/", category=PossibleUserWarning
+)
 
 #: callback_metrics keys of the fit's final epoch and logged step (``on_fit_end``)
 FIT_END_EPOCH, FIT_END_STEP = "_fit_end/epoch", "_fit_end/step"

@@ -370,7 +370,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self._resume = (epoch, batches_done * self.batch_size)
         if seed is not None and seed != self.data_seed:
             self.data_seed = seed
-            if self._train_set is not None:  # made before the checkpoint was read (configure_optimizers can)
+            if self._train_set is not None:  # a training loader made before the checkpoint was read
                 self._train_set.seed = seed
             self._order, self._window = (None, []), (None, (0, 0))
         if self.train_sampler is not None:
