@@ -480,6 +480,11 @@ def main(args: list[str] | None = None) -> CaptionCLI:
             args=args,
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": True},
+            # argparse's usage lists every option (~110 lines) above the one line saying what was wrong
+            parser_kwargs={
+                name: {"usage": f"train.py {name} [-c CONFIG] [--<section>.<option> VALUE ...] (options: --help)"}
+                for name in SUBCOMMANDS
+            },
         )
     except InputError as e:  # a data file, an option's value, a checkpoint: the message names it and the cause
         sys.exit(f"error: {e}")

@@ -465,6 +465,18 @@ def test_flags_without_a_subcommand_are_fits(tmp_path):
     assert "max_epochs: 3" in proc.stdout and "save_dir: runs" in proc.stdout
 
 
+def test_an_unknown_option_is_said_in_a_few_lines(capsys):
+    """argparse's usage listed every option, ~110 lines, above the line that says which flag was wrong."""
+    from captioning.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "-c", str(TINY), "--model.beamsize", "3"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 4 and err[-1] == "error: unrecognized arguments: --model.beamsize 3", err
+    assert err[0].startswith("usage: train.py fit [-c CONFIG]"), err
+
+
 def test_a_validation_split_whose_images_all_fail_says_so(tmp_path, tiny_shapes):
     """With data.check_images off, unreadable images are skipped at load time; when that leaves a split with
     nothing to score, the run stops naming the split, not on a missing checkpoint metric."""
