@@ -269,21 +269,28 @@ class CaptionCLI(LightningCLI):
 
 @contextlib.contextmanager
 def _metrics_kept_across_spawned_test(trainer: pl.Trainer) -> Iterator[None]:
-    """Under ``ddp_spawn`` the test after fit runs in new processes, whose CSV logger deletes the ``metrics.csv``
-    the fit wrote (every training and validation row), then logs its test row at step 0 (the fit's step counts do
-    not come back from the ranks). Here, in the main process: the fit's rows are read before the test and written
-    back after it, the test's rows after them stamped with the fit's final epoch and step, as one process stamps
-    them (the rank's ``on_fit_end`` sends them back in callback_metrics). The ranks' warning that the old log
-    files will be deleted is silenced: they are not lost. One process, or plain ddp (whose ranks go on to the
-    test themselves), keeps its writer and its rows."""
+    """Under ``ddp_spawn`` the test after fit runs in new processes, whose CSV loggers deleted the ``metrics.csv``
+    the fit wrote (every training and validation row), then logged their test row at step 0 (the fit's step counts
+    do not come back from the ranks); after a resume, the main process's copy of the writer (holding the rows from
+    before the checkpoint, and only their columns) made the test fail. Here, in the main process, for every CSV
+    logger: the fit's file is moved aside (``metrics.fit.csv``, so that nothing is lost if this process dies), the
+    ranks make writers of their own, and afterwards the file is the fit's rows, then the test's, stamped with the
+    fit's final epoch and step as one process stamps them (the rank's ``on_fit_end`` sends them back in
+    callback_metrics). The ranks' warning that old log files will be deleted is silenced: they are not lost. One
+    process, or plain ddp (whose ranks go on to the test themselves), keeps its writers and their rows."""
     from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
     loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
     if not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher) or not loggers:
         yield
         return
-    path = Path(loggers[0].log_dir) / "metrics.csv"
-    fit_rows, header = _csv_rows(path)
+    aside = []
+    for logger in loggers:
+        logger._experiment = None  # the ranks make their own writer, not a copy of this process's stale one
+        path = Path(logger.log_dir) / "metrics.csv"
+        if path.is_file():
+            os.replace(path, path.with_name("metrics.fit.csv"))
+            aside.append(path)
     before = os.environ.get("PYTHONWARNINGS")
     # read by each rank's interpreter at its start
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [before, "ignore:Experiment logs directory"]))
@@ -294,16 +301,17 @@ def _metrics_kept_across_spawned_test(trainer: pl.Trainer) -> Iterator[None]:
             os.environ.pop("PYTHONWARNINGS", None)
         else:
             os.environ["PYTHONWARNINGS"] = before
-        if fit_rows:
-            end = trainer.callback_metrics  # without them (a fit that never reached its end), Lightning's stamp
-            stamp = {
-                k: str(int(end[key])) for k, key in (("epoch", FIT_END_EPOCH), ("step", FIT_END_STEP)) if key in end
-            }
-            _rewrite_with_test_rows(path, fit_rows, header, stamp)
+        end = trainer.callback_metrics  # without them (a fit that never reached its end), Lightning's stamp
+        stamp = {k: str(int(end[key])) for k, key in (("epoch", FIT_END_EPOCH), ("step", FIT_END_STEP)) if key in end}
+        for path in aside:
+            _rewrite_with_test_rows(path, stamp)
 
 
-def _rewrite_with_test_rows(path: Path, fit_rows: list[dict[str, str]], header: list[str], stamp: dict) -> None:
-    """``metrics.csv`` as the fit's rows, then the test's (whatever the file now holds), stamped ``stamp``."""
+def _rewrite_with_test_rows(path: Path, stamp: dict[str, str]) -> None:
+    """``path`` (a ``metrics.csv``) as the fit's rows (from ``metrics.fit.csv`` beside it, then removed), then the
+    test's (what ``path`` holds now, if anything), stamped ``stamp``."""
+    fit = path.with_name("metrics.fit.csv")
+    fit_rows, header = _csv_rows(fit)
     test_rows, test_header = _csv_rows(path)
     for row in test_rows:
         row.update(stamp)
@@ -314,6 +322,7 @@ def _rewrite_with_test_rows(path: Path, fit_rows: list[dict[str, str]], header: 
         writer.writeheader()
         writer.writerows(fit_rows + test_rows)
     os.replace(tmp, path)
+    fit.unlink()
 
 
 def _csv_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
@@ -444,10 +453,32 @@ SUBCOMMANDS = ("fit", "validate", "test")
 def with_subcommand(argv: list[str]) -> list[str]:
     """Flags without a subcommand are ``fit``'s, as ``python train.py`` alone is ``fit``: ``python train.py -c
     configs/tiny.yaml`` or ``python train.py --trainer.max_epochs 5`` failed as "invalid choice: '5' (choose from
-    'fit', 'validate', 'test')". Help (``-h``) and command lines that name a subcommand anywhere are left alone."""
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help") and not set(argv) & set(SUBCOMMANDS):
-        return ["fit", *argv]
-    return argv
+    'fit', 'validate', 'test')". Left alone: help (``-h``), a command line that names a subcommand (a word that is
+    not the value of the flag before it: ``--trainer.logger.init_args.name test`` names none), and a config file
+    given before it whose top level is subcommands (``fit: {trainer: ...}``, which picks one)."""
+    if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help"):
+        return argv
+    for before, word in zip(argv, argv[1:]):
+        takes_value = before.startswith("-") and "=" not in before
+        if word in SUBCOMMANDS and not takes_value:
+            return argv
+        if before in ("-c", "--config") and _subcommand_sections(word):
+            return argv
+    configs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    if any(_subcommand_sections(path) for path in configs):
+        return argv
+    return ["fit", *argv]
+
+
+def _subcommand_sections(path: str) -> bool:
+    """Whether the config file ``path`` has subcommands at its top level (LightningCLI's root config form)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False  # not a readable config: the parser says so
+    return isinstance(config, dict) and bool(set(config) & set(SUBCOMMANDS))
 
 
 def main(args: list[str] | None = None) -> CaptionCLI:
@@ -496,21 +527,24 @@ def main(args: list[str] | None = None) -> CaptionCLI:
         if e.exit_code != SIGTERM_EXIT:
             raise
         _stopped_by_sigterm()
-    except ProcessRaisedException as e:  # ddp_spawn: a rank raised; an InputError there is one line too
-        message = input_error_message(str(e))
-        if message is None:
+    except ProcessRaisedException as e:  # ddp_spawn: a rank raised; the errors above are one line there too
+        line = rank_error_line(str(e))
+        if line is None:
             raise
-        sys.exit(f"error: {message}")
+        sys.exit(line)
 
 
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*)\.([A-Za-z_]\w*): ", re.MULTILINE)
 
 
-def input_error_message(traceback_text: str) -> str | None:
-    """The message of the InputError a ``ddp_spawn`` rank raised, from the traceback text the spawn launcher sends
-    back (the exception itself does not cross the process boundary); None if the rank raised anything else. The
-    exception raised last is the text's last ``module.Class: message`` line whose class resolves (a message's own
-    lines could look like one); chained exceptions come before it."""
+def rank_error_line(traceback_text: str) -> str | None:
+    """The one line ``main`` prints for an InputError or a Lightning MisconfigurationException that a ``ddp_spawn``
+    rank raised, from the traceback text the spawn launcher sends back (the exception itself does not cross the
+    process boundary); None if the rank raised anything else. The exception raised last is the text's last
+    ``module.Class: message`` line whose class resolves (a message's own lines could look like one); chained
+    exceptions come before it."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
     text = traceback_text.rstrip()
     for line in reversed(list(_EXCEPTION_LINE.finditer(text))):
         try:
@@ -520,8 +554,12 @@ def input_error_message(traceback_text: str) -> str | None:
         if not (isinstance(cls, type) and issubclass(cls, BaseException)):
             continue
         message = text[line.end() :]
-        if issubclass(cls, InputError) and "Traceback (most recent call last)" not in message:
-            return message
+        if "Traceback (most recent call last)" in message:
+            return None
+        if issubclass(cls, InputError):
+            return f"error: {message}"
+        if issubclass(cls, MisconfigurationException):
+            return f"error: trainer: {message}"
         return None
     return None
 

@@ -16,7 +16,6 @@ import random
 import signal
 import sys
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from captioning.checkpoint_io import CheckpointError, load_weights_only
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -496,8 +494,8 @@ def validates_inside_window(every: int, window: int, batches: int, *, across_epo
     its last batch, so a validation at an epoch's position p (1-based) ends a window when p % window == 0 or p is
     the last. With ``across_epochs`` (trainer.check_val_every_n_epoch null) the count runs on over epochs: the
     k-th validation is at total batch k * every, position ((k * every - 1) % batches) + 1, and the positions repeat
-    after batches / gcd(every, batches) validations; else it restarts each epoch (every, 2 * every, ... < batches;
-    the epoch's last batch validates anyway)."""
+    after batches / gcd(every, batches) validations; else it restarts each epoch (every, 2 * every, ... up to
+    batches, the last of which, where ``every`` divides it, ends a window)."""
     if across_epochs:
         cycle = range(1, batches // math.gcd(every, batches) + 1)
         positions = ((k * every - 1) % batches + 1 for k in cycle)
@@ -505,12 +503,6 @@ def validates_inside_window(every: int, window: int, batches: int, *, across_epo
         positions = range(every, batches, every)
     return any(p % window and p != batches for p in positions)
 
-
-# every rank scores the same gathered captions, so the val/ and test/ metrics need no reduction (sync_dist): under
-# DDP Lightning advised syncing them, once per metric at the first validation and test, dozens of lines of noise
-warnings.filterwarnings(
-    "ignore", message=r"It is recommended to use `self\.log\('(val|test)/", category=PossibleUserWarning
-)
 
 #: callback_metrics keys of the fit's final epoch and logged step (``on_fit_end``)
 FIT_END_EPOCH, FIT_END_STEP = "_fit_end/epoch", "_fit_end/step"
@@ -1035,13 +1027,16 @@ class CaptionModule(pl.LightningModule):
             _close_redone_validation(self.trainer.fit_loop.epoch_loop.val_loop.batch_progress)
         metrics, _ = self._score("val", self.hparams.val_meteor)
         for k, v in metrics.items():
-            # every rank scored the same gathered captions, so no reduction is needed
-            self.log(f"val/{k}", v, prog_bar=k in ("bleu4", "cider_d", "object_accuracy"), sync_dist=False)
+            # every rank scored the same gathered captions, so the max over ranks is each rank's value, exactly (a
+            # mean over 3 ranks could round). Synced all the same: unsynced epoch-level values under DDP each
+            # brought Lightning's advice to sync them, two lines per metric
+            shown = k in ("bleu4", "cider_d", "object_accuracy")
+            self.log(f"val/{k}", v, prog_bar=shown, sync_dist=True, reduce_fx="max")
 
     def on_test_epoch_end(self) -> None:
         metrics, captions = self._score("test", self.hparams.test_meteor)
         for k, v in metrics.items():
-            self.log(f"test/{k}", v)
+            self.log(f"test/{k}", v, sync_dist=True, reduce_fx="max")  # the same on every rank (as val/ above)
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.is_global_zero and log_dir:
             run = Path(log_dir)

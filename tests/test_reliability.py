@@ -459,6 +459,15 @@ def test_flags_without_a_subcommand_are_fits(tmp_path):
     assert with_subcommand(fit[1:]) == fit
     for argv in (["--help"], ["-h"], [], ["test", "-c", "x.yaml"], ["-c", "x.yaml", "validate"], ["predict"]):
         assert with_subcommand(argv) == argv
+    # a flag's value that is a subcommand's name is no subcommand (a review's run named its logger "test")
+    named = ["-c", "x.yaml", "--trainer.logger.init_args.name", "test", "--data.batch_size=4"]
+    assert with_subcommand(named) == ["fit", *named]
+    # a config whose top level is subcommands picks one itself (LightningCLI's root config), as before
+    (tmp_path / "root.yaml").write_text("fit:\n  trainer:\n    max_steps: 2\n")
+    (tmp_path / "flat.yaml").write_text("trainer:\n  max_steps: 2\n")
+    for argv in (["-c", str(tmp_path / "root.yaml")], [f"--config={tmp_path / 'root.yaml'}", "--x", "1"]):
+        assert with_subcommand(argv) == argv
+    assert with_subcommand(["-c", str(tmp_path / "flat.yaml")]) == ["fit", "-c", str(tmp_path / "flat.yaml")]
     proc = run_script(str(ROOT / "train.py"), "--trainer.max_epochs", "3", "--print_config", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no subcommand given: fit" in proc.stderr and "no --config given: shapes.yaml is the base" in proc.stderr
