@@ -288,6 +288,7 @@ def _metrics_kept_across_spawned_test(trainer: pl.Trainer) -> Iterator[None]:
     for logger in loggers:
         logger._experiment = None  # the ranks make their own writer, not a copy of this process's stale one
         path = Path(logger.log_dir) / "metrics.csv"
+        _recover_fit_rows(path)
         if path.is_file():
             os.replace(path, path.with_name("metrics.fit.csv"))
             aside.append(path)
@@ -325,6 +326,16 @@ def _rewrite_with_test_rows(path: Path, stamp: dict[str, str]) -> None:
     fit.unlink()
 
 
+def _recover_fit_rows(path: Path) -> None:
+    """Put back the fit's rows that a test after fit under ddp_spawn moved aside (``metrics.fit.csv``) and was
+    stopped before it could join them again (SIGTERM, a killed process): the file becomes ``path`` again, and what
+    ``path`` held, the interrupted test's rows if any, is dropped (the run's next test writes its own)."""
+    fit = path.with_name("metrics.fit.csv")
+    if fit.is_file():
+        os.replace(fit, path)
+        print(f"{path}: the fit's rows put back from {fit.name} (a test after fit was stopped)", file=sys.stderr)
+
+
 def _csv_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     """The rows and the header of a CSV file; none if it is not there."""
     if not path.is_file():
@@ -339,6 +350,7 @@ def _keep_metrics_before(logger: CSVLogger, step: int) -> None:
     of the steps before its checkpoint and appends its own after them (the rows of later steps are the
     interrupted part of the run, which it logs again)."""
     path = Path(logger.log_dir) / "metrics.csv"
+    _recover_fit_rows(path)
     rows = []
     if path.is_file():
         with path.open(newline="") as f:

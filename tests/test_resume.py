@@ -557,3 +557,25 @@ def test_a_resume_from_an_epochs_end_under_limit_train_batches_starts_the_next_e
     assert resumed == whole[3:]
     for a, b in zip(whole_module.parameters(), resumed_module.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_resume_puts_back_the_fit_rows_a_stopped_spawned_test_had_moved_aside(tmp_path, capsys):
+    """Under ddp_spawn the test after fit moves metrics.csv aside (metrics.fit.csv) while its ranks run; stopped
+    there (SIGTERM to the process group), the file stayed aside, and the resume read no rows: a review's resumed run
+    kept steps 6-9 of 0-9. Now the resume puts the fit's rows back and drops the stopped test's."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    from captioning.cli import _keep_metrics_before
+
+    logger = CSVLogger(tmp_path, name="tiny", version=0)
+    run = Path(logger.log_dir)
+    run.mkdir(parents=True)
+    fit_rows = "epoch,step,train/loss\n" + "".join(f"0,{s},{s / 10}\n" for s in range(6))
+    (run / "metrics.fit.csv").write_text(fit_rows)
+    (run / "metrics.csv").write_text("epoch,step,test/cider_d\n0,0,0.5\n")  # the stopped test's, unstamped
+    _keep_metrics_before(logger, 4)
+    logger.experiment.save()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(str(s), str(s / 10)) for s in range(4)]
+    assert not (run / "metrics.fit.csv").exists()
+    assert "the fit's rows put back from metrics.fit.csv" in capsys.readouterr().err
