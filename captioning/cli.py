@@ -290,7 +290,7 @@ def _metrics_kept_across_spawned_test(trainer: pl.Trainer) -> Iterator[None]:
         path = Path(logger.log_dir) / "metrics.csv"
         _recover_fit_rows(path)
         if path.is_file():
-            os.replace(path, path.with_name("metrics.fit.csv"))
+            os.replace(path, _fit_rows_file(path))
             aside.append(path)
     before = os.environ.get("PYTHONWARNINGS")
     # read by each rank's interpreter at its start
@@ -311,7 +311,7 @@ def _metrics_kept_across_spawned_test(trainer: pl.Trainer) -> Iterator[None]:
 def _rewrite_with_test_rows(path: Path, stamp: dict[str, str]) -> None:
     """``path`` (a ``metrics.csv``) as the fit's rows (from ``metrics.fit.csv`` beside it, then removed), then the
     test's (what ``path`` holds now, if anything), stamped ``stamp``."""
-    fit = path.with_name("metrics.fit.csv")
+    fit = _fit_rows_file(path)
     fit_rows, header = _csv_rows(fit)
     test_rows, test_header = _csv_rows(path)
     for row in test_rows:
@@ -330,10 +330,15 @@ def _recover_fit_rows(path: Path) -> None:
     """Put back the fit's rows that a test after fit under ddp_spawn moved aside (``metrics.fit.csv``) and was
     stopped before it could join them again (SIGTERM, a killed process): the file becomes ``path`` again, and what
     ``path`` held, the interrupted test's rows if any, is dropped (the run's next test writes its own)."""
-    fit = path.with_name("metrics.fit.csv")
+    fit = _fit_rows_file(path)
     if fit.is_file():
         os.replace(fit, path)
         print(f"{path}: the fit's rows put back from {fit.name} (a test after fit was stopped)", file=sys.stderr)
+
+
+def _fit_rows_file(path: Path) -> Path:
+    """Where the fit's rows of ``path`` (a ``metrics.csv``) wait while a spawned test after fit runs."""
+    return path.with_name("metrics.fit.csv")
 
 
 def _csv_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
@@ -351,10 +356,7 @@ def _keep_metrics_before(logger: CSVLogger, step: int) -> None:
     interrupted part of the run, which it logs again)."""
     path = Path(logger.log_dir) / "metrics.csv"
     _recover_fit_rows(path)
-    rows = []
-    if path.is_file():
-        with path.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdecimal() and int(r["step"]) < step]
+    rows = [r for r in _csv_rows(path)[0] if (r.get("step") or "").isdecimal() and int(r["step"]) < step]
     with warnings.catch_warnings():  # "Previous log files in this directory will be deleted": not so here
         warnings.filterwarnings("ignore", message="Experiment logs directory")
         writer = logger.experiment  # opening the writer deletes the file; the rows go back in first
@@ -529,10 +531,8 @@ def main(args: list[str] | None = None) -> CaptionCLI:
                 for name in SUBCOMMANDS
             },
         )
-    except InputError as e:  # a data file, an option's value, a checkpoint: the message names it and the cause
-        sys.exit(f"error: {e}")
-    except MisconfigurationException as e:  # Lightning's own refusal of trainer options ("No supported gpu ...")
-        sys.exit(f"error: trainer: {e}")
+    except (InputError, MisconfigurationException) as e:  # what a user gave, named with its cause: one line
+        sys.exit(_error_line(type(e), str(e)))
     except SIGTERMException:  # one process (Lightning's own exit status: 0), or rank 0 of plain ddp (143)
         _stopped_by_sigterm()
     except ProcessExitedException as e:  # ddp_spawn: a rank ended so (CheckpointOnSigterm), after saving
@@ -555,8 +555,6 @@ def rank_error_line(traceback_text: str) -> str | None:
     process boundary); None if the rank raised anything else. The exception raised last is the text's last
     ``module.Class: message`` line whose class resolves (a message's own lines could look like one); chained
     exceptions come before it."""
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-
     text = traceback_text.rstrip()
     for line in reversed(list(_EXCEPTION_LINE.finditer(text))):
         try:
@@ -566,13 +564,20 @@ def rank_error_line(traceback_text: str) -> str | None:
         if not (isinstance(cls, type) and issubclass(cls, BaseException)):
             continue
         message = text[line.end() :]
-        if "Traceback (most recent call last)" in message:
-            return None
-        if issubclass(cls, InputError):
-            return f"error: {message}"
-        if issubclass(cls, MisconfigurationException):
-            return f"error: trainer: {message}"
-        return None
+        return None if "Traceback (most recent call last)" in message else _error_line(cls, message)
+    return None
+
+
+def _error_line(cls: type[BaseException], message: str) -> str | None:
+    """The line ``main`` prints for an error of class ``cls``: an InputError's message names the file or option and
+    the cause; a MisconfigurationException is Lightning's refusal of trainer options ("No supported gpu backend");
+    None for anything else (a traceback is the right report there)."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    if issubclass(cls, InputError):
+        return f"error: {message}"
+    if issubclass(cls, MisconfigurationException):
+        return f"error: trainer: {message}"
     return None
 
 

@@ -894,8 +894,10 @@ class CaptionModule(pl.LightningModule):
         # the fit's final epoch and step, which a test after fit stamps its metrics.csv rows with: under ddp_spawn
         # that test runs in new processes and only callback_metrics come back to the main process (cli.py)
         trainer = self.trainer
-        trainer.callback_metrics.update({FIT_END_EPOCH: torch.tensor(trainer.current_epoch)})
-        trainer.callback_metrics.update({FIT_END_STEP: torch.tensor(trainer.fit_loop.epoch_loop._batches_that_stepped)})
+        steps = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning stamps logged rows with
+        trainer.callback_metrics.update(
+            {FIT_END_EPOCH: torch.tensor(trainer.current_epoch), FIT_END_STEP: torch.tensor(steps)}
+        )
 
     def training_step(self, batch, batch_idx):
         self._raise_if_loss_not_finite()  # the step before's, where it is read one step late
