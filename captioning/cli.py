@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -467,32 +468,45 @@ SUBCOMMANDS = ("fit", "validate", "test")
 def with_subcommand(argv: list[str]) -> list[str]:
     """Flags without a subcommand are ``fit``'s, as ``python train.py`` alone is ``fit``: ``python train.py -c
     configs/tiny.yaml`` or ``python train.py --trainer.max_epochs 5`` failed as "invalid choice: '5' (choose from
-    'fit', 'validate', 'test')". Left alone: help (``-h``), a command line that names a subcommand (a word that is
-    not the value of the flag before it: ``--trainer.logger.init_args.name test`` names none), and a config file
-    given before it whose top level is subcommands (``fit: {trainer: ...}``, which picks one)."""
+    'fit', 'validate', 'test')". Left alone: help (``-h``), and a command line that names a subcommand (a word that
+    is not the value of the flag before it: ``--trainer.logger.init_args.name test`` names none).
+
+    A config file whose top level is subcommands (LightningCLI's root config, ``fit: {trainer: ...}``) picks its
+    one subcommand itself when it is all that is given; with flags too, ``-c root.yaml --trainer.max_epochs 3``
+    failed the same way, so its subcommand is named after the root configs and before the rest. Where the root
+    configs name several subcommands, none is picked: the parser says which to choose."""
     if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help"):
         return argv
-    for before, word in zip(argv, argv[1:]):
+    roots: list[int] = []  # positions in argv of the root configs' arguments (the flag and its value, or one)
+    sections: set[str] = set()
+    for i, (before, word) in enumerate(zip(argv, argv[1:])):
         takes_value = before.startswith("-") and "=" not in before
         if word in SUBCOMMANDS and not takes_value:
             return argv
-        if before in ("-c", "--config") and _subcommand_sections(word):
-            return argv
-    configs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    if any(_subcommand_sections(path) for path in configs):
+        if before in ("-c", "--config") and (named := _subcommand_sections(word)):
+            roots += [i, i + 1]
+            sections |= named
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config=") and (named := _subcommand_sections(arg.split("=", 1)[1])):
+            roots.append(i)
+            sections |= named
+    if not roots:
+        return ["fit", *argv]
+    if len(sections) > 1 or len(roots) == len(argv):
         return argv
-    return ["fit", *argv]
+    rest = [a for i, a in enumerate(argv) if i not in roots]
+    return [*(argv[i] for i in sorted(roots)), *sections, *rest]
 
 
-def _subcommand_sections(path: str) -> bool:
-    """Whether the config file ``path`` has subcommands at its top level (LightningCLI's root config form)."""
+def _subcommand_sections(path: str) -> set[str]:
+    """The subcommands at the top level of the config file ``path`` (LightningCLI's root config form), if any."""
     import yaml
 
     try:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return False  # not a readable config: the parser says so
-    return isinstance(config, dict) and bool(set(config) & set(SUBCOMMANDS))
+        return set()  # not a readable config: the parser says so
+    return set(config) & set(SUBCOMMANDS) if isinstance(config, dict) else set()
 
 
 def main(args: list[str] | None = None) -> CaptionCLI:
@@ -503,7 +517,8 @@ def main(args: list[str] | None = None) -> CaptionCLI:
     argv = list(sys.argv[1:] if args is None else args)
     sub = with_subcommand(argv)
     if sub != argv:
-        print("no subcommand given: fit", file=sys.stderr)
+        (added,) = Counter(sub) - Counter(argv)  # the one word with_subcommand put in
+        print(f"no subcommand given: {added}", file=sys.stderr)
     based = with_default_config(sub)
     if based != sub:
         print(f"no --config given: {DEFAULT_CONFIG.name} is the base, the flags change it", file=sys.stderr)

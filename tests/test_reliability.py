@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_weights_only
@@ -462,12 +463,32 @@ def test_flags_without_a_subcommand_are_fits(tmp_path):
     # a flag's value that is a subcommand's name is no subcommand (a review's run named its logger "test")
     named = ["-c", "x.yaml", "--trainer.logger.init_args.name", "test", "--data.batch_size=4"]
     assert with_subcommand(named) == ["fit", *named]
-    # a config whose top level is subcommands picks one itself (LightningCLI's root config), as before
-    (tmp_path / "root.yaml").write_text("fit:\n  trainer:\n    max_steps: 2\n")
-    (tmp_path / "flat.yaml").write_text("trainer:\n  max_steps: 2\n")
-    for argv in (["-c", str(tmp_path / "root.yaml")], [f"--config={tmp_path / 'root.yaml'}", "--x", "1"]):
-        assert with_subcommand(argv) == argv
-    assert with_subcommand(["-c", str(tmp_path / "flat.yaml")]) == ["fit", "-c", str(tmp_path / "flat.yaml")]
+    # a config whose top level is subcommands picks one itself (LightningCLI's root config) when it is all there is;
+    # with flags too, its subcommand goes after the root configs (`-c root.yaml --x 1` failed as "invalid choice")
+    root, flat = tmp_path / "root.yaml", tmp_path / "flat.yaml"
+    root.write_text("test:\n  trainer:\n    max_steps: 2\n")
+    flat.write_text("trainer:\n  max_steps: 2\n")
+    assert with_subcommand(["-c", str(root)]) == ["-c", str(root)]
+    assert with_subcommand([f"--config={root}", "--x", "1"]) == [f"--config={root}", "test", "--x", "1"]
+    assert with_subcommand(["--x", "1", "-c", str(root), "-c", str(flat)]) == [
+        "-c", str(root), "test", "--x", "1", "-c", str(flat)
+    ]  # fmt: skip
+    (tmp_path / "both.yaml").write_text("fit: {}\ntest: {}\n")  # which one is the parser's to ask
+    assert with_subcommand(["-c", str(tmp_path / "both.yaml"), "--x", "1"]) == [
+        "-c",
+        str(tmp_path / "both.yaml"),
+        "--x",
+        "1",
+    ]
+    assert with_subcommand(["-c", str(flat)]) == ["fit", "-c", str(flat)]
+    (tmp_path / "tiny_root.yaml").write_text(yaml.safe_dump({"fit": yaml.safe_load(TINY.read_text())}))
+    proc = run_script(
+        str(ROOT / "train.py"), "-c", str(tmp_path / "tiny_root.yaml"), "--trainer.max_steps", "1", "--print_config",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no subcommand given: fit" in proc.stderr and "no --config given" not in proc.stderr
+    assert "max_steps: 1" in proc.stdout and "name: tiny" in proc.stdout and "hidden_dim: 32" in proc.stdout
     proc = run_script(str(ROOT / "train.py"), "--trainer.max_epochs", "3", "--print_config", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no subcommand given: fit" in proc.stderr and "no --config given: shapes.yaml is the base" in proc.stderr
