@@ -529,7 +529,8 @@ class CaptionModule(pl.LightningModule):
             decoder's (and a fine-tuned encoder's) group is split in two, decayed and not.
         warmup_steps: optimizer steps of the linear warmup, at most a tenth of the run's: a longer
             warmup is cut to that, with a warning (a run without an end keeps it whole).
-        lr_schedule: after the warmup, "cosine" (to 0 at the last step; needs a run with an end),
+        lr_schedule: after the warmup, "cosine" (to 0 at the run's end, after its last step, as Hugging
+            Face's and timm's: the last step takes a small rate, not 0; needs a run with an end),
             "step" (times ``lr_decay`` every ``lr_decay_epochs`` epochs, the classic Show-Attend-Tell
             recipe) or "constant".
         channels_last: run the encoder in channels-last memory format (faster convolutions on
@@ -698,7 +699,7 @@ class CaptionModule(pl.LightningModule):
         elif hp.lr_schedule == "cosine":
             # int(inf) stopped such a run with a bare OverflowError, whatever its schedule
             raise InputError(
-                "model.lr_schedule 'cosine' decays to 0 at the run's last step, but this run has no last step "
+                "model.lr_schedule 'cosine' decays to 0 at the run's end, but this run has no end "
                 "(trainer.max_epochs -1 and no trainer.max_steps): set one of them, or use lr_schedule 'step' or "
                 "'constant' (e.g. with early stopping)"
             )
@@ -761,9 +762,7 @@ class CaptionModule(pl.LightningModule):
         with torch.no_grad():
             return self.net.encode(inputs).features
 
-    def loss(
-        self, inputs: torch.Tensor, tokens: torch.Tensor, window: tuple[float, float, int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, inputs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs: images (B,3,H,W) or features (B,N,C); tokens (B,L) or (B,M,L), M captions per image,
         each <start> ... <end> <pad>... (an all-<pad> row is no caption) -> (total loss, CE).
 
@@ -771,20 +770,31 @@ class CaptionModule(pl.LightningModule):
         summed and divided by the number of target words of the whole batch, counted across DDP
         ranks (DDP then averages gradients over ranks), so N processes compute exactly the gradient
         of one process on their union. The doubly stochastic term is likewise a mean over captions.
+        """
+        _, total, ce = self._objective(inputs, tokens)
+        return total, ce
+
+    def _objective(
+        self, inputs: torch.Tensor, tokens: torch.Tensor, window: tuple[float, float, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(what to differentiate, the batch's total loss, its CE) for :meth:`loss`'s inputs.
 
         ``window`` = (target words, captions, A) of a gradient accumulation window of A batches (all ranks):
-        the total loss is then normalised by the window's counts, times A (Lightning divides each batch's
-        loss by A), so the window's accumulated gradient is that of one batch holding all of its words;
-        the CE returned stays this batch's own mean, for the logs.
+        what to differentiate is then normalised by the window's counts, times A (Lightning divides each batch's
+        loss by A), so the window's accumulated gradient is that of one batch holding all of its words. The
+        total and CE stay this batch's own means, for the logs: the differentiated value is the batch's share of
+        its window's loss times A, which read as a loss was off by the batch's share (twice the loss in a last
+        window of 2 batches of A = 4). Without a window the first two are the same.
         """
         ce_sum, dsa_sum, words, captions, nan_if_any = self._loss_sums(inputs, tokens)
         scale = float(torch.distributed.get_world_size()) if self._distributed() else 1.0
         ce = ce_sum * scale / words.clamp(min=1) + nan_if_any  # this batch's mean
+        total = ce + self.hparams.alpha_c * dsa_sum * scale / captions.clamp(min=1)
         if window is None:
-            return ce + self.hparams.alpha_c * dsa_sum * scale / captions.clamp(min=1), ce
+            return total, total, ce
         words, captions, a = window
-        total = ce_sum * (scale * a) / max(words, 1) + nan_if_any
-        return total + self.hparams.alpha_c * dsa_sum * (scale * a) / max(captions, 1), ce
+        objective = ce_sum * (scale * a) / max(words, 1) + nan_if_any
+        return objective + self.hparams.alpha_c * dsa_sum * (scale * a) / max(captions, 1), total, ce
 
     def _loss_sums(
         self, inputs: torch.Tensor, tokens: torch.Tensor
@@ -927,14 +937,13 @@ class CaptionModule(pl.LightningModule):
             self.log("train/loss", zero, prog_bar=True, batch_size=1, sync_dist=True)
             self.log("train/ce", zero, batch_size=1, sync_dist=True)
             return zero
-        loss, ce = self.loss(inputs, self._fixed_length(tokens), self._accumulation_window(batch_idx))
-        self._check_loss(loss)
-        # each rank's loss is its share of the batch's (see loss()); their mean over ranks is the loss (with
-        # gradient accumulation, each batch's share of its window's loss, times A: its mean over the window's
-        # batches is the window's loss)
+        objective, loss, ce = self._objective(inputs, self._fixed_length(tokens), self._accumulation_window(batch_idx))
+        self._check_loss(objective)
+        # each rank's loss is its share of the batch's (see loss()); their mean over ranks is the batch's loss,
+        # with gradient accumulation too (what is differentiated then is not a loss to read: see _objective)
         self.log("train/loss", loss, prog_bar=True, batch_size=inputs.size(0), sync_dist=True)
         self.log("train/ce", ce, batch_size=inputs.size(0), sync_dist=True)
-        return loss
+        return objective
 
     # -- free-running evaluation ----------------------------------------------------------------
 

@@ -291,7 +291,9 @@ def test_with_max_epochs_minus_one_the_step_schedule_decays_every_epoch_and_cosi
     # a warmup of 2 steps (a tenth of 20; an endless run's as given), then halved every epoch of 3 optimizer steps
     assert lrs == pytest.approx([0.001, 0.002, 0.002, 0.001, 0.001, 0.001, 0.0005, 0.0005])
     if max_steps == -1:
-        with pytest.raises(ValueError, match="model.lr_schedule 'cosine' decays to 0 at the run's last step"):
+        with pytest.raises(
+            ValueError, match="model.lr_schedule 'cosine' decays to 0 at the run's end, but this run has no end"
+        ):
             optimizers(lr_schedule="cosine")
 
 
@@ -741,3 +743,24 @@ def test_a_compiled_frozen_encoder_gives_the_features_of_the_eager_one():
     assert module.net.encoder._compiled_call_impl is not None  # the compiled forward ran
     torch.testing.assert_close(compiled, eager)
     assert list(module.state_dict()) == names
+
+
+def test_the_logged_training_loss_is_the_batchs_own_under_gradient_accumulation(tmp_path, monkeypatch):
+    """With accumulation, train/loss logged what is differentiated: each batch's share of its window's loss times
+    A, which in an epoch's last window of 2 batches (6 a epoch, A = 4) read twice the loss. With no attention
+    regulariser the batch's loss is its cross-entropy, which train/ce logs."""
+    from captioning.cli import CaptionCLI
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.lit_module import CaptionModule
+
+    monkeypatch.chdir(tmp_path)  # the config's relative data and run folders
+    args = ["--config", str(TINY), "--trainer.max_steps", "4", "--trainer.max_epochs", "2", "--model.alpha_c", "0"]
+    args += ["--trainer.accumulate_grad_batches", "4", "--trainer.limit_val_batches", "0"]
+    cli = CaptionCLI(CaptionModule, CaptionDataModule, args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.num_training_batches == 6 and cli.trainer.global_step == 4  # windows of 4 and 2 batches
+    with open(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv") as f:
+        rows = [(float(r["train/loss"]), float(r["train/ce"])) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(rows) == 4, rows
+    for loss, ce in rows:
+        assert loss == pytest.approx(ce, rel=1e-6), rows
