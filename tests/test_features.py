@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from captioning.data import features
 from captioning.data.datamodule import CaptionDataModule, TrainCaptions, collate_train
@@ -590,3 +591,37 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_the_build_and_leaves_no_
     monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage(10**9, 0, need))
     cache.build(enc, progress=False)
     assert cache.exists()
+
+
+def test_one_data_set_spelled_two_ways_has_one_cache_key(tmp_path, monkeypatch):
+    """The key hashed the image paths as written: data/coco/... and its absolute path (or a symlinked folder) each
+    found the other's cache stale and deleted it, so runs that alternated spellings re-encoded the set every time.
+    A changed file still changes the key."""
+    from captioning.data.features import dataset_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / name)
+    os.symlink(tmp_path / "imgs", tmp_path / "linked")
+    names = ["a.png", "b.png"]
+    key = dataset_fingerprint([Path("imgs") / n for n in names])
+    for folder in (tmp_path / "imgs", Path("imgs/sub/.."), Path("linked"), tmp_path / "linked"):
+        assert dataset_fingerprint([folder / n for n in names]) == key, folder
+    assert dataset_fingerprint([Path("imgs") / n for n in reversed(names)]) != key  # the order is the rows'
+    Image.new("RGB", (9, 8)).save(tmp_path / "imgs" / "b.png")
+    assert dataset_fingerprint([Path("imgs") / n for n in names]) != key
+
+
+def test_a_long_annotation_file_name_still_makes_a_cache_file_name(tmp_path):
+    """The whole stem went into the cache's file name: a legal 221-byte annotation name made the name, with its
+    key, ".npy" and a temporary suffix, too long to create (OSError: File name too long)."""
+    names = []
+    for stem in ("k" * 221, "k" * 220 + "x", "é" * 110):
+        path = tmp_path / f"{stem}.json"
+        path.write_text("{}")
+        names.append(CaptionDataModule(dataset="karpathy", annotations=str(path)).cache_name("train"))
+    assert len(set(names)) == 3  # cut stems, told apart by the source's digest
+    for name in names:
+        assert len(f"{name}-0123456789abcdef.npy.tmp-123456".encode()) < 200, name
+        (tmp_path / f"{name}-0123456789abcdef.npy.tmp-123456").write_bytes(b"")

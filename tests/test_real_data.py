@@ -284,6 +284,78 @@ def test_an_image_file_listed_twice_in_a_split_is_kept_once_and_counted(tmp_path
     assert "  1 records of an image file already in their split skipped" in report.summary("x").splitlines()
 
 
+def test_one_image_file_spelled_two_ways_is_one_image_in_the_split_checks(tmp_path, monkeypatch):
+    """The splits were checked by the path as written: imgs/a.png in train, imgs/sub/../a.png in test and its
+    absolute path in val passed as three images, and a test image seen in training inflates every metric."""
+    import os
+
+    from captioning.data.records import CaptionRecord
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    os.symlink(tmp_path / "imgs", tmp_path / "linked")
+    spellings = [Path("imgs/sub/../a.png"), tmp_path / "imgs" / "a.png", Path("linked/a.png")]
+    for other in spellings:
+        records = [CaptionRecord(Path("imgs/a.png"), ["a dog"], [["a", "dog"]], "1", "train")]
+        records.append(CaptionRecord(other, ["a dog"], [["a", "dog"]], "2", "test"))
+        with pytest.raises(
+            ValueError, match=rf"image {re.escape(str(other))} is in both the 'train' \(as imgs/a.png\) "
+        ):
+            clean_records(records, tmp_path / "caps.jsonl", check_images=False)
+        records[1].split = "train"  # in one split: kept once, counted
+        split, report = clean_records(records, tmp_path / "caps.jsonl", check_images=False)
+        assert [r.image_id for r in split["train"]] == ["1"] and report.duplicate_files == 1
+
+
+def test_a_karpathy_objects_field_is_kept_only_as_the_shapes_sets_ground_truth(tmp_path):
+    """A detector's objects ({name, bbox, score}) in a Karpathy file stopped the first validation with a KeyError
+    in the shapes scoring, and an empty list scored every caption as naming all of its objects."""
+    shapes = [{"shape": "circle", "color": "red", "size": "small", "box": [1, 2, 10, 12.5]}]
+    foreign = [{"name": "dog", "bbox": [1, 2, 3, 4], "score": 0.9}]
+    half = [{**shapes[0], "box": [1, 2, 3]}]
+    images = [
+        {"filename": f"{i}.jpg", "split": "train", "sentences": [{"raw": "a dog"}], "objects": objects}
+        for i, objects in enumerate([shapes, foreign, [], half, "x"])
+    ]
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": images}))
+    assert [r.objects for r in read_karpathy_json(path)] == [shapes, None, None, None, None]
+
+
+def test_control_tokens_in_a_karpathy_token_list_are_not_caption_words(tmp_path):
+    """tokens ["a", "<end>", "dog", "<pad>", "runs"] were encoded as a, END, dog, PAD, runs: the search's
+    control ids inside a caption. Raw text never tokenises to them; a given list now loses them (and "")."""
+    from captioning.vocab import Vocabulary
+
+    images = [{"filename": "a.jpg", "sentences": [{"tokens": ["A", "<end>", "dog", "<pad>", "", "<start>", "<unk>"]}]}]
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": images}))
+    (record,) = read_karpathy_json(path)
+    assert record.tokens == [["a", "dog", "<unk>"]]
+    vocab = Vocabulary.build(record.tokens)
+    assert vocab.encode(record.tokens[0]) == [vocab.start_id, 4, 5, vocab.unk_id, vocab.end_id]
+
+
+def test_a_min_word_freq_that_leaves_no_word_is_refused_and_the_vocabulary_is_said(tiny_shapes, capsys):
+    """data.min_word_freq above every word's count trained a model with no words at all: "" for every image,
+    every metric 0, and nothing said."""
+    data = dict(dataset="karpathy", annotations=str(tiny_shapes), image_root=str(tiny_shapes.parent))
+    dm = CaptionDataModule(**data, min_word_freq=3)
+    counts = {}
+    for r in dm.records("train"):
+        for caption in r.tokens:
+            for w in caption:
+                counts[w] = counts.get(w, 0) + 1
+    words = sum(n >= 3 for n in counts.values())
+    assert len(dm.vocab.tokens) == 4 + words
+    assert f"vocabulary: {words} words, each in the training captions at least 3 times" in capsys.readouterr().out
+    most = max(counts.values())
+    dm = CaptionDataModule(**data, min_word_freq=most + 1)
+    with pytest.raises(ValueError, match=rf"min_word_freq {most + 1} leaves the vocabulary no words: .* {most} times"):
+        print(dm.vocab)
+
+
 @pytest.mark.parametrize(
     ("ids", "expected"),
     [

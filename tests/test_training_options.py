@@ -241,6 +241,10 @@ def test_options_of_the_other_decoder_are_said_to_be_ignored_and_never_mismatch_
         ("captions_per_image", -1, "data.captions_per_image must be >= 0"),
         ("batch_size", 0, "data.batch_size must be >= 1, got 0"),
         ("std", (0.2, 0.0, 0.2), "data.std must be 3 values (R, G, B), each > 0"),
+        # refused only after every image was scanned: as all images too large ("is data.image_root right?"), and
+        # when the cache was opened
+        ("max_pixels", 0, "data.max_pixels must be >= 1, got 0"),
+        ("cache_dtype", "float64", "data.cache_dtype must be one of ['float16', 'float32'], got 'float64'"),
     ],
 )
 def test_nonsense_data_options_are_refused_before_any_data_is_read(tmp_path, option, value, message):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from captioning.data.images import MAX_PIXELS, check_image
-from captioning.data.records import CaptionRecord
+from captioning.data.records import CaptionRecord, real_paths
 from captioning.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -106,23 +106,26 @@ def clean_records(
     ``require_train``) or too many bad images.
     """
     report = DataReport()
-    split_of: dict[Path, str] = {}
+    # keyed by the file, not by its path as written: imgs/a.jpg, imgs/sub/../a.jpg and its absolute path are one
+    # image, which the test split must not share with the training split
+    split_of: dict[str, tuple[str, Path]] = {}  # file -> (split, path as first written)
     ids: dict[str, set[str]] = {}
-    files: dict[str, set[Path]] = {}  # split -> image files kept: one listed twice (under two ids) counted twice
+    files: dict[str, set[str]] = {}  # split -> image files kept: one listed twice (under two ids) counted twice
     candidates: list[CaptionRecord] = []
-    for r in records:
+    for r, file in zip(records, real_paths(r.image_path for r in records)):
         if r.split not in SPLITS:
             report.unassigned += 1
             continue
-        other = split_of.setdefault(r.image_path, r.split)
+        other, path = split_of.setdefault(file, (r.split, r.image_path))
         if other != r.split:
-            raise InputError(f"{source}: image {r.image_path} is in both the '{other}' and the '{r.split}' split")
+            also = f" (as {path})" if path != r.image_path else ""
+            raise InputError(f"{source}: image {r.image_path} is in both the '{other}'{also} and the '{r.split}' split")
         seen = ids.setdefault(r.split, set())
         if r.image_id in seen:
             report.duplicate_ids += 1
             continue
         kept_files = files.setdefault(r.split, set())
-        if r.image_path in kept_files:
+        if file in kept_files:
             report.duplicate_files += 1
             continue
         usable = [i for i, t in enumerate(r.tokens) if any(_WORD.search(w) for w in t)]
@@ -131,7 +134,7 @@ def clean_records(
             report.images_without_captions += 1
             continue  # before taking the id: a later record of the image with captions is not a duplicate
         seen.add(r.image_id)
-        kept_files.add(r.image_path)
+        kept_files.add(file)
         if len(usable) < len(r.tokens):
             r = replace(r, captions=[r.captions[i] for i in usable], tokens=[r.tokens[i] for i in usable])
         candidates.append(r)

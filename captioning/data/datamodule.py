@@ -13,6 +13,7 @@ import json
 import math
 import random
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from captioning.data.cleaning import DataReport, check_train_split, clean_records
-from captioning.data.features import FeatureCache
+from captioning.data.features import CACHE_DTYPES, FeatureCache
 from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
 from captioning.data.records import CaptionRecord
 from captioning.data.sources import read_karpathy_json, read_records
@@ -31,7 +32,7 @@ from captioning.data.synthetic import JSON_NAME, MIN_SHAPES_SIZE, ShapesConfig, 
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from captioning.errors import InputError, InputFileNotFoundError
 from captioning.options import check_ranges
-from captioning.vocab import Vocabulary
+from captioning.vocab import SPECIALS, Vocabulary
 
 #: the readers and what each one's ``annotations`` file is
 DATASETS = {
@@ -303,6 +304,10 @@ class CaptionDataModule(pl.LightningDataModule):
             min_word_freq=(min_word_freq, min_word_freq >= 1, ">= 1"),
             max_caption_len=(max_caption_len, max_caption_len >= 1, ">= 1"),
             max_bad_fraction=(max_bad_fraction, 0 <= max_bad_fraction <= 1, "in [0, 1]"),
+            # both were refused only after every image was scanned: max_pixels 0 as all images being bad ("is
+            # data.image_root right?"), a cache_dtype when the cache was opened
+            max_pixels=(max_pixels, max_pixels >= 1, ">= 1"),
+            cache_dtype=(cache_dtype, cache_dtype in CACHE_DTYPES, f"one of {sorted(CACHE_DTYPES)}"),
             mean=(list(mean), len(mean) == 3, "3 values (R, G, B)"),
             std=(list(std), len(std) == 3 and all(s > 0 for s in std), "3 values (R, G, B), each > 0"),
         )
@@ -394,7 +399,18 @@ class CaptionDataModule(pl.LightningDataModule):
     def vocab(self) -> Vocabulary:
         """Vocabulary of the training captions (or the ``vocabulary`` given)."""
         if self._vocab is None:
-            self._vocab = Vocabulary.build((t for r in self.records("train") for t in r.tokens), self.min_word_freq)
+            captions = [t for r in self.records("train") for t in r.tokens]
+            vocab = Vocabulary.build(captions, self.min_word_freq)
+            words = len(vocab.tokens) - len(SPECIALS)
+            if not words:  # it trained to write "" for every image, every metric 0, unsaid
+                most = max(Counter(w for c in captions for w in c).values(), default=0)
+                raise InputError(
+                    f"{self.source}: data.min_word_freq {self.min_word_freq} leaves the vocabulary no words: the "
+                    f"training captions' most frequent word appears {most} times"
+                )
+            if rank_zero_only.rank == 0:
+                print(f"vocabulary: {words} words, each in the training captions at least {self.min_word_freq} times")
+            self._vocab = vocab
         return self._vocab
 
     @property
@@ -417,7 +433,10 @@ class CaptionDataModule(pl.LightningDataModule):
             "options": self.source_options,
         }
         digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.dataset}-{self.source.stem}-{digest}-{split}"
+        # the stem cut to 100 bytes: with the key, ".npy" and a temporary suffix, a long but legal annotation file
+        # name made the cache's file name too long to create (255 bytes); the digest keeps names apart
+        stem = self.source.stem.encode()[:100].decode(errors="ignore")
+        return f"{self.dataset}-{stem}-{digest}-{split}"
 
     def train_features(self) -> FeatureCache | None:
         """The training split's feature cache (``feature_cache``), built on first use by global rank

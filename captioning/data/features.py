@@ -30,12 +30,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
+from captioning.data.records import real_paths
 from captioning.data.tempfiles import file_lock, locked_temp, remove_orphans, try_lock
 from captioning.data.transforms import EvalTransform
 from captioning.errors import InputError
 from captioning.models.base import Encoder
 
-_DTYPES = {"float16": np.float16, "float32": np.float32}
+#: the feature cache's storage types (``data.cache_dtype``)
+CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
@@ -50,14 +52,18 @@ def encoder_fingerprint(encoder: Encoder) -> str:
 
 
 def dataset_fingerprint(paths: Sequence[Path]) -> str:
-    """A hash of the image paths, in order, with their sizes and modification times."""
+    """A hash of the image paths, in order, resolved, with their sizes and modification times.
+
+    Resolved (the folder's real path, relative paths from the working directory): one data set given as
+    ``data/coco/...`` and as its absolute path, or through a symlink, has one key. Hashed as written, each
+    spelling found the other's cache stale and deleted it, so runs that alternated re-encoded COCO every time."""
     h = hashlib.sha1()
-    for p in paths:
+    for p, real in zip(paths, real_paths(paths)):
         try:
             st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{real}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{p}\0missing\n".encode())
+            h.update(f"{real}\0missing\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -100,8 +106,8 @@ class FeatureCache:
         transform: EvalTransform,
         dtype: str = "float16",
     ):
-        if dtype not in _DTYPES:
-            raise InputError(f"feature cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype not in CACHE_DTYPES:
+            raise InputError(f"feature cache dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
         self.folder, self.name, self.paths, self.dtype = Path(folder), name, list(paths), dtype
         self.transform = transform
         self.description = {
@@ -170,10 +176,10 @@ class FeatureCache:
                     if out is None:  # the grid size is known after the first batch
                         shape = (len(self.paths), feats.size(1), feats.size(2))
                         self._check_space(shape)
-                        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=_DTYPES[self.dtype], shape=shape)
+                        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=CACHE_DTYPES[self.dtype], shape=shape)
                     rows = feats.float().cpu().numpy()  # (b,N,C)
                     with np.errstate(over="ignore"):  # an overflow is reported just below, with the remedy
-                        stored = rows.astype(_DTYPES[self.dtype])
+                        stored = rows.astype(CACHE_DTYPES[self.dtype])
                     if not np.isfinite(stored).all() and np.isfinite(rows).all():
                         raise ValueError(
                             f"feature cache {self.name}: features up to {np.abs(rows).max():.4g} overflow "
@@ -201,7 +207,7 @@ class FeatureCache:
         """Refuse a build the cache folder's disk cannot hold, before encoding the rest: the memory-mapped
         file is sparse, so a full disk showed only as an error deep into the build (COCO's train split at
         14x14x2048 in float16 is ~91 GB, hours of encoding on a CPU)."""
-        need = int(np.prod(shape)) * np.dtype(_DTYPES[self.dtype]).itemsize
+        need = int(np.prod(shape)) * np.dtype(CACHE_DTYPES[self.dtype]).itemsize
         free = shutil.disk_usage(self.folder).free
         if need > free:
             raise OSError(

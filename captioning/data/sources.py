@@ -31,9 +31,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from captioning.data.records import CaptionRecord
+from captioning.data.records import CaptionRecord, scene_objects
 from captioning.errors import InputError, InputFileNotFoundError
-from captioning.vocab import tokenize
+from captioning.vocab import END, PAD, START, tokenize
+
+CONTROL = (PAD, START, END)  # never a word of a caption
 
 #: The split names of Karpathy's files; restval (COCO's images beyond the 5,000 val and test) joins train
 #: unless ``restval_to_train`` is false, and is then left out
@@ -96,7 +98,7 @@ def read_karpathy_json(
                 tokens=toks,
                 image_id=_image_id(where, img, i),
                 split=split,
-                objects=img.get("objects"),
+                objects=scene_objects(img.get("objects")),  # the shapes set's, not a foreign field
             )
         )
     return records
@@ -169,7 +171,9 @@ def _karpathy_sentences(where: str, sentences: Any) -> tuple[list[str], list[lis
         if raw is None:
             raw = " ".join(tokens or [])
         raws.append(raw)
-        toks.append([t.lower() for t in tokens] if tokens else tokenize(raw))
+        # a given token list is used as it is, lowercased, but for the search's control tokens and empty strings:
+        # <pad>, <start> or <end> (raw text never tokenises to them) became those ids inside the caption
+        toks.append([t for t in map(str.lower, tokens) if t and t not in CONTROL] if tokens else tokenize(raw))
     return raws, toks
 
 
