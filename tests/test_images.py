@@ -447,3 +447,20 @@ def test_an_image_turned_upright_is_not_turned_again(tmp_path, carrier):
     again = to_rgb(img)
     assert again.size == (1, 3) and list(again.getdata()) == list(img.getdata())
     assert to_rgb(to_rgb(Image.open(p))).size == (1, 3)  # a PIL image handed to the captioner, converted twice
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "JPEG"])
+def test_an_opened_image_with_an_orientation_is_turned_once(tmp_path, fmt, orientation):
+    """Pillow turns a TIFF upright itself as it decodes it: given opened but not decoded (Image.open, as the README's
+    Python example hands images to Captioner and the overlays), to_rgb read its Orientation, then decoded it in the
+    transpose, and turned it a second time (another caption, maps drawn over a turned picture). Loaded by path it
+    was right. Every format, opened or by path, now gives the same upright pixels."""
+    p = tmp_path / f"turned.{fmt.lower()}"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    _row("RGB", [RED, RED, WHITE, WHITE]).save(p, fmt, exif=exif, **({"quality": 100} if fmt == "JPEG" else {}))
+    by_path = load_image(p)
+    assert by_path.size == ((4, 1) if orientation == 3 else (1, 4))
+    opened = to_rgb(Image.open(p))
+    assert opened.size == by_path.size and list(opened.getdata()) == list(by_path.getdata())

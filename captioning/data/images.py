@@ -220,6 +220,10 @@ def _decode(path: Path, img: Image.Image, max_pixels: int, all_frames: bool = Fa
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Normalise any PIL mode to RGB (see module docstring)."""
+    # decoded first: Pillow turns a TIFF upright itself as it decodes it (and drops its Orientation tag), so an image
+    # opened but not yet decoded (Image.open, given to Captioner or the overlays) said it needed a turn, and the
+    # transpose below, which decodes it, turned it twice
+    img.load()
     # read before turning it, which drops a TIFF's tags (and keeps the mode)
     top = _top_value(img) if img.mode in _HIGH_BIT_MODES else None
     turn = _UPRIGHT.get(_orientation(img))
