@@ -13,6 +13,7 @@ scaled), so the maps land where the model looked.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,11 +36,33 @@ def _colorize(values: np.ndarray) -> np.ndarray:
     return (_RAMP[lo] * (1 - frac) + _RAMP[hi] * frac).astype(np.uint8)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+#: TrueType fonts tried for the overlay's words before Pillow's own (Pillow finds them by name in the system's font
+#: folders): Pillow's default font draws few letters beyond ASCII (a word such as "café" showed "caf" and a box),
+#: and its bitmap font (Pillow < 10.1, or one built without FreeType) cannot encode beyond Latin-1 at all
+LABEL_FONTS = ("DejaVuSans.ttf", "Arial Unicode.ttf", "Arial.ttf", "arial.ttf")
+
+
+@functools.cache
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    for name in LABEL_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:  # not on this system (or Pillow without FreeType)
+            continue
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one fixed-size default font
         return ImageFont.load_default()
+
+
+def _draw_word(tag: Image.Image, word: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> None:
+    """``word`` on the label strip ``tag``, cut at its width; with a bitmap font, characters beyond Latin-1 as "?"
+    (they raised UnicodeEncodeError, which stopped infer.py before the next image's caption)."""
+    draw = ImageDraw.Draw(tag)
+    try:
+        draw.text((4, 2), word, fill=(0, 0, 0), font=font)
+    except UnicodeEncodeError:
+        draw.text((4, 2), word.encode("latin-1", "replace").decode("latin-1"), fill=(0, 0, 0), font=font)
 
 
 # the most a panel's longer side is of its shorter one: a panorama of 3000x2 px kept its shape as a 224x1
@@ -154,7 +177,7 @@ def attention_figure(
     for k, (panel, label) in enumerate(panels):
         x, y = pad + (k % cols) * (pw + pad), pad + (k // cols) * (strip + ph + pad)
         tag = Image.new("RGB", (pw, strip), (255, 255, 255))  # the word, cut at the panel's width
-        ImageDraw.Draw(tag).text((4, 2), label, fill=(0, 0, 0), font=font)
+        _draw_word(tag, label, font)
         fig.paste(tag, (x, y))
         fig.paste(panel, (x, y + strip))
     return fig

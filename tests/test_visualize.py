@@ -129,3 +129,26 @@ def test_words_and_maps_that_do_not_pair_up_are_refused(words, attention):
     map a TypeError from deep inside."""
     with pytest.raises(ValueError, match="one map per word"):
         attention_figure(Image.new("RGB", (32, 32)), words, attention)
+
+
+def _label_strip(word: str) -> np.ndarray:
+    """The label strip that ``attention_figure`` draws above the panel of the one word ``word``."""
+    fig = attention_figure(Image.new("RGB", (64, 64)), [word], torch.full((1, 2, 2), 0.25), panel_size=64)
+    return np.asarray(fig)[4 : 4 + label_height(64), 72:136]
+
+
+def test_a_word_beyond_latin_1_never_stops_the_figure_and_is_drawn_where_a_font_has_it(monkeypatch):
+    """Pillow's bitmap font (Pillow < 10.1, or without FreeType) raised UnicodeEncodeError on such a word, which
+    stopped infer.py before the next image's caption; its default font drew "café" as "caf" and a box. A system
+    TrueType font is taken first (LABEL_FONTS), and a bitmap font draws what it cannot encode as "?"."""
+    from PIL import ImageFont
+
+    from captioning import visualize
+
+    assert (_label_strip("café") < 128).any()  # drawn, whichever font this system has
+    if isinstance(getattr(visualize._font(12), "path", None), str):  # a font file of the system's (LABEL_FONTS)
+        # a font with the letter draws it unlike a code point no font has (both were the same box)
+        assert not np.array_equal(_label_strip("é"), _label_strip("\u0378"))
+    bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+    monkeypatch.setattr(visualize, "_font", lambda size: bitmap)
+    assert np.array_equal(_label_strip("圆 café"), _label_strip("? café"))
