@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from captioning.options import LENGTH_PENALTY_RANGE, length_penalty_ok
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.beam_size is not None and args.beam_size < 1:
         parser.error(f"--beam-size must be at least 1, got {args.beam_size}")
-    # checked here, before the checkpoint loads: nan and inf ended the search in a traceback
-    if args.length_penalty is not None and not math.isfinite(args.length_penalty):
-        parser.error(f"--length-penalty must be a finite number, got {args.length_penalty}")
+    # checked here, before the checkpoint loads: nan, inf and 1e308 ended the search in a traceback
+    if args.length_penalty is not None and not length_penalty_ok(args.length_penalty):
+        parser.error(f"--length-penalty must be {LENGTH_PENALTY_RANGE}, got {args.length_penalty}")
     # 0 meant the default limit, unsaid, and a negative one refused every image as too large
     if args.max_pixels is not None and args.max_pixels < 1:
         parser.error(f"--max-pixels must be at least 1, got {args.max_pixels}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from captioning.models.base import Decoder
+from captioning.options import LENGTH_PENALTY_RANGE, length_penalty_ok
 from captioning.vocab import Vocabulary
 
 
@@ -144,8 +145,8 @@ def beam_search(
         raise ValueError(f"min_len must be between 0 and max_len ({max_len}), got {min_len}")
     if no_repeat_ngram < 0:
         raise ValueError(f"no_repeat_ngram must be at least 0 (0: no blocking), got {no_repeat_ngram}")
-    if not math.isfinite(length_penalty):  # a NaN made every final score NaN, and the order arbitrary
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
+    if not length_penalty_ok(length_penalty):  # a NaN made every final score NaN, and the order arbitrary
+        raise ValueError(f"length_penalty must be {LENGTH_PENALTY_RANGE}, got {length_penalty}")
     b, n, _ = features.shape
     if b == 0:  # no images: nothing to decode (the decoders' per-image attention cannot split 0 rows)
         return []

@@ -21,6 +21,7 @@ from captioning.data.transforms import EvalTransform
 from captioning.decoding import beam_search
 from captioning.models.base import CellCentres
 from captioning.models.net import CaptionNet
+from captioning.options import LENGTH_PENALTY_RANGE, length_penalty_ok
 from captioning.vocab import Vocabulary, detokenize
 
 
@@ -81,6 +82,17 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
+def _check_search(beam_size: int, max_len: int, length_penalty: float) -> None:
+    """Raise ValueError for search settings the beam search cannot run with."""
+    for name, value in (("beam_size", beam_size), ("max_len", max_len)):
+        if not isinstance(value, int) or isinstance(value, bool):  # a float 3.0 failed only in the search's range()
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if not length_penalty_ok(length_penalty):
+        raise ValueError(f"length_penalty must be {LENGTH_PENALTY_RANGE}, got {length_penalty}")
+
+
 class Captioner:
     """Captions images with a trained model and returns each word's attention map."""
 
@@ -97,10 +109,13 @@ class Captioner:
         device: str | torch.device = "cpu",
         length_penalty: float = 0.0,
     ):
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be at least 1, got {beam_size}")
-        if max_len < 1:
-            raise ValueError(f"max_len must be at least 1, got {max_len}")
+        _check_search(beam_size, max_len, length_penalty)
+        # checked here, not at the first image (torchvision's "std evaluated to zero", a shape mismatch)
+        if not (image_size >= 1 and len(mean) == 3 and len(std) == 3 and all(x > 0 for x in std)):
+            raise ValueError(
+                f"image_size must be at least 1, and mean and std 3 values (R, G, B), std each > 0; got "
+                f"{image_size}, {list(mean)}, {list(std)}"
+            )
         positions = getattr(net.decoder, "positions", None)  # the transformer's position table (P,D)
         if positions is not None and max_len > positions.size(0):
             # else the search fails only once some caption gets that long, mid-search (from_checkpoint caps it)
@@ -128,6 +143,8 @@ class Captioner:
         """Rebuild the model from a checkpoint written by training (on any device, CPU by default). The
         search settings default to the checkpoint's: those its validation scores were measured with."""
         device = torch.device(device or "cpu")
+        # the caller's settings, checked before the checkpoint's (whose errors name the file)
+        _check_search(1 if beam_size is None else beam_size, 1, 0.0 if length_penalty is None else length_penalty)
         ckpt = read_checkpoint(path, map_location="cpu")
         meta = ckpt["captioning"]
         try:
@@ -144,9 +161,9 @@ class Captioner:
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not match the stored model configuration ({e})") from None
         net.encoder.optimize_for_inference()  # BatchNorm folded into the convolutions: this net only infers
-        max_len = int(search.get("max_len", 24))
+        max_len = search.get("max_len", 24)
         positions = getattr(net.decoder, "positions", None)  # the transformer's position table (P,D)
-        if positions is not None and max_len > positions.size(0):
+        if positions is not None and isinstance(max_len, int) and max_len > positions.size(0):
             # a checkpoint from before training refused this: its search would step past the table
             warnings.warn(
                 f"{path}: its search length ({max_len}) is more than the transformer's position table covers "
@@ -154,18 +171,21 @@ class Captioner:
                 stacklevel=2,
             )
             max_len = positions.size(0)
-        captioner = cls(
-            net,
-            vocab,
-            image_size,
-            mean,
-            std,
-            grid,
-            beam_size=beam_size if beam_size is not None else search.get("beam_size", 3),
-            max_len=max_len,
-            device=device,
-            length_penalty=length_penalty if length_penalty is not None else search.get("length_penalty", 0.0),
-        )
+        try:  # what is left to check is the checkpoint's (the caller's settings passed above)
+            captioner = cls(
+                net,
+                vocab,
+                image_size,
+                mean,
+                std,
+                grid,
+                beam_size=beam_size if beam_size is not None else search.get("beam_size", 3),
+                max_len=max_len,
+                device=device,
+                length_penalty=length_penalty if length_penalty is not None else search.get("length_penalty", 0.0),
+            )
+        except (TypeError, ValueError) as e:  # a damaged or hand-edited file: a traceback before, not naming it
+            raise CheckpointError(f"{path}: its stored search or preprocessing settings are malformed ({e})") from None
         if captioner.centres.grid != grid:  # a hand-edited file: its maps would not fit the grid it names
             h, w = captioner.centres.grid
             raise CheckpointError(
@@ -190,8 +210,7 @@ class Captioner:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         beam_size = self.beam_size if beam_size is None else beam_size
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+        _check_search(beam_size, self.max_len, self.length_penalty)
         out = []
         for first in range(0, len(images), batch_size):
             out += self._caption_batch(images[first : first + batch_size], beam_size)

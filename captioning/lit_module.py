@@ -31,7 +31,7 @@ from captioning.errors import InputError
 from captioning.metrics import score_captions, shapes_scores
 from captioning.models.encoders import load_encoder_weights
 from captioning.models.net import CaptionNet, ignored_options
-from captioning.options import check_ranges
+from captioning.options import LENGTH_PENALTY_RANGE, check_ranges, length_penalty_ok
 from captioning.vocab import Vocabulary, detokenize
 
 CHECKPOINT_FORMAT = 1
@@ -94,7 +94,7 @@ def check_model_options(options: dict[str, object]) -> None:
         alpha_c=(alpha_c, alpha_c >= 0, ">= 0"),
         beam_size=(beam_size, beam_size >= 1, ">= 1"),
         max_decode_len=(max_decode_len, max_decode_len >= 1, ">= 1"),
-        length_penalty=(length_penalty, math.isfinite(length_penalty), "a finite number"),
+        length_penalty=(length_penalty, length_penalty_ok(length_penalty), LENGTH_PENALTY_RANGE),
         encoder_grid=(encoder_grid, encoder_grid is None or encoder_grid >= 0, ">= 0 (0 or null: no pooling)"),
         # widths and depths: 0 heads was a bare ZeroDivisionError, 0 layers blamed attention_layer, ffn_dim 0
         # became 4 x the width and hidden_dim 0 built a decoder of no width, silently

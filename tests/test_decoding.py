@@ -118,7 +118,10 @@ def test_num_return_outside_one_to_beam_size_is_an_error():
         (dict(min_len=5), r"min_len must be between 0 and max_len \(4\), got 5"),
         (dict(min_len=-1), r"min_len must be between 0 and max_len \(4\), got -1"),
         (dict(no_repeat_ngram=-2), "no_repeat_ngram must be at least 0"),
-        (dict(length_penalty=float("nan")), "length_penalty must be a finite number, got nan"),
+        (dict(length_penalty=float("nan")), r"length_penalty must be a number in \[-100, 100\], got nan"),
+        # GNMT's ((5 + len) / 6) ** alpha: OverflowError and ZeroDivisionError at the end of the search
+        (dict(length_penalty=1e308), r"length_penalty must be a number in \[-100, 100\], got 1e\+308"),
+        (dict(length_penalty=-2000.0), r"length_penalty must be a number in \[-100, 100\], got -2000.0"),
     ],
 )
 def test_search_options_that_cannot_hold_are_refused(option, message):
@@ -128,6 +131,8 @@ def test_search_options_that_cannot_hold_are_refused(option, message):
     with pytest.raises(ValueError, match=message):
         beam_search(dec, feats, beam_size=2, max_len=4, **option)
     assert len(beam_search(dec, feats, beam_size=2, max_len=4, min_len=4)) == 2  # min_len = max_len is fine
+    for alpha in (100.0, -100.0):  # the bounds: finite and above 0 for every length
+        assert len(beam_search(dec, feats, beam_size=2, max_len=4, length_penalty=alpha)) == 2
 
 
 def test_model_that_never_ends_stops_at_max_len():
