@@ -473,8 +473,8 @@ def with_subcommand(argv: list[str]) -> list[str]:
 
     A config file whose top level is subcommands (LightningCLI's root config, ``fit: {trainer: ...}``) picks its
     one subcommand itself when it is all that is given; with flags too, ``-c root.yaml --trainer.max_epochs 3``
-    failed the same way, so its subcommand is named after the root configs and before the rest. Where the root
-    configs name several subcommands, none is picked: the parser says which to choose."""
+    failed the same way, so its subcommand is named after the root configs and before the rest, where they come
+    first. Where the root configs name several subcommands, or follow other arguments, argv is left to the parser."""
     if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help"):
         return argv
     roots: list[int] = []  # positions in argv of the root configs' arguments (the flag and its value, or one)
@@ -492,10 +492,11 @@ def with_subcommand(argv: list[str]) -> list[str]:
             sections |= named
     if not roots:
         return ["fit", *argv]
-    if len(sections) > 1 or len(roots) == len(argv):
+    # only where the root configs come first: moving one ahead of what was written before it would reverse which
+    # of the two wins (later arguments override earlier ones); the parser refuses such an order itself
+    if len(sections) > 1 or len(roots) == len(argv) or sorted(roots) != list(range(len(roots))):
         return argv
-    rest = [a for i, a in enumerate(argv) if i not in roots]
-    return [*(argv[i] for i in sorted(roots)), *sections, *rest]
+    return [*argv[: len(roots)], *sections, *argv[len(roots) :]]
 
 
 def _subcommand_sections(path: str) -> set[str]:

@@ -147,6 +147,13 @@ def beam_search(
         raise ValueError(f"no_repeat_ngram must be at least 0 (0: no blocking), got {no_repeat_ngram}")
     if not length_penalty_ok(length_penalty):  # a NaN made every final score NaN, and the order arbitrary
         raise ValueError(f"length_penalty must be {LENGTH_PENALTY_RANGE}, got {length_penalty}")
+    if length_penalty and abs(length_penalty) * math.log((5.0 + max_len) / 6.0) > 700:
+        # ((5 + len) / 6) ** alpha for the longest captions past a float's range (ln 1.8e308 = 709.8): an
+        # OverflowError, or 0 and a ZeroDivisionError, once the search was done
+        raise ValueError(
+            f"length_penalty {length_penalty} with max_len {max_len}: GNMT's ((5 + len) / 6) ** alpha leaves a "
+            "float's range; take a smaller length_penalty or max_len"
+        )
     b, n, _ = features.shape
     if b == 0:  # no images: nothing to decode (the decoders' per-image attention cannot split 0 rows)
         return []

@@ -7,6 +7,7 @@ arguments, preprocessing, grid; ``checkpoint["state_dict"]``: weights). It is re
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -82,15 +83,24 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
-def _check_search(beam_size: int, max_len: int, length_penalty: float) -> None:
-    """Raise ValueError for search settings the beam search cannot run with."""
+def _search_settings(beam_size: int, max_len: int, length_penalty: float) -> tuple[int, int, float]:
+    """The search settings as the beam search takes them, or ValueError: ``beam_size`` and ``max_len`` whole
+    numbers of at least 1 (an int, a numpy or torch integer, an integral float such as a stored 24.0; 2.5 failed
+    only in the search's range()), ``length_penalty`` a real number in range."""
+    whole = []
     for name, value in (("beam_size", beam_size), ("max_len", max_len)):
-        if not isinstance(value, int) or isinstance(value, bool):  # a float 3.0 failed only in the search's range()
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+        whole.append(value)
     if not length_penalty_ok(length_penalty):
-        raise ValueError(f"length_penalty must be {LENGTH_PENALTY_RANGE}, got {length_penalty}")
+        raise ValueError(f"length_penalty must be {LENGTH_PENALTY_RANGE}, got {length_penalty!r}")
+    return whole[0], whole[1], float(length_penalty)
 
 
 class Captioner:
@@ -109,7 +119,7 @@ class Captioner:
         device: str | torch.device = "cpu",
         length_penalty: float = 0.0,
     ):
-        _check_search(beam_size, max_len, length_penalty)
+        beam_size, max_len, length_penalty = _search_settings(beam_size, max_len, length_penalty)
         # checked here, not at the first image (torchvision's "std evaluated to zero", a shape mismatch)
         if not (image_size >= 1 and len(mean) == 3 and len(std) == 3 and all(x > 0 for x in std)):
             raise ValueError(
@@ -144,7 +154,7 @@ class Captioner:
         search settings default to the checkpoint's: those its validation scores were measured with."""
         device = torch.device(device or "cpu")
         # the caller's settings, checked before the checkpoint's (whose errors name the file)
-        _check_search(1 if beam_size is None else beam_size, 1, 0.0 if length_penalty is None else length_penalty)
+        _search_settings(1 if beam_size is None else beam_size, 1, 0.0 if length_penalty is None else length_penalty)
         ckpt = read_checkpoint(path, map_location="cpu")
         meta = ckpt["captioning"]
         try:
@@ -161,17 +171,17 @@ class Captioner:
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not match the stored model configuration ({e})") from None
         net.encoder.optimize_for_inference()  # BatchNorm folded into the convolutions: this net only infers
-        max_len = search.get("max_len", 24)
-        positions = getattr(net.decoder, "positions", None)  # the transformer's position table (P,D)
-        if positions is not None and isinstance(max_len, int) and max_len > positions.size(0):
-            # a checkpoint from before training refused this: its search would step past the table
-            warnings.warn(
-                f"{path}: its search length ({max_len}) is more than the transformer's position table covers "
-                f"({positions.size(0)}); captions are cut at {positions.size(0)} words",
-                stacklevel=2,
-            )
-            max_len = positions.size(0)
         try:  # what is left to check is the checkpoint's (the caller's settings passed above)
+            _, max_len, _ = _search_settings(1, search.get("max_len", 24), 0.0)
+            positions = getattr(net.decoder, "positions", None)  # the transformer's position table (P,D)
+            if positions is not None and max_len > positions.size(0):
+                # a checkpoint from before training refused this: its search would step past the table
+                warnings.warn(
+                    f"{path}: its search length ({max_len}) is more than the transformer's position table covers "
+                    f"({positions.size(0)}); captions are cut at {positions.size(0)} words",
+                    stacklevel=2,
+                )
+                max_len = positions.size(0)
             captioner = cls(
                 net,
                 vocab,
@@ -210,7 +220,7 @@ class Captioner:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         beam_size = self.beam_size if beam_size is None else beam_size
-        _check_search(beam_size, self.max_len, self.length_penalty)
+        beam_size, _, _ = _search_settings(beam_size, self.max_len, self.length_penalty)
         out = []
         for first in range(0, len(images), batch_size):
             out += self._caption_batch(images[first : first + batch_size], beam_size)

@@ -47,11 +47,13 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     for name in LABEL_FONTS:
         try:
             return ImageFont.truetype(name, size)
-        except OSError:  # not on this system (or Pillow without FreeType)
+        except OSError:  # not on this system
             continue
+        except ImportError:  # Pillow without FreeType: no TrueType font at all
+            break
     try:
         return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+    except (TypeError, ImportError):  # Pillow < 10.1, or without FreeType: the one fixed-size bitmap font
         return ImageFont.load_default()
 
 

@@ -133,6 +133,9 @@ def test_search_options_that_cannot_hold_are_refused(option, message):
     assert len(beam_search(dec, feats, beam_size=2, max_len=4, min_len=4)) == 2  # min_len = max_len is fine
     for alpha in (100.0, -100.0):  # the bounds: finite and above 0 for every length
         assert len(beam_search(dec, feats, beam_size=2, max_len=4, length_penalty=alpha)) == 2
+    # within them, but not with captions of 7,300 words: refused before the search, not a crash after it
+    with pytest.raises(ValueError, match=r"length_penalty 100.0 with max_len 7300: GNMT's"):
+        beam_search(dec, feats, beam_size=2, max_len=7300, length_penalty=100.0)
 
 
 def test_model_that_never_ends_stops_at_max_len():

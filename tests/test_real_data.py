@@ -349,7 +349,7 @@ def test_a_min_word_freq_that_leaves_no_word_is_refused_and_the_vocabulary_is_sa
                 counts[w] = counts.get(w, 0) + 1
     words = sum(n >= 3 for n in counts.values())
     assert len(dm.vocab.tokens) == 4 + words
-    assert f"vocabulary: {words} words, each in the training captions at least 3 times" in capsys.readouterr().out
+    assert f"vocabulary: {words} words of the training captions (data.min_word_freq 3)" in capsys.readouterr().out
     most = max(counts.values())
     dm = CaptionDataModule(**data, min_word_freq=most + 1)
     with pytest.raises(ValueError, match=rf"min_word_freq {most + 1} leaves the vocabulary no words: .* {most} times"):

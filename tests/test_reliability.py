@@ -370,6 +370,27 @@ def test_a_checkpoints_malformed_search_or_preprocessing_settings_are_named_with
         Captioner.from_checkpoint(tiny_ckpt, beam_size=0)
 
 
+def test_whole_numbers_of_any_type_are_search_settings(tmp_path, tiny_ckpt):
+    """Checking the settings' types refused what had worked: a numpy integer beam size from the caller, a stored
+    max_len of 12.0. Whole numbers of any type are taken; 2.5 and "3" are not."""
+    import numpy as np
+
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    ckpt["captioning"]["search"]["max_len"] = 12.0
+    stored = tmp_path / "float.ckpt"
+    torch.save(ckpt, stored)
+    captioner = Captioner.from_checkpoint(stored, beam_size=np.int64(2), length_penalty=np.float32(0.5))
+    assert (captioner.beam_size, captioner.max_len, captioner.length_penalty) == (2, 12, 0.5)
+    assert type(captioner.beam_size) is int and type(captioner.max_len) is int
+    image = Image.new("RGB", (64, 64))
+    assert captioner.caption(image, beam_size=torch.tensor(1)).tokens == captioner.caption(image, beam_size=1).tokens
+    refused = [(dict(beam_size=2.5), "beam_size must be a whole number, got 2.5")]
+    refused.append((dict(length_penalty="0.6"), r"length_penalty must be a number in \[-100, 100\], got '0.6'"))
+    for bad, message in refused:
+        with pytest.raises(ValueError, match=message):
+            Captioner.from_checkpoint(tiny_ckpt, **bad)
+
+
 def test_inference_does_not_import_lightning():
     code = "import sys, captioning.inference, captioning.visualize; print('lightning' in ' '.join(sys.modules))"
     proc = run_script("-c", code, cwd=ROOT)
@@ -499,9 +520,11 @@ def test_flags_without_a_subcommand_are_fits(tmp_path):
     flat.write_text("trainer:\n  max_steps: 2\n")
     assert with_subcommand(["-c", str(root)]) == ["-c", str(root)]
     assert with_subcommand([f"--config={root}", "--x", "1"]) == [f"--config={root}", "test", "--x", "1"]
-    assert with_subcommand(["--x", "1", "-c", str(root), "-c", str(flat)]) == [
+    assert with_subcommand(["-c", str(root), "--x", "1", "-c", str(flat)]) == [
         "-c", str(root), "test", "--x", "1", "-c", str(flat)
     ]  # fmt: skip
+    for first in (["--x", "1"], ["-c", str(flat)]):  # moved behind the root config, they would override it
+        assert with_subcommand([*first, "-c", str(root), "--y", "2"]) == [*first, "-c", str(root), "--y", "2"]
     (tmp_path / "both.yaml").write_text("fit: {}\ntest: {}\n")  # which one is the parser's to ask
     assert with_subcommand(["-c", str(tmp_path / "both.yaml"), "--x", "1"]) == [
         "-c",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -149,6 +151,14 @@ def test_a_word_beyond_latin_1_never_stops_the_figure_and_is_drawn_where_a_font_
     if isinstance(getattr(visualize._font(12), "path", None), str):  # a font file of the system's (LABEL_FONTS)
         # a font with the letter draws it unlike a code point no font has (both were the same box)
         assert not np.array_equal(_label_strip("é"), _label_strip("\u0378"))
-    bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
-    monkeypatch.setattr(visualize, "_font", lambda size: bitmap)
+
+    # Pillow without FreeType: truetype raises ImportError (not OSError), load_default(size=...) too, and only
+    # load_default() gives its bitmap font
+    def no_freetype(*args, **kwargs):
+        raise ImportError("The _imagingft C module is not installed")
+
+    monkeypatch.setattr(ImageFont, "truetype", no_freetype)
+    monkeypatch.setattr(ImageFont, "core", object())  # what Pillow holds there without the module
+    monkeypatch.setattr(visualize, "_font", functools.cache(visualize._font.__wrapped__))
+    assert type(visualize._font(12)) is ImageFont.ImageFont
     assert np.array_equal(_label_strip("圆 café"), _label_strip("? café"))

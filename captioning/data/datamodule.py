@@ -409,7 +409,7 @@ class CaptionDataModule(pl.LightningDataModule):
                     f"training captions' most frequent word appears {most} times"
                 )
             if rank_zero_only.rank == 0:
-                print(f"vocabulary: {words} words, each in the training captions at least {self.min_word_freq} times")
+                print(f"vocabulary: {words} words of the training captions (data.min_word_freq {self.min_word_freq})")
             self._vocab = vocab
         return self._vocab
 
@@ -435,7 +435,9 @@ class CaptionDataModule(pl.LightningDataModule):
         digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
         # the stem cut to 100 bytes: with the key, ".npy" and a temporary suffix, a long but legal annotation file
         # name made the cache's file name too long to create (255 bytes); the digest keeps names apart
-        stem = self.source.stem.encode()[:100].decode(errors="ignore")
+        # (a file name that is not UTF-8 keeps its bytes through surrogateescape; "ignore" then drops them, and a
+        # character cut in two)
+        stem = self.source.stem.encode("utf-8", "surrogateescape")[:100].decode("utf-8", "ignore")
         return f"{self.dataset}-{stem}-{digest}-{split}"
 
     def train_features(self) -> FeatureCache | None:
