@@ -42,6 +42,7 @@ from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_we
 from captioning.data.datamodule import CaptionDataModule
 from captioning.errors import InputError
 from captioning.lit_module import FIT_END_EPOCH, FIT_END_STEP, SIGTERM_EXIT, CaptionModule, check_model_options
+from captioning.options import check_ranges
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 
@@ -164,6 +165,9 @@ class CaptionCLI(LightningCLI):
         model = config.get("model")
         if model is not None:
             check_model_options({k: v for k, v in dict(model).items() if k not in LINKED_FROM_DATA})
+        accumulate = (config.get("trainer") or {}).get("accumulate_grad_batches")
+        if isinstance(accumulate, int) and accumulate < 1:  # Lightning takes 0, then the schedule divides by it
+            check_ranges("trainer", accumulate_grad_batches=(accumulate, False, ">= 1"))
 
     def _parse_ckpt_path(self) -> None:
         # done in parse_arguments, in the order of the command line (see there)
@@ -177,7 +181,10 @@ class CaptionCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
-        return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+        try:
+            return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+        except ValueError as e:  # the Trainer refusing its options ("an invalid strategy name"): a 32-line traceback
+            raise InputError(f"trainer: {e}") from None
 
     def before_fit(self) -> None:
         ckpt_path = self.config.fit.get("ckpt_path")
@@ -421,23 +428,26 @@ def resolve_ckpt_path(
     ckpt_path: str | None, subcommand: str | None = "fit", runs: Path = Path("runs")
 ) -> tuple[str | None, dict | None]:
     """``ckpt_path`` as the command line or a config file gave it, resolved and checked before anything else
-    touches it (the data, the model, the run directory): "last" is the newest ``last.ckpt`` under ``runs`` (this
-    config's runs folder), and a missing, truncated or untrusted file ends the program with an error naming it.
+    touches it (the data, the model, the run directory): "last" ("best") is the newest ``last.ckpt``
+    (``best.ckpt``) under ``runs`` (this config's runs folder), and a missing, truncated or untrusted file ends the
+    program with an error naming it.
 
-    Returns the path and the checkpoint it holds (None for no path or Lightning's "best", "hpc", "registry").
+    Returns the path and the checkpoint it holds (None for no path or Lightning's "hpc", "registry").
     """
     if ckpt_path is not None:
         ckpt_path = str(ckpt_path)
-    if ckpt_path == "last":
+    if ckpt_path in ("last", "best"):
         # Lightning would look for "last" only in the new run's folder and, finding nothing, start afresh in
         # silence; here it means the newest last.ckpt of this config's runs (any of runs/ took another
-        # experiment's, a Transformer's under an LSTM config, and trained it in a new folder)
-        found = sorted(runs.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        # experiment's, a Transformer's under an LSTM config, and trained it in a new folder). Its "best" is the
+        # best model of a fit in the same process: a fresh test or validate stopped, after the data scan, in a
+        # traceback saying no ModelCheckpoint saved the best model; here it is the newest best.ckpt, likewise
+        found = sorted(runs.glob(f"**/checkpoints/{ckpt_path}.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
-            sys.exit(f"error: ckpt_path last: no last.ckpt under {runs}/ to resume from")
+            sys.exit(f"error: ckpt_path {ckpt_path}: no {ckpt_path}.ckpt under {runs}/")
         ckpt_path = str(found[-1])
         print(f"{'resuming from' if subcommand == 'fit' else 'using'} {ckpt_path}", file=sys.stderr)
-    if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+    if not ckpt_path or ckpt_path in ("hpc", "registry"):
         return ckpt_path, None
     try:
         ckpt = load_weights_only(ckpt_path)
@@ -499,6 +509,27 @@ def with_subcommand(argv: list[str]) -> list[str]:
     return [*argv[: len(roots)], *sections, *argv[len(roots) :]]
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Raise InputError naming the config file (``-c``/``--config``) that is not valid YAML: jsonargparse said
+    "Problems parsing config: while parsing a flow sequence in "<unicode string>", line 2", over several lines and
+    naming no file, so with two -c files it was not said which. Files that are not there are the parser's to say."""
+    import yaml
+
+    paths = [word for before, word in zip(argv, argv[1:]) if before in ("-c", "--config")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        try:
+            yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise InputError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+
+
 def _subcommand_sections(path: str) -> set[str]:
     """The subcommands at the top level of the config file ``path`` (LightningCLI's root config form), if any."""
     import yaml
@@ -534,6 +565,7 @@ def main(args: list[str] | None = None) -> CaptionCLI:
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     try:
+        check_config_files(argv)
         # args=None: LightningCLI reads sys.argv itself (passing both makes it warn)
         return CaptionCLI(
             CaptionModule,

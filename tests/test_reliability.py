@@ -162,7 +162,7 @@ def test_resuming_from_a_missing_checkpoint_is_an_error(tmp_path):
     assert proc.returncode != 0
     assert f"{missing}: checkpoint not found" in proc.stderr
     assert proc_last.returncode != 0
-    assert "no last.ckpt under runs/tiny/ to resume from" in proc_last.stderr  # the config's runs folder
+    assert "no last.ckpt under runs/tiny/" in proc_last.stderr  # the config's runs folder
     for cwd in (given, last):
         assert not (cwd / "runs").exists()  # no fresh run was started
 
@@ -192,6 +192,12 @@ def test_ckpt_path_last_is_the_newest_of_this_configs_runs(tmp_path, monkeypatch
     assert runs_folder(logged(save_dir="runs", name="")) == Path("runs")  # no name: the save_dir itself
     assert runs_folder(Namespace(trainer=Namespace(logger=True))) == Path("runs")
     assert resolve_ckpt_path("last", "fit")[0] == "runs/tiny_tf/version_0/checkpoints/last.ckpt"
+    # "best" likewise: Lightning's own meant the best model of a fit in this process, and a fresh test stopped in a
+    # traceback (after the data scan) saying no ModelCheckpoint was configured to save it
+    with pytest.raises(SystemExit, match=r"error: ckpt_path best: no best.ckpt under runs/tiny/$"):
+        resolve_ckpt_path("best", "test", runs_folder(config))
+    torch.save(ckpt, tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "best.ckpt")
+    assert resolve_ckpt_path("best", "test", runs_folder(config))[0] == "runs/tiny/version_0/checkpoints/best.ckpt"
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["checked-at-once", "checked-one-step-late"])
@@ -557,6 +563,26 @@ def test_an_unknown_option_is_said_in_a_few_lines(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) <= 4 and err[-1] == "error: unrecognized arguments: --model.beamsize 3", err
     assert err[0].startswith("usage: train.py fit [-c CONFIG]"), err
+
+
+def test_a_config_file_that_is_not_yaml_and_refused_trainer_options_are_said_in_one_line(tmp_path, monkeypatch, capsys):
+    """A YAML syntax error was several lines naming no file ("<unicode string>"), so with two -c it was not said
+    which; accumulate_grad_batches 0 was a ZeroDivisionError in the schedule, an invalid strategy name Lightning's
+    ValueError: tracebacks of 30-45 lines, the README promising one line naming the option."""
+    from captioning.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the config's relative data and run folders
+    (tmp_path / "bad.yaml").write_text("trainer:\n  max_steps: [1\nmodel: {\n")
+    cases = [
+        (["-c", "bad.yaml"], "error: bad.yaml: not valid YAML at line 3, column 6: expected ',' or ']', but got ':'"),
+        (["--trainer.accumulate_grad_batches", "0"], "error: trainer.accumulate_grad_batches must be >= 1, got 0"),
+        (["--trainer.strategy", "ddpx"], "error: trainer: You selected an invalid strategy name: `strategy='ddpx'`"),
+    ]
+    for extra, said in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(["fit", "-c", str(TINY), *extra])
+        assert str(stop.value.code).startswith(said), stop.value.code
+        assert "Traceback" not in capsys.readouterr().err
 
 
 def test_a_validation_split_whose_images_all_fail_says_so(tmp_path, tiny_shapes):

@@ -251,7 +251,7 @@ def test_ckpt_path_last_in_a_config_file_resumes_like_the_flag(tmp_path):
     empty.mkdir()
     # the resume where there is nothing to resume and the run to resume are independent: side by side
     proc, first = finish(_start(empty, config=resume), _start(tmp_path, config=quick))
-    assert proc.returncode != 0 and "no last.ckpt under runs/tiny/ to resume from" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode != 0 and "no last.ckpt under runs/tiny/" in proc.stderr, proc.stderr[-3000:]
     assert not (empty / "runs").exists()  # no fresh run was started
 
     assert first.returncode == 0

@@ -180,8 +180,8 @@ class FeatureCache:
                     rows = feats.float().cpu().numpy()  # (b,N,C)
                     with np.errstate(over="ignore"):  # an overflow is reported just below, with the remedy
                         stored = rows.astype(CACHE_DTYPES[self.dtype])
-                    if not np.isfinite(stored).all() and np.isfinite(rows).all():
-                        raise ValueError(
+                    if not np.isfinite(stored).all() and np.isfinite(rows).all():  # a choice of the user's: one line
+                        raise InputError(
                             f"feature cache {self.name}: features up to {np.abs(rows).max():.4g} overflow "
                             f"{self.dtype}; use data.cache_dtype float32 (or an encoder with trained weights)"
                         )
