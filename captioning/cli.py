@@ -592,6 +592,28 @@ def main(args: list[str] | None = None) -> CaptionCLI:
         if line is None:
             raise
         sys.exit(line)
+    except (ValueError, OSError) as e:
+        line = _lightning_refusal(e)
+        if line is None:
+            raise
+        sys.exit(line)
+
+
+def _lightning_refusal(e: BaseException) -> str | None:
+    """One line for Lightning refusing an option once the run starts (a ValueError raised in its own code:
+    `val_check_interval` (1000) must be less than or equal to the number of the training batches (6), ...), or
+    failing on a folder it was given (an OSError naming a file, raised under its code: a logger's save_dir that is
+    a file); 30-45-line tracebacks before. None for anything else: a traceback is the right report there."""
+    files = []
+    tb = e.__traceback__
+    while tb is not None:
+        files.append(set(Path(tb.tb_frame.f_code.co_filename).parts))
+        tb = tb.tb_next
+    lightning = [bool(parts & {"pytorch_lightning", "lightning_fabric"}) for parts in files]
+    if isinstance(e, OSError):
+        named = e.filename is not None and e.strerror
+        return f"error: {e.filename}: {e.strerror}" if named and any(lightning) else None
+    return f"error: trainer: {str(e).strip()}" if lightning and lightning[-1] else None
 
 
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*)\.([A-Za-z_]\w*): ", re.MULTILINE)

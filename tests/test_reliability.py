@@ -567,8 +567,9 @@ def test_an_unknown_option_is_said_in_a_few_lines(capsys):
 
 def test_a_config_file_that_is_not_yaml_and_refused_trainer_options_are_said_in_one_line(tmp_path, monkeypatch, capsys):
     """A YAML syntax error was several lines naming no file ("<unicode string>"), so with two -c it was not said
-    which; accumulate_grad_batches 0 was a ZeroDivisionError in the schedule, an invalid strategy name Lightning's
-    ValueError: tracebacks of 30-45 lines, the README promising one line naming the option."""
+    which; accumulate_grad_batches 0 was a ZeroDivisionError in the schedule, an invalid strategy name, a
+    val_check_interval past an epoch and a logger's save_dir that is a file Lightning's ValueError or OSError:
+    tracebacks of 30-45 lines, the README promising one line naming the option."""
     from captioning.cli import main
 
     monkeypatch.chdir(tmp_path)  # the config's relative data and run folders
@@ -577,7 +578,11 @@ def test_a_config_file_that_is_not_yaml_and_refused_trainer_options_are_said_in_
         (["-c", "bad.yaml"], "error: bad.yaml: not valid YAML at line 3, column 6: expected ',' or ']', but got ':'"),
         (["--trainer.accumulate_grad_batches", "0"], "error: trainer.accumulate_grad_batches must be >= 1, got 0"),
         (["--trainer.strategy", "ddpx"], "error: trainer: You selected an invalid strategy name: `strategy='ddpx'`"),
+        # refused by Lightning once the run starts, and a logger's folder that is a file
+        (["--trainer.val_check_interval", "1000"], "error: trainer: `val_check_interval` (1000) must be less than"),
+        (["--trainer.logger.init_args.save_dir", "afile"], f"error: {tmp_path / 'afile' / 'tiny'}: Not a directory"),
     ]
+    (tmp_path / "afile").write_text("")
     for extra, said in cases:
         with pytest.raises(SystemExit) as stop:
             main(["fit", "-c", str(TINY), *extra])
