@@ -181,10 +181,7 @@ class CaptionCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
-        try:
-            return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
-        except ValueError as e:  # the Trainer refusing its options ("an invalid strategy name"): a 32-line traceback
-            raise InputError(f"trainer: {e}") from None
+        return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
 
     def before_fit(self) -> None:
         ckpt_path = self.config.fit.get("ckpt_path")
@@ -442,7 +439,10 @@ def resolve_ckpt_path(
         # experiment's, a Transformer's under an LSTM config, and trained it in a new folder). Its "best" is the
         # best model of a fit in the same process: a fresh test or validate stopped, after the data scan, in a
         # traceback saying no ModelCheckpoint saved the best model; here it is the newest best.ckpt, likewise
-        found = sorted(runs.glob(f"**/checkpoints/{ckpt_path}.ckpt"), key=lambda p: p.stat().st_mtime)
+        # best-v1.ckpt ...: a ModelCheckpoint with its version counter on writes such a name beside an older best.ckpt
+        named = re.compile(rf"{ckpt_path}(-v\d+)?\.ckpt")
+        found = [p for p in runs.glob("**/checkpoints/*.ckpt") if named.fullmatch(p.name)]
+        found.sort(key=lambda p: p.stat().st_mtime)
         if not found:
             sys.exit(f"error: ckpt_path {ckpt_path}: no {ckpt_path}.ckpt under {runs}/")
         ckpt_path = str(found[-1])
@@ -484,7 +484,7 @@ def with_subcommand(argv: list[str]) -> list[str]:
     A config file whose top level is subcommands (LightningCLI's root config, ``fit: {trainer: ...}``) picks its
     one subcommand itself when it is all that is given; with flags too, ``-c root.yaml --trainer.max_epochs 3``
     failed the same way, so its subcommand is named after the root configs and before the rest, where they come
-    first. Where the root configs name several subcommands, or follow other arguments, argv is left to the parser."""
+    first. Where the root configs name several subcommands, or follow other arguments, an InputError says so."""
     if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help"):
         return argv
     roots: list[int] = []  # positions in argv of the root configs' arguments (the flag and its value, or one)
@@ -502,10 +502,21 @@ def with_subcommand(argv: list[str]) -> list[str]:
             sections |= named
     if not roots:
         return ["fit", *argv]
-    # only where the root configs come first: moving one ahead of what was written before it would reverse which
-    # of the two wins (later arguments override earlier ones); the parser refuses such an order itself
-    if len(sections) > 1 or len(roots) == len(argv) or sorted(roots) != list(range(len(roots))):
+    if len(roots) == len(argv):
         return argv
+    root = argv[roots[1] if argv[roots[0]] in ("-c", "--config") else roots[0]]
+    if len(sections) > 1:  # the parser said "invalid choice: '3' (choose from 'fit', ...)" for the flag's value
+        raise InputError(
+            f"{root.removeprefix('--config=')}: the root configs name {' and '.join(sorted(sections))}: give the "
+            "subcommand after them (train.py -c ROOT.yaml fit ...)"
+        )
+    # only where the root configs come first: moving one ahead of what was written before it would reverse which
+    # of the two wins (later arguments override earlier ones)
+    if sorted(roots) != list(range(len(roots))):
+        raise InputError(
+            f"{root.removeprefix('--config=')}: a root config (its top level {next(iter(sections))}:) goes before "
+            "any other argument"
+        )
     return [*argv[: len(roots)], *sections, *argv[len(roots) :]]
 
 
@@ -519,11 +530,15 @@ def check_config_files(argv: list[str]) -> None:
     paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     for path in paths:
         try:
-            text = Path(path).read_text()
-        except (OSError, UnicodeDecodeError):
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError:
             continue
+        except UnicodeDecodeError as e:  # a 64-line traceback from the parser, naming no file
+            raise InputError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at position {e.start})") from None
         try:
             yaml.safe_load(text)
+        except yaml.reader.ReaderError as e:  # a character YAML refuses: it has no line mark
+            raise InputError(f"{path}: not valid YAML at character {e.position + 1}: {e.reason}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -547,7 +562,10 @@ def main(args: list[str] | None = None) -> CaptionCLI:
     if args is None and not sys.argv[1:]:
         args = ["fit", "--config", str(DEFAULT_CONFIG)]
     argv = list(sys.argv[1:] if args is None else args)
-    sub = with_subcommand(argv)
+    try:
+        sub = with_subcommand(argv)
+    except InputError as e:
+        sys.exit(f"error: {e}")
     if sub != argv:
         (added,) = Counter(sub) - Counter(argv)  # the one word with_subcommand put in
         print(f"no subcommand given: {added}", file=sys.stderr)

@@ -147,13 +147,6 @@ def beam_search(
         raise ValueError(f"no_repeat_ngram must be at least 0 (0: no blocking), got {no_repeat_ngram}")
     if not length_penalty_ok(length_penalty):  # a NaN made every final score NaN, and the order arbitrary
         raise ValueError(f"length_penalty must be {LENGTH_PENALTY_RANGE}, got {length_penalty}")
-    if length_penalty and abs(length_penalty) * math.log((5.0 + max_len) / 6.0) > 700:
-        # ((5 + len) / 6) ** alpha for the longest captions past a float's range (ln 1.8e308 = 709.8): an
-        # OverflowError, or 0 and a ZeroDivisionError, once the search was done
-        raise ValueError(
-            f"length_penalty {length_penalty} with max_len {max_len}: GNMT's ((5 + len) / 6) ** alpha leaves a "
-            "float's range; take a smaller length_penalty or max_len"
-        )
     b, n, _ = features.shape
     if b == 0:  # no images: nothing to decode (the decoders' per-image attention cannot split 0 rows)
         return []
@@ -311,10 +304,29 @@ def _trace(
             # GNMT's |Y| counts the tokens the score sums over: the words, and <end> only where the
             # hypothesis ended (a beam cut at max_len has no <end> log-probability in its score)
             length = len(_cut(hist[i])) + (Vocabulary.end_id in hist[i])
-            ranked.append((sc[i] / ((5.0 + length) / 6.0) ** length_penalty if length_penalty else sc[i], i))
-        ranked.sort(key=lambda x: -x[0])  # stable: ties keep row order
-        results.append([_finish(hist[i], score, attn[i]) for score, i in ranked[:num_return]])
+            ranked.append((*_length_normalised(sc[i], length, length_penalty), i))
+        ranked.sort(key=lambda x: (-x[0], -x[1]))  # stable: ties keep row order
+        results.append([_finish(hist[i], score, attn[i]) for score, _, i in ranked[:num_return]])
     return results
+
+
+def _length_normalised(score: float, length: int, alpha: float) -> tuple[float, float]:
+    """(final score, tie-break) of a hypothesis of ``length`` scored tokens: GNMT's score / ((5 + length) / 6) **
+    alpha, and ln|that| negated, which orders hypotheses whose quotients leave a float's range alike. For a long
+    caption and a large |alpha| the penalty overflowed (OverflowError) or fell to 0 (ZeroDivisionError) once the
+    search was done; the quotient is then -0.0 or -inf, as it would round, and the tie-break ranks such ones."""
+    if not alpha:
+        return score, 0.0
+    log_penalty = alpha * math.log((5.0 + length) / 6.0)
+    if score >= 0.0:  # a sum of log-probabilities is 0 only for a certain caption: the best, whatever its length
+        return score, math.inf
+    try:
+        quotient = score / ((5.0 + length) / 6.0) ** alpha
+    except OverflowError:  # a penalty past a float's range: the quotient rounds to -0.0
+        quotient = -0.0
+    except ZeroDivisionError:  # a penalty below a float's range: the quotient rounds to -inf
+        quotient = -math.inf
+    return quotient, log_penalty - math.log(-score)
 
 
 @torch.no_grad()

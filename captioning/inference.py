@@ -92,6 +92,8 @@ def _search_settings(beam_size: int, max_len: int, length_penalty: float) -> tup
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         try:
+            if isinstance(value, bool):  # an int to Python: True was a beam of 1, a stored max_len True one word
+                raise TypeError
             value = operator.index(value)
         except TypeError:
             raise ValueError(f"{name} must be a whole number, got {value!r}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -16,15 +17,12 @@ def check_ranges(section: str, **options: tuple[Any, bool, str]) -> None:
         raise InputError("; ".join(bad))
 
 
-#: The largest |length_penalty|: GNMT's ((5 + len) / 6) ** alpha overflows a float once alpha * ln((5 + len) / 6)
-#: passes ~709 (alpha 1e308 raised OverflowError at the end of the search, -2000 ZeroDivisionError); 100 keeps it
-#: finite and above 0 for captions of up to 7,000 words (beam_search checks it with its max_len). GNMT's own values
-#: are 0.6-1.
-MAX_LENGTH_PENALTY = 100.0
-LENGTH_PENALTY_RANGE = f"a number in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}]"
+#: What a length penalty (GNMT's alpha) may be: any finite real number; the search ranks in logs where
+#: ((5 + len) / 6) ** alpha leaves a float's range (see decoding._length_normalised)
+LENGTH_PENALTY_RANGE = "a finite number"
 
 
 def length_penalty_ok(alpha: float) -> bool:
-    """Whether ``alpha`` is a length penalty the search can apply (see :data:`MAX_LENGTH_PENALTY`): a real number,
-    not NaN (the beam search also checks it against its max_len)."""
-    return isinstance(alpha, numbers.Real) and abs(alpha) <= MAX_LENGTH_PENALTY
+    """Whether ``alpha`` is a length penalty the search can apply: a finite real number (a NaN made every final score
+    NaN, and the order arbitrary), not a bool or a string."""
+    return isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha)

@@ -347,7 +347,7 @@ def test_features_that_overflow_float16_are_refused_not_stored_as_inf(tiny_shape
     with torch.no_grad():
         enc.body[-1][0].weight.mul_(1e6)  # features far beyond float16's 65504
     cache = FeatureCache(tmp_path / "cache", "big-train", paths, enc, small)
-    with pytest.raises(ValueError, match="overflow float16; use data.cache_dtype float32"):
+    with pytest.raises(InputError, match="overflow float16; use data.cache_dtype float32"):  # a one-line error
         cache.build(enc, progress=False)
     assert not cache.exists() and not list((tmp_path / "cache").glob("*.tmp*"))
     ok = FeatureCache(tmp_path / "cache", "big-train", paths, enc, small, dtype="float32")
