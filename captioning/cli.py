@@ -165,9 +165,15 @@ class CaptionCLI(LightningCLI):
         model = config.get("model")
         if model is not None:
             check_model_options({k: v for k, v in dict(model).items() if k not in LINKED_FROM_DATA})
-        accumulate = (config.get("trainer") or {}).get("accumulate_grad_batches")
-        if isinstance(accumulate, int) and accumulate < 1:  # Lightning takes 0, then the schedule divides by it
-            check_ranges("trainer", accumulate_grad_batches=(accumulate, False, ">= 1"))
+        trainer = config.get("trainer") or {}
+        # Lightning takes both at 0, then divides by them: ZeroDivisionError tracebacks, in the schedule and in the
+        # validation interval (after the data scan)
+        accumulate, interval = trainer.get("accumulate_grad_batches"), trainer.get("val_check_interval")
+        check_ranges(
+            "trainer",
+            accumulate_grad_batches=(accumulate, not isinstance(accumulate, int) or accumulate >= 1, ">= 1"),
+            val_check_interval=(interval, not isinstance(interval, (int, float)) or interval > 0, "> 0"),
+        )
 
     def _parse_ckpt_path(self) -> None:
         # done in parse_arguments, in the order of the command line (see there)

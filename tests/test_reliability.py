@@ -581,6 +581,7 @@ def test_a_config_file_that_is_not_yaml_and_refused_trainer_options_are_said_in_
         (["-c", "latin1.yaml"], "error: latin1.yaml: not UTF-8 text (byte 0xe9 at position 29)"),
         (["-c", "bell.yaml"], "error: bell.yaml: not valid YAML at character 23: special characters are not allowed"),
         (["--trainer.accumulate_grad_batches", "0"], "error: trainer.accumulate_grad_batches must be >= 1, got 0"),
+        (["--trainer.val_check_interval", "0"], "error: trainer.val_check_interval must be > 0, got 0"),
         (["--trainer.strategy", "ddpx"], "error: trainer: You selected an invalid strategy name: `strategy='ddpx'`"),
         # refused by Lightning once the run starts, and a logger's folder that is a file
         (["--trainer.val_check_interval", "1000"], "error: trainer: `val_check_interval` (1000) must be less than"),
