@@ -86,7 +86,7 @@ def _mtime(path: Path) -> float | None:
 def _search_settings(beam_size: int, max_len: int, length_penalty: float) -> tuple[int, int, float]:
     """The search settings as the beam search takes them, or ValueError: ``beam_size`` and ``max_len`` whole
     numbers of at least 1 (an int, a numpy or torch integer, an integral float such as a stored 24.0; 2.5 failed
-    only in the search's range()), ``length_penalty`` a real number in range."""
+    only in the search's range()), ``length_penalty`` a finite real number."""
     whole = []
     for name, value in (("beam_size", beam_size), ("max_len", max_len)):
         if isinstance(value, float) and value.is_integer():
