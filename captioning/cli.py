@@ -166,13 +166,14 @@ class CaptionCLI(LightningCLI):
         if model is not None:
             check_model_options({k: v for k, v in dict(model).items() if k not in LINKED_FROM_DATA})
         trainer = config.get("trainer") or {}
-        # Lightning takes both at 0, then divides by them: ZeroDivisionError tracebacks, in the schedule and in the
-        # validation interval (after the data scan)
+        # Lightning takes both at (int) 0, then divides by them: ZeroDivisionError tracebacks, in the schedule and in
+        # the validation interval (after the data scan)
         accumulate, interval = trainer.get("accumulate_grad_batches"), trainer.get("val_check_interval")
         check_ranges(
             "trainer",
             accumulate_grad_batches=(accumulate, not isinstance(accumulate, int) or accumulate >= 1, ">= 1"),
-            val_check_interval=(interval, not isinstance(interval, (int, float)) or interval > 0, "> 0"),
+            # an int: a float is a fraction of the epoch, and Lightning rounds 0.0 up to one batch
+            val_check_interval=(interval, not isinstance(interval, int) or interval >= 1, ">= 1 (an int)"),
         )
 
     def _parse_ckpt_path(self) -> None:
@@ -508,22 +509,31 @@ def with_subcommand(argv: list[str]) -> list[str]:
             sections |= named
     if not roots:
         return ["fit", *argv]
-    if len(roots) == len(argv):
+    # the root parser's own arguments, the root configs and --print_config, lead in any order: the subcommand goes
+    # after them
+    own = {*roots, *(i for i, a in enumerate(argv) if a == "--print_config" or a.startswith("--print_config="))}
+    lead = 0
+    while lead in own:
+        lead += 1
+    if lead == len(argv):
         return argv
-    root = argv[roots[1] if argv[roots[0]] in ("-c", "--config") else roots[0]]
+
+    def named(i: int) -> str:  # the file of the root config at argv[i] (its -c, or --config=FILE)
+        return argv[i + 1] if argv[i] in ("-c", "--config") else argv[i].removeprefix("--config=")
+
     if len(sections) > 1:  # the parser said "invalid choice: '3' (choose from 'fit', ...)" for the flag's value
         raise InputError(
-            f"{root.removeprefix('--config=')}: the root configs name {' and '.join(sorted(sections))}: give the "
-            "subcommand after them (train.py -c ROOT.yaml fit ...)"
+            f"{named(min(roots))}: the root configs name {' and '.join(sorted(sections))}: give the subcommand after "
+            "them (train.py -c ROOT.yaml fit ...)"
         )
-    # only where the root configs come first: moving one ahead of what was written before it would reverse which
-    # of the two wins (later arguments override earlier ones)
-    if sorted(roots) != list(range(len(roots))):
+    # moving a root config ahead of what was written before it would reverse which of the two wins (later
+    # arguments override earlier ones)
+    late = [i for i in roots if i >= lead]
+    if late:
         raise InputError(
-            f"{root.removeprefix('--config=')}: a root config (its top level {next(iter(sections))}:) goes before "
-            "any other argument"
+            f"{named(min(late))}: a root config (its top level {next(iter(sections))}:) goes before any other argument"
         )
-    return [*argv[: len(roots)], *sections, *argv[len(roots) :]]
+    return [*argv[:lead], *sections, *argv[lead:]]
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -544,7 +554,8 @@ def check_config_files(argv: list[str]) -> None:
         try:
             yaml.safe_load(text)
         except yaml.reader.ReaderError as e:  # a character YAML refuses: it has no line mark
-            raise InputError(f"{path}: not valid YAML at character {e.position + 1}: {e.reason}") from None
+            char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+            raise InputError(f"{path}: not valid YAML: character {char} at position {e.position}: {e.reason}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -8,6 +8,7 @@ Shape legend: B images, K beams, T tokens, N grid cells, V vocabulary.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -312,21 +313,28 @@ def _trace(
 
 def _length_normalised(score: float, length: int, alpha: float) -> tuple[float, float]:
     """(final score, tie-break) of a hypothesis of ``length`` scored tokens: GNMT's score / ((5 + length) / 6) **
-    alpha, and ln|that| negated, which orders hypotheses whose quotients leave a float's range alike. For a long
-    caption and a large |alpha| the penalty overflowed (OverflowError) or fell to 0 (ZeroDivisionError) once the
-    search was done; the quotient is then -0.0 or -inf, as it would round, and the tie-break ranks such ones."""
+    alpha, and, where that quotient is not a normal float, its logarithm negated to rank such ones among themselves.
+
+    For a long caption and a large |alpha| the penalty overflowed (OverflowError) or fell to 0 (ZeroDivisionError)
+    once the search was done. The quotient is then taken in logs, -exp(ln(-score) - alpha ln((5 + length) / 6)),
+    and where it rounds to -0.0 or -inf (or a subnormal) alike for several hypotheses, the tie-break orders them
+    as exact arithmetic does; only past |alpha| ln((5 + length) / 6) ~ 1.8e308 does it fall back to row order. A
+    normal quotient has no tie-break: ties keep row order, as before."""
     if not alpha:
         return score, 0.0
-    log_penalty = alpha * math.log((5.0 + length) / 6.0)
     if score >= 0.0:  # a sum of log-probabilities is 0 only for a certain caption: the best, whatever its length
         return score, math.inf
+    base = (5.0 + length) / 6.0
+    log_magnitude = math.log(-score) - alpha * math.log(base)  # ln|quotient|
     try:
-        quotient = score / ((5.0 + length) / 6.0) ** alpha
-    except OverflowError:  # a penalty past a float's range: the quotient rounds to -0.0
-        quotient = -0.0
-    except ZeroDivisionError:  # a penalty below a float's range: the quotient rounds to -inf
-        quotient = -math.inf
-    return quotient, log_penalty - math.log(-score)
+        quotient = score / base**alpha
+    except (OverflowError, ZeroDivisionError):  # the penalty past a float's range, either way: in logs
+        try:
+            quotient = -math.exp(log_magnitude)
+        except OverflowError:
+            quotient = -math.inf
+    normal = sys.float_info.min <= abs(quotient) < math.inf
+    return quotient, 0.0 if normal else -log_magnitude
 
 
 @torch.no_grad()

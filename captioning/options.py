@@ -25,4 +25,9 @@ LENGTH_PENALTY_RANGE = "a finite number"
 def length_penalty_ok(alpha: float) -> bool:
     """Whether ``alpha`` is a length penalty the search can apply: a finite real number (a NaN made every final score
     NaN, and the order arbitrary), not a bool or a string."""
-    return isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha)
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
+        return False
+    try:
+        return math.isfinite(alpha)
+    except OverflowError:  # an int past a float's range (10 ** 400)
+        return False

@@ -119,6 +119,8 @@ def test_num_return_outside_one_to_beam_size_is_an_error():
         (dict(min_len=-1), r"min_len must be between 0 and max_len \(4\), got -1"),
         (dict(no_repeat_ngram=-2), "no_repeat_ngram must be at least 0"),
         (dict(length_penalty=float("nan")), "length_penalty must be a finite number, got nan"),
+        (dict(length_penalty=10**400), "length_penalty must be a finite number, got 1000"),  # no float: OverflowError
+        (dict(length_penalty=True), "length_penalty must be a finite number, got True"),
     ],
 )
 def test_search_options_that_cannot_hold_are_refused(option, message):
@@ -142,9 +144,12 @@ def test_a_length_penalty_past_a_floats_range_ranks_in_logs():
     for alpha in (1e308, 2000.0, -2000.0, -1e308):
         for hyps in beam_search(dec, feats, beam_size=3, max_len=6, length_penalty=alpha, num_return=3):
             assert len(hyps) == 3 and all(h.score <= 0 for h in hyps)
-    # (score, length) pairs ranked by the exact quotient, for alphas within and beyond a float's range
-    pairs = [(-3.0, 4), (-2.5, 9), (-40.0, 30), (-0.5, 2), (-7.25, 12), (-0.0, 5)]
-    for alpha in (0.6, 1, -1, 300, -300):
+    # (score, length) pairs ranked by the exact quotient (Fractions, integer alphas), within and beyond a float's
+    # range: (-600, 306) and (-100, 304) at alpha 180 overflow the penalty, yet their quotients are normal floats;
+    # at 2000 and -2000 most round to -0.0 or -inf alike. Exact ties keep row order: (-0.6, 7), (-0.3, 1) at 1
+    pairs = [(-3.0, 4), (-2.5, 9), (-40.0, 30), (-0.5, 2), (-7.25, 12), (-0.0, 5), (-0.6, 7), (-0.3, 1)]
+    pairs += [(-600.0, 306), (-100.0, 304), (-5.0, 310), (-1e-3, 299)]
+    for alpha in (1, 2, -1, 180, 2000, -2000):
         exact = sorted(pairs, key=lambda p: Fraction(p[0]) / (Fraction(5 + p[1], 6) ** alpha), reverse=True)
         ours = sorted(pairs, key=lambda p: tuple(-x for x in _length_normalised(p[0], p[1], alpha)))
         assert ours == exact, alpha

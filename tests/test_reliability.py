@@ -525,6 +525,7 @@ def test_flags_without_a_subcommand_are_fits(tmp_path):
     # with flags too, its subcommand goes after the root configs (`-c root.yaml --x 1` failed as "invalid choice")
     root, flat = tmp_path / "root.yaml", tmp_path / "flat.yaml"
     root.write_text("test:\n  trainer:\n    max_steps: 2\n")
+    (tmp_path / "root2.yaml").write_text("test:\n  trainer:\n    max_steps: 3\n")
     flat.write_text("trainer:\n  max_steps: 2\n")
     assert with_subcommand(["-c", str(root)]) == ["-c", str(root)]
     assert with_subcommand([f"--config={root}", "--x", "1"]) == [f"--config={root}", "test", "--x", "1"]
@@ -535,9 +536,15 @@ def test_flags_without_a_subcommand_are_fits(tmp_path):
     for first in (["--x", "1"], ["-c", str(flat)]):
         with pytest.raises(InputError, match=rf"^{re.escape(str(root))}: a root config \(its top level test:\) goes "):
             with_subcommand([*first, "-c", str(root), "--y", "2"])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(root))}: a root config"):  # the late one is named
+        with_subcommand(["-c", str(tmp_path / "root2.yaml"), "--x", "1", "-c", str(root)])
     (tmp_path / "both.yaml").write_text("fit: {}\ntest: {}\n")
     with pytest.raises(InputError, match="both.yaml: the root configs name fit and test: give the subcommand after"):
         with_subcommand(["-c", str(tmp_path / "both.yaml"), "--x", "1"])
+    # --print_config is the root parser's too: before or among the root configs, the subcommand goes after it
+    for printed in (["--print_config", "-c", str(root)], ["-c", str(root), "--print_config=skip_null"]):
+        assert with_subcommand(printed) == printed
+        assert with_subcommand([*printed, "--x", "1"]) == [*printed, "test", "--x", "1"]
     assert with_subcommand(["-c", str(flat)]) == ["fit", "-c", str(flat)]
     (tmp_path / "tiny_root.yaml").write_text(yaml.safe_dump({"fit": yaml.safe_load(TINY.read_text())}))
     proc = run_script(
@@ -579,15 +586,21 @@ def test_a_config_file_that_is_not_yaml_and_refused_trainer_options_are_said_in_
     cases = [
         (["-c", "bad.yaml"], "error: bad.yaml: not valid YAML at line 3, column 6: expected ',' or ']', but got ':'"),
         (["-c", "latin1.yaml"], "error: latin1.yaml: not UTF-8 text (byte 0xe9 at position 29)"),
-        (["-c", "bell.yaml"], "error: bell.yaml: not valid YAML at character 23: special characters are not allowed"),
+        (["-c", "bell.yaml"], "error: bell.yaml: not valid YAML: character #x0007 at position 22: special characters"),
         (["--trainer.accumulate_grad_batches", "0"], "error: trainer.accumulate_grad_batches must be >= 1, got 0"),
-        (["--trainer.val_check_interval", "0"], "error: trainer.val_check_interval must be > 0, got 0"),
+        (["--trainer.val_check_interval", "0"], "error: trainer.val_check_interval must be >= 1 (an int), got 0"),
         (["--trainer.strategy", "ddpx"], "error: trainer: You selected an invalid strategy name: `strategy='ddpx'`"),
         # refused by Lightning once the run starts, and a logger's folder that is a file
         (["--trainer.val_check_interval", "1000"], "error: trainer: `val_check_interval` (1000) must be less than"),
         (["--trainer.logger.init_args.save_dir", "afile"], f"error: {tmp_path / 'afile' / 'tiny'}: Not a directory"),
     ]
     (tmp_path / "afile").write_text("")
+    from jsonargparse import Namespace
+
+    from captioning.cli import CaptionCLI
+
+    for fraction in (0.0, 0.5):  # a fraction of the epoch, which Lightning rounds up to one batch, is no 0
+        CaptionCLI._check_model_options_before_the_data(Namespace(trainer=Namespace(val_check_interval=fraction)))
     for extra, said in cases:
         with pytest.raises(SystemExit) as stop:
             main(["fit", "-c", str(TINY), *extra])
