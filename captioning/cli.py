@@ -494,18 +494,14 @@ def with_subcommand(argv: list[str]) -> list[str]:
     first. Where the root configs name several subcommands, or follow other arguments, an InputError says so."""
     if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help"):
         return argv
+    for before, word in zip(argv, argv[1:]):
+        if word in SUBCOMMANDS and not (before.startswith("-") and "=" not in before):  # not a flag's value
+            return argv
     roots: list[int] = []  # positions in argv of the root configs' arguments (the flag and its value, or one)
     sections: set[str] = set()
-    for i, (before, word) in enumerate(zip(argv, argv[1:])):
-        takes_value = before.startswith("-") and "=" not in before
-        if word in SUBCOMMANDS and not takes_value:
-            return argv
-        if before in ("-c", "--config") and (named := _subcommand_sections(word)):
-            roots += [i, i + 1]
-            sections |= named
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config=") and (named := _subcommand_sections(arg.split("=", 1)[1])):
-            roots.append(i)
+    for positions, path in _config_args(argv):
+        if named := _subcommand_sections(path):
+            roots += positions
             sections |= named
     if not roots:
         return ["fit", *argv]
@@ -536,40 +532,54 @@ def with_subcommand(argv: list[str]) -> list[str]:
     return [*argv[:lead], *sections, *argv[lead:]]
 
 
+def _config_args(argv: list[str]) -> list[tuple[list[int], str]]:
+    """The config files of a command line: (their arguments' positions in ``argv``, the path) for each ``-c FILE``,
+    ``--config FILE`` and ``--config=FILE``, in order."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            found.append(([i, i + 1], argv[i + 1]))
+        elif arg.startswith("--config="):
+            found.append(([i], arg.split("=", 1)[1]))
+    return found
+
+
+def _read_config(path: str) -> object:
+    """The YAML document of the config file ``path``, None where it cannot be read (not there: the parser's to say);
+    InputError naming it where it is not UTF-8 or not YAML."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    except UnicodeDecodeError as e:  # a 64-line traceback from the parser, naming no file
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at position {e.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.reader.ReaderError as e:  # a character YAML refuses: it has no line mark
+        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        raise InputError(f"{path}: not valid YAML: character {char} at position {e.position}: {e.reason}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise InputError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+
+
 def check_config_files(argv: list[str]) -> None:
     """Raise InputError naming the config file (``-c``/``--config``) that is not valid YAML: jsonargparse said
     "Problems parsing config: while parsing a flow sequence in "<unicode string>", line 2", over several lines and
     naming no file, so with two -c files it was not said which. Files that are not there are the parser's to say."""
-    import yaml
-
-    paths = [word for before, word in zip(argv, argv[1:]) if before in ("-c", "--config")]
-    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for path in paths:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError:
-            continue
-        except UnicodeDecodeError as e:  # a 64-line traceback from the parser, naming no file
-            raise InputError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at position {e.start})") from None
-        try:
-            yaml.safe_load(text)
-        except yaml.reader.ReaderError as e:  # a character YAML refuses: it has no line mark
-            char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
-            raise InputError(f"{path}: not valid YAML: character {char} at position {e.position}: {e.reason}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise InputError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    for _, path in _config_args(argv):
+        _read_config(path)
 
 
 def _subcommand_sections(path: str) -> set[str]:
     """The subcommands at the top level of the config file ``path`` (LightningCLI's root config form), if any."""
-    import yaml
-
     try:
-        config = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return set()  # not a readable config: the parser says so
+        config = _read_config(path)
+    except InputError:
+        return set()  # not a readable config: check_config_files says so
     return set(config) & set(SUBCOMMANDS) if isinstance(config, dict) else set()
 
 
