@@ -92,7 +92,9 @@ def _search_settings(beam_size: int, max_len: int, length_penalty: float) -> tup
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         try:
-            if isinstance(value, bool):  # an int to Python: True was a beam of 1, a stored max_len True one word
+            # a bool is an int to Python (True was a beam of 1, a stored max_len True one word), and a torch bool
+            # tensor an index
+            if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:
                 raise TypeError
             value = operator.index(value)
         except TypeError:

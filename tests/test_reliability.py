@@ -394,6 +394,9 @@ def test_whole_numbers_of_any_type_are_search_settings(tmp_path, tiny_ckpt):
     refused = [(dict(beam_size=2.5), "beam_size must be a whole number, got 2.5")]
     refused.append((dict(length_penalty="0.6"), "length_penalty must be a finite number, got '0.6'"))
     refused.append((dict(beam_size=True), "beam_size must be a whole number, got True"))
+    refused.append((dict(beam_size=torch.tensor(True)), r"beam_size must be a whole number, got tensor\(True\)"))
+    numpy_true = re.escape(f"beam_size must be a whole number, got {np.bool_(True)!r}")
+    refused.append((dict(beam_size=np.bool_(True)), numpy_true))
     for bad, message in refused:
         with pytest.raises(ValueError, match=message):
             Captioner.from_checkpoint(tiny_ckpt, **bad)
