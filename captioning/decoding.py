@@ -315,11 +315,11 @@ def _length_normalised(score: float, length: int, alpha: float) -> tuple[float, 
     """(final score, tie-break) of a hypothesis of ``length`` scored tokens: GNMT's score / ((5 + length) / 6) **
     alpha, and, where that quotient is not a normal float, its logarithm negated to rank such ones among themselves.
 
-    For a long caption and a large |alpha| the penalty overflowed (OverflowError) or fell to 0 (ZeroDivisionError)
-    once the search was done. The quotient is then taken in logs, -exp(ln(-score) - alpha ln((5 + length) / 6)),
-    and where it rounds to -0.0 or -inf (or a subnormal) alike for several hypotheses, the tie-break orders them
-    as exact arithmetic does; only past |alpha| ln((5 + length) / 6) ~ 1.8e308 does it fall back to row order. A
-    normal quotient has no tie-break: ties keep row order, as before."""
+    For a long caption and a large |alpha| the penalty overflowed (OverflowError), fell to 0 (ZeroDivisionError)
+    once the search was done, or became subnormal (a few bits of precision). The quotient is then taken in logs,
+    -exp(ln(-score) - alpha ln((5 + length) / 6)), and where it rounds to -0.0 or -inf (or a subnormal) alike for
+    several hypotheses, the tie-break orders them as exact arithmetic does; only past |alpha| ln((5 + length) / 6)
+    ~ 1.8e308 does it fall back to row order. A normal quotient has no tie-break: ties keep row order, as before."""
     if not alpha:
         return score, 0.0
     if score >= 0.0:  # a sum of log-probabilities is 0 only for a certain caption: the best, whatever its length
@@ -327,8 +327,12 @@ def _length_normalised(score: float, length: int, alpha: float) -> tuple[float, 
     base = (5.0 + length) / 6.0
     log_magnitude = math.log(-score) - alpha * math.log(base)  # ln|quotient|
     try:
-        quotient = score / base**alpha
-    except (OverflowError, ZeroDivisionError):  # the penalty past a float's range, either way: in logs
+        penalty = base**alpha
+    except OverflowError:
+        penalty = math.inf
+    if sys.float_info.min <= penalty < math.inf:
+        quotient = score / penalty
+    else:  # the penalty past a float's range either way, or subnormal (a few bits of precision left): in logs
         try:
             quotient = -math.exp(log_magnitude)
         except OverflowError:

@@ -135,7 +135,8 @@ def test_search_options_that_cannot_hold_are_refused(option, message):
 def test_a_length_penalty_past_a_floats_range_ranks_in_logs():
     """GNMT's ((5 + len) / 6) ** alpha raised OverflowError for alpha 1e308, and fell to 0 (ZeroDivisionError) for
     -2000, once the search was done. The quotient now rounds as a float would (-0.0, -inf), and hypotheses whose
-    quotients round alike are ranked by its logarithm: the order exact arithmetic gives."""
+    quotients round alike are ranked by its logarithm: the order exact arithmetic gives. A subnormal penalty is
+    taken in logs too."""
     from fractions import Fraction
 
     from captioning.decoding import _length_normalised
@@ -149,7 +150,10 @@ def test_a_length_penalty_past_a_floats_range_ranks_in_logs():
     # at 2000 and -2000 most round to -0.0 or -inf alike. Exact ties keep row order: (-0.6, 7), (-0.3, 1) at 1
     pairs = [(-3.0, 4), (-2.5, 9), (-40.0, 30), (-0.5, 2), (-7.25, 12), (-0.0, 5), (-0.6, 7), (-0.3, 1)]
     pairs += [(-600.0, 306), (-100.0, 304), (-5.0, 310), (-1e-3, 299)]
-    for alpha in (1, 2, -1, 180, 2000, -2000):
+    # at -257 the penalty of 100 and 101 tokens is a subnormal float (3e-321: a few bits), not an error, and the
+    # quotients of these two, normal floats, ranked the wrong way
+    pairs += [(-2.28e-12, 100), (-1.99518e-13, 101)]
+    for alpha in (1, 2, -1, 180, 2000, -2000, -257):
         exact = sorted(pairs, key=lambda p: Fraction(p[0]) / (Fraction(5 + p[1], 6) ** alpha), reverse=True)
         ours = sorted(pairs, key=lambda p: tuple(-x for x in _length_normalised(p[0], p[1], alpha)))
         assert ours == exact, alpha
