@@ -365,9 +365,11 @@ def sample(
     def choose(logp: torch.Tensor) -> torch.Tensor:
         # the best word at 0 before dividing: a tiny temperature then sends the others to -inf, not every word
         scaled = (logp - logp.amax(-1, keepdim=True)) / temperature  # (B,V)
-        if top_k > 0:
-            kth = scaled.topk(min(top_k, scaled.size(-1)), dim=-1).values[:, -1:]  # (B,1)
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if 0 < top_k < scaled.size(-1):
+            # exactly k words: a threshold at the k-th value kept every word tied with it (top_k 1 drew among ties)
+            kept = scaled.topk(top_k, dim=-1).indices  # (B,k)
+            outside = torch.ones_like(scaled, dtype=torch.bool).scatter_(1, kept, False)  # (B,V)
+            scaled = scaled.masked_fill(outside, float("-inf"))
         probs = scaled.softmax(-1)  # (B,V)
         if generator is not None and generator.device != probs.device:  # draw where the generator lives
             return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)

@@ -83,28 +83,31 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
+def _whole_number(name: str, value: object) -> int:
+    """``value`` as an int of at least 1, or ValueError naming ``name``: an int, a numpy or torch integer, an
+    integral float such as a stored 24.0 (2.5 failed only in the search's range()); no bool."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        # a bool is an int to Python (True was a beam of 1, a stored max_len True one word), and a torch bool
+        # tensor an index
+        if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
 def _search_settings(beam_size: int, max_len: int, length_penalty: float) -> tuple[int, int, float]:
     """The search settings as the beam search takes them, or ValueError: ``beam_size`` and ``max_len`` whole
-    numbers of at least 1 (an int, a numpy or torch integer, an integral float such as a stored 24.0; 2.5 failed
-    only in the search's range()), ``length_penalty`` a finite real number."""
-    whole = []
-    for name, value in (("beam_size", beam_size), ("max_len", max_len)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        try:
-            # a bool is an int to Python (True was a beam of 1, a stored max_len True one word), and a torch bool
-            # tensor an index
-            if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:
-                raise TypeError
-            value = operator.index(value)
-        except TypeError:
-            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-        whole.append(value)
+    numbers of at least 1 (:func:`_whole_number`), ``length_penalty`` a finite real number."""
+    beam_size, max_len = _whole_number("beam_size", beam_size), _whole_number("max_len", max_len)
     if not length_penalty_ok(length_penalty):
         raise ValueError(f"length_penalty must be {LENGTH_PENALTY_RANGE}, got {length_penalty!r}")
-    return whole[0], whole[1], float(length_penalty)
+    return beam_size, max_len, float(length_penalty)
 
 
 class Captioner:
@@ -221,8 +224,7 @@ class Captioner:
         activations at once). Paths are read only when their batch comes."""
         if isinstance(images, (str, os.PathLike, Image.Image)):  # a str would be captioned letter by letter
             raise TypeError(f"caption_batch takes a list of images, got one {type(images).__name__}: use caption()")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        batch_size = _whole_number("batch_size", batch_size)  # 2.0 failed in range(), True was a batch of 1
         beam_size = self.beam_size if beam_size is None else beam_size
         beam_size, _, _ = _search_settings(beam_size, self.max_len, self.length_penalty)
         out = []

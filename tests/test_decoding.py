@@ -312,6 +312,10 @@ def test_no_images_give_no_results_in_every_search():
     assert sample(dec, feats, max_len=5) == []
 
 
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def test_sampling_is_seeded_and_top1_is_greedy():
     from captioning.decoding import sample
 
@@ -321,6 +325,15 @@ def test_sampling_is_seeded_and_top1_is_greedy():
     assert [h.tokens for h in a] == [h.tokens for h in b]
     top1 = sample(dec, feats, max_len=8, top_k=1)
     assert [h.tokens for h in top1] == [h.tokens for h in greedy(dec, feats, max_len=8)]
+    # top_k keeps exactly k words where several tie at the k-th value (it kept them all: top_k 1 drew among ties)
+    logits = torch.full((9,), -10.0)
+    logits[4:7] = 0.0  # words 4, 5, 6 tie
+    tied, feats = _Scripted(logits), torch.randn(1, 4, 3)
+    for k in (1, 2):
+        words = {
+            w for seed in range(30) for w in sample(tied, feats, max_len=6, top_k=k, generator=_seeded(seed))[0].tokens
+        }
+        assert len(words) == k and words <= {4, 5, 6}, (k, words)
 
 
 def test_hypotheses_own_their_attention_rather_than_viewing_the_batch():

@@ -391,6 +391,14 @@ def test_whole_numbers_of_any_type_are_search_settings(tmp_path, tiny_ckpt):
     assert type(captioner.beam_size) is int and type(captioner.max_len) is int
     image = Image.new("RGB", (64, 64))
     assert captioner.caption(image, beam_size=torch.tensor(1)).tokens == captioner.caption(image, beam_size=1).tokens
+    # caption_batch's batch_size likewise: 2.0 failed inside range(), True was a batch of 1
+    three = [image, Image.new("RGB", (64, 64), "white"), image]
+    assert [c.tokens for c in captioner.caption_batch(three, batch_size=2.0)] == [
+        c.tokens for c in captioner.caption_batch(three, batch_size=np.int64(2))
+    ]
+    for bad, message in [(True, "a whole number, got True"), (0, "at least 1, got 0"), ("2", "a whole number")]:
+        with pytest.raises(ValueError, match=f"^batch_size must be {message}"):
+            captioner.caption_batch(three, batch_size=bad)
     refused = [(dict(beam_size=2.5), "beam_size must be a whole number, got 2.5")]
     refused.append((dict(length_penalty="0.6"), "length_penalty must be a finite number, got '0.6'"))
     refused.append((dict(beam_size=True), "beam_size must be a whole number, got True"))
