@@ -77,9 +77,11 @@ def detokenize(tokens: Sequence[str]) -> str:
     halves of a word the tokeniser splits ("gon" "na", "'t" "is", "y'" "all") written as that word, a word
     the tokeniser keeps whole only in capitals ("b&w") written in capitals.
 
-    ``tokenize(detokenize(t)) == t`` for what ``tokenize`` returns, so scoring the display text of a caption
-    scores its tokens. A model's free output need not be such a sequence ("#" then "n't" reads back as "#n",
-    "t"): scoring always takes the text, as coco-caption does, so it scores what a reader sees."""
+    ``tokenize(detokenize(t)) == t`` for what ``tokenize`` returns from words, numbers, clitics and commas, so
+    scoring the display text of a caption scores its tokens; not always around the tokens the lexer makes of
+    brackets, quote marks and emoticons ("-lrb-", "``", "=-rrb-" for "=)"), which captions hardly hold. A model's
+    free output need not be such a sequence ("#" then "n't" reads back as "#n", "t"): scoring always takes the
+    text, as coco-caption does, so it scores what a reader sees."""
     out: list[str] = []
     onto_next = False  # the last token is written onto this one
     for i, tok in enumerate(tokens):
