@@ -5,7 +5,8 @@
   on a GPU are mapped to wherever they are loaded (the CPU by default).
 - Writing: to a temporary file in the same folder, flushed to disk, then renamed over the target
   (``os.replace`` is atomic), so a crash during a save leaves the previous checkpoint intact; the
-  file gets the permissions ``open()`` would give it (or the replaced file's).
+  file gets the permissions ``open()`` would give it (or the replaced file's). A killed save's temporary
+  file is removed by the next save of the same file.
 
 Inference uses these directly (without importing Lightning); training uses them through
 :class:`captioning.cli.SafeCheckpointIO` (resume, validate, test).
@@ -13,14 +14,16 @@ Inference uses these directly (without importing Lightning); training uses them 
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from captioning.data.tempfiles import locked_temp, remove_orphans
 from captioning.errors import InputError
 
 
@@ -88,18 +91,28 @@ def _umask() -> int:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Save ``obj`` so that ``path`` holds either the old file or the complete new one, never a mix."""
+    """Save ``obj`` so that ``path`` holds either the old file or the complete new one, never a mix.
+
+    The temporary file (``.{name}.tmp.{random}`` beside it) is locked while it is written, so that the temporaries
+    of killed saves (checkpoint-sized: hundreds of MB on COCO) are removed by the next save of ``path``, and a live
+    writer's never. An OSError that names no file (a full disk) is raised naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = _new_file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}.tmp."
+    removed = remove_orphans(path.parent, glob.escape(prefix) + "*")
+    removed += remove_orphans(path.parent, f".{glob.escape(path.name)}.*.tmp")  # mkstemp's, before the locks
+    for orphan in removed:
+        print(f"removed {orphan}, left by a checkpoint save that was killed", file=sys.stderr)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with locked_temp(path.parent, prefix) as tmp:
+            os.chmod(tmp, mode)
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, f"{e.strerror}: checkpoint not written, the file there is kept", str(path)) from e

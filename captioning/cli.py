@@ -40,7 +40,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from captioning.checkpoint_io import CheckpointError, atomic_torch_save, load_weights_only
 from captioning.data.datamodule import CaptionDataModule
-from captioning.errors import InputError
+from captioning.errors import InputError, NonFiniteLossError
 from captioning.lit_module import FIT_END_EPOCH, FIT_END_STEP, SIGTERM_EXIT, CaptionModule, check_model_options
 from captioning.options import check_ranges
 
@@ -365,15 +365,31 @@ def _csv_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
 def _keep_metrics_before(logger: CSVLogger, step: int) -> None:
     """Lightning's CSV writer deletes the ``metrics.csv`` it finds in its folder: a resumed run keeps the rows
     of the steps before its checkpoint and appends its own after them (the rows of later steps are the
-    interrupted part of the run, which it logs again)."""
+    interrupted part of the run, which it logs again).
+
+    The kept rows are written back at once, and the file is moved aside (``metrics.resume.csv``) until they are:
+    the writer held them in memory until its first save, after the data set-up (an image scan, a feature cache
+    build), and a run stopped before that lost every row of the run."""
     path = Path(logger.log_dir) / "metrics.csv"
+    aside = _resume_rows_file(path)
+    if aside.is_file():  # a resume stopped before it wrote the rows back: the file as it was before that resume
+        os.replace(aside, path)
     _recover_fit_rows(path)
     rows = [r for r in _csv_rows(path)[0] if (r.get("step") or "").isdecimal() and int(r["step"]) < step]
+    if path.is_file():
+        os.replace(path, aside)  # so the writer deletes nothing
     with warnings.catch_warnings():  # "Previous log files in this directory will be deleted": not so here
         warnings.filterwarnings("ignore", message="Experiment logs directory")
-        writer = logger.experiment  # opening the writer deletes the file; the rows go back in first
+        writer = logger.experiment
     for row in rows:
         writer.log_metrics({k: v for k, v in row.items() if k not in ("step", None) and v != ""}, int(row["step"]))
+    writer.save()
+    aside.unlink(missing_ok=True)
+
+
+def _resume_rows_file(path: Path) -> Path:
+    """Where a resumed run's ``metrics.csv`` (``path``) waits until the rows it keeps are written back."""
+    return path.with_name("metrics.resume.csv")
 
 
 #: model options set from the data module (see ``add_arguments_to_parser``): what the data says wins over
@@ -624,7 +640,7 @@ def main(args: list[str] | None = None) -> CaptionCLI:
                 for name in SUBCOMMANDS
             },
         )
-    except (InputError, MisconfigurationException) as e:  # what a user gave, named with its cause: one line
+    except (InputError, MisconfigurationException, NonFiniteLossError) as e:  # named with its cause: one line
         sys.exit(_error_line(type(e), str(e)))
     except SIGTERMException:  # one process (Lightning's own exit status: 0), or rank 0 of plain ddp (143)
         _stopped_by_sigterm()
@@ -693,6 +709,11 @@ def _error_line(cls: type[BaseException], message: str) -> str | None:
         return f"error: {message}"
     if issubclass(cls, MisconfigurationException):
         return f"error: trainer: {message}"
+    if issubclass(cls, NonFiniteLossError):
+        return (
+            f"error: {message}: the run stopped, its checkpoints are from before that step (resume one with a lower "
+            "model.lr or trainer.gradient_clip_val, or another seed)"
+        )
     return None
 
 

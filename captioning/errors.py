@@ -23,3 +23,9 @@ class InputIsADirectoryError(InputError, IsADirectoryError):
 class InputUnavailableError(InputError, OSError):
     """Something a user named could not be fetched (torchvision weights offline); the message names it, where from,
     and what to do instead."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped on a loss that is NaN or infinite; the message names the step. Not a user's input, but
+    ``train.py`` prints it as one line too: the step and what to do say all there is (a traceback through
+    Lightning's loops adds nothing)."""

@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from captioning.checkpoint_io import CheckpointError, load_weights_only
 from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from captioning.decoding import beam_search
-from captioning.errors import InputError
+from captioning.errors import InputError, NonFiniteLossError
 from captioning.metrics import score_captions, shapes_scores
 from captioning.models.encoders import load_encoder_weights
 from captioning.models.net import CaptionNet, ignored_options
@@ -336,6 +337,26 @@ def _results_id(image_id: str) -> int | str:
 
     ``isdecimal``, not ``isdigit``: superscripts such as "²" are digits that ``int`` refuses."""
     return int(image_id) if image_id.isdecimal() and str(int(image_id)) == image_id else image_id
+
+
+def _rank_items_done(resume: dict, batches_done: int, batch_size: int, world_size: int, source: str) -> int:
+    """The items of its epoch's order this rank skips on a resume of ``batches_done`` batches: the interrupted run's
+    items (all ranks) shared out among this run's ``world_size`` ranks, so that a resume with another batch size
+    or number of processes goes on where the run stopped (it counted this run's batches of this run's size, and
+    retrained or skipped images); a checkpoint from before ``items_done`` was stored counts this run's batches.
+    CheckpointError where the ranks cannot share the items evenly (the epoch's order would come apart)."""
+    if not batches_done:
+        return 0
+    items = resume.get("items_done")
+    if items is None:
+        return batches_done * batch_size
+    if items % world_size:
+        raise CheckpointError(
+            f"{source}: written {items} training items into epoch {resume['epoch']}, which {world_size} "
+            f"processes cannot share evenly; resume it with a number of processes that divides {items}, or "
+            "resume from a checkpoint written at an epoch's end"
+        )
+    return items // world_size
 
 
 def _resume_after_epoch_end(checkpoint: dict, max_steps: bool) -> bool:
@@ -872,7 +893,7 @@ class CaptionModule(pl.LightningModule):
         stop at the same step."""
         if loss.device.type not in self._DEFERRED_LOSS_CHECK:
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}")
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {self.global_step}")
             return
         if loss.device.type == "cuda":
             host = torch.empty((), dtype=loss.dtype, pin_memory=True)
@@ -892,7 +913,7 @@ class CaptionModule(pl.LightningModule):
             ready.synchronize()  # the copy has landed (waits for the GPU only up to the step that made it)
         value = float(host)
         if not math.isfinite(value):
-            raise FloatingPointError(f"loss is {value} at step {step}")
+            raise NonFiniteLossError(f"loss is {value} at step {step}")
 
     def on_validation_start(self) -> None:
         self._raise_if_loss_not_finite()
@@ -933,7 +954,7 @@ class CaptionModule(pl.LightningModule):
             _, _, non_finite = self._global_sums(torch.zeros(3, device=zero.device))  # words, captions, non-finite
             if non_finite > 0:
                 # another rank's loss is not finite: it stops, so this rank must too (see loss())
-                raise FloatingPointError(f"loss is nan at step {self.global_step} (on another rank)")
+                raise NonFiniteLossError(f"loss is nan at step {self.global_step} (on another rank)")
             self.log("train/loss", zero, prog_bar=True, batch_size=1, sync_dist=True)
             self.log("train/ce", zero, batch_size=1, sync_dist=True)
             return zero
@@ -1097,8 +1118,20 @@ class CaptionModule(pl.LightningModule):
             # trained on the rest of that epoch's order, the loader's workers having drawn it before set_epoch.
             # Said to the sampler even where the epoch number stays (a closed epoch's): its workers draw at once
             epoch, batches_done = (epoch if epoch_closed else epoch + 1), 0
-        if (batches_done or after_last_batch or "data_seed" in resume) and self.trainer.datamodule is not None:
-            self.trainer.datamodule.resume_at(epoch, batches_done, resume.get("data_seed"))
+        dm = self.trainer.datamodule
+        if (batches_done or after_last_batch or "data_seed" in resume) and dm is not None:
+            source = getattr(self.trainer, "ckpt_path", None) or "the checkpoint"
+            items = _rank_items_done(resume, batches_done, dm.batch_size, self.trainer.world_size, source)
+            dm.resume_at(epoch, items, resume.get("data_seed"))
+            progress = loop.get("epoch_loop.batch_progress", {}).get("current")
+            if items != batches_done * dm.batch_size and progress:
+                # another batch size or number of processes: the epoch's batches done, in this run's batches. Lightning
+                # ends an epoch when its count reaches the loader's length, which the old count could reach with
+                # items left (2 processes where there was 1: half the epoch's rest was never trained)
+                for key in ("ready", "started", "processed", "completed"):
+                    progress[key] = items // dm.batch_size
+            # Lightning's "your dataloader is not resumable ... unreliable results": it is, through resume_at
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def _check_matches(self, meta: dict, source: str | None = None, free: tuple[str, ...] = ()) -> None:
         """Refuse a checkpoint whose vocabulary, architecture or image preprocessing differs from this
@@ -1251,7 +1284,7 @@ class CaptionModule(pl.LightningModule):
             k for k, v in checkpoint.get("state_dict", {}).items() if v.is_floating_point() and not v.isfinite().all()
         ]
         if bad:
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"weights are not finite at step {self.global_step} ({', '.join(bad[:3])}"
                 f"{', ...' if len(bad) > 3 else ''}): checkpoint not written, the one on disk is kept"
             )
@@ -1266,11 +1299,11 @@ class CaptionModule(pl.LightningModule):
                 rng = {"torch": torch.get_rng_state(), "python": [state[0], list(state[1]), state[2]]}
                 if self.device.type == "cuda":
                     rng["cuda"] = torch.cuda.get_rng_state(self.device)
-            checkpoint["resume"] = {
-                "epoch": int(self.current_epoch),
-                "batches_done": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed),
-                "rng": rng,
-            }
+            batches_done = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            checkpoint["resume"] = {"epoch": int(self.current_epoch), "batches_done": batches_done, "rng": rng}
+            batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+            if isinstance(batch_size, int):  # the epoch's items all ranks took, whatever a resume's batch or ranks
+                checkpoint["resume"]["items_done"] = batches_done * batch_size * self.trainer.world_size
             data_seed = getattr(self.trainer.datamodule, "data_seed", None)
             if data_seed is not None:  # the epoch's order: a resume goes on in it, whatever its own seed
                 checkpoint["resume"]["data_seed"] = int(data_seed)

@@ -454,7 +454,7 @@ def _resumed_epochs(resume: tuple[int, int], first_epoch: int) -> list[list[tupl
 
     dm = CaptionDataModule(batch_size=2)
     dm.train_sampler = EpochSampler(10, seed=0)
-    dm.resume_at(*resume)  # (epoch, batches done), as on_load_checkpoint calls it, before the loader is made
+    dm.resume_at(*resume)  # (epoch, items done), as on_load_checkpoint calls it, before the loader is made
     loader = DataLoader(
         _Echo(),
         batch_size=2,
@@ -486,8 +486,8 @@ def test_a_checkpoints_seed_read_after_the_loader_was_made_is_taken_by_its_order
 
     theirs, ours = made(7), made(0)
     ours.window_counts(range(2))  # counted (and kept) under this run's seed
-    ours.resume_at(0, 2, seed=7)
-    theirs.resume_at(0, 2)
+    ours.resume_at(0, 4, seed=7)
+    theirs.resume_at(0, 4)
     assert ours.data_seed == theirs.data_seed == 7
     assert list(ours.train_sampler) == list(theirs.train_sampler)
     assert [ours._train_set._chosen(i, 0) for i in range(12)] == [theirs._train_set._chosen(i, 0) for i in range(12)]
@@ -507,9 +507,9 @@ def test_a_resumed_loader_with_workers_continues_where_the_checkpoint_stopped():
     was made, before set_epoch gave the sampler the checkpoint's epoch and position, so that epoch was trained
     from epoch 0's start and the skip fell on the next epoch."""
     # mid-epoch: epoch 1 after its first 2 batches of 2 items, then epoch 2 whole
-    assert _resumed_epochs((1, 2), first_epoch=1) == [_order(1)[4:], _order(2)]
+    assert _resumed_epochs((1, 4), first_epoch=1) == [_order(1)[4:], _order(2)]
     # written at epoch 1's end (all 5 batches done): Lightning goes on with epoch 2, whole
-    assert _resumed_epochs((1, 5), first_epoch=2) == [_order(2), _order(3)]
+    assert _resumed_epochs((1, 10), first_epoch=2) == [_order(2), _order(3)]
 
 
 @pytest.mark.parametrize("max_steps", [-1, 9])
@@ -579,3 +579,75 @@ def test_a_resume_puts_back_the_fit_rows_a_stopped_spawned_test_had_moved_aside(
     assert [(r["step"], r["train/loss"]) for r in rows] == [(str(s), str(s / 10)) for s in range(4)]
     assert not (run / "metrics.fit.csv").exists()
     assert "the fit's rows put back from metrics.fit.csv" in capsys.readouterr().err
+
+
+def test_a_resume_writes_the_kept_rows_back_at_once_and_one_stopped_before_that_loses_none(tmp_path):
+    """A resumed run's writer deleted metrics.csv as it opened and held the kept rows in memory until its first
+    save, after the data set-up: a review's resume killed in setup left no metrics.csv, and the next resume kept
+    nothing of steps 0-7. Now the rows are on disk when the run goes on, and the file waits aside until they are."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    from captioning.cli import _keep_metrics_before
+
+    def logger() -> CSVLogger:
+        return CSVLogger(tmp_path, name="tiny", version=0)
+
+    run = Path(logger().log_dir)
+    run.mkdir(parents=True)
+    whole = "epoch,step,train/loss\n" + "".join(f"0,{s},{s / 10}\n" for s in range(10))
+    (run / "metrics.csv").write_text(whole)
+    _keep_metrics_before(logger(), 6)  # then the run is killed: its writer never saves
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["step"] for r in rows] == [str(s) for s in range(6)]
+    assert not (run / "metrics.resume.csv").exists()
+    # killed between moving the file aside and writing the rows back: the next resume starts from the file aside
+    (run / "metrics.resume.csv").write_text(whole)
+    (run / "metrics.csv").write_text("epoch,step,train/loss\n0,0,0.0\n")  # a partial write-back
+    _keep_metrics_before(logger(), 8)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(str(s), str(s / 10)) for s in range(8)]
+    assert not (run / "metrics.resume.csv").exists()
+
+
+def test_a_mid_epoch_resume_with_another_batch_size_or_process_count_trains_each_image_once():
+    """A resume skipped its own batches of its own size: a run stopped after 3 batches of 2 and resumed with batches
+    of 4 skipped 12 items, not 6 (a review's: 8 images of an epoch twice; with 2 processes instead of 1, 16 never).
+    It now goes on after the items the interrupted run took, shared out among this run's processes."""
+    from captioning.checkpoint_io import CheckpointError
+    from captioning.data.datamodule import EpochSampler
+    from captioning.lit_module import _rank_items_done
+
+    resume = {"epoch": 1, "batches_done": 3, "items_done": 6}  # one process, batches of 2
+    for world, batch in [(1, 4), (2, 3), (3, 1), (1, 2)]:
+        items = _rank_items_done(resume, 3, batch, world, "x.ckpt")
+        taken = []
+        for rank in range(world):
+            sampler = EpochSampler(10, seed=0, num_replicas=world, rank=rank)
+            sampler.resume_at(1, items)
+            sampler.set_epoch(1)
+            taken += [i for i, _ in sampler]
+        padded = EpochSampler(10, seed=0, num_replicas=world).order(1)
+        assert sorted(taken) == sorted(padded[6:]), (world, batch)  # the rest of the epoch's order, each once
+    with pytest.raises(CheckpointError, match="x.ckpt: written 6 training items into epoch 1, which 4 processes"):
+        _rank_items_done(resume, 3, 2, 4, "x.ckpt")
+    # a checkpoint from before items_done was stored: this run's batches, as before
+    assert _rank_items_done({"epoch": 1, "batches_done": 3}, 3, 4, 1, "x.ckpt") == 12
+    assert _rank_items_done(resume, 0, 4, 3, "x.ckpt") == 0  # at an epoch's start: nothing to skip
+
+
+def test_a_run_resumed_mid_epoch_with_a_larger_batch_trains_the_rest_of_that_epoch(tmp_path):
+    """Stopped after 2 batches of 8 of epoch 1 (48 images), resumed with batches of 16: it skipped 2 batches of 16,
+    so 16 of the epoch's images were never trained in it. Each image once, now."""
+    import json
+
+    record = ["--trainer.callbacks+=record_images.RecordImages"]
+    term = ["--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step=8"]
+    proc = _fit(tmp_path, *record, *term, "--trainer.callbacks.signal_name=SIGTERM")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    proc = _fit(tmp_path, *record, "--ckpt_path", "last", "--data.batch_size", "16", "--trainer.max_steps", "10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dataloader is not resumable" not in proc.stderr  # Lightning's warning: it is, through resume_at
+    batches = [json.loads(line) for line in (tmp_path / "images.jsonl").read_text().splitlines()]
+    epochs = [[h for b in batches if b["epoch"] == e for h in b["images"]] for e in (0, 1)]
+    assert len(epochs[0]) == len(set(epochs[0])) == 48
+    assert sorted(epochs[1]) == sorted(epochs[0])  # the same images, each once

@@ -369,10 +369,10 @@ class CaptionDataModule(pl.LightningDataModule):
         """Records of ``split`` ("train", "val" or "test"), in loader order."""
         return self._load()[split]
 
-    def resume_at(self, epoch: int, batches_done: int, seed: int | None = None) -> None:
-        """Start the training data of ``epoch`` after its first ``batches_done`` batches (of each rank), in the
+    def resume_at(self, epoch: int, items_done: int, seed: int | None = None) -> None:
+        """Start the training data of ``epoch`` after its first ``items_done`` items of this rank's shard, in the
         order and caption draws of ``seed`` (the interrupted run's, from its checkpoint; None: this run's)."""
-        self._resume = (epoch, batches_done * self.batch_size)
+        self._resume = (epoch, items_done)
         if seed is not None and seed != self.data_seed:
             self.data_seed = seed
             if self._train_set is not None:  # a training loader made before the checkpoint was read
