@@ -635,6 +635,7 @@ class CaptionModule(pl.LightningModule):
         ignored = [f"model.{k} ({hp[k]!r})" for k in ignored_options(decoder) if hp[k] != _ARCH_DEFAULTS[k]]
         if ignored:
             rank_zero_warn(f"the {decoder} decoder ignores {', '.join(ignored)}: options of the other decoder")
+        self._skipped_images = 0  # images of this epoch the loader could not read, on this rank (training_step)
         self.vocab = Vocabulary(vocab)
         self.arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items() if k in _ARCH_KEYS}
         self.net = CaptionNet(len(self.vocab), **self.arch)
@@ -933,18 +934,7 @@ class CaptionModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         self._raise_if_loss_not_finite()  # the step before's, where it is read one step late
         inputs, tokens, skipped = batch if len(batch) == 3 else (*batch, 0)
-        # every rank, every step (0 when none), synced: the epoch's count is the sum over steps and ranks (logged
-        # only where images were skipped, and unsynced, it showed rank 0's count alone under DDP). A fill on the
-        # device, not a float, which Lightning would copy from the host, waiting for the GPU at every step
-        self.log(
-            "train/skipped_images",
-            torch.full((), float(skipped), device=self.device),
-            reduce_fx="sum",
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=1,
-        )
+        self._skipped_images += int(skipped)  # a count from the loader (no device sync); logged at the epoch's end
         if inputs.size(0) == 0:
             # every image of this batch failed to load: a zero loss that still touches every parameter
             # (DDP's gradient all-reduce), and the same collectives as loss() and the logs below, which
@@ -1107,6 +1097,7 @@ class CaptionModule(pl.LightningModule):
         if not resume or self._trainer is None or self.trainer.state.fn != "fit":
             return
         self._pending_rng = resume["rng"]
+        self._restored_skipped = (resume["epoch"], int(resume.get("skipped_images", 0)))
         ranks = resume.get("rng_ranks")
         if ranks and len(ranks) == self.trainer.world_size:  # the same number of processes: each its own
             self._pending_rng = ranks[self.trainer.global_rank]
@@ -1244,6 +1235,20 @@ class CaptionModule(pl.LightningModule):
             f"window had summed so far. Make trainer.val_check_interval {fix} for exact resumes"
         )
 
+    def on_train_epoch_start(self) -> None:
+        # images the loader could not read this epoch, on this rank; a resumed epoch starts from the checkpoint's
+        # count (all ranks', given to rank 0), so the epoch logs what an uninterrupted one does
+        restored, self._restored_skipped = getattr(self, "_restored_skipped", None), None
+        same_epoch = restored is not None and restored[0] == self.current_epoch and self.global_rank == 0
+        self._skipped_images = restored[1] if same_epoch else 0
+
+    def on_train_epoch_end(self) -> None:
+        # summed over the ranks (every rank logs, 0 when none: the all-reduce needs all of them). Counted per step
+        # and logged with on_epoch, it was lost for an epoch resumed mid-way (Lightning keeps no partial epoch sums
+        # in checkpoints), or whole where a SIGTERM came in the validation at the epoch's end
+        total = torch.full((), float(self._skipped_images), device=self.device)
+        self.log("train/skipped_images", total, reduce_fx="sum", sync_dist=True)
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         encoder = self.net.encoder
         if not encoder.freeze and encoder.training != self.training:
@@ -1307,13 +1312,16 @@ class CaptionModule(pl.LightningModule):
             data_seed = getattr(self.trainer.datamodule, "data_seed", None)
             if data_seed is not None:  # the epoch's order: a resume goes on in it, whatever its own seed
                 checkpoint["resume"]["data_seed"] = int(data_seed)
+            skipped = self._skipped_images  # this epoch's so far
             if self._distributed():
                 # each rank's own: the ranks' captions differ in length, so their dropout draws and RNG states
                 # part; a resume that gave every rank rank 0's state changed rank 1's dropout. Every rank
                 # writes a checkpoint's contents (only rank 0 saves them), so all of them are here.
                 ranks: list = [None] * torch.distributed.get_world_size()
-                torch.distributed.all_gather_object(ranks, checkpoint["resume"]["rng"])
-                checkpoint["resume"]["rng_ranks"] = ranks
+                torch.distributed.all_gather_object(ranks, (checkpoint["resume"]["rng"], skipped))
+                checkpoint["resume"]["rng_ranks"] = [rng for rng, _ in ranks]
+                skipped = sum(count for _, count in ranks)
+            checkpoint["resume"]["skipped_images"] = skipped
         checkpoint["captioning"] = {
             "format": CHECKPOINT_FORMAT,
             "vocab": list(self.vocab.tokens),

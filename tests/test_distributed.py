@@ -172,8 +172,9 @@ def _rank_with_an_empty_batch(rank: int, port: int, out: dict) -> None:
 
     def log(name, value, sync_dist=False, **kw):  # Lightning's sync_dist=True is an all-reduce per value
         if sync_dist:
-            torch.distributed.all_reduce(torch.as_tensor(value).detach().clone())
-            logged[name] = value
+            value = torch.as_tensor(value).detach().clone()
+            torch.distributed.all_reduce(value)  # a sum (Lightning divides by the ranks for a mean)
+            logged[name] = float(value)
 
     m.log = log
     tokens = torch.tensor([[[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]]]).repeat(2, 1, 1)  # (2 images, 2 captions, L)
@@ -182,7 +183,9 @@ def _rank_with_an_empty_batch(rank: int, port: int, out: dict) -> None:
     else:
         loss = m.training_step((torch.randn(2, 3, 64, 64), tokens, 0), 0)
     loss.backward()  # a zero loss that touches every weight: DDP's gradient all-reduce sees all of them
-    out[rank] = (float(loss), sorted(logged), all(p.grad is not None for p in m.parameters() if p.requires_grad))
+    m.on_train_epoch_end()  # the epoch's count of images the loader could not read, summed over the ranks
+    grads = all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    out[rank] = (float(loss), sorted(logged), grads, logged["train/skipped_images"])
     torch.distributed.destroy_process_group()
 
 
@@ -190,10 +193,11 @@ def test_a_rank_whose_batch_lost_every_image_stays_in_step_with_the_others():
     """A rank with an empty batch still joins the word/caption counts and the synced logs; before, it
     skipped them and the other rank waited in its all-reduce until the timeout."""
     out = _on_two_ranks(_rank_with_an_empty_batch)
-    (loss0, logs0, grads0), (loss1, logs1, grads1) = out[0], out[1]
+    (loss0, logs0, grads0, skipped0), (loss1, logs1, grads1, skipped1) = out[0], out[1]
     assert loss1 == 0.0 and loss0 > 0.0
     # the skipped-image count too: logged by rank 1 alone, and unsynced, it was rank 0's count under DDP
     assert logs0 == logs1 == ["train/ce", "train/loss", "train/skipped_images"]
+    assert skipped0 == skipped1 == 2.0  # rank 1's 2 unreadable images, on both ranks
     assert grads0 and grads1
 
 

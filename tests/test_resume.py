@@ -149,6 +149,13 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     assert not (tmp_path / "runs" / "tiny" / "version_1").exists()
 
 
+def _epoch_rows(folder: Path) -> list[tuple[str, str, str]]:
+    """(epoch, step, count) of each epoch's row of images the loader could not read."""
+    with open(folder / "runs" / "tiny" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [(r["epoch"], r["step"], r["train/skipped_images"]) for r in rows if r.get("train/skipped_images")]
+
+
 def _validations_and_losses(folder: Path) -> tuple[list, dict]:
     """(epoch, step, CIDEr-D) of each validation logged, in order; the loss of each step."""
     run = folder / "runs" / "tiny" / "version_0"
@@ -188,6 +195,8 @@ def test_a_run_stopped_during_a_validation_runs_that_validation_again_when_resum
     (val, losses), (val_stopped, losses_stopped) = _validations_and_losses(whole), _validations_and_losses(stopped)
     assert [epoch for epoch, _, _ in val] == ["0", "1", "2"] and val_stopped == val
     assert losses_stopped == losses
+    # the epochs' own training rows too (images the loader could not read): the stopped epoch's was lost
+    assert _epoch_rows(stopped) == _epoch_rows(whole) and len(_epoch_rows(whole)) == 3
     if step != 18:
         return
     best = [torch.load(f / "runs/tiny/version_0/checkpoints/best.ckpt", weights_only=False) for f in (whole, stopped)]
