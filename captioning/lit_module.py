@@ -30,7 +30,7 @@ from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from captioning.decoding import beam_search
 from captioning.errors import InputError, NonFiniteLossError
 from captioning.metrics import score_captions, shapes_scores
-from captioning.models.encoders import load_encoder_weights
+from captioning.models.encoders import ENCODERS, load_encoder_weights
 from captioning.models.net import CaptionNet, ignored_options
 from captioning.options import LENGTH_PENALTY_RANGE, check_ranges, length_penalty_ok
 from captioning.vocab import Vocabulary, detokenize
@@ -70,6 +70,15 @@ def check_model_options(options: dict[str, object]) -> None:
     decoder, max_len = o["decoder"], o["max_len"]
     if compile_mode not in COMPILE_MODES:
         raise InputError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+    # names: a typo here stopped a COCO run only after its data scan, in words that named no option ("encoder arch
+    # must be ..."), and an unknown decoder first warned that it ignores the LSTM's options
+    for option, value, names in (
+        ("decoder", decoder, ("lstm", "transformer")),
+        ("encoder", encoder, ENCODERS),
+        ("attention", o["attention"], ("additive", "dot")),
+    ):
+        if value not in names:
+            raise InputError(f"model.{option} must be one of {', '.join(names)}, got {value!r}")
     if init_weights and encoder_weights:
         raise InputError(
             f"model.init_weights ({init_weights}) and model.encoder_weights ({encoder_weights}) are both set: the "
@@ -114,6 +123,11 @@ def check_model_options(options: dict[str, object]) -> None:
             "ResNet's grid; small_cnn has none of either (its grid is the image size / 8; model.encoder_channels "
             "sets its widths): leave them at 4 and null (--model.encoder_stage 4 --model.encoder_grid null, also "
             "for a checkpoint that was trained with them, which they never changed), or choose a ResNet encoder"
+        )
+    if decoder == "transformer" and hidden_dim % num_heads:
+        raise InputError(
+            f"model.hidden_dim ({hidden_dim}), the transformer's width, is not divisible by model.num_heads "
+            f"({num_heads})"
         )
     if decoder == "transformer" and max_decode_len > max_len:
         # the search feeds word t at position t: past the position table it would stop the first

@@ -310,12 +310,20 @@ def test_flickr8k_native_files_read_with_the_recipes_image_root(tmp_path, monkey
          "error: nothere/dataset_coco.json: Karpathy JSON not found (where to get it"),
         (["--data.batch_size", "0"], "error: data.batch_size must be >= 1, got 0"),
         (["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.decoder", "gru"],
-         "error: decoder must be 'lstm' or 'transformer', got 'gru'"),
+         "error: model.decoder must be one of lstm, transformer, got 'gru'"),
         (["--ckpt_path", "weights.pt"], "error: weights.pt: not a training checkpoint (no Lightning state"),
         # a model option, before the data is read (the Karpathy JSON is not even looked for): the module is made
         # after the data, and a bad model.lr stopped a run only after a scan of every image
         (["--data.dataset", "karpathy", "--data.annotations", "nothere/dataset_coco.json", "--model.lr", "-1"],
          "error: model.lr must be > 0, got -1.0"),
+        # names and the transformer's heads too: they came after the data scan, in words naming no option
+        (["--data.dataset", "karpathy", "--data.annotations", "nothere/dataset_coco.json", "--model.encoder",
+          "resnet99"], "error: model.encoder must be one of small_cnn, resnet18, resnet34, resnet50, resnet101, "),
+        (["--data.dataset", "karpathy", "--data.annotations", "nothere/dataset_coco.json", "--model.attention",
+          "foo"], "error: model.attention must be one of additive, dot, got 'foo'"),
+        (["--data.dataset", "karpathy", "--data.annotations", "nothere/dataset_coco.json", "--model.decoder",
+          "transformer", "--model.hidden_dim", "32", "--model.num_heads", "5"],
+         "error: model.hidden_dim (32), the transformer's width, is not divisible by model.num_heads (5)"),
         # Lightning's own refusal (MisconfigurationException) was a 35-line traceback
         pytest.param(["--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.accelerator", "gpu"],
                      "error: trainer: No supported gpu backend found!",

@@ -34,6 +34,9 @@ _RESNET_STAGE_CHANNELS = {
     "resnet152": (256, 512, 1024, 2048),
 }
 
+#: the encoder names build_encoder takes
+ENCODERS = ("small_cnn", *_RESNET_STAGE_CHANNELS)
+
 
 class _Axis(NamedTuple):
     """One axis of a feature map: ``n`` cells whose windows are centred at ``offset + step * i`` input pixels
