@@ -513,16 +513,12 @@ def test_ranks_building_one_key_do_not_wait_for_another_runs_build_of_another_ke
             t.join(timeout=60)
         assert not any(t.is_alive() for t in ranks), "the ranks waited for the other run's build"
         assert not errors and caches[1].exists()
-        # the second run's clean-up left the first run's lock, held by its build
-        assert first.file.with_suffix(".lock").exists()
     finally:
         release.set()
         for t in [*ranks, other_run]:
             t.join()
-    # the first run's build ends after: its cache replaces the other key's, the same source's stale file, and
-    # the stale key's (empty) lock file goes with it (it was left behind, one more per rebuild)
+    # the first run's build ends after: its cache replaces the other key's, the same source's stale file
     assert not errors and first.exists() and not caches[1].exists()
-    assert sorted(p.name for p in folder.glob("*.lock")) == [first.file.with_suffix(".lock").name]
 
 
 def test_when_rank_0s_build_fails_the_other_ranks_stop_with_an_error_instead_of_waiting(

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from captioning.data.tempfiles import file_lock, locked_temp, remove_lock, remove_orphans, try_lock
+from captioning.data.tempfiles import locked_temp, remove_orphans
 
 from conftest import ROOT
 
@@ -72,36 +72,3 @@ def test_a_temp_folder_is_held_and_a_renamed_temp_is_not_removed(tmp_path):
         tmp.rename(tmp_path / "set")
     assert (tmp_path / "set" / "x.png").read_bytes() == b"png"
     assert [p.name for p in tmp_path.iterdir()] == ["set"]
-
-
-def test_a_lock_file_is_removed_only_when_free_and_a_waiter_then_locks_the_file_at_its_path(tmp_path):
-    """remove_lock deletes a lock file no process holds (a stale feature cache key's), keeps a held one; a process
-    that was waiting for the lock on the deleted file must not take that file's lock as the path's, or it and a
-    process locking the new file at the path would both hold "the" lock."""
-    import threading
-    import time
-
-    path = tmp_path / "x.lock"
-    held = try_lock(path)
-    assert held is not None and not remove_lock(path) and path.exists()  # held: kept
-    entered = threading.Event()
-
-    def waiter():
-        with file_lock(path):
-            entered.set()
-
-    t = threading.Thread(target=waiter)
-    t.start()
-    time.sleep(0.3)  # the waiter has the old file open and waits for its lock
-    path.unlink()  # what remove_lock does once it holds the lock
-    newer = try_lock(path)  # another process: a new file at the path, locked
-    assert newer is not None
-    os.close(held)  # the old file's lock is free: the waiter gets it, sees the file gone, waits for the new one
-    try:
-        assert not entered.wait(timeout=0.5), "the waiter held the deleted file's lock as the path's"
-    finally:
-        os.close(newer)
-    t.join(timeout=10)
-    assert entered.is_set()
-    assert remove_lock(path) and not path.exists()  # free: removed
-    assert not remove_lock(path)  # nothing there

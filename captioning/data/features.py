@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
 from captioning.data.records import real_paths
-from captioning.data.tempfiles import file_lock, locked_temp, remove_lock, remove_orphans, try_lock
+from captioning.data.tempfiles import file_lock, locked_temp, remove_orphans, try_lock
 from captioning.data.transforms import EvalTransform
 from captioning.errors import InputError
 from captioning.models.base import Encoder
@@ -202,12 +202,6 @@ class FeatureCache:
                 stale.unlink(missing_ok=True)
                 stale.with_suffix(".json").unlink(missing_ok=True)
                 print(f"feature cache: removed stale {stale}")
-        # and their lock files (empty), unless a run building that key holds one now
-        for stale in self.folder.glob(f"{glob.escape(self.name)}-*.lock"):
-            if stale != self.file.with_suffix(".lock") and re.fullmatch(
-                rf"{re.escape(self.name)}-[0-9a-f]{{16}}\.lock", stale.name
-            ):
-                remove_lock(stale)
 
     def _check_space(self, shape: tuple[int, int, int]) -> None:
         """Refuse a build the cache folder's disk cannot hold, before encoding the rest: the memory-mapped

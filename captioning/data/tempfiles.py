@@ -101,65 +101,36 @@ def remove_orphans(folder: Path, pattern: str) -> list[Path]:
     return removed
 
 
-def _lock(path: Path, mode: int, wait_message: str | None, blocking: bool = True) -> int | None:
-    """An fd of the lock file ``path`` (created if missing) holding an flock in ``mode``; None when it is held
-    elsewhere and not ``blocking``. Checked after locking: where :func:`remove_lock` deleted the file while this
-    process waited for it, the lock held is on a file no longer there, which a third process could not see, so
-    the file now at ``path`` is locked instead."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    told = False
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not blocking:
-                os.close(fd)
-                return None
-            if wait_message and not told:
-                print(wait_message, flush=True)
-                told = True
-            fcntl.flock(fd, mode)
-        if _same_file(path, fd):
-            return fd
-        os.close(fd)
-
-
 @contextmanager
 def file_lock(path: Path, shared: bool = False, wait_message: str | None = None) -> Iterator[int]:
     """Hold an flock on the lock file ``path`` for the ``with`` block; yields its fd. The file is created
-    if missing; only :func:`remove_lock` deletes it. ``wait_message`` is printed when another process holds
-    the lock, before waiting for it."""
-    fd = _lock(path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait_message)
+    if missing and never deleted (deleting a lock file lets two processes lock two different files of
+    one name). ``wait_message`` is printed when another process holds the lock, before waiting for it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if wait_message:
+                print(wait_message, flush=True)
+            fcntl.flock(fd, mode)
         yield fd
     finally:
         os.close(fd)
 
 
 def try_lock(path: Path) -> int | None:
-    """An exclusive flock on the lock file ``path`` (created if missing) if no other process holds it now:
-    its fd, to close when done; None when it is held."""
-    return _lock(path, fcntl.LOCK_EX, None, blocking=False)
-
-
-def remove_lock(path: Path) -> bool:
-    """Delete the lock file ``path`` unless a process holds it; True when deleted. Safe against processes that
-    opened it meanwhile: :func:`file_lock` and :func:`try_lock` check, once they hold a lock, that its file is
-    still there."""
+    """An exclusive flock on the lock file ``path`` (created if missing, never deleted) if no other
+    process holds it now: its fd, to close when done; None when it is held."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-    except OSError:  # gone, a symbolic link, or not ours to open
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        if not _same_file(path, fd):
-            return False
-        Path(path).unlink(missing_ok=True)
-        return True
-    finally:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         os.close(fd)
+        return None
+    return fd
