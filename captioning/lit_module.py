@@ -75,7 +75,7 @@ def check_model_options(options: dict[str, object]) -> None:
     for option, value, names in (
         ("decoder", decoder, ("lstm", "transformer")),
         ("encoder", encoder, ENCODERS),
-        ("attention", o["attention"], ("additive", "dot")),
+        ("attention", o["attention"] if decoder == "lstm" else "additive", ("additive", "dot")),  # the LSTM's only
     ):
         if value not in names:
             raise InputError(f"model.{option} must be one of {', '.join(names)}, got {value!r}")
@@ -358,17 +358,20 @@ def _rank_items_done(resume: dict, batches_done: int, batch_size: int, world_siz
     items (all ranks) shared out among this run's ``world_size`` ranks, so that a resume with another batch size
     or number of processes goes on where the run stopped (it counted this run's batches of this run's size, and
     retrained or skipped images); a checkpoint from before ``items_done`` was stored counts this run's batches.
-    CheckpointError where the ranks cannot share the items evenly (the epoch's order would come apart)."""
+    CheckpointError where the ranks cannot share the items evenly or a rank's share is not a whole number of this
+    run's batches: the epoch's order would come apart, or the batches done, as Lightning counts them (and the next
+    checkpoint stores them), would not be the items trained."""
     if not batches_done:
         return 0
     items = resume.get("items_done")
     if items is None:
         return batches_done * batch_size
-    if items % world_size:
+    if items % world_size or (items // world_size) % batch_size:
         raise CheckpointError(
             f"{source}: written {items} training items into epoch {resume['epoch']}, which {world_size} "
-            f"processes cannot share evenly; resume it with a number of processes that divides {items}, or "
-            "resume from a checkpoint written at an epoch's end"
+            f"process(es) with data.batch_size {batch_size} cannot go on from evenly: resume it with a number of "
+            f"processes times a batch size that divides {items} (as the interrupted run's did), or resume from a "
+            "checkpoint written at an epoch's end"
         )
     return items // world_size
 
@@ -1130,9 +1133,10 @@ class CaptionModule(pl.LightningModule):
             dm.resume_at(epoch, items, resume.get("data_seed"))
             progress = loop.get("epoch_loop.batch_progress", {}).get("current")
             if items != batches_done * dm.batch_size and progress:
-                # another batch size or number of processes: the epoch's batches done, in this run's batches. Lightning
-                # ends an epoch when its count reaches the loader's length, which the old count could reach with
-                # items left (2 processes where there was 1: half the epoch's rest was never trained)
+                # another batch size or number of processes: the epoch's batches done, in this run's batches (a whole
+                # number: see _rank_items_done). Lightning ends an epoch when its count reaches the loader's length,
+                # which the old count could reach with items left (2 processes where there was 1: half the epoch's
+                # rest was never trained)
                 for key in ("ready", "started", "processed", "completed"):
                     progress[key] = items // dm.batch_size
             # Lightning's "your dataloader is not resumable ... unreliable results": it is, through resume_at

@@ -338,3 +338,14 @@ def test_a_bad_data_file_or_option_is_one_line_naming_it_not_a_traceback(flags, 
     with pytest.raises(SystemExit) as stop:
         main(["fit", *flags])
     assert isinstance(stop.value.code, str) and stop.value.code.startswith(message), stop.value.code
+
+
+def test_the_attention_name_is_checked_only_for_the_lstm_which_reads_it():
+    """The Transformer ignores model.attention (with a warning where it is set): a config or a checkpoint holding
+    another value there, which worked, must not be refused by the early name check."""
+    from captioning.errors import InputError
+    from captioning.lit_module import check_model_options
+
+    check_model_options({"decoder": "transformer", "attention": "none", "hidden_dim": 32, "num_heads": 4})
+    with pytest.raises(InputError, match="^model.attention must be one of additive, dot, got 'none'$"):
+        check_model_options({"decoder": "lstm", "attention": "none"})

@@ -626,9 +626,9 @@ def test_a_mid_epoch_resume_with_another_batch_size_or_process_count_trains_each
     from captioning.data.datamodule import EpochSampler
     from captioning.lit_module import _rank_items_done
 
-    resume = {"epoch": 1, "batches_done": 3, "items_done": 6}  # one process, batches of 2
-    for world, batch in [(1, 4), (2, 3), (3, 1), (1, 2)]:
-        items = _rank_items_done(resume, 3, batch, world, "x.ckpt")
+    resume = {"epoch": 1, "batches_done": 4, "items_done": 8}  # one process, batches of 2
+    for world, batch in [(1, 4), (2, 2), (4, 1), (1, 8), (2, 4)]:
+        items = _rank_items_done(resume, 4, batch, world, "x.ckpt")
         taken = []
         for rank in range(world):
             sampler = EpochSampler(10, seed=0, num_replicas=world, rank=rank)
@@ -636,12 +636,15 @@ def test_a_mid_epoch_resume_with_another_batch_size_or_process_count_trains_each
             sampler.set_epoch(1)
             taken += [i for i, _ in sampler]
         padded = EpochSampler(10, seed=0, num_replicas=world).order(1)
-        assert sorted(taken) == sorted(padded[6:]), (world, batch)  # the rest of the epoch's order, each once
-    with pytest.raises(CheckpointError, match="x.ckpt: written 6 training items into epoch 1, which 4 processes"):
-        _rank_items_done(resume, 3, 2, 4, "x.ckpt")
+        assert sorted(taken) == sorted(padded[8:]), (world, batch)  # the rest of the epoch's order, each once
+    # 3 processes cannot share 8 items; batches of 3 (or 2 processes with batches of 3) do not end at item 8, and
+    # Lightning's count of batches done, which the next checkpoint stores, would then not be the items trained
+    for world, batch in [(3, 1), (1, 3), (2, 3)]:
+        with pytest.raises(CheckpointError, match=f"x.ckpt: written 8 training items into epoch 1, which {world} "):
+            _rank_items_done(resume, 4, batch, world, "x.ckpt")
     # a checkpoint from before items_done was stored: this run's batches, as before
     assert _rank_items_done({"epoch": 1, "batches_done": 3}, 3, 4, 1, "x.ckpt") == 12
-    assert _rank_items_done(resume, 0, 4, 3, "x.ckpt") == 0  # at an epoch's start: nothing to skip
+    assert _rank_items_done(resume, 0, 3, 3, "x.ckpt") == 0  # at an epoch's start: nothing to skip
 
 
 def test_a_run_resumed_mid_epoch_with_a_larger_batch_trains_the_rest_of_that_epoch(tmp_path):
