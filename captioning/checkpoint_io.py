@@ -104,15 +104,41 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     removed += remove_orphans(path.parent, f".{glob.escape(path.name)}.*.tmp")  # mkstemp's, before the locks
     for orphan in removed:
         print(f"removed {orphan}, left by a checkpoint save that was killed", file=sys.stderr)
+    writes = _Writes()
     try:
-        with locked_temp(path.parent, prefix) as tmp:
+        # created with no more access than the checkpoint gets (a 0600 one was readable for a moment), then given
+        # exactly its mode (the umask may have taken bits the replaced file has)
+        with locked_temp(path.parent, prefix, mode=mode) as tmp:
             os.chmod(tmp, mode)
             with open(tmp, "wb") as f:
-                torch.save(obj, f)
+                writes.file = f
+                torch.save(obj, writes)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-    except OSError as e:
-        if e.filename is not None or e.errno is None:
+    except Exception as e:
+        # a full disk: PyTorch's archive writer turns the file's OSError into "unexpected pos 704 vs 598"
+        cause = writes.error if writes.error is not None else e
+        if not isinstance(cause, OSError) or cause.filename is not None or cause.errno is None:
             raise
-        raise OSError(e.errno, f"{e.strerror}: checkpoint not written, the file there is kept", str(path)) from e
+        message = f"{cause.strerror}: checkpoint not written, the file there is kept"
+        raise OSError(cause.errno, message, str(path)) from e
+
+
+class _Writes:
+    """The file ``torch.save`` writes to, keeping the OSError a write raised: PyTorch reports it as a RuntimeError
+    that names no file nor cause."""
+
+    def __init__(self) -> None:
+        self.file: Any = None
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()

@@ -109,18 +109,21 @@ def test_a_killed_saves_temporary_file_is_removed_by_the_next_save_and_a_full_di
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"] and load_weights_only(path)["step"] == 3
     assert f"removed {tmp_path / left[0]}, left by a checkpoint save that was killed" in capsys.readouterr().err
 
-    def full(obj, f, *a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    original = torch.save
-    torch.save = full
-    try:
-        with pytest.raises(OSError) as e:
-            atomic_torch_save({"step": 4}, path)
-    finally:
-        torch.save = original
-    assert e.value.filename == str(path) and e.value.errno == errno.ENOSPC
-    assert "No space left on device: checkpoint not written, the file there is kept" in str(e.value)
+    # a write the file system refuses (past a file size limit, as a full disk does): PyTorch's archive writer made it a
+    # RuntimeError, "unexpected pos 704 vs 598"
+    too_large = textwrap.dedent(f"""
+        import resource, signal, torch
+        from captioning.checkpoint_io import atomic_torch_save
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            atomic_torch_save({{"w": torch.zeros(100_000)}}, {str(path)!r})
+        except OSError as e:
+            print(e.errno, e.filename, e.strerror)
+    """)
+    proc = subprocess.run([sys.executable, "-c", too_large], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.split(" ", 2)[:2] == [str(errno.EFBIG), str(path)], proc
+    assert proc.stdout.strip().endswith("File too large: checkpoint not written, the file there is kept"), proc
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"] and load_weights_only(path)["step"] == 3
 
 
@@ -182,8 +185,9 @@ def test_an_old_transformer_checkpoint_searching_past_its_position_table_is_cut_
     assert caption.tokens == ["red"] * 5 and caption.attention.shape[0] == 5
 
 
-def test_checkpoints_are_written_with_the_usual_permissions(tmp_path):
-    """mkstemp makes 0600 files: a checkpoint must get what open() would give (umask), or keep the old file's."""
+def test_checkpoints_are_written_with_the_usual_permissions(tmp_path, monkeypatch):
+    """mkstemp makes 0600 files: a checkpoint must get what open() would give (umask), or keep the old file's; and
+    its temporary file never allows more than the checkpoint will (a 0600 one was 0644 for a moment)."""
     old = os.umask(0o022)
     try:
         atomic_torch_save({"step": 1}, tmp_path / "new.ckpt")
@@ -191,6 +195,20 @@ def test_checkpoints_are_written_with_the_usual_permissions(tmp_path):
         (tmp_path / "new.ckpt").chmod(0o640)
         atomic_torch_save({"step": 2}, tmp_path / "new.ckpt")
         assert (tmp_path / "new.ckpt").stat().st_mode & 0o777 == 0o640
+        (tmp_path / "new.ckpt").chmod(0o600)
+        created = []
+        real_open = os.open
+
+        def watched(path, flags, mode=0o777, *a, **k):
+            fd = real_open(path, flags, mode, *a, **k)
+            if flags & os.O_CREAT:
+                created.append(os.fstat(fd).st_mode & 0o777)
+            return fd
+
+        monkeypatch.setattr(os, "open", watched)
+        atomic_torch_save({"step": 3}, tmp_path / "new.ckpt")
+        monkeypatch.undo()
+        assert created == [0o600] and (tmp_path / "new.ckpt").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
 

@@ -40,10 +40,10 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def locked_temp(folder: Path, prefix: str, directory: bool = False) -> Iterator[Path]:
+def locked_temp(folder: Path, prefix: str, directory: bool = False, mode: int = 0o666) -> Iterator[Path]:
     """A new, uniquely named file (or folder) ``folder/{prefix}{random}``, locked for as long as the
     ``with`` block runs so that :func:`remove_orphans` leaves it alone; removed at the end unless it was
-    renamed away (the usual end of a successful write)."""
+    renamed away (the usual end of a successful write). A file is created with ``mode`` (less the umask)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     while True:
@@ -56,7 +56,7 @@ def locked_temp(folder: Path, prefix: str, directory: bool = False) -> Iterator[
                 path.mkdir()
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             else:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         except FileExistsError:
             continue
         except FileNotFoundError:  # our new empty folder removed by a cleaner before we opened it
