@@ -562,15 +562,16 @@ class CaptionModule(pl.LightningModule):
             (refused otherwise, naming both sides). Not with ``encoder_weights`` (the checkpoint holds the
             encoder's); a resumed fit (``--ckpt_path``) takes its weights from what it resumes instead.
         lr, encoder_lr, weight_decay: AdamW; ``encoder_lr`` (default ``lr``) for a fine-tuned encoder.
-            ``weight_decay`` applies to weight matrices and convolution kernels only: biases and the
-            gains and shifts of BatchNorm and LayerNorm are not decayed. With ``weight_decay`` > 0 the
+            ``weight_decay`` applies to weight matrices, embedding tables and convolution kernels only (every
+            parameter of 2 or more dimensions): biases and the gains and shifts of BatchNorm and LayerNorm are not
+            decayed. With ``weight_decay`` > 0 the
             decoder's (and a fine-tuned encoder's) group is split in two, decayed and not.
         warmup_steps: optimizer steps of the linear warmup, at most a tenth of the run's: a longer
             warmup is cut to that, with a warning (a run without an end keeps it whole).
         lr_schedule: after the warmup, "cosine" (to 0 at the run's end, after its last step, as Hugging
             Face's and timm's: the last step takes a small rate, not 0; needs a run with an end),
             "step" (times ``lr_decay`` every ``lr_decay_epochs`` epochs, the classic Show-Attend-Tell
-            recipe) or "constant".
+            recipe; counted from the run's start, so a warmup longer than that is decayed too) or "constant".
         channels_last: run the encoder in channels-last memory format (faster convolutions on
             GPUs with tensor cores; same results).
         compile_decoder: ``torch.compile`` the decoder for training (one-off compile time; the
@@ -586,9 +587,12 @@ class CaptionModule(pl.LightningModule):
             "reduce-overhead" (the compiled forward and backward replayed as CUDA graphs: the host no longer
             launches the LSTM's many small kernels one by one), "max-autotune" or "max-autotune-no-cudagraphs".
         label_smoothing, alpha_c: loss terms. ``label_smoothing`` spreads its share of each target over the
-            classes a caption can hold (not <pad> or <start>). ``alpha_c`` weights the doubly stochastic term; the
-            paper used 1, but on shapes (64 cells, ~10 words) 1 spreads attention so much that
-            pointing accuracy falls from 0.98 to 0.63 (12-epoch runs), so the default is 0.1.
+            classes a caption can hold (not <pad> or <start>). ``alpha_c`` weights the doubly stochastic term, the
+            mean over cells of (1 - a cell's attention summed over the words)^2 per caption, added to the per-word
+            mean loss (the paper's lambda weighs a sum over cells against a caption's summed word losses: its
+            lambda = 1 is alpha_c = cells / words, about 17 for COCO at 14x14; 1 here is the common PyTorch
+            tutorials'). On shapes (64 cells, ~10 words) 1 spreads attention so much that pointing accuracy falls
+            from 0.98 to 0.63 (12-epoch runs), so the default is 0.1.
         beam_size, length_penalty: search used in validation and test.
         max_decode_len: the longest caption that search writes; with the transformer decoder at most
             ``max_len``, which its position table covers (checked here).
@@ -769,10 +773,13 @@ class CaptionModule(pl.LightningModule):
             steps_per_epoch = 1  # unused: only the step schedule reads it
 
         def schedule(step: int) -> float:
+            # the step decay runs from the start, under the warmup's ramp too: a warmup past a decay boundary rose to
+            # the full rate and then dropped at once to the decayed one
+            decay = hp.lr_decay ** (step // (steps_per_epoch * hp.lr_decay_epochs)) if hp.lr_schedule == "step" else 1
             if step < warmup:
-                return (step + 1) / warmup
+                return (step + 1) / warmup * decay
             if hp.lr_schedule == "step":
-                return hp.lr_decay ** (step // (steps_per_epoch * hp.lr_decay_epochs))
+                return decay
             if hp.lr_schedule == "constant":
                 return 1.0
             return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
