@@ -42,10 +42,12 @@ Both searches run under the ``--precision`` autocast, as the validation of a ``b
 decodes; ``Captioner`` and ``infer.py`` decode in float32 (no autocast), so on a GPU their rate is not this one.
 
 Each training batch is B images x M captions (grouped batches: the encoder runs once per image, the
-decoder reads an image's features once for its M captions). Caption lengths follow a COCO-like
-distribution of 8-16 words (mean about 10.6), and every batch is padded to the longest possible
-caption (16 words + <start> + <end>: L = 18, T = 17 decoder steps), as a batch of 1,280 such captions
-padded to its longest would be; fixed shapes also keep ``--compile`` from recompiling.
+decoder reads an image's features once for its M captions). Caption lengths follow a COCO-like distribution
+(8-16 words and a tail to 30, an assumed 4% past 16), cut at ``--max-caption-len`` words (default 16, as the
+COCO recipes' ``data.max_caption_len``; mean about 10.7, 10.8 uncut), and every batch is padded to the longest
+possible caption (16 words + <start> + <end>: L = 18, T = 17 decoder steps), as a batch of hundreds of such
+captions padded to its longest would be; fixed shapes also keep ``--compile`` from recompiling. The training
+loop takes one decoder step per padded word: with the cut at 30 words, ``--max-caption-len 30``, T = 31.
 
 Timings: ``--warmup`` untimed iterations, then ``--iters`` timed ones (synchronised on cuda); the
 rate is the work of the timed iterations over their total time. Peak memory: on cuda
@@ -88,8 +90,11 @@ from captioning.models.attention import AdditiveAttention
 from captioning.models.fused_attention import chosen_configs
 from captioning.vocab import SPECIALS, Vocabulary
 
-# words per caption, 8..16, COCO-like (Karpathy train captions: mean ~10.5 words, most 8-13)
-CAPTION_WORDS = {8: 0.12, 9: 0.22, 10: 0.22, 11: 0.16, 12: 0.11, 13: 0.07, 14: 0.05, 15: 0.03, 16: 0.02}
+# words per caption, COCO-like (Karpathy train captions: mean ~10.5 words, most 8-13), with a tail past 16 words
+# (an assumed ~4%, thinning out to 30; not counted from the data set) that --max-caption-len cuts, as the data
+# module's max_caption_len does: the tail sets how long a batch pads to
+CAPTION_WORDS = {8: 0.13, 9: 0.22, 10: 0.22, 11: 0.15, 12: 0.10, 13: 0.06, 14: 0.04, 15: 0.025, 16: 0.015}
+CAPTION_WORDS.update({n: 0.04 * 0.8 ** (n - 17) / sum(0.8**k for k in range(14)) for n in range(17, 31)})
 MODES = {
     "frozen": "train, frozen encoder, from images",
     "finetune": "train, fine-tuned encoder, from images",
@@ -134,12 +139,20 @@ def _autocast(device: torch.device, precision: str, cache: bool = True) -> conte
 
 
 def make_tokens(
-    images: int, per_image: int, vocab_size: int, generator: torch.Generator, device: torch.device
+    images: int,
+    per_image: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    max_words: int = 16,
 ) -> torch.Tensor:
-    """Random captions (B,M,L): <start>, COCO-like 8-16 random words, <end>, then <pad> up to L = 16 + 2."""
-    words = torch.tensor(list(CAPTION_WORDS), dtype=torch.long)
+    """Random captions (B,M,L): <start>, COCO-like random words cut at ``max_words``, <end>, then <pad> up to
+    L = ``max_words`` + 2, as a batch pads to its longest caption (a batch of a few hundred COCO-like captions
+    holds one of ``max_words`` or more words whenever ``max_words`` <= 20; fixed shapes also keep --compile from
+    recompiling)."""
+    words = torch.tensor(list(CAPTION_WORDS), dtype=torch.long).clamp(max=max_words)
     probs = torch.tensor(list(CAPTION_WORDS.values()))
-    r, length = images * per_image, int(words.max()) + 2
+    r, length = images * per_image, max_words + 2
     n = words[torch.multinomial(probs, r, replacement=True, generator=generator)]  # (R,) words per caption
     pos = torch.arange(length).unsqueeze(0)  # (1,L)
     tokens = torch.randint(len(SPECIALS), vocab_size, (r, length), generator=generator)  # (R,L)
@@ -274,7 +287,7 @@ def train_step(
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     b, m = args.images_per_batch, args.captions_per_image
     gen = torch.Generator().manual_seed(args.seed)
-    token_batches = [make_tokens(b, m, args.vocab, gen, device) for _ in range(2)]
+    token_batches = [make_tokens(b, m, args.vocab, gen, device, args.max_caption_len) for _ in range(2)]
     if mode == "cached":
         gh, gw = module.grid
         c = module.net.encoder.out_dim
@@ -492,6 +505,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=9490, help="tokens, the 4 specials included (COCO Karpathy: 9,490)")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--steps", type=int, default=16, help="beam search steps (min_len = max_len)")
+    p.add_argument(
+        "--max-caption-len",
+        type=int,
+        default=16,
+        help="training captions cut to this many words, as data.max_caption_len (the COCO recipes: 16); batches "
+        "pad to it",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (CaptionModule.compile_decoder)")
     p.add_argument(
         "--compile-encoder", action="store_true", help="torch.compile the encoder (CaptionModule.compile_encoder)"
@@ -555,14 +575,14 @@ def main(argv: list[str] | None = None) -> None:
     print(checkout.describe())
     if device.type == "cpu":  # the machine may be shared: the load average says how much of it this run had
         print("load average (1, 5, 15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    mean_words = sum(n * p for n, p in CAPTION_WORDS.items())
+    mean_words = sum(min(n, args.max_caption_len) * p for n, p in CAPTION_WORDS.items())
     side = -(-args.image_size // 8) if args.encoder == "small_cnn" else args.grid  # small_cnn: no pooling (--grid)
     print(
         f"model: {args.encoder} (random weights) at {args.image_size}x{args.image_size} -> "
         f"grid {side}x{side}; "
         f"LSTM E=H=A={args.hidden}; Transformer D={args.hidden}, {args.heads} heads, {args.layers} layers; "
-        f"V={args.vocab}; captions {min(CAPTION_WORDS)}-{max(CAPTION_WORDS)} words (mean {mean_words:.1f}), "
-        f"padded to L={max(CAPTION_WORDS) + 2}; search K={args.beam}, {args.steps} steps; "
+        f"V={args.vocab}; captions {min(CAPTION_WORDS)}-{args.max_caption_len} words (mean {mean_words:.1f}), "
+        f"padded to L={args.max_caption_len + 2}; search K={args.beam}, {args.steps} steps; "
         f"compile={args.compile}, compile_encoder={args.compile_encoder} (mode {args.compile_mode}), "
         f"cuda_graph={args.cuda_graph}, "
         f"additive score: {'eager' if args.eager_attention else 'fused where Triton runs'}, "
