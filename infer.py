@@ -39,13 +39,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Caption images and write attention overlays.")
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--ckpt", help="checkpoint (default: newest best checkpoint under --runs)")
-    parser.add_argument("--runs", default="runs", help="where `python train.py` writes runs")
+    parser.add_argument(
+        "--ckpt",
+        help="checkpoint (default: the best checkpoint of the newest run under --runs; an error where that run has "
+        "none, naming its last.ckpt)",
+    )
+    parser.add_argument(
+        "--runs", default="runs", help="where `python train.py` writes runs (default: runs, in this folder)"
+    )
     parser.add_argument("--beam-size", type=int, default=None, help="beam width (default: the checkpoint's)")
     parser.add_argument(
         "--length-penalty", type=float, default=None, help="GNMT length penalty alpha (default: the checkpoint's)"
     )
-    parser.add_argument("--out", default=".", help="folder for the <stem>_attention.png overlays")
+    parser.add_argument(
+        "--out", default=".", help="folder for the <stem>_attention.png overlays (default: this folder)"
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one, else cpu), cpu, cuda:1 ...")
     parser.add_argument("--batch-size", type=int, default=16, help="images captioned together in one search")
     parser.add_argument("--max-pixels", type=int, default=None, help="refuse larger images before decoding them")

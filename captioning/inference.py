@@ -61,7 +61,8 @@ def find_latest_checkpoint(root: str | Path = "runs") -> Path:
         if (mtime := _mtime(ckpt)) is not None:
             runs[ckpt.parent] = max(runs.get(ckpt.parent, 0.0), mtime)
     if not runs:
-        raise CheckpointError(f"{root}: no checkpoint found; train one with `python train.py` or pass --ckpt")
+        where = root if root.is_absolute() else f"{root} ({root.absolute()})"  # relative to where it ran
+        raise CheckpointError(f"{where}: no checkpoint found; train one with `python train.py` or pass --ckpt")
     newest = max(runs, key=runs.get)
     best = sorted((t, p) for p in newest.glob("best*.ckpt") if (t := _mtime(p)) is not None)  # (mtime, path)
     if best:

@@ -204,6 +204,16 @@ def test_csv_quoted_commas_splits_and_merging(tmp_path):
     assert recs["c.jpg"].image_path == tmp_path / "c.jpg"
 
 
+def test_csv_with_a_space_after_each_comma_reads_quoted_captions_whole(tmp_path):
+    """'image, caption, split' rows with a space after each comma: the quote after the space was read as part of an
+    unquoted field, cut at the caption's comma, and the row refused as having 4 fields."""
+    path = tmp_path / "caps.csv"
+    path.write_text('image, caption, split\na.jpg, "a red, square", train\nb.jpg, a circle, val\n')
+    recs = by_id(read_captions_file(path))
+    assert recs["a.jpg"].captions == ["a red, square"] and recs["a.jpg"].split == "train"
+    assert recs["b.jpg"].captions == ["a circle"] and recs["b.jpg"].split == "val"
+
+
 def test_csv_without_split_column_uses_ratio_split_and_any_column_order(tmp_path):
     path = tmp_path / "caps.csv"
     path.write_text("caption,image\n" + "".join(f"cap {i},{i}.png\n" for i in range(20)))

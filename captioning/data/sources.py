@@ -303,7 +303,9 @@ def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
     # _read_text drops the byte-order mark spreadsheet exports often start with (it would rename 'image');
     # newline="": the csv module finds the line ends itself (a quoted caption may span lines)
     with io.StringIO(_read_text(path), newline="") as f:
-        reader = csv.reader(f)
+        # skipinitialspace: "a.jpg, "a red, square", train" (a space after each comma, as people write) read the
+        # quoted caption as unquoted, cut at its comma; cells are stripped anyway
+        reader = csv.reader(f, skipinitialspace=True)
         header = next(reader, None)
         if header is None:
             raise InputError(f"{path}: empty file, expected a header row with columns 'image' and 'caption'")
