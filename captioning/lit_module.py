@@ -1219,6 +1219,7 @@ class CaptionModule(pl.LightningModule):
         the run then wrote recorded it. Set here, after the restore and before the first step; the schedule's
         position (and the optimizer's moments) are kept. Without such a flag the values are the same."""
         self._warn_if_validations_split_accumulation_windows()
+        self._warn_if_no_validation_comes()
         wanted = getattr(self, "_group_options", None)
         if not getattr(self, "_restored", False) or not wanted or not self.trainer.lr_scheduler_configs:
             return
@@ -1231,6 +1232,27 @@ class CaptionModule(pl.LightningModule):
             # cosine), and the first step took it before the schedule's next step set the new one
             group["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)
         sched._last_lr = [group["lr"] for group in opt.param_groups]
+
+    def _warn_if_no_validation_comes(self) -> None:
+        """trainer.check_val_every_n_epoch past trainer.max_epochs: no validation ran, and the run said so only at its
+        end ("no checkpoint has a validation score"), and infer.py then found no best.ckpt. Also where the last
+        epochs are left unvalidated (best.ckpt cannot come from them). Said as the training starts."""
+        trainer = self.trainer
+        every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+        # num_val_batches is known here after a sanity check only (empty otherwise): none there, or none asked for
+        no_batches = trainer.limit_val_batches == 0 or (trainer.num_val_batches and not any(trainer.num_val_batches))
+        if not every or not epochs or epochs < 0 or no_batches:
+            return
+        if epochs < every:
+            rank_zero_warn(
+                f"trainer.check_val_every_n_epoch ({every}) is more than trainer.max_epochs ({epochs}): no validation "
+                "runs, so no best.ckpt is written (last.ckpt is); lower check_val_every_n_epoch or train longer"
+            )
+        elif epochs % every and trainer.max_steps == -1:  # (a step limit may end the run before those epochs)
+            rank_zero_warn(
+                f"trainer.max_epochs ({epochs}) is not a multiple of trainer.check_val_every_n_epoch ({every}): the "
+                f"last {epochs % every} epoch(s) are not validated, so best.ckpt cannot come from them"
+            )
 
     def _warn_if_validations_split_accumulation_windows(self) -> None:
         """A validation inside an epoch (trainer.val_check_interval) every N batches, with gradients accumulated

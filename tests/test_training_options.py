@@ -778,3 +778,40 @@ def test_the_logged_training_loss_is_the_batchs_own_under_gradient_accumulation(
     assert len(rows) == 4, rows
     for loss, ce in rows:
         assert loss == pytest.approx(ce, rel=1e-6), rows
+
+
+def test_a_run_whose_validation_never_comes_is_told_as_it_starts():
+    """check_val_every_n_epoch past max_epochs: the run said "no checkpoint has a validation score" only at its end,
+    and infer.py then found no best.ckpt. Also said: the last epochs of a run left unvalidated."""
+    import types
+    import warnings
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    module = CaptionModule(vocab=[*SPECIALS, "a"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+
+    def said(every, epochs, max_steps=-1, val_batches=(3,), limit=1.0):
+        module._trainer = types.SimpleNamespace(
+            check_val_every_n_epoch=every,
+            max_epochs=epochs,
+            max_steps=max_steps,
+            num_val_batches=list(val_batches),
+            limit_val_batches=limit,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module._warn_if_no_validation_comes()
+        return [str(w.message) for w in caught]
+
+    assert said(2, 1) == [
+        "trainer.check_val_every_n_epoch (2) is more than trainer.max_epochs (1): no validation runs, so no best.ckpt "
+        "is written (last.ckpt is); lower check_val_every_n_epoch or train longer"
+    ]
+    assert said(2, 5) == [
+        "trainer.max_epochs (5) is not a multiple of trainer.check_val_every_n_epoch (2): the last 1 epoch(s) are not "
+        "validated, so best.ckpt cannot come from them"
+    ]
+    assert said(2, 1, val_batches=()) == said(2, 1)  # no sanity check: the loader is not counted yet
+    assert said(2, 20) == said(1, 3) == said(2, 5, max_steps=40) == said(None, 1) == said(2, 1, val_batches=(0,)) == []
+    assert said(2, 1, val_batches=(), limit=0) == []
