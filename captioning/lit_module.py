@@ -1101,6 +1101,7 @@ class CaptionModule(pl.LightningModule):
         meta = checkpoint.get("captioning")
         if meta is not None:
             self._check_matches(meta, source=getattr(self._trainer, "ckpt_path", None) if self._trainer else None)
+            self._warn_if_other_data(meta)
         self._restored = True  # the encoder's weights come from the checkpoint (_load_pretrained_encoder)
         states = checkpoint.get("optimizer_states")
         if states:  # its optimizer's group sizes and weight decay, for configure_optimizers to compare
@@ -1148,6 +1149,23 @@ class CaptionModule(pl.LightningModule):
                     progress[key] = items // dm.batch_size
             # Lightning's "your dataloader is not resumable ... unreliable results": it is, through resume_at
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+
+    def _warn_if_other_data(self, meta: dict) -> None:
+        """A test or validation of a checkpoint on data other than it was trained on (another training split): said,
+        not refused (scoring a model on another set is a use), but a run trained on one's own data from
+        configs/shapes.yaml and tested with ``--ckpt_path best`` and no config was scored on the shapes set without a
+        word."""
+        trained = meta.get("data")
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if not isinstance(trained, dict) or dm is None or self.trainer.state.fn not in ("test", "validate"):
+            return
+        # (a set of test images alone is another set on purpose)
+        if dm.records("train") and dm.train_fingerprint() != trained.get("train_images"):
+            ckpt, stage = getattr(self.trainer, "ckpt_path", None) or "the checkpoint", self.trainer.state.fn.value
+            rank_zero_warn(
+                f"{ckpt} was trained on other data ({trained.get('file')}); this {stage} scores it on "
+                f"{Path(dm.source).resolve()} (the run's config, -c <run folder>/config.yaml, gives its data)"
+            )
 
     def _check_matches(self, meta: dict, source: str | None = None, free: tuple[str, ...] = ()) -> None:
         """Refuse a checkpoint whose vocabulary, architecture or image preprocessing differs from this
@@ -1369,6 +1387,7 @@ class CaptionModule(pl.LightningModule):
                 checkpoint["resume"]["rng_ranks"] = [rng for rng, _ in ranks]
                 skipped = sum(count for _, count in ranks)
             checkpoint["resume"]["skipped_images"] = skipped
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         checkpoint["captioning"] = {
             "format": CHECKPOINT_FORMAT,
             "vocab": list(self.vocab.tokens),
@@ -1381,3 +1400,6 @@ class CaptionModule(pl.LightningModule):
                 "length_penalty": float(self.hparams.length_penalty),  # what validation picked best.ckpt with
             },
         }
+        if hasattr(dm, "train_fingerprint") and self.trainer.state.fn == "fit":  # the data it was trained on
+            data = {"file": str(Path(dm.source).resolve()), "train_images": dm.train_fingerprint()}
+            checkpoint["captioning"]["data"] = data

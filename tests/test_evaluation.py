@@ -20,6 +20,8 @@ def _test_run(tmp_path, ckpt, *extra):
     assert f"run directory: {run_dir.resolve()}" in proc.stdout, proc.stdout[-2000:]
     assert f"test metrics: {(run_dir / 'test_metrics.json').resolve()}" in proc.stdout
     assert "untrained" not in proc.stderr
+    # the same shapes set, generated again in this folder: the data it was trained on, wherever it lies
+    assert "was trained on other data" not in proc.stderr, proc.stderr[-3000:]
     return read_json(run_dir / "test_metrics.json"), read_json(run_dir / "test_captions.json")
 
 
@@ -122,3 +124,19 @@ def test_test_scores_with_the_checkpoint_vocabulary_whatever_the_data_would_buil
     single_metrics, single_captions = single
     assert captions == single_captions
     assert metrics == single_metrics
+
+
+def test_testing_a_checkpoint_on_other_data_than_it_was_trained_on_is_said(tiny_ckpt, tmp_path):
+    """A run trained on one's own data from configs/shapes.yaml and tested with `--ckpt_path best` and no config was
+    scored on the shapes set without a word. Said now (not refused: scoring on another set is a use)."""
+    import torch
+
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    data = ckpt["captioning"]["data"]
+    assert set(data) == {"file", "train_images"} and len(data["train_images"]) == 16
+    data["train_images"] = "0" * 16  # as if trained on another set
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    proc = run_script(str(ROOT / "train.py"), "test", "-c", str(TINY), "--ckpt_path", str(other), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{other} was trained on other data ({data['file']}); this test scores it on " in proc.stderr

@@ -369,6 +369,15 @@ class CaptionDataModule(pl.LightningDataModule):
         """Records of ``split`` ("train", "val" or "test"), in loader order."""
         return self._load()[split]
 
+    def train_fingerprint(self) -> str:
+        """A short hash of the training split's image ids: the same for one data set wherever its files lie (a
+        shapes set generated again elsewhere, a relative path read from another folder), for checkpoints to tell
+        the data they were trained on."""
+        if getattr(self, "_train_fingerprint", None) is None:
+            ids = "\n".join(sorted(r.image_id for r in self.records("train")))
+            self._train_fingerprint = hashlib.sha256(ids.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return self._train_fingerprint
+
     def resume_at(self, epoch: int, items_done: int, seed: int | None = None) -> None:
         """Start the training data of ``epoch`` after its first ``items_done`` items of this rank's shard, in the
         order and caption draws of ``seed`` (the interrupted run's, from its checkpoint; None: this run's)."""
