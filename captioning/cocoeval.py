@@ -460,8 +460,8 @@ def ptb_tokenize(text: str) -> list[str]:
     """Lowercased PTB tokens of one caption, punctuation included (what ``PTBTokenizer -lowerCase`` prints).
 
     Lexed as a line, ending at a line break as a caption does in :func:`tokenize_captions`: at the end of the
-    input a few rules read otherwise ("they're" -> "they" "re", not "they" "'re"; "no." keeps its period), so
-    training targets made here differed from the scored words of the same caption."""
+    input a few rules read otherwise (a last "they're", "we've" or "you'll" gave "they" "re", not "they" "'re"),
+    so training targets made here differed from the scored words of the same caption."""
     tokens = _lex_utf16(_LINE_BREAKS.sub(" ", text.replace("\n", " ")) + "\n")
     return [t.lower() for t in tokens if t != _NL]
 

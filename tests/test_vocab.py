@@ -48,7 +48,7 @@ def test_tokenize_equals_the_java_ptb_tokenizer_on_the_metrics_fixture():
 
 def test_a_captions_last_word_is_tokenized_as_scoring_reads_it():
     """Scoring lexes captions one per line; tokenize lexed a caption up to the end of its text, where the lexer reads
-    some words otherwise ("they're" -> "they" "re", "no." keeping its period): a model saying exactly its training
+    some words otherwise ("they're" -> "they" "re"): a model saying exactly its training
     target scored below 1 (BLEU-4 0.90 on a one-caption example)."""
     from captioning.cocoeval import tokenize_captions
 
