@@ -152,7 +152,7 @@ def make_tokens(
     recompiling)."""
     words = torch.tensor(list(CAPTION_WORDS), dtype=torch.long).clamp(max=max_words)
     probs = torch.tensor(list(CAPTION_WORDS.values()))
-    r, length = images * per_image, max_words + 2
+    r, length = images * per_image, int(words.max()) + 2  # (no caption runs past the table's 30 words)
     n = words[torch.multinomial(probs, r, replacement=True, generator=generator)]  # (R,) words per caption
     pos = torch.arange(length).unsqueeze(0)  # (1,L)
     tokens = torch.randint(len(SPECIALS), vocab_size, (r, length), generator=generator)  # (R,L)
@@ -531,6 +531,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads, 0 = torch's default (cpu default 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.max_caption_len < 1:
+        p.error(f"--max-caption-len must be at least 1, got {args.max_caption_len}")
     for key, value in DEVICE_DEFAULTS[args.device].items():
         if getattr(args, key) is None or (key == "precision" and args.precision == "auto"):
             setattr(args, key, value)
@@ -576,13 +578,14 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":  # the machine may be shared: the load average says how much of it this run had
         print("load average (1, 5, 15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     mean_words = sum(min(n, args.max_caption_len) * p for n, p in CAPTION_WORDS.items())
+    longest = min(args.max_caption_len, max(CAPTION_WORDS))
     side = -(-args.image_size // 8) if args.encoder == "small_cnn" else args.grid  # small_cnn: no pooling (--grid)
     print(
         f"model: {args.encoder} (random weights) at {args.image_size}x{args.image_size} -> "
         f"grid {side}x{side}; "
         f"LSTM E=H=A={args.hidden}; Transformer D={args.hidden}, {args.heads} heads, {args.layers} layers; "
-        f"V={args.vocab}; captions {min(CAPTION_WORDS)}-{args.max_caption_len} words (mean {mean_words:.1f}), "
-        f"padded to L={args.max_caption_len + 2}; search K={args.beam}, {args.steps} steps; "
+        f"V={args.vocab}; captions {min(min(CAPTION_WORDS), args.max_caption_len)}-{longest} words (mean "
+        f"{mean_words:.1f}), padded to L={longest + 2}; search K={args.beam}, {args.steps} steps; "
         f"compile={args.compile}, compile_encoder={args.compile_encoder} (mode {args.compile_mode}), "
         f"cuda_graph={args.cuda_graph}, "
         f"additive score: {'eager' if args.eager_attention else 'fused where Triton runs'}, "

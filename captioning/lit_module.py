@@ -1401,5 +1401,6 @@ class CaptionModule(pl.LightningModule):
             },
         }
         if hasattr(dm, "train_fingerprint") and self.trainer.state.fn == "fit":  # the data it was trained on
-            data = {"file": str(Path(dm.source).resolve()), "train_images": dm.train_fingerprint()}
+            # the file as the config gives it (not resolved: a shared checkpoint need not show the trainer's folders)
+            data = {"file": str(dm.source), "train_images": dm.train_fingerprint()}
             checkpoint["captioning"]["data"] = data

@@ -204,14 +204,20 @@ def test_csv_quoted_commas_splits_and_merging(tmp_path):
     assert recs["c.jpg"].image_path == tmp_path / "c.jpg"
 
 
-def test_csv_with_a_space_after_each_comma_reads_quoted_captions_whole(tmp_path):
-    """'image, caption, split' rows with a space after each comma: the quote after the space was read as part of an
-    unquoted field, cut at the caption's comma, and the row refused as having 4 fields."""
+def test_csv_with_a_space_before_a_quoted_caption_is_refused_saying_so(tmp_path):
+    """'image, caption, split' rows with a space after each comma: CSV reads the quote after the space as a character,
+    so the quoted caption was cut at its comma and the row refused, the message blaming missing quotes. It says what
+    to change now. (Reading such quotes as quotes instead let one stray quote swallow the rows after it, unsaid.)"""
     path = tmp_path / "caps.csv"
     path.write_text('image, caption, split\na.jpg, "a red, square", train\nb.jpg, a circle, val\n')
-    recs = by_id(read_captions_file(path))
+    with pytest.raises(
+        InputError, match=r"caps.csv:2: 4 fields, header has 3; a quoted caption must start right after"
+    ):
+        read_captions_file(path)
+    path.write_text('image, caption, split\na.jpg,"a red, square", train\nb.jpg, a 12" circle, val\n')
+    recs = by_id(read_captions_file(path))  # spaces elsewhere, and a quote inside a caption, read as before
     assert recs["a.jpg"].captions == ["a red, square"] and recs["a.jpg"].split == "train"
-    assert recs["b.jpg"].captions == ["a circle"] and recs["b.jpg"].split == "val"
+    assert recs["b.jpg"].captions == ['a 12" circle'] and recs["b.jpg"].split == "val"
 
 
 def test_csv_without_split_column_uses_ratio_split_and_any_column_order(tmp_path):

@@ -303,9 +303,7 @@ def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
     # _read_text drops the byte-order mark spreadsheet exports often start with (it would rename 'image');
     # newline="": the csv module finds the line ends itself (a quoted caption may span lines)
     with io.StringIO(_read_text(path), newline="") as f:
-        # skipinitialspace: "a.jpg, "a red, square", train" (a space after each comma, as people write) read the
-        # quoted caption as unquoted, cut at its comma; cells are stripped anyway
-        reader = csv.reader(f, skipinitialspace=True)
+        reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
             raise InputError(f"{path}: empty file, expected a header row with columns 'image' and 'caption'")
@@ -330,10 +328,12 @@ def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
             if any(cell.strip() for cell in row[len(columns) :]):
                 # most often an unquoted comma in a caption: read by its columns, the caption would be cut
                 # at the comma and the rest dropped, unsaid (empty trailing cells, as spreadsheets write, pass)
-                raise InputError(
-                    f"{path}:{lineno}: {len(row)} fields, header has {len(columns)}; "
-                    'a caption with a comma must be in double quotes ("a dog, a cat")'
-                )
+                hint = 'a caption with a comma must be in double quotes ("a dog, a cat")'
+                if any(cell[:1].isspace() and cell.lstrip().startswith('"') for cell in row):
+                    # a space before the opening quote makes it a character of an unquoted cell (CSV's rule; reading
+                    # it as a quote instead let one stray quote swallow the rows after it, unsaid)
+                    hint = 'a quoted caption must start right after its comma: a.jpg,"a dog, a cat" (no space before)'
+                raise InputError(f"{path}:{lineno}: {len(row)} fields, header has {len(columns)}; {hint}")
             image = row[col["image"]].strip()
             if not image:
                 raise InputError(f"{path}:{lineno}: empty 'image'")
