@@ -564,8 +564,8 @@ class CaptionModule(pl.LightningModule):
         lr, encoder_lr, weight_decay: AdamW; ``encoder_lr`` (default ``lr``) for a fine-tuned encoder.
             ``weight_decay`` applies to weight matrices, embedding tables and convolution kernels only (every
             parameter of 2 or more dimensions): biases and the gains and shifts of BatchNorm and LayerNorm are not
-            decayed. With ``weight_decay`` > 0 the
-            decoder's (and a fine-tuned encoder's) group is split in two, decayed and not.
+            decayed. With ``weight_decay`` > 0 the decoder's (and a fine-tuned encoder's) group is split in two,
+            decayed and not.
         warmup_steps: optimizer steps of the linear warmup, at most a tenth of the run's: a longer
             warmup is cut to that, with a warning (a run without an end keeps it whole).
         lr_schedule: after the warmup, "cosine" (to 0 at the run's end, after its last step, as Hugging
