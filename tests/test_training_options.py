@@ -285,26 +285,22 @@ def test_with_max_epochs_minus_one_the_step_schedule_decays_every_epoch_and_cosi
         module._trainer = trainer
         return module.configure_optimizers()
 
-    step = optimizers(lr_schedule="step", warmup_steps=2, lr_decay=0.5, lr_decay_epochs=1)
-    opt, sched = step["optimizer"], step["lr_scheduler"]["scheduler"]
-    lrs = []
-    for _ in range(8):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    # a warmup of 2 steps (a tenth of 20; an endless run's as given), then halved every epoch of 3 optimizer steps
-    assert lrs == pytest.approx([0.001, 0.002, 0.002, 0.001, 0.001, 0.001, 0.0005, 0.0005])
-    if max_steps == -1:
-        # a warmup (5 steps, as given) past a decay boundary (3 steps) is decayed too: it rose to the full 0.002 at
-        # step 4 and dropped to 0.001 at step 5
-        step = optimizers(lr_schedule="step", warmup_steps=5, lr_decay=0.5, lr_decay_epochs=1)
+    def first_lrs(warmup: int, steps: int = 8) -> list[float]:
+        step = optimizers(lr_schedule="step", warmup_steps=warmup, lr_decay=0.5, lr_decay_epochs=1)
         opt, sched = step["optimizer"], step["lr_scheduler"]["scheduler"]
         lrs = []
-        for _ in range(8):
+        for _ in range(steps):
             lrs.append(opt.param_groups[0]["lr"])
             opt.step()
             sched.step()
-        assert lrs == pytest.approx([0.0004, 0.0008, 0.0012, 0.0008, 0.001, 0.001, 0.0005, 0.0005])
+        return lrs
+
+    # a warmup of 2 steps (a tenth of 20; an endless run's as given), then halved every epoch of 3 optimizer steps
+    assert first_lrs(2) == pytest.approx([0.001, 0.002, 0.002, 0.001, 0.001, 0.001, 0.0005, 0.0005])
+    if max_steps == -1:
+        # a warmup (5 steps, as given) past a decay boundary (3 steps) is decayed too: it rose to the full 0.002 at
+        # step 4 and dropped to 0.001 at step 5
+        assert first_lrs(5) == pytest.approx([0.0004, 0.0008, 0.0012, 0.0008, 0.001, 0.001, 0.0005, 0.0005])
         with pytest.raises(
             ValueError, match="model.lr_schedule 'cosine' decays to 0 at the run's end, but this run has no end"
         ):
