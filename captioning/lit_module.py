@@ -1256,10 +1256,11 @@ class CaptionModule(pl.LightningModule):
         end ("no checkpoint has a validation score"), and infer.py then found no best.ckpt. Also where the last
         epochs are left unvalidated (best.ckpt cannot come from them). Said as the training starts."""
         trainer = self.trainer
-        every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+        every, epochs = getattr(trainer, "check_val_every_n_epoch", None), getattr(trainer, "max_epochs", None)
+        if not every or not epochs or epochs < 0:
+            return
         # num_val_batches is known here after a sanity check only (empty otherwise): none there, or none asked for
-        no_batches = trainer.limit_val_batches == 0 or (trainer.num_val_batches and not any(trainer.num_val_batches))
-        if not every or not epochs or epochs < 0 or no_batches:
+        if trainer.limit_val_batches == 0 or (trainer.num_val_batches and not any(trainer.num_val_batches)):
             return
         if epochs < every:
             rank_zero_warn(
