@@ -608,7 +608,7 @@ def main(args: list[str] | None = None) -> CaptionCLI:
     try:
         sub = with_subcommand(argv)
     except InputError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(_error_line(type(e), str(e)))
     if sub != argv:
         (added,) = Counter(sub) - Counter(argv)  # the one word with_subcommand put in
         print(f"no subcommand given: {added}", file=sys.stderr)

@@ -180,7 +180,7 @@ class Captioner:
             raise CheckpointError(f"{path}: weights do not match the stored model configuration ({e})") from None
         net.encoder.optimize_for_inference()  # BatchNorm folded into the convolutions: this net only infers
         try:  # what is left to check is the checkpoint's (the caller's settings passed above)
-            _, max_len, _ = _search_settings(1, search.get("max_len", 24), 0.0)
+            max_len = _whole_number("max_len", search.get("max_len", 24))
             positions = getattr(net.decoder, "positions", None)  # the transformer's position table (P,D)
             if positions is not None and max_len > positions.size(0):
                 # a checkpoint from before training refused this: its search would step past the table

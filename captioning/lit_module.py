@@ -657,6 +657,7 @@ class CaptionModule(pl.LightningModule):
         if ignored:
             rank_zero_warn(f"the {decoder} decoder ignores {', '.join(ignored)}: options of the other decoder")
         self._skipped_images = 0  # images of this epoch the loader could not read, on this rank (training_step)
+        self._restored_skipped: tuple[int, int] | None = None  # (epoch, count) a resume takes it up from
         self.vocab = Vocabulary(vocab)
         self.arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items() if k in _ARCH_KEYS}
         self.net = CaptionNet(len(self.vocab), **self.arch)
@@ -1304,7 +1305,7 @@ class CaptionModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         # images the loader could not read this epoch, on this rank; a resumed epoch starts from the checkpoint's
         # count (all ranks', given to rank 0), so the epoch logs what an uninterrupted one does
-        restored, self._restored_skipped = getattr(self, "_restored_skipped", None), None
+        restored, self._restored_skipped = self._restored_skipped, None
         same_epoch = restored is not None and restored[0] == self.current_epoch and self.global_rank == 0
         self._skipped_images = restored[1] if same_epoch else 0
 

@@ -325,6 +325,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.feature_cache, self.cache_dir, self.cache_dtype = feature_cache, cache_dir, cache_dtype
         self.shapes_config = ShapesConfig(num_train, num_val, num_test, image_size, shapes_seed)
         self._records: dict[str, list[CaptionRecord]] | None = None
+        self._train_fingerprint: str | None = None  # see train_fingerprint
         self._vocab: Vocabulary | None = Vocabulary(vocabulary) if vocabulary is not None else None
         self.report: DataReport | None = None
         self.train_sampler: EpochSampler | None = None
@@ -373,7 +374,7 @@ class CaptionDataModule(pl.LightningDataModule):
         """A short hash of the training split's image ids: the same for one data set wherever its files lie (a
         shapes set generated again elsewhere, a relative path read from another folder), for checkpoints to tell
         the data they were trained on."""
-        if getattr(self, "_train_fingerprint", None) is None:
+        if self._train_fingerprint is None:
             ids = "\n".join(sorted(r.image_id for r in self.records("train")))
             self._train_fingerprint = hashlib.sha256(ids.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         return self._train_fingerprint
