@@ -221,6 +221,20 @@ def _print_any_file_name() -> None:
         out.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
 
 
+def _run() -> int:
+    """:func:`main`, stopping quietly when the reader of stdout goes away (``infer.py *.jpg | head -1``), as a Unix
+    tool stopped by SIGPIPE does: the next caption's print raised BrokenPipeError, a traceback on stderr."""
+    try:
+        code = main()
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, not in the interpreter's flush at exit, which would report the same error
+        return code
+    except BrokenPipeError:
+        # the interpreter flushes stdout once more as it exits: pointed at /dev/null, that flush has nowhere to fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
     _print_any_file_name()
-    sys.exit(main())
+    sys.exit(_run())

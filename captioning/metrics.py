@@ -6,7 +6,8 @@ full accuracy and attention grounding:
 
 Pointing accuracy: over generated shape nouns that match exactly one object of the image (by
 the attributes the caption gives), the fraction whose attention argmax cell's region touches that
-object's box. A cell's region is the part of the image nearer its centre than any other cell's, the
+object's box (where several cells share the maximum, every one of them must: a flat map points
+nowhere). A cell's region is the part of the image nearer its centre than any other cell's, the
 centre being where its features were computed from (:class:`~captioning.models.base.CellCentres`:
 for a strided CNN, not the middle of a tile); for cells that tile the image it is the tile, and the
 rule reads "the cell's centre lies inside the box enlarged by half a cell". The same is reported for
@@ -74,6 +75,13 @@ def attention_mass(
     return float((attention.double().view(*centres.grid) * oy[:, None] * ox[None, :]).sum())
 
 
+def _points_at(weights: torch.Tensor, box: Sequence[float], centres: CellCentres, image_size: tuple[int, int]) -> bool:
+    """Whether a map (N,) points at ``box``: every cell holding its largest weight touches it. argmax alone took
+    the first of tied cells, so a uniform (or all-zero) map pointed at the top-left cell and hit every object there."""
+    top = (weights == weights.max()).nonzero().flatten().tolist()  # the tied maxima, one cell when no tie
+    return bool(top) and all(_points_inside(cell, box, centres, image_size) for cell in top)  # NaN: no cell
+
+
 def grounding_counts(
     tokens: Sequence[str],
     attention: torch.Tensor,
@@ -103,7 +111,7 @@ def grounding_counts(
             if pos is None or pos >= attention.size(0):
                 continue
             out[f"{kind}_trials"] += 1
-            out[f"{kind}_hits"] += _points_inside(int(attention[pos].argmax()), box, centres, image_size)
+            out[f"{kind}_hits"] += _points_at(attention[pos], box, centres, image_size)
             out[f"{kind}_mass"] += attention_mass(attention[pos], box, centres, image_size)
     return out
 

@@ -36,6 +36,18 @@ def test_pointing_counts_hits_on_the_named_objects():
     assert pointing_hits(CAP, bad, TILES, OBJ, (64, 64)) == (0, 2)
 
 
+def test_a_map_with_tied_maxima_points_only_where_all_of_them_touch_the_object():
+    # argmax took the first of tied cells: a uniform or all-zero map "pointed" at cell 0, inside the circle
+    for flat in (torch.full((len(CAP), 64), 1 / 64), torch.zeros(len(CAP), 64)):
+        assert pointing_hits(CAP, flat, TILES, OBJ, (64, 64)) == (0, 2)
+    two_cells = torch.zeros(len(CAP), 64)
+    two_cells[:, [0, 9]] = 0.5  # both inside the circle's reach; the square's noun sees neither
+    assert pointing_hits(CAP, two_cells, TILES, OBJ, (64, 64)) == (1, 2)
+    two_cells[:, 27] = 0.5  # a third tied cell outside the circle: no longer a hit
+    assert pointing_hits(CAP, two_cells, TILES, OBJ, (64, 64)) == (0, 2)
+    assert pointing_hits(CAP, torch.full((len(CAP), 64), float("nan")), TILES, OBJ, (64, 64)) == (0, 2)
+
+
 def test_pointing_allows_half_a_cell_and_skips_ambiguous_nouns():
     # the circle covers pixels 0..15, i.e. [0,16); half a cell (4 px) more reaches 20. Cell 27 = row 3, col 3:
     # centre (28,28), outside

@@ -197,3 +197,28 @@ def test_concurrent_generations_of_one_set_wait_for_one_instead_of_replacing_it(
     assert said.startswith(f"shapes set: waiting for another process generating {root.resolve()}")
     assert rest == "drew 0 scenes\n"
     assert _contents(root) == written and len(json.loads((root / "dataset_shapes.json").read_text())["images"]) == 6
+
+
+def test_from_the_smallest_size_allowed_every_object_is_drawn_and_its_size_word_can_be_read_off_it(tmp_path):
+    """Down to 6 px were allowed: up to 24 px small and large objects shared widths (a size word the image could not
+    back), and at 6-7 px a small circle could be 0 px wide, named in every caption but drawn with no pixel."""
+    import random
+
+    import numpy as np
+
+    for size in range(synthetic.MIN_SHAPES_SIZE, 70):
+        rng = random.Random(size)
+        widths = {"small": set(), "large": set()}
+        for _ in range(30):
+            image, objects = synthetic.make_scene(rng, size, noise_std=0.0)
+            pixels = np.asarray(image, dtype=np.int16)
+            background = pixels[0, 0]
+            for o in objects:
+                x0, y0, x1, y1 = o["box"]
+                widths[o["size"]].add(x1 - x0)
+                drawn = np.abs(pixels[y0 : y1 + 1, x0 : x1 + 1] - background).sum(-1) > 30
+                assert drawn.any(), (size, o)
+        assert max(widths["small"]) < min(widths["large"]), (size, widths)
+    with pytest.raises(ValueError, match=f"at least {synthetic.MIN_SHAPES_SIZE}, got 24"):
+        generate(tmp_path / "shapes", ShapesConfig(image_size=24), progress=False)
+    assert not (tmp_path / "shapes").exists()

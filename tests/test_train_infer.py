@@ -436,3 +436,19 @@ def test_an_image_whose_name_is_not_utf8_gets_its_caption_and_the_batch_goes_on(
     assert len(lines) == 2 and lines[0].startswith(os.fsencode(tmp_path) + b"/" + shown + b": "), lines
     assert b"zz_good.png: " in lines[1]
     assert len(list((tmp_path / "o").iterdir())) == 2
+
+
+def test_infer_stops_quietly_when_the_reader_of_its_output_goes_away(tiny_ckpt, tiny_shapes, tmp_path):
+    """``infer.py a.png b.png ... | head -1``: the print after head had gone raised BrokenPipeError, a traceback."""
+    import subprocess
+    import sys
+
+    images = [str(tiny_shapes.parent / "images" / f"{i:06d}.png") for i in range(2)]
+    args = [*images, "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "o")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "infer.py"), *args]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader gone before the first caption (head after its lines): every print meets it
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

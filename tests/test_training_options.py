@@ -235,8 +235,10 @@ def test_options_of_the_other_decoder_are_said_to_be_ignored_and_never_mismatch_
 @pytest.mark.parametrize(
     "option, value, message",
     [
-        ("image_size", 0, "data.image_size must be >= 6 for the shapes set, got 0"),
-        ("image_size", 5, "data.image_size must be >= 6 for the shapes set, got 5"),  # 1-5 failed as 0 did
+        ("image_size", 0, "data.image_size must be >= 25 for the shapes set, got 0"),
+        ("image_size", 5, "data.image_size must be >= 25 for the shapes set, got 5"),  # 1-5 failed as 0 did
+        # 6-24: small and large objects shared widths, and at 6-7 px small circles were drawn with no pixel
+        ("image_size", 24, "data.image_size must be >= 25 for the shapes set, got 24"),
         ("max_caption_len", 0, "data.max_caption_len must be >= 1, got 0"),
         ("captions_per_image", -1, "data.captions_per_image must be >= 0"),
         ("batch_size", 0, "data.batch_size must be >= 1, got 0"),

@@ -290,8 +290,8 @@ class CaptionDataModule(pl.LightningDataModule):
         # max_caption_len 0 or captions_per_image -1 trained on empty (or all) captions without a word
         check_ranges(
             "data",
-            # the shapes generator draws its objects at least 1 px from the edge and 2 px apart: below 6 px
-            # there is no room (randrange's "empty range" from deep in the generator)
+            # the shapes set below MIN_SHAPES_SIZE: size words the image cannot tell apart, and below 6 px no room to
+            # draw at all (randrange's "empty range" from deep in the generator)
             image_size=(
                 image_size,
                 image_size >= (MIN_SHAPES_SIZE if dataset == "shapes" else 1),

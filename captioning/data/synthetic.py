@@ -73,8 +73,10 @@ TRIPLE_TEMPLATES = (
 )
 
 
-#: the smallest image the generator can draw scenes in (objects 1 px from the edge, 2 px apart)
-MIN_SHAPES_SIZE = 6
+#: the smallest image whose scenes say what they draw: from 25 px every small object is narrower than every large
+#: one (widths round(0.19 s) +- 1 against round(0.31 s) +- 1). Below, the two classes shared widths, so a caption's
+#: size word could not be read off the image, and from 7 px down a small circle could be drawn with no pixel
+MIN_SHAPES_SIZE = 25
 
 
 @dataclass(frozen=True)
