@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--parents", action="store_true", help="print the share of distinct parents per step")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA GPU, and torch finds none here")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -232,6 +232,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="folder for the data and the cache (default: a temporary one)")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():  # before part 1, not a driver traceback after it
+        p.error("--device cuda needs a CUDA GPU, and torch finds none here")
     if args.encoder == "small_cnn" and args.grid:  # refused by the model too, but only after part 1 had run
         p.error("--grid pools a ResNet's output; small_cnn has no pooling")
     sys.stdout.reconfigure(line_buffering=True)  # progress of a long run shows as it happens

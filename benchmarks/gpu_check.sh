@@ -146,7 +146,7 @@ step overlap 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" 
 # against eager; where a step's time goes (host against device); each whole step replayed from a CUDA graph; the LSTM's decoder under torch.compile, plain and
 # with CUDA graphs (reduce-overhead; one-off compile time per mode, not counted in the rates); and the search on
 # 1,024 images at once
-step kernels 90 "$py" benchmarks/fused_attention.py
+[[ $device == cuda ]] && step kernels 90 "$py" benchmarks/fused_attention.py  # Triton kernels: a GPU only
 step profile 75 "$py" benchmarks/train_step_profile.py --device "$device" "${bench[@]}" --decoders lstm \
   --modes cached,frozen,frozen_overlap,search
 [[ $device == cuda ]] && step graph 90 "$py" benchmarks/throughput.py --device "$device" "${bench[@]}" \

@@ -480,8 +480,9 @@ def _device_name(device: torch.device) -> str:
     return f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """This script's options, in a parser other scripts extend with their own (``train_step_profile.py``)."""
+    p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help="auto: bf16 on cuda, fp32 on cpu")
     p.add_argument("--decoders", default="lstm,transformer")
@@ -530,7 +531,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads, 0 = torch's default (cpu default 1)")
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv: list[str] | None = None, p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The options of ``argv``, checked, with the device's defaults filled in; ``p``: :func:`build_parser`'s parser,
+    or one a caller extended."""
+    p = p or build_parser()
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA GPU, and torch finds none here")  # not a driver traceback from deep inside
     if args.max_caption_len < 1:
         p.error(f"--max-caption-len must be at least 1, got {args.max_caption_len}")
     for key, value in DEVICE_DEFAULTS[args.device].items():

@@ -1,10 +1,10 @@
 """Where a training step's time goes: the host's time per step against the device's busy time, and the kernels.
 
     python benchmarks/train_step_profile.py --device cuda --precision bf16 --channels-last --decoders lstm \
-        --modes cached [--steps 3] [--rows 12] [any option of benchmarks/throughput.py]
+        --modes cached [--profile-steps 3] [--rows 12] [any option of benchmarks/throughput.py]
 
 The step is ``benchmarks/throughput.py``'s (same model, sizes and options, ``--compile`` and ``--cuda-graph``
-included), run ``--warmup`` times, then ``--steps`` times under ``torch.profiler``; mode ``search`` profiles its
+included), run ``--warmup`` times, then ``--profile-steps`` times under ``torch.profiler``; mode ``search`` profiles its
 batched search instead (encoder included, ``--search-images`` images; ``search1`` is skipped). Printed per decoder and
 mode:
 
@@ -33,6 +33,7 @@ from throughput import (
     PIPELINE_MODES,
     PeakMemory,
     _sync,
+    build_parser,
     parse_args,
     prepare,
     searcher,
@@ -82,12 +83,12 @@ def profile_mode(args: argparse.Namespace, decoder: str, mode: str, device: torc
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--steps", type=int, default=3, help="profiled steps per mode")
-    extra.add_argument("--rows", type=int, default=12, help="kernels listed per mode")
-    ours, rest = extra.parse_known_args(argv)
-    args = parse_args(rest)
+    # throughput.py's options and this script's own, in one parser: --help lists both (it printed throughput.py's
+    # alone), and throughput.py's --steps (the search's length) is not taken for the profiled steps
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps per mode")
+    parser.add_argument("--rows", type=int, default=12, help="kernels (on CPU: operators) listed per mode")
+    args = parse_args(argv, parser)
     device = prepare(args)
     print(f"train_step_profile, torch {torch.__version__}, command: python {' '.join(sys.argv)}")
     for decoder in args.decoders:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             batch = f"{args.search_images} images x K={args.beam}" if mode == "search" else (
                 f"{args.images_per_batch} x {args.captions_per_image}")  # fmt: skip
             print(f"-- {decoder}: {MODES.get(mode) or PIPELINE_MODES[mode]}, batch {batch}")
-            profile_mode(args, decoder, mode, device, ours.steps, ours.rows)
+            profile_mode(args, decoder, mode, device, args.profile_steps, args.rows)
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def test_gpu_check_keeps_out_dir_within_what_a_lent_machine_returns(tmp_path):
     assert packed.returncode == 1, packed.stderr  # no training with `echo`: infer is skipped, and says so
     assert [p.name for p in (tmp_path / "packed").iterdir()] == ["gpu_check.tar"]
     listed = subprocess.run(["tar", "-tf", str(tmp_path / "packed" / "gpu_check.tar")], capture_output=True, text=True)
-    cuda_only = ("graph", "compile_enc_graph", "overlap_graph")
+    cuda_only = ("graph", "compile_enc_graph", "overlap_graph", "kernels")  # kernels: Triton, it failed with DEVICE=cpu
     assert sorted(listed.stdout.split()) == sorted(f"{s}.txt" for s in steps.split() if s not in cuda_only)
     assert "== summary" in packed.stdout and "== infer: skipped" in packed.stdout
     again = run(tmp_path / "packed")
@@ -278,3 +278,29 @@ def test_search_fold_ab_times_every_variant_of_both_decoders():
     expected = [f"{d} {f} {m}" for d in ("lstm", "transformer") for f in ("folded", "kept BN") for m in modes]
     assert variants == expected, proc.stdout
     assert all(float(line.split(":")[1].split()[0].replace(",", "")) > 0 for line in lines), proc.stdout
+
+
+def test_the_step_profiles_options_are_its_own_and_throughputs_beside_them(throughput, monkeypatch, capsys):
+    """train_step_profile.py took --steps for its profiled steps, so throughput.py's --steps (the search's length)
+    could not be set, and its --help printed throughput.py's usage alone."""
+    monkeypatch.setattr(sys, "argv", ["benchmarks/train_step_profile.py"])
+    import train_step_profile
+
+    seen = {}
+    monkeypatch.setattr(train_step_profile, "profile_mode", lambda args, *rest: seen.update(args=args, rest=rest))
+    train_step_profile.main([*TINY, "--decoders", "lstm", "--modes", "search", "--steps", "4", "--profile-steps", "2"])
+    assert seen["args"].steps == 4 and seen["rest"][-2:] == (2, 12)  # search length 4; 2 profiled steps, 12 rows
+    with pytest.raises(SystemExit):
+        train_step_profile.main(["--help"])
+    usage = capsys.readouterr().out
+    assert "usage: train_step_profile.py" in usage and "--profile-steps" in usage and "--max-caption-len" in usage
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("script", ["throughput.py", "beam_search.py", "data_throughput.py"])
+def test_device_cuda_without_a_gpu_is_one_line_before_any_work(script):
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--device", "cuda"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--device cuda needs a CUDA GPU, and torch finds none here" in proc.stderr
