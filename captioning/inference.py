@@ -7,20 +7,23 @@ arguments, preprocessing, grid; ``checkpoint["state_dict"]``: weights). It is re
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 
 from captioning.checkpoint_io import CheckpointError, load_weights_only
 from captioning.data.images import load_image, to_rgb
 from captioning.data.transforms import EvalTransform
 from captioning.decoding import beam_search
-from captioning.models.base import CellCentres
+from captioning.models.base import CellCentres, Encoder
 from captioning.models.net import CaptionNet
 from captioning.options import LENGTH_PENALTY_RANGE, length_penalty_ok
 from captioning.vocab import Vocabulary, detokenize
@@ -141,7 +144,9 @@ class Captioner:
                 f"max_len {max_len} is more than the transformer decoder's position table covers "
                 f"({positions.size(0)} words)"
             )
-        self.net = net.to(device).eval()
+        # the caller's own module (moved to the device): its train/eval mode is left as it is, and each search
+        # runs in eval mode (_caption_batch), whatever the caller sets between calls
+        self.net = net.to(device)
         self.vocab = vocab
         self.transform = EvalTransform(image_size, mean, std)
         self.grid = tuple(grid)
@@ -167,7 +172,14 @@ class Captioner:
         meta = ckpt["captioning"]
         try:
             vocab = Vocabulary(meta["vocab"])
-            net = CaptionNet(len(vocab), **meta["model"])
+            model = dict(meta["model"])
+            if model.get("encoder", "small_cnn") == "small_cnn":
+                # a ResNet's stage and pooling, which small_cnn never had: training refuses them now, but a checkpoint
+                # from before may hold them, and they changed nothing in it
+                model.pop("encoder_stage", None)
+                model.pop("encoder_grid", None)
+            with torch.random.fork_rng(devices=[]):  # its random initial weights, replaced below, drew from the
+                net = CaptionNet(len(vocab), **model)  # caller's seeded generator
             pre, search, grid = meta["preprocess"], meta.get("search", {}), tuple(meta["grid"])
             image_size, mean, std = pre["image_size"], pre["mean"], pre["std"]
             state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
@@ -179,6 +191,7 @@ class Captioner:
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not match the stored model configuration ({e})") from None
         net.encoder.optimize_for_inference()  # BatchNorm folded into the convolutions: this net only infers
+        net.eval()
         try:  # what is left to check is the checkpoint's (the caller's settings passed above)
             max_len = _whole_number("max_len", search.get("max_len", 24))
             positions = getattr(net.decoder, "positions", None)  # the transformer's position table (P,D)
@@ -238,14 +251,17 @@ class Captioner:
         # 16-bit scaled), so an image gives the same caption whether passed as a path or as an image
         pil = [_as_rgb(im) for im in images]
         x = torch.stack([self.transform(im) for im in pil]).to(self.device)  # (B,3,H,W)
-        enc = self.net.encode(x)
-        hyps = beam_search(
-            self.net.decoder,
-            enc.features,
-            beam_size=beam_size,
-            max_len=self.max_len,
-            length_penalty=self.length_penalty,
-        )
+        # eval mode for the search, then the mode the net had: a net in training mode decoded with dropout on (its
+        # captions changed from call to call), and Captioner(net) had switched the caller's net to eval for good
+        with _evaluating(self.net):
+            enc = self.net.encode(x)
+            hyps = beam_search(
+                self.net.decoder,
+                enc.features,
+                beam_size=beam_size,
+                max_len=self.max_len,
+                length_penalty=self.length_penalty,
+            )
         h, w = enc.grid
         out = []
         for hyp in hyps:
@@ -254,6 +270,22 @@ class Captioner:
             attention = best.attention.reshape(-1, h, w)  # (T,N) -> (T,h,w)
             out.append(Caption(detokenize(words), words, best.score, attention, self.centres))
         return out
+
+
+@contextlib.contextmanager
+def _evaluating(net: nn.Module) -> Iterator[None]:
+    """``net`` in eval mode inside the ``with``, then every module back in its own mode (and an encoder with the mode
+    asked of it, see :meth:`Encoder.evaluating`): a caller's net may hold modules in different modes."""
+    modes = [(m, m.training) for m in net.modules()]
+    asked = [(m, m._mode_asked) for m in net.modules() if isinstance(m, Encoder)]
+    net.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for m, mode in asked:
+            m._mode_asked = mode
 
 
 def _as_rgb(image: str | os.PathLike | Image.Image) -> Image.Image:

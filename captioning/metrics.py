@@ -93,8 +93,16 @@ def grounding_counts(
 
     attention (T,N) aligned with ``tokens``, its cells at ``centres``; image_size (W,H). A named object
     counts only when the attributes said match exactly one object. Returns sums: ``shape_hits``,
-    ``shape_trials``, ``shape_mass``, ``color_hits``, ``color_trials``, ``color_mass``.
+    ``shape_trials``, ``shape_mass``, ``color_hits``, ``color_trials``, ``color_mass``. A Caption's (T,h,w) maps
+    are taken as (T,N).
     """
+    cells = centres.grid[0] * centres.grid[1]
+    if attention.dim() == 3:  # (T,h,w), as Captioner returns them -> (T,N); read as (T,N), rows were taken as cells
+        attention = attention.flatten(1)
+    if attention.dim() != 2 or attention.size(1) != cells:
+        raise ValueError(
+            f"attention must be (T,N) or (T,h,w) over the {cells} cells of centres, got {tuple(attention.shape)}"
+        )
     out = dict.fromkeys(("shape_hits", "shape_trials", "shape_mass", "color_hits", "color_trials", "color_mass"), 0.0)
     for m in parse_caption(list(tokens))[0]:
         match = [
@@ -139,6 +147,12 @@ def shapes_scores(
     grounding of :func:`grounding_counts` pooled over all captions: ``pointing_accuracy`` (shape nouns),
     ``pointing_accuracy_color`` (colour words), ``attention_mass_shape`` / ``attention_mass_color`` and
     ``pointing_trials`` (the number of shape nouns scored). A ratio with no trials is reported as 0.0."""
+    lengths = {len(candidates), len(attentions), len(objects), len(image_sizes)}
+    if len(lengths) > 1:  # zip cut them to the shortest: grounding scored fewer captions than the accuracies
+        raise ValueError(
+            f"one attention, object list and image size per caption: got {len(candidates)} captions, "
+            f"{len(attentions)} attentions, {len(objects)} object lists, {len(image_sizes)} image sizes"
+        )
     n = max(len(candidates), 1)
     total: dict[str, float] = {}
     for toks, att, objs, size in zip(candidates, attentions, objects, image_sizes):

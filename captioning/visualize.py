@@ -155,6 +155,9 @@ def attention_figure(
     where a strided CNN's cells look). Panels are ``panel_size`` on the image's longer side and keep its aspect
     ratio up to 4:1; each word is written in a strip above its panel (:func:`label_height`), not on it, where it
     hid the heat of the top-left cells."""
+    for name, value in (("panel_size", panel_size), ("columns", columns)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # 0 columns: a ZeroDivisionError
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
     shape = tuple(attention.shape)
     if len(shape) != 3 or shape[0] != len(words):
         raise ValueError(

@@ -130,6 +130,8 @@ class Vocabulary:
 
     def encode(self, tokens: Sequence[str], max_len: int | None = None) -> list[int]:
         """``[<start>, w1..wn, <end>]`` as ids; words are cut to ``max_len`` before the specials."""
+        if isinstance(tokens, str):  # encoded letter by letter, each an <unk>, without a word
+            raise TypeError(f"encode takes a list of words, got a str ({tokens[:40]!r}): encode(tokenize(text))")
         if max_len is not None:
             tokens = tokens[:max_len]
         return [self.start_id, *(self.index.get(t, self.unk_id) for t in tokens), self.end_id]

@@ -192,7 +192,7 @@ def test_encoder_gives_an_8x8_grid_for_64px():
 def test_an_encoder_optimized_for_inference_gives_the_same_features_without_batchnorm(name):
     """Folding BatchNorm into the convolutions (Captioner's encoder) must not change the features."""
     torch.manual_seed(0)
-    enc = build_encoder(name, stage=2, channels=(8, 8, 8, 8))
+    enc = build_encoder(name, stage=4 if name == "small_cnn" else 2, channels=(8, 8, 8, 8))  # small_cnn: no stages
     with torch.no_grad():  # running statistics far from (0, 1), so a wrong fold would show
         enc.train()(torch.randn(4, 3, 48, 48) * 3 + 2)
     enc.eval()
@@ -543,3 +543,19 @@ def test_the_lstms_lean_forward_casts_its_joined_weights_once_under_autocast():
             logits, _ = decoder(feats, torch.randint(0, V, (B, t)))
         assert logits.dtype == torch.bfloat16
         assert casts.shapes.count(joined) == 1 and casts.shapes.count(context_part) == 1, casts.shapes
+
+
+def test_build_encoder_refuses_what_it_would_have_ignored_and_names_every_encoder():
+    """build_encoder("small_cnn", grid=4) built the 8x8 grid without a word (the config path refused it, the Python
+    API did not); an unknown name listed the ResNets alone; a grid of 2.5 failed inside torch."""
+    from captioning.errors import InputError
+
+    for options in ({"grid": 4}, {"stage": 2}):
+        with pytest.raises(InputError, match="small_cnn has no stages or pooling"):
+            build_encoder("small_cnn", **options)
+    with pytest.raises(InputError, match=r"encoder must be 'small_cnn' or one of \['resnet101'"):
+        build_encoder("vgg16")
+    for grid in (2.5, -1, True):
+        with pytest.raises(InputError, match=f"encoder grid must be a whole number .*got {grid!r}"):
+            build_encoder("resnet18", grid=grid)
+    assert build_encoder("resnet18", grid=0).pool_grid == 0  # 0: no pooling, as the option says

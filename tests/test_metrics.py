@@ -137,3 +137,16 @@ def test_attention_mass_and_colour_pointing():
     # "circle" peaks on cell 0 of the 4 cells of its box, "square" on cell 63 of the 9 of its box; every other
     # cell holds 0.001, and a map sums to 1 + 63 * 0.001
     assert out["attention_mass_shape"] == pytest.approx((1.003 / 1.063 + 1.008 / 1.063) / 2, rel=1e-6)
+
+
+def test_a_captions_grid_shaped_maps_score_as_their_flat_rows_and_mismatched_inputs_are_refused():
+    """Captioner's (T,h,w) maps were read as (T,N) without a word: the row and column numbers of the maximum taken as
+    cells, pointing 0 where it was 1; and lists of different lengths were cut to the shortest by zip."""
+    att = _attention([0] * 11 + [63])  # (T,64)
+    flat = shapes_scores([CAP], [att], TILES, [OBJ], [(64, 64)])
+    assert flat["pointing_accuracy"] == 1.0
+    assert shapes_scores([CAP], [att.view(len(CAP), 8, 8)], TILES, [OBJ], [(64, 64)]) == flat
+    with pytest.raises(ValueError, match=r"attention must be \(T,N\) or \(T,h,w\) over the 64 cells"):
+        shapes_scores([CAP], [att[:, :32]], TILES, [OBJ], [(64, 64)])
+    with pytest.raises(ValueError, match="got 2 captions, 1 attentions, 2 object lists, 2 image sizes"):
+        shapes_scores([CAP, CAP], [att], TILES, [OBJ, OBJ], [(64, 64)] * 2)

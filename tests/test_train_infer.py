@@ -131,6 +131,30 @@ def test_batch_caption_equals_single(tiny_ckpt, tiny_shapes):
     assert c.caption_batch([]) == []
 
 
+def test_a_captioner_searches_in_eval_mode_and_leaves_the_nets_modes_and_the_rng_as_it_found_them(
+    tiny_ckpt, tiny_shapes
+):
+    """A net put in training mode between calls decoded with dropout on (captions changed from call to call);
+    Captioner(net) switched the caller's net to eval for good; and from_checkpoint drew the random initial weights
+    it then replaced from the caller's seeded generator."""
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    c = Captioner.from_checkpoint(tiny_ckpt)
+    assert torch.equal(torch.rand(3), want)
+    path = tiny_shapes.parent / "images" / "000000.png"
+    evaluated = c.caption(path)
+    c.net.train()  # as a training loop leaves a net (the tiny model's dropout is 0.3)
+    c.net.decoder.embed.eval()  # and one module in a mode of its own
+    modes = {name: m.training for name, m in c.net.named_modules()}
+    for _ in range(3):
+        got = c.caption(path)
+        assert (got.tokens, got.score) == (evaluated.tokens, evaluated.score)
+    assert {name: m.training for name, m in c.net.named_modules()} == modes
+    again = Captioner(c.net, c.vocab, c.transform.size, [0.5] * 3, [0.25] * 3, c.grid)
+    assert again.net.training and not again.net.decoder.embed.training
+
+
 def test_infer_writes_overlay_and_reports_bad_inputs(tiny_run, tiny_ckpt, tmp_path):
     img = tmp_path / "scene.png"
     Image.new("RGB", (64, 64), (230, 230, 230)).save(img)
@@ -452,3 +476,15 @@ def test_infer_stops_quietly_when_the_reader_of_its_output_goes_away(tiny_ckpt, 
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_checkpoint_whose_small_cnn_holds_a_resnets_grid_options_still_loads(tiny_ckpt, tiny_shapes, tmp_path):
+    """build_encoder now refuses a grid or stage for small_cnn, which never had either; a checkpoint trained before
+    training refused them may hold them, and they changed nothing in it."""
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    assert ckpt["captioning"]["model"]["encoder"] == "small_cnn"
+    ckpt["captioning"]["model"].update(encoder_grid=4, encoder_stage=3)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    path = tiny_shapes.parent / "images" / "000001.png"
+    got, want = Captioner.from_checkpoint(tmp_path / "old.ckpt").caption(path), Captioner.from_checkpoint(tiny_ckpt)
+    assert (got.tokens, got.score) == (want.caption(path).tokens, want.caption(path).score)

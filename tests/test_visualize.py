@@ -162,3 +162,10 @@ def test_a_word_beyond_latin_1_never_stops_the_figure_and_is_drawn_where_a_font_
     monkeypatch.setattr(visualize, "_font", functools.cache(visualize._font.__wrapped__))
     assert type(visualize._font(12)) is ImageFont.ImageFont
     assert np.array_equal(_label_strip("圆 café"), _label_strip("? café"))
+
+
+@pytest.mark.parametrize("option, value", [("columns", 0), ("columns", -1), ("panel_size", 0), ("columns", 2.5)])
+def test_a_figure_refuses_a_layout_it_cannot_draw_naming_the_option(option, value):
+    """columns 0 was a ZeroDivisionError, -1 PIL's "Width and height must be >= 0"."""
+    with pytest.raises(ValueError, match=f"{option} must be a whole number of at least 1, got {value}"):
+        attention_figure(Image.new("RGB", (32, 32)), ["a"], torch.ones(1, 2, 2) / 4, **{option: value})

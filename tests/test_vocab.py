@@ -125,3 +125,14 @@ def test_encode_decode_round_trip_with_unknown_and_max_len():
 def test_vocabulary_survives_a_plain_list():
     v = Vocabulary.build([["x", "y"]])
     assert Vocabulary(list(v.tokens)).index == v.index
+
+
+def test_encode_refuses_a_str_which_it_read_letter_by_letter():
+    vocab = Vocabulary([*SPECIALS, "a", "dog"])
+    try:
+        vocab.encode("a dog")
+    except TypeError as e:
+        assert "encode(tokenize(text))" in str(e)
+    else:
+        raise AssertionError("a str was encoded")
+    assert vocab.encode(tokenize("a dog")) == [vocab.start_id, 4, 5, vocab.end_id]

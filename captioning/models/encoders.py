@@ -154,6 +154,8 @@ class TorchvisionEncoder(Encoder):
             raise InputError(f"encoder arch must be one of {sorted(_RESNET_STAGE_CHANNELS)}, got {arch!r}")
         if stage not in (1, 2, 3, 4):
             raise InputError(f"encoder stage must be 1..4, got {stage}")
+        if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 0):
+            raise InputError(f"encoder grid must be a whole number of cells a side (0 or None: no pool), got {grid!r}")
         net = torchvision.models.get_model(arch, weights=None)
         layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
         self.arch = arch
@@ -180,9 +182,17 @@ def build_encoder(
     freeze: bool = False,
     channels: tuple[int, ...] = (32, 64, 96, 128),
 ) -> Encoder:
-    """``name``: "small_cnn" or a torchvision ResNet name ("resnet18" ... "resnet152")."""
+    """``name``: "small_cnn" or a torchvision ResNet name ("resnet18" ... "resnet152"); ``stage`` and ``grid`` (0 or
+    None: no pooling) shape a ResNet's grid, and are refused for small_cnn, which has neither."""
     if name == "small_cnn":
+        if stage != 4 or grid:  # ignored before: grid 4 built the 8x8 grid without a word
+            raise InputError(
+                f"small_cnn has no stages or pooling (its grid is the image size / 8): stage {stage} and grid {grid} "
+                "shape a ResNet's grid; leave them at 4 and None"
+            )
         return SmallCNN(tuple(channels), freeze)
+    if name not in _RESNET_STAGE_CHANNELS:
+        raise InputError(f"encoder must be 'small_cnn' or one of {sorted(_RESNET_STAGE_CHANNELS)}, got {name!r}")
     return TorchvisionEncoder(name, stage, grid, freeze)
 
 
