@@ -74,14 +74,34 @@ class RunConfigCallback(SaveConfigCallback):
     #: what a run directory holds before the run has done anything: a run refused then leaves no folder behind
     _SET_UP_ONLY = frozenset(["config.yaml", "hparams.yaml"])
 
+    started = False
+    #: (trainer, module, stage) of a resume whose config.yaml waits for the checkpoint's restore (see setup)
+    _deferred: tuple | None = None
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.config.get("ckpt_path") is not None:
             self.config = self.config.clone()
             self.config.ckpt_path = None
+            if self.save_to_log_dir and not self.already_saved:
+                # a resume into the run's own directory writes its config.yaml once the checkpoint is restored and a
+                # loop starts: written now, a resume then refused (another decoder, other data) left config.yaml
+                # saying what was refused, and `fit -c runs/.../config.yaml` trained that
+                log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+                continued = bool(log_dir) and os.path.isfile(os.path.join(log_dir, self.config_filename))
+                if trainer.strategy.broadcast(continued):  # rank 0's file system decides, for every rank
+                    self._deferred = (trainer, pl_module, stage)
+                    return
         super().setup(trainer, pl_module, stage)
 
-    def _started(self, *args) -> None:
+    def _started(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started = True
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            super().setup(*deferred)
+        if trainer.is_global_zero:  # a resume's metrics.csv as it was: no longer needed once a loop runs
+            for logger in trainer.loggers:
+                if isinstance(logger, CSVLogger) and logger.log_dir:
+                    _resume_rows_file(Path(logger.log_dir) / "metrics.csv").unlink(missing_ok=True)
 
     on_sanity_check_start = on_train_start = on_validation_start = on_test_start = _started
 
@@ -90,11 +110,18 @@ class RunConfigCallback(SaveConfigCallback):
         # runs/<name>/version_N holding its config.yaml alone, and moved every later run's version number. Only
         # before any loop began: a run stopped later keeps its folder, with whatever its loggers still write
         # one process only: under ddp_spawn this is the main process's copy, which never sees a loop start
-        if getattr(self, "started", False) or trainer.world_size > 1:
+        if self.started or trainer.world_size > 1:
             return
         for new in getattr(self, "new_run_dirs", ()):
             if new.is_dir() and {p.name for p in new.iterdir()} <= self._SET_UP_ONLY:
                 shutil.rmtree(new, ignore_errors=True)
+        # a resume refused before any loop: the run's metrics.csv back as it was, with the rows of the steps from the
+        # checkpoint's on (the test after fit's among them), which the resume had dropped to log them again
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger) and logger.log_dir:
+                path = Path(logger.log_dir) / "metrics.csv"
+                if _resume_rows_file(path).is_file():
+                    os.replace(_resume_rows_file(path), path)
 
 
 class CaptionCLI(LightningCLI):
@@ -367,9 +394,10 @@ def _keep_metrics_before(logger: CSVLogger, step: int) -> None:
     of the steps before its checkpoint and appends its own after them (the rows of later steps are the
     interrupted part of the run, which it logs again).
 
-    The kept rows are written back at once, and the file is moved aside (``metrics.resume.csv``) until they are:
-    the writer held them in memory until its first save, after the data set-up (an image scan, a feature cache
-    build), and a run stopped before that lost every row of the run."""
+    The kept rows are written back at once, and the file as it was waits aside (``metrics.resume.csv``) until a loop
+    starts (:class:`RunConfigCallback`): the writer held the rows in memory until its first save, after the data
+    set-up (an image scan, a feature cache build), and a run stopped before that lost every row of the run; and a
+    resume refused as it restores the checkpoint puts the file back whole (its test row included)."""
     path = Path(logger.log_dir) / "metrics.csv"
     aside = _resume_rows_file(path)
     if aside.is_file():  # a resume stopped before it wrote the rows back: the file as it was before that resume
@@ -384,7 +412,6 @@ def _keep_metrics_before(logger: CSVLogger, step: int) -> None:
     for row in rows:
         writer.log_metrics({k: v for k, v in row.items() if k not in ("step", None) and v != ""}, int(row["step"]))
     writer.save()
-    aside.unlink(missing_ok=True)
 
 
 def _resume_rows_file(path: Path) -> Path:

@@ -608,14 +608,14 @@ def test_a_resume_writes_the_kept_rows_back_at_once_and_one_stopped_before_that_
     _keep_metrics_before(logger(), 6)  # then the run is killed: its writer never saves
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["step"] for r in rows] == [str(s) for s in range(6)]
-    assert not (run / "metrics.resume.csv").exists()
-    # killed between moving the file aside and writing the rows back: the next resume starts from the file aside
-    (run / "metrics.resume.csv").write_text(whole)
+    # the file as it was waits aside until a loop starts (RunConfigCallback deletes it then); killed before that, or
+    # between moving the file aside and writing the rows back, the next resume starts from the file aside
+    assert (run / "metrics.resume.csv").read_text() == whole
     (run / "metrics.csv").write_text("epoch,step,train/loss\n0,0,0.0\n")  # a partial write-back
     _keep_metrics_before(logger(), 8)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [(r["step"], r["train/loss"]) for r in rows] == [(str(s), str(s / 10)) for s in range(8)]
-    assert not (run / "metrics.resume.csv").exists()
+    assert (run / "metrics.resume.csv").read_text() == whole
 
 
 def test_a_mid_epoch_resume_with_another_batch_size_or_process_count_trains_each_image_once():
@@ -663,3 +663,27 @@ def test_a_run_resumed_mid_epoch_with_a_larger_batch_trains_the_rest_of_that_epo
     epochs = [[h for b in batches if b["epoch"] == e for h in b["images"]] for e in (0, 1)]
     assert len(epochs[0]) == len(set(epochs[0])) == 48
     assert sorted(epochs[1]) == sorted(epochs[0])  # the same images, each once
+
+
+def test_a_resume_refused_as_it_restores_the_checkpoint_leaves_the_runs_config_and_metrics_as_they_were(
+    tiny_run, tmp_path
+):
+    """A resume refused at the checkpoint (another model) had written its own config.yaml over the run's, so
+    `fit -c runs/.../config.yaml` then trained the refused model; and it had dropped the rows of the steps from the
+    checkpoint's on from metrics.csv, the test after fit's row among them. A resume that runs then deletes the copy
+    of metrics.csv it kept aside."""
+    shutil.copytree(tiny_run / "runs", tmp_path / "runs")
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv")}
+    assert b"test/" in before["metrics.csv"]
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    refused = ["fit", "-c", str(TINY), "--ckpt_path", ckpt, "--model.hidden_dim", "48"]
+    proc = finish(start_script(str(ROOT / "train.py"), *refused, cwd=tmp_path))
+    assert proc.returncode != 0 and "model configuration mismatch" in proc.stderr, proc.stderr[-2000:]
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not (run / "metrics.resume.csv").exists()
+    # the same resume with the run's own model goes on: its config.yaml written, the copy aside gone
+    resumed = ["fit", "-c", str(TINY), "--ckpt_path", ckpt, "--trainer.max_steps", "-1", "--trainer.max_epochs", "3"]
+    proc = finish(start_script(str(ROOT / "train.py"), *resumed, cwd=tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "max_epochs: 3" in (run / "config.yaml").read_text() and not (run / "metrics.resume.csv").exists()
