@@ -610,11 +610,20 @@ def _read_config(path: str) -> object:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Raise InputError naming the config file (``-c``/``--config``) that is not valid YAML: jsonargparse said
+    """Raise InputError naming the config file (``-c``/``--config``) that is not valid YAML, or holds no mapping of
+    options (empty, only comments, a scalar or a list): jsonargparse said
     "Problems parsing config: while parsing a flow sequence in "<unicode string>", line 2", over several lines and
     naming no file, so with two -c files it was not said which. Files that are not there are the parser's to say."""
     for _, path in _config_args(argv):
-        _read_config(path)
+        config = _read_config(path)
+        if not Path(path).is_file():
+            continue  # the parser's to say
+        # jsonargparse said "Unexpected config: <the file's text>", naming neither the file nor the cause
+        if config is None:
+            raise InputError(f"{path}: holds no options (it is empty, or only comments): leave out its -c")
+        if not isinstance(config, dict):
+            shown = repr(config) if len(repr(config)) <= 60 else repr(config)[:57] + "..."
+            raise InputError(f"{path}: not a config: its YAML is a {type(config).__name__} ({shown}), not options")
 
 
 def _subcommand_sections(path: str) -> set[str]:

@@ -657,10 +657,14 @@ def test_a_config_file_that_is_not_yaml_and_refused_trainer_options_are_said_in_
     (tmp_path / "bad.yaml").write_text("trainer:\n  max_steps: [1\nmodel: {\n")
     (tmp_path / "latin1.yaml").write_bytes(b"trainer:\n  max_steps: 2 # caf\xe9\n")
     (tmp_path / "bell.yaml").write_text("trainer:\n  max_steps: \x07\n")
+    (tmp_path / "commented.yaml").write_text("# model:\n#   lr: 0.1\n")  # "Unexpected config: # model: ..."
+    (tmp_path / "scalar.yaml").write_text("hello\n")
     cases = [
         (["-c", "bad.yaml"], "error: bad.yaml: not valid YAML at line 3, column 6: expected ',' or ']', but got ':'"),
         (["-c", "latin1.yaml"], "error: latin1.yaml: not UTF-8 text (byte 0xe9 at position 29)"),
         (["-c", "bell.yaml"], "error: bell.yaml: not valid YAML: character #x0007 at position 22: special characters"),
+        (["-c", "commented.yaml"], "error: commented.yaml: holds no options (it is empty, or only comments)"),
+        (["-c", "scalar.yaml"], "error: scalar.yaml: not a config: its YAML is a str ('hello'), not options"),
         (["--trainer.accumulate_grad_batches", "0"], "error: trainer.accumulate_grad_batches must be >= 1, got 0"),
         (["--trainer.val_check_interval", "0"], "error: trainer.val_check_interval must be >= 1 (an int), got 0"),
         (["--trainer.strategy", "ddpx"], "error: trainer: You selected an invalid strategy name: `strategy='ddpx'`"),

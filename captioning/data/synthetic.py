@@ -254,7 +254,7 @@ def _take_over(root: Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RuntimeError(
+        raise InputError(  # one line, as other refusals of data options: it was a 50-line traceback
             f"{root}: holds a shapes set with other parameters that another running process is reading; "
             "generating this one there would replace its images under it: wait for that run to end, or "
             "point data_dir at another folder"
