@@ -12,6 +12,7 @@ import atexit
 import inspect
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -1088,8 +1089,8 @@ class CaptionModule(pl.LightningModule):
         if self.trainer.is_global_zero and log_dir:
             run = Path(log_dir)
             run.mkdir(parents=True, exist_ok=True)
-            (run / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            (run / "test_captions.json").write_text(json.dumps(captions, indent=1) + "\n")
+            _write_whole(run / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
+            _write_whole(run / "test_captions.json", json.dumps(captions, indent=1) + "\n")
 
     # -- checkpoints carry what inference needs ---------------------------------------------------
 
@@ -1406,3 +1407,18 @@ class CaptionModule(pl.LightningModule):
             # the file as the config gives it (not resolved: a shared checkpoint need not show the trainer's folders)
             data = {"file": str(dm.source), "train_images": dm.train_fingerprint()}
             checkpoint["captioning"]["data"] = data
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file beside it, then renamed over it): on a full
+    disk ``test_captions.json`` was left empty beside a complete ``test_metrics.json``. An OSError that names no
+    file (a full disk) is raised naming ``path``, which train.py prints as one line."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is not None and e.filename != str(tmp):
+            raise
+        raise OSError(e.errno, f"{e.strerror}: not written", str(path)) from e

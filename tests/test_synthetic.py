@@ -223,3 +223,21 @@ def test_from_the_smallest_size_allowed_every_object_is_drawn_and_its_size_word_
     with pytest.raises(ValueError, match=f"at least {synthetic.MIN_SHAPES_SIZE}, got 24"):
         generate(tmp_path / "shapes", ShapesConfig(image_size=24), progress=False)
     assert not (tmp_path / "shapes").exists()
+
+
+def test_a_set_that_cannot_be_written_says_where_and_leaves_nothing(tmp_path, monkeypatch):
+    """On a full disk PIL's write error named no file: the run ended in a traceback ending 'No space left on
+    device'. It now names the set's folder (train.py prints such an OSError as one line)."""
+    import errno
+
+    from PIL import Image
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OSError) as info:
+        generate(tmp_path / "shapes", ShapesConfig(num_train=2, num_val=1, num_test=1), progress=False)
+    assert info.value.filename == str((tmp_path / "shapes").resolve()) and info.value.errno == errno.ENOSPC
+    assert "the shapes set was not written" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shapes.lock"]  # the temporary folder removed

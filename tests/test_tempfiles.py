@@ -10,7 +10,9 @@ import subprocess
 import sys
 import textwrap
 
-from captioning.data.tempfiles import locked_temp, remove_orphans
+import pytest
+
+from captioning.data.tempfiles import locked_temp, make_folder, remove_orphans, try_lock
 
 from conftest import ROOT
 
@@ -72,3 +74,17 @@ def test_a_temp_folder_is_held_and_a_renamed_temp_is_not_removed(tmp_path):
         tmp.rename(tmp_path / "set")
     assert (tmp_path / "set" / "x.png").read_bytes() == b"png"
     assert [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+def test_a_file_standing_where_a_folder_must_go_is_said_to_be_one(tmp_path):
+    """data_dir afile/shapes, with afile a file: "afile: File exists", as if the folder were there."""
+    (tmp_path / "afile").write_text("")
+    for call in (lambda: make_folder(tmp_path / "afile"), lambda: try_lock(tmp_path / "afile" / "x.lock")):
+        with pytest.raises(NotADirectoryError) as info:
+            call()
+        assert info.value.filename == str(tmp_path / "afile") and info.value.strerror == "a file, not a folder"
+    with pytest.raises(NotADirectoryError):  # below the file: the system's own ENOTDIR, naming the folder asked for
+        make_folder(tmp_path / "afile" / "shapes")
+    make_folder(tmp_path / "new" / "deeper")
+    make_folder(tmp_path / "new" / "deeper")  # there already: nothing to do
+    assert (tmp_path / "new" / "deeper").is_dir()

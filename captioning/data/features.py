@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioning.data.images import MAX_PIXELS, ImageLoadError, load_image
 from captioning.data.records import real_paths
-from captioning.data.tempfiles import file_lock, locked_temp, remove_orphans, try_lock
+from captioning.data.tempfiles import file_lock, locked_temp, make_folder, remove_orphans, try_lock
 from captioning.data.transforms import EvalTransform
 from captioning.errors import InputError
 from captioning.models.base import Encoder
@@ -159,7 +159,7 @@ class FeatureCache:
         loaded (``max_pixels`` as in :func:`load_image`) gets a row marked invalid."""
         from tqdm import tqdm
 
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder)  # "Not a directory" where a file stands on the path, not "File exists"
         with encoder.evaluating():  # then back in its mode (see Encoder.evaluating)
             images = _Images(self.paths, self.transform, max_pixels)
             loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)

@@ -307,7 +307,12 @@ def generate(root: str | Path, config: ShapesConfig = ShapesConfig(), progress: 
             remove_orphans(root.parent, f".{glob.escape(root.name)}.tmp-*")  # folders of generations that were killed
             # locked while we write it, so another process's clean-up above never takes it for a killed run's
             with locked_temp(root.parent, f".{root.name}.tmp-", directory=True) as tmp:
-                _write_set(tmp, config, params, progress, f"generating shapes in {root}")
+                try:
+                    _write_set(tmp, config, params, progress, f"generating shapes in {root}")
+                except OSError as e:  # a full disk: PIL's write error names no file, nor does the traceback's end
+                    if e.filename is not None or e.errno is None:
+                        raise
+                    raise OSError(e.errno, f"{e.strerror}: the shapes set was not written", str(root)) from e
                 _swap(root, tmp)
         finally:
             if old is not None:

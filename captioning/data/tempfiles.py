@@ -13,6 +13,7 @@ The one implementation of this for the feature cache and the generated shapes se
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
@@ -32,6 +33,15 @@ def _same_file(path: Path, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
 
+def make_folder(path: Path) -> None:
+    """``path.mkdir(parents=True, exist_ok=True)``, saying "Not a directory" where a file stands on the path: mkdir
+    said "File exists", which reads as if the folder were there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", e.filename) from None
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -45,7 +55,7 @@ def locked_temp(folder: Path, prefix: str, directory: bool = False, mode: int = 
     ``with`` block runs so that :func:`remove_orphans` leaves it alone; removed at the end unless it was
     renamed away (the usual end of a successful write). A file is created with ``mode`` (less the umask)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     while True:
         # a random name, not the process id: ids repeat across containers sharing the folder. Created
         # with the usual permissions (umask), not tempfile's owner-only ones: the path is renamed into
@@ -107,7 +117,7 @@ def file_lock(path: Path, shared: bool = False, wait_message: str | None = None)
     if missing and never deleted (deleting a lock file lets two processes lock two different files of
     one name). ``wait_message`` is printed when another process holds the lock, before waiting for it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
@@ -126,7 +136,7 @@ def try_lock(path: Path) -> int | None:
     """An exclusive flock on the lock file ``path`` (created if missing, never deleted) if no other
     process holds it now: its fd, to close when done; None when it is held."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
