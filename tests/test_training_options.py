@@ -813,3 +813,16 @@ def test_a_run_whose_validation_never_comes_is_told_as_it_starts():
     assert said(2, 1, val_batches=()) == said(2, 1)  # no sanity check: the loader is not counted yet
     assert said(2, 20) == said(1, 3) == said(2, 5, max_steps=40) == said(None, 1) == said(2, 1, val_batches=(0,)) == []
     assert said(2, 1, val_batches=(), limit=0) == []
+
+
+def test_data_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    """--data.data_dir '~/shapes' (or the same in YAML, where no shell expands it) made a folder named "~" in the
+    working directory."""
+    from captioning.data.datamodule import CaptionDataModule
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    dm = CaptionDataModule(data_dir="~/shapes", cache_dir="~/cache")
+    assert (dm.data_dir, dm.cache_dir) == (str(tmp_path / "home" / "shapes"), str(tmp_path / "home" / "cache"))
+    dm = CaptionDataModule(dataset="karpathy", annotations="~/coco/dataset.json", image_root="~/coco/images")
+    assert dm.annotations == str(tmp_path / "home" / "coco" / "dataset.json")
+    assert dm.image_root == str(tmp_path / "home" / "coco" / "images")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import warnings
 from collections import Counter
@@ -310,6 +311,11 @@ class CaptionDataModule(pl.LightningDataModule):
             cache_dtype=(cache_dtype, cache_dtype in CACHE_DTYPES, f"one of {sorted(CACHE_DTYPES)}"),
             mean=(list(mean), len(mean) == 3, "3 values (R, G, B)"),
             std=(list(std), len(std) == 3 and all(s > 0 for s in std), "3 values (R, G, B), each > 0"),
+        )
+        # "~/coco" as a shell would read it: it was a folder named "~" in the working directory
+        data_dir, annotations, image_root, splits_dir, cache_dir = (
+            None if p is None else os.path.expanduser(p)
+            for p in (data_dir, annotations, image_root, splits_dir, cache_dir)
         )
         self.dataset, self.data_dir, self.annotations, self.image_root = dataset, data_dir, annotations, image_root
         self.source_options = {
