@@ -1177,6 +1177,16 @@ class CaptionModule(pl.LightningModule):
         def refuse(message: str) -> CheckpointError:
             return CheckpointError(f"{source}: {message}" if source else message)
 
+        # image size, mean and std come from the data options, not from the checkpoint: a model tested (or
+        # resumed) on images prepared otherwise than it was trained on scores lower, silently. Checked first: on the
+        # shapes set another image size draws other scenes, hence another vocabulary, which was said instead
+        pre = meta.get("preprocess") or {}
+        # both sides come from _preprocess(): the same float() of the same options, so == is exact
+        differ = {k: (pre[k], v) for k, v in self._preprocess().items() if k in pre and pre[k] != v}
+        if differ:
+            sides = ", ".join(f"{k}: checkpoint {a!r} vs data {b!r}" for k, (a, b) in differ.items())
+            flags = " ".join(f"--data.{k} {json.dumps(a)}" for k, (a, _) in differ.items())
+            raise refuse(f"image preprocessing mismatch ({sides}); to match the checkpoint pass {flags}")
         ours, theirs = list(self.vocab.tokens), list(meta["vocab"])
         if ours != theirs:
             diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -1192,15 +1202,6 @@ class CaptionModule(pl.LightningModule):
         if differ:
             sides = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differ.items())
             raise refuse(f"model configuration mismatch ({sides})")
-        # image size, mean and std come from the data options, not from the checkpoint: a model tested (or
-        # resumed) on images prepared otherwise than it was trained on scores lower, silently
-        pre = meta.get("preprocess") or {}
-        # both sides come from _preprocess(): the same float() of the same options, so == is exact
-        differ = {k: (pre[k], v) for k, v in self._preprocess().items() if k in pre and pre[k] != v}
-        if differ:
-            sides = ", ".join(f"{k}: checkpoint {a!r} vs data {b!r}" for k, (a, b) in differ.items())
-            flags = " ".join(f"--data.{k} {json.dumps(a)}" for k, (a, _) in differ.items())
-            raise refuse(f"image preprocessing mismatch ({sides}); to match the checkpoint pass {flags}")
 
     def _preprocess(self) -> dict:
         """How this model's images are prepared, as checkpoints store it (and inference reads it back)."""

@@ -826,3 +826,19 @@ def test_data_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monke
     dm = CaptionDataModule(dataset="karpathy", annotations="~/coco/dataset.json", image_root="~/coco/images")
     assert dm.annotations == str(tmp_path / "home" / "coco" / "dataset.json")
     assert dm.image_root == str(tmp_path / "home" / "coco" / "images")
+
+
+def test_a_checkpoint_for_other_images_is_said_to_be_so_before_its_vocabulary_is_compared():
+    """On the shapes set another image size draws other scenes, hence another vocabulary: a resume with
+    --data.image_size 32 of a 64 px checkpoint was refused as a vocabulary mismatch, not for its image size."""
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    module = CaptionModule(vocab=[*SPECIALS, "a", "b"], encoder_channels=(8, 8, 8, 8), hidden_dim=8, image_size=32)
+    meta = {"vocab": [*SPECIALS, "b", "a"], "model": dict(module.arch), "preprocess": module._preprocess()}
+    meta["preprocess"] = {**meta["preprocess"], "image_size": 64}
+    with pytest.raises(ValueError, match=r"image preprocessing mismatch \(image_size: checkpoint 64 vs data 32\)"):
+        module._check_matches(meta)
+    meta["preprocess"]["image_size"] = 32
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        module._check_matches(meta)
