@@ -572,7 +572,8 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_the_build_and_leaves_no_
     tiny_shapes, tmp_path, monkeypatch
 ):
     """The cache file is memory-mapped and sparse, so a disk too small for it failed only when the writes
-    reached its end, deep into the build (hours for COCO); now the first batch's grid gives its size."""
+    reached its end, deep into the build (hours for COCO); now the first batch's grid gives its size. The error
+    names the folder (train.py prints it as one line)."""
     import collections
 
     from captioning.data import features
@@ -581,13 +582,16 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_the_build_and_leaves_no_
     enc = _frozen_cnn()
     cache = FeatureCache(tmp_path / "cache", "set-train", paths, enc, EvalTransform(32))
     usage = collections.namedtuple("usage", "total used free")
-    need = 4 * 16 * 8 * 2  # 4 images x (4x4 grid) x 8 channels, float16
+    need = 4 * 16 * 8 * 2 + 4096  # 4 images x (4x4 grid) x 8 channels, float16; the .npy header, rounded up
     monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage(10**9, 0, need - 1))
     with pytest.raises(
-        OSError, match=r"feature cache set-train: needs 1,024 bytes \(0.0 GiB\) in .*cache, which has 1,023 free"
+        OSError, match=r"feature cache set-train needs 5,120 bytes \(0.0 GiB\), and this folder has 5,119 fr"
     ):
         cache.build(enc, progress=False)
     assert not cache.exists() and list((tmp_path / "cache").glob("*.npy*")) == []
+    with pytest.raises(OSError) as info:
+        cache.build(enc, progress=False)
+    assert info.value.filename == str(tmp_path / "cache")
     monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage(10**9, 0, need))
     cache.build(enc, progress=False)
     assert cache.exists()
@@ -625,3 +629,84 @@ def test_a_long_annotation_file_name_still_makes_a_cache_file_name(tmp_path):
     for name in names:
         assert len(f"{name}-0123456789abcdef.npy.tmp-123456".encode()) < 200, name
         (tmp_path / f"{name}-0123456789abcdef.npy.tmp-123456").write_bytes(b"")
+
+
+def test_a_row_whose_file_could_not_be_read_is_built_again_once_it_can_and_other_precisions_build(
+    tiny_shapes, tmp_path, capsys
+):
+    """An image unreadable during the build (a drive away) left an empty row for good: the cache was complete, and
+    reused without a word. Its file readable again, the cache is built again; an image refused for good (too many
+    pixels) is not, and max_pixels, which decides which images are refused, is part of the key. An encoder in
+    bfloat16 (trainer.precision bf16-true) failed on float32 images."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, r in enumerate(_train_records(tiny_shapes, 2)):
+        (images / f"{i}.png").write_bytes(r.image_path.read_bytes())
+    paths = [images / "0.png", images / "1.png", images / "later.png"]  # the last one away during the build
+    enc = _frozen_cnn()
+    cache = FeatureCache(tmp_path / "c", "set-train", paths, enc, EvalTransform(32))
+    cache.build(enc, progress=False)
+    meta = json.loads(cache.meta_file.read_text())
+    assert (meta["invalid"], meta["unreadable"]) == ([2], [2]) and cache.exists()
+    (images / "later.png").write_bytes((images / "1.png").read_bytes())
+    fresh = FeatureCache(tmp_path / "c", "set-train", paths, enc, EvalTransform(32))
+    assert fresh.key != cache.key  # the file's size and time are in the key anyway; the old cache is checked too:
+    assert not cache.exists() and "can be now (first: " in capsys.readouterr().out
+    # refused for its size: a row left empty for good, and another key than the default's
+    small = FeatureCache(tmp_path / "c", "set-train", paths[:2], enc, EvalTransform(32), max_pixels=10)
+    assert small.key != FeatureCache(tmp_path / "c", "set-train", paths[:2], enc, EvalTransform(32)).key
+    small.build(enc, progress=False)
+    meta = json.loads(small.meta_file.read_text())
+    assert (meta["invalid"], meta["unreadable"]) == ([0, 1], []) and small.exists()
+    half = _frozen_cnn().to(torch.bfloat16)
+    bf16 = FeatureCache(tmp_path / "h", "set-train", paths[:2], half, EvalTransform(32), dtype="float32")
+    bf16.build(half, progress=False)
+    feats, valid = bf16.open()
+    assert valid.all() and np.isfinite(feats).all() and feats.any()
+
+
+def test_a_disk_that_fills_while_the_cache_is_written_is_an_error_naming_it(tiny_shapes, tmp_path, monkeypatch):
+    """The memory-mapped file is sparse: a disk that filled after the space check killed the process with SIGBUS
+    (exit 135, no message). Its blocks are now taken before the features are written."""
+    import errno
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate here")
+    paths = [r.image_path for r in _train_records(tiny_shapes, 2)]
+    enc = _frozen_cnn()
+    cache = FeatureCache(tmp_path, "set-train", paths, enc, EvalTransform(32))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError) as info:
+        cache.build(enc, progress=False)
+    assert info.value.filename == str(cache.file) and info.value.errno == errno.ENOSPC
+    assert not cache.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_data_module_serving_a_second_model_uses_that_models_cache_and_says_what_it_lacks(
+    tiny_shapes, tmp_path, capsys
+):
+    """A data module reused for a second fit kept the first model's cache: the second model trained on the first
+    one's features, and a model being fine-tuned trained from a frozen one's. Images without features are said at
+    every use of the cache, not only by the build that found them."""
+    data = json.loads(tiny_shapes.read_text())
+    train = [im for im in data["images"] if im["split"] == "train"][:4]
+    train[-1] = {**train[-1], "filename": "gone.png"}  # no such image: a row without features
+    source = tmp_path / "dataset.json"
+    source.write_text(json.dumps({**data, "images": train}))
+    first, second = _frozen_cnn(0), _frozen_cnn(1)
+    dm = _module_with_trainer(source, tiny_shapes.parent, tmp_path / "cache", first)
+    dm.check_images = False  # the missing image reaches the cache's build
+    a = dm.train_features()
+    assert dm.train_features() is a
+    assert "1 of 4 training images have no features" in capsys.readouterr().out
+    dm.trainer.lightning_module.net.encoder = second
+    b = dm.train_features()
+    assert b is not a and b.key != a.key and b.exists()
+    assert "1 of 4 training images have no features" in capsys.readouterr().out
+    dm.trainer.lightning_module.net.encoder = SmallCNN((8, 8, 8, 8), freeze=False)
+    with pytest.raises(InputError, match="needs a frozen encoder"):
+        dm.train_features()

@@ -341,6 +341,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self._resume: tuple[int, int] | None = None
         self.data_seed: int | None = None  # the training order's and caption draws' (_data_seed), once drawn
         self._train_cache: FeatureCache | None = None
+        self._train_cache_for: torch.nn.Module | None = None  # the encoder it was made for
 
     # -- records and vocabulary (built once, on first use) ----------------------------------
 
@@ -462,12 +463,14 @@ class CaptionDataModule(pl.LightningDataModule):
         collective (see :meth:`FeatureCache.build_or_wait`); None without a cache."""
         if not self.feature_cache:
             return None
-        if self._train_cache is None:
-            trainer = self.trainer
-            if trainer is None or trainer.lightning_module is None:
-                raise RuntimeError("data.feature_cache needs the model's encoder: use the data module with a Trainer")
-            module = trainer.lightning_module
-            encoder = module.net.encoder
+        trainer = self.trainer
+        if trainer is None or trainer.lightning_module is None:
+            raise RuntimeError("data.feature_cache needs the model's encoder: use the data module with a Trainer")
+        module = trainer.lightning_module
+        encoder = module.net.encoder
+        # the cache of the model this data module serves now: one reused for a second fit of another model
+        # trained that model on the first one's features (and a fine-tuned one on a frozen one's)
+        if self._train_cache is None or self._train_cache_for is not encoder:
             if not encoder.freeze:
                 raise InputError(
                     "data.feature_cache needs a frozen encoder (model.freeze_encoder: true): "
@@ -475,7 +478,8 @@ class CaptionDataModule(pl.LightningDataModule):
                 )
             name = self.cache_name("train")
             paths = [r.image_path for r in self.records("train")]
-            cache = FeatureCache(self.cache_dir, name, paths, encoder, self.transform(), self.cache_dtype)
+            transform = self.transform()
+            cache = FeatureCache(self.cache_dir, name, paths, encoder, transform, self.cache_dtype, self.max_pixels)
             cache.build_or_wait(
                 encoder,
                 builder=trainer.is_global_zero,
@@ -485,9 +489,15 @@ class CaptionDataModule(pl.LightningDataModule):
                 batch_size=self.eval_batch_size,
                 num_workers=self.num_workers,
                 progress=bool(trainer.progress_bar_callback),
-                max_pixels=self.max_pixels,
             )
-            self._train_cache = cache
+            _, valid = cache.open()
+            if trainer.is_global_zero and not valid.all():  # said at every use, not only by the build that found them
+                print(
+                    f"feature cache: {int((~valid).sum())} of {len(valid)} training images have no features (they "
+                    f"could not be loaded when {cache.file.name} was built; see its .json) and are left out",
+                    flush=True,
+                )
+            self._train_cache, self._train_cache_for = cache, encoder
         return self._train_cache
 
     # -- loaders ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ looks valid.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -74,13 +75,38 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        """(image, its index, OK / FAILED / UNREADABLE): the last a file that could not be read at all, which may
+        be a passing state (a network drive, permissions being fixed), not the image's."""
         try:
-            return self.transform(load_image(self.paths[i], self.max_pixels)), i, True
+            return self.transform(load_image(self.paths[i], self.max_pixels)), i, OK
         except ImageLoadError as e:
             print(f"feature cache: skipping {e}", flush=True)
             size = self.transform.size
-            return torch.zeros(3, size, size), i, False
+            return torch.zeros(3, size, size), i, UNREADABLE if e.reason in PASSING else FAILED
+
+
+#: the build's word on each image (see _Images); the reasons of ImageLoadError that may pass
+OK, FAILED, UNREADABLE = 0, 1, 2
+PASSING = ("missing", "permission denied", "unreadable")
+
+
+def _allocate(path: Path, shown: Path) -> None:
+    """Give the memory-mapped file ``path`` its disk blocks now: it is sparse, and a disk that fills while the
+    features are written killed the process with SIGBUS at the write into the map (exit 135, no message). A full
+    disk is then an OSError naming the cache file ``shown``, here. Where the file system cannot allocate ahead
+    (some network file systems; no posix_fallocate on macOS), the file stays sparse as before."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return
+        raise OSError(e.errno, f"{e.strerror}: the feature cache cannot be written", str(shown)) from None
+    finally:
+        os.close(fd)
 
 
 class FeatureCache:
@@ -105,6 +131,7 @@ class FeatureCache:
         encoder: Encoder,
         transform: EvalTransform,
         dtype: str = "float16",
+        max_pixels: int = MAX_PIXELS,
     ):
         if dtype not in CACHE_DTYPES:
             raise InputError(f"feature cache dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
@@ -120,6 +147,9 @@ class FeatureCache:
             "dataset": dataset_fingerprint(self.paths),
             "images": len(self.paths),
         }
+        if max_pixels != MAX_PIXELS:  # which images have rows (the default left out: earlier caches keep their key)
+            self.description["max_pixels"] = int(max_pixels)
+        self.max_pixels = max_pixels
         self.key = hashlib.sha1(json.dumps(self.description, sort_keys=True).encode()).hexdigest()[:16]
         self.file = self.folder / f"{name}-{self.key}.npy"
         self.meta_file = self.file.with_suffix(".json")
@@ -142,7 +172,19 @@ class FeatureCache:
             features = np.load(self.file, mmap_mode="r")
         except (OSError, ValueError):
             return False  # damaged: built again
-        return features.ndim == 3 and len(features) == len(self.paths)
+        if not (features.ndim == 3 and len(features) == len(self.paths)):
+            return False
+        # images that could not be read at all when it was built: where one can be now, the build's failure was a
+        # passing one (a drive away, permissions), and its row, left empty, would stay so for good
+        readable = [i for i in meta.get("unreadable", []) if os.access(self.paths[i], os.R_OK)]
+        if readable:
+            print(
+                f"feature cache: {len(readable)} image(s) that could not be read when {self.file.name} was built can "
+                f"be now (first: {self.paths[readable[0]]}): building it again",
+                flush=True,
+            )
+            return False
+        return True
 
     @torch.no_grad()
     def build(
@@ -152,31 +194,33 @@ class FeatureCache:
         batch_size: int = 64,
         num_workers: int = 0,
         progress: bool = True,
-        max_pixels: int = MAX_PIXELS,
     ) -> None:
         """Encode every image once with ``encoder`` (the one the key was made from) and the cache's
         transform, and write the cache (temporary file, renamed when complete); an image that cannot be
-        loaded (``max_pixels`` as in :func:`load_image`) gets a row marked invalid."""
+        loaded (the cache's ``max_pixels`` as in :func:`load_image`) gets a row marked invalid."""
         from tqdm import tqdm
 
         make_folder(self.folder)  # "Not a directory" where a file stands on the path, not "File exists"
         with encoder.evaluating():  # then back in its mode (see Encoder.evaluating)
-            images = _Images(self.paths, self.transform, max_pixels)
+            images = _Images(self.paths, self.transform, self.max_pixels)
             loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
             # a killed build's partial file (glob.escape: see the stale caches' clean-up below)
             for orphan in remove_orphans(self.folder, f"{glob.escape(self.name)}-*.npy.tmp*"):
                 print(f"feature cache: removed {orphan}, left by a build that was killed")
-            valid = np.zeros(len(self.paths), dtype=bool)
+            status = np.full(len(self.paths), FAILED, dtype=np.int64)
+            param = next(encoder.parameters(), None)  # its device and dtype (bf16-true, 64-true: not float32)
             out = None
             # locked while we write it, so another process's clean-up above never takes it for a killed build's
             with locked_temp(self.folder, f"{self.file.name}.tmp") as tmp:
                 bar = tqdm(loader, desc=f"feature cache {self.name}", unit="batch", disable=not progress)
-                for images, index, ok in bar:
-                    feats = encoder(images.to(device)).features  # (b,3,H,W) -> (b,N,C)
+                for images, index, code in bar:
+                    images = images.to(device) if param is None else images.to(param.device, param.dtype)
+                    feats = encoder(images).features  # (b,3,H,W) -> (b,N,C)
                     if out is None:  # the grid size is known after the first batch
                         shape = (len(self.paths), feats.size(1), feats.size(2))
                         self._check_space(shape)
                         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=CACHE_DTYPES[self.dtype], shape=shape)
+                        _allocate(tmp, self.file)
                     rows = feats.float().cpu().numpy()  # (b,N,C)
                     with np.errstate(over="ignore"):  # an overflow is reported just below, with the remedy
                         stored = rows.astype(CACHE_DTYPES[self.dtype])
@@ -186,13 +230,19 @@ class FeatureCache:
                             f"{self.dtype}; use data.cache_dtype float32 (or an encoder with trained weights)"
                         )
                     out[index.numpy()] = stored
-                    valid[index.numpy()] = ok.numpy()
+                    status[index.numpy()] = code.numpy()
                 if out is None:
                     raise ValueError(f"feature cache {self.name}: no images to encode")
                 out.flush()
                 del out
                 os.replace(tmp, self.file)
-        meta = {**self.description, "key": self.key, "complete": True, "invalid": np.flatnonzero(~valid).tolist()}
+        meta = {
+            **self.description,
+            "key": self.key,
+            "complete": True,
+            "invalid": np.flatnonzero(status != OK).tolist(),
+            "unreadable": np.flatnonzero(status == UNREADABLE).tolist(),  # rechecked when the cache is reused
+        }
         self.meta_file.write_text(json.dumps(meta, indent=1) + "\n")
         # glob.escape: a name holds the annotation file's stem, where '[' and ']' would make a pattern matching
         # nothing (captions[v2].jsonl), so stale caches of tens of GB and killed builds' files were never removed
@@ -207,13 +257,16 @@ class FeatureCache:
         """Refuse a build the cache folder's disk cannot hold, before encoding the rest: the memory-mapped
         file is sparse, so a full disk showed only as an error deep into the build (COCO's train split at
         14x14x2048 in float16 is ~91 GB, hours of encoding on a CPU)."""
-        need = int(np.prod(shape)) * np.dtype(CACHE_DTYPES[self.dtype]).itemsize
+        need = int(np.prod(shape)) * np.dtype(CACHE_DTYPES[self.dtype]).itemsize + 4096  # the .npy header, rounded
         free = shutil.disk_usage(self.folder).free
         if need > free:
+            # named, so that train.py prints it as one line
             raise OSError(
-                f"feature cache {self.name}: needs {need:,} bytes ({need / 2**30:.1f} GiB) in {self.folder}, which "
-                f"has {free:,} free: free some space, point data.cache_dir at a larger disk, or set "
-                "data.feature_cache false"
+                errno.ENOSPC,
+                f"the feature cache {self.name} needs {need:,} bytes ({need / 2**30:.1f} GiB), and this folder has "
+                f"{free:,} free: free some space, point data.cache_dir at a larger disk, or set data.feature_cache "
+                "false",
+                str(self.folder),
             )
 
     def build_or_wait(
