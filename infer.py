@@ -231,7 +231,8 @@ def _run() -> int:
         return code
     except BrokenPipeError:
         # the interpreter flushes stdout once more as it exits: pointed at /dev/null, that flush has nowhere to fail
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if sys.stdout is not None:  # None: started with stdout closed (the broken pipe was stderr)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

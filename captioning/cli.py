@@ -75,13 +75,22 @@ class RunConfigCallback(SaveConfigCallback):
     _SET_UP_ONLY = frozenset(["config.yaml", "hparams.yaml"])
 
     started = False
+    #: a fit resumed from a checkpoint (set by CaptionCLI.before_fit, which also takes ckpt_path out of the config)
+    resuming = False
     #: (trainer, module, stage) of a resume whose config.yaml waits for the checkpoint's restore (see setup)
     _deferred: tuple | None = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.config.get("ckpt_path") is not None:
+    def forget_ckpt_path(self) -> None:
+        """Take ``ckpt_path`` out of the config this writes, for every stage of a fit command: under ddp_spawn the
+        test after fit is set up from the main process's copy of this callback, whose fit stage never ran here, and
+        its config.yaml kept the ckpt_path (so ``fit -c`` of it resumed the run again)."""
+        if self.config.get("ckpt_path") is not None:
             self.config = self.config.clone()
             self.config.ckpt_path = None
+            self.resuming = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.resuming:
             if self.save_to_log_dir and not self.already_saved:
                 # a resume into the run's own directory writes its config.yaml once the checkpoint is restored and a
                 # loop starts: written now, a resume then refused (another decoder, other data) left config.yaml
@@ -110,18 +119,28 @@ class RunConfigCallback(SaveConfigCallback):
         # runs/<name>/version_N holding its config.yaml alone, and moved every later run's version number. Only
         # before any loop began: a run stopped later keeps its folder, with whatever its loggers still write
         # one process only: under ddp_spawn this is the main process's copy, which never sees a loop start
-        if self.started or trainer.world_size > 1:
+        if self.started:
+            return
+        # a resume refused before any loop: the run's metrics.csv back as it was, with the rows of the steps from the
+        # checkpoint's on (the test after fit's among them), which the resume had dropped to log them again. Under
+        # ddp_spawn too: rank 0 deletes the file aside as its loop starts, so it is there only if none started
+        if trainer.is_global_zero:
+            put_back_resume_rows(trainer)
+        if trainer.world_size > 1:
             return
         for new in getattr(self, "new_run_dirs", ()):
             if new.is_dir() and {p.name for p in new.iterdir()} <= self._SET_UP_ONLY:
                 shutil.rmtree(new, ignore_errors=True)
-        # a resume refused before any loop: the run's metrics.csv back as it was, with the rows of the steps from the
-        # checkpoint's on (the test after fit's among them), which the resume had dropped to log them again
-        for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger) and logger.log_dir:
-                path = Path(logger.log_dir) / "metrics.csv"
-                if _resume_rows_file(path).is_file():
-                    os.replace(_resume_rows_file(path), path)
+
+
+def put_back_resume_rows(trainer: pl.Trainer) -> None:
+    """A resume that ran no loop: each CSV logger's ``metrics.csv`` back as it was before the resume (kept aside by
+    :func:`_keep_metrics_before` until a loop starts)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger) and logger.log_dir:
+            path = Path(logger.log_dir) / "metrics.csv"
+            if _resume_rows_file(path).is_file():
+                os.replace(_resume_rows_file(path), path)
 
 
 class CaptionCLI(LightningCLI):
@@ -219,6 +238,9 @@ class CaptionCLI(LightningCLI):
 
     def before_fit(self) -> None:
         ckpt_path = self.config.fit.get("ckpt_path")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunConfigCallback):
+                callback.forget_ckpt_path()
         if ckpt_path and self._resume_step is not None:
             self._continue_run(Path(ckpt_path), self._resume_step)
         # fix the logger's version (its run directory) now: with a spawning strategy (ddp_spawn)
@@ -303,6 +325,10 @@ class CaptionCLI(LightningCLI):
         if self.config.fit.test_after_fit and not trainer.interrupted:
             with _metrics_kept_across_spawned_test(trainer):
                 trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
+        elif trainer.is_global_zero:
+            # a resume of a finished run ran no loop (its max_steps reached): metrics.csv as it was, its test row
+            # included (one that runs a loop has dropped the file aside; a test after fit logs its row again)
+            put_back_resume_rows(trainer)
         self._print_run(best)
 
 

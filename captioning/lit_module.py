@@ -1089,8 +1089,12 @@ class CaptionModule(pl.LightningModule):
         if self.trainer.is_global_zero and log_dir:
             run = Path(log_dir)
             run.mkdir(parents=True, exist_ok=True)
-            _write_whole(run / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
-            _write_whole(run / "test_captions.json", json.dumps(captions, indent=1) + "\n")
+            _write_whole(
+                {
+                    run / "test_metrics.json": json.dumps(metrics, indent=2) + "\n",
+                    run / "test_captions.json": json.dumps(captions, indent=1) + "\n",
+                }
+            )
 
     # -- checkpoints carry what inference needs ---------------------------------------------------
 
@@ -1410,16 +1414,23 @@ class CaptionModule(pl.LightningModule):
             checkpoint["captioning"]["data"] = data
 
 
-def _write_whole(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a temporary file beside it, then renamed over it): on a full
-    disk ``test_captions.json`` was left empty beside a complete ``test_metrics.json``. An OSError that names no
-    file (a full disk) is raised naming ``path``, which train.py prints as one line."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write_whole(texts: dict[Path, str]) -> None:
+    """Write each text to its path, all of them or none (temporary files beside them, renamed over them once all are
+    written): on a full disk ``test_captions.json`` was left empty beside a complete ``test_metrics.json``, or one of
+    the pair could come from an earlier test than the other. An OSError that names no file (a full disk) is raised
+    naming the file, which train.py prints as one line."""
+    temps = {path: path.with_name(f".{path.name}.tmp") for path in texts}
     try:
-        tmp.write_text(text, encoding="utf-8")
+        for path, text in texts.items():
+            try:
+                temps[path].write_text(text, encoding="utf-8")
+            except OSError as e:
+                if e.filename is not None and e.filename != str(temps[path]):
+                    raise
+                raise OSError(e.errno, f"{e.strerror}: not written", str(path)) from e
+    except OSError:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in temps.items():
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.filename is not None and e.filename != str(tmp):
-            raise
-        raise OSError(e.errno, f"{e.strerror}: not written", str(path)) from e

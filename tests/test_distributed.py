@@ -506,3 +506,15 @@ def test_a_ddp_spawn_resume_tests_after_fit_and_keeps_every_csv_loggers_rows(tmp
         tests = [r for r in rows if r.get("test/cider_d")]
         assert len(tests) == 1 and tests[0]["step"] == "6", (run, tests)
         assert not (tmp_path / "runs" / run / "metrics.fit.csv").exists()
+        assert not (tmp_path / "runs" / run / "metrics.resume.csv").exists()
+    # the test after fit, set up from the main process's copy of the config callback, wrote the resume's ckpt_path
+    # into config.yaml: `fit -c` of it resumed the run again
+    assert "ckpt_path: null" in (tmp_path / "runs/tiny/version_0/config.yaml").read_text()
+    # a resume refused as it restores the checkpoint leaves metrics.csv as it was (the test row included)
+    before = (tmp_path / "runs/tiny/version_0/metrics.csv").read_bytes()
+    refused = run_script(
+        str(ROOT / "train.py"), *args, "--ckpt_path", str(ckpt), "--model.hidden_dim", "48", cwd=tmp_path
+    )
+    assert refused.returncode != 0 and "model configuration mismatch" in refused.stderr, refused.stderr[-3000:]
+    assert (tmp_path / "runs/tiny/version_0/metrics.csv").read_bytes() == before
+    assert not (tmp_path / "runs/tiny/version_0/metrics.resume.csv").exists()

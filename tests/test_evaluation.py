@@ -143,25 +143,30 @@ def test_testing_a_checkpoint_on_other_data_than_it_was_trained_on_is_said(tiny_
 
 
 def test_the_test_results_are_written_whole_or_not_at_all_and_a_failed_write_names_the_file(tmp_path, monkeypatch):
-    """On a full disk test_captions.json was left empty beside a complete test_metrics.json, and the run ended in a
-    64-line traceback whose OSError named no file."""
+    """On a full disk test_captions.json was left empty beside a complete test_metrics.json (or, written each whole,
+    could be an earlier test's beside this one's metrics), and the run ended in a 64-line traceback whose OSError
+    named no file."""
     import errno
     from pathlib import Path
 
     from captioning.lit_module import _write_whole
 
-    path = tmp_path / "test_captions.json"
-    _write_whole(path, "[1]\n")
+    metrics, path = tmp_path / "test_metrics.json", tmp_path / "test_captions.json"
+    _write_whole({metrics: "{}\n", path: "[1]\n"})
     real_write = Path.write_text
 
     def full(self, text, *a, **kw):
+        if "captions" not in self.name:
+            return real_write(self, text, *a, **kw)
         real_write(self, text[: len(text) // 2], *a, **kw)  # part written, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(OSError) as info:
-        _write_whole(path, "[1, 2, 3]\n")
+        _write_whole({metrics: '{"bleu4": 1}\n', path: "[1, 2, 3]\n"})
     assert info.value.filename == str(path) and info.value.errno == errno.ENOSPC
     assert "No space left on device: not written" in str(info.value)
     monkeypatch.undo()
-    assert path.read_text() == "[1]\n" and sorted(p.name for p in tmp_path.iterdir()) == ["test_captions.json"]
+    # the pair as it was: not the new metrics beside the earlier captions
+    assert (metrics.read_text(), path.read_text()) == ("{}\n", "[1]\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_captions.json", "test_metrics.json"]

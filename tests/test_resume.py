@@ -682,6 +682,11 @@ def test_a_resume_refused_as_it_restores_the_checkpoint_leaves_the_runs_config_a
     assert proc.returncode != 0 and "model configuration mismatch" in proc.stderr, proc.stderr[-2000:]
     assert {name: (run / name).read_bytes() for name in before} == before
     assert not (run / "metrics.resume.csv").exists()
+    # a resume of the finished run without a test after it runs no loop (max_steps reached): nothing changes either
+    done = ["fit", "-c", str(TINY), "--ckpt_path", ckpt, "--test_after_fit", "false"]
+    proc = finish(start_script(str(ROOT / "train.py"), *done, cwd=tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / "metrics.csv").read_bytes() == before["metrics.csv"] and not (run / "metrics.resume.csv").exists()
     # the same resume with the run's own model goes on: its config.yaml written, the copy aside gone
     resumed = ["fit", "-c", str(TINY), "--ckpt_path", ckpt, "--trainer.max_steps", "-1", "--trainer.max_epochs", "3"]
     proc = finish(start_script(str(ROOT / "train.py"), *resumed, cwd=tmp_path))

@@ -85,6 +85,9 @@ def test_a_file_standing_where_a_folder_must_go_is_said_to_be_one(tmp_path):
         assert info.value.filename == str(tmp_path / "afile") and info.value.strerror == "a file, not a folder"
     with pytest.raises(NotADirectoryError):  # below the file: the system's own ENOTDIR, naming the folder asked for
         make_folder(tmp_path / "afile" / "shapes")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError, match=f"a link to {tmp_path / 'nowhere'}, which is not there"):
+        make_folder(tmp_path / "dangling")
     make_folder(tmp_path / "new" / "deeper")
     make_folder(tmp_path / "new" / "deeper")  # there already: nothing to do
     assert (tmp_path / "new" / "deeper").is_dir()

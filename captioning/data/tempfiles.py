@@ -39,6 +39,10 @@ def make_folder(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError as e:
+        if e.filename is not None and os.path.islink(e.filename):  # a link to nothing: where it points is the news
+            raise NotADirectoryError(
+                errno.ENOTDIR, f"a link to {os.readlink(e.filename)}, which is not there", e.filename
+            ) from None
         raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", e.filename) from None
 
 
