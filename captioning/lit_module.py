@@ -971,8 +971,10 @@ class CaptionModule(pl.LightningModule):
             if non_finite > 0:
                 # another rank's loss is not finite: it stops, so this rank must too (see loss())
                 raise NonFiniteLossError(f"loss is nan at step {self.global_step} (on another rank)")
-            self.log("train/loss", zero, prog_bar=True, batch_size=1, sync_dist=True)
-            self.log("train/ce", zero, batch_size=1, sync_dist=True)
+            if self._distributed():  # the other ranks' logs sync with these (each rank logs its share: 0 here)
+                self.log("train/loss", zero, prog_bar=True, batch_size=1, sync_dist=True)
+                self.log("train/ce", zero, batch_size=1, sync_dist=True)
+            # one process: nothing to log, a batch of no image has no loss (its 0.0 rows read as a perfect fit)
             return zero
         objective, loss, ce = self._objective(inputs, self._fixed_length(tokens), self._accumulation_window(batch_idx))
         self._check_loss(objective)

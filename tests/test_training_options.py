@@ -842,3 +842,23 @@ def test_a_checkpoint_for_other_images_is_said_to_be_so_before_its_vocabulary_is
     meta["preprocess"]["image_size"] = 32
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         module._check_matches(meta)
+
+
+def test_a_batch_that_lost_every_image_logs_no_loss_in_one_process():
+    """Its zero loss (there to keep DDP's ranks in step) was logged as train/loss 0.0, a perfect fit in metrics.csv
+    and the progress bar, when the images of the data folder had gone. Under DDP it is still logged: the ranks' logs
+    sync (test_distributed)."""
+    import types
+
+    import torch
+
+    from captioning.lit_module import CaptionModule
+    from captioning.vocab import SPECIALS
+
+    m = CaptionModule(vocab=[*SPECIALS, *"abc"], encoder_channels=(8, 8, 8, 8), embed_dim=8, hidden_dim=8)
+    m._trainer = types.SimpleNamespace(world_size=1)
+    logged = []
+    m.log = lambda name, *a, **kw: logged.append(name)
+    loss = m.training_step((torch.empty(0, 3, 32, 32), torch.empty(0, 2, 5, dtype=torch.long), 2), 0)
+    loss.backward()
+    assert float(loss) == 0.0 and logged == [] and m._skipped_images == 2
