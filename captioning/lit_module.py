@@ -9,6 +9,7 @@ over the course of a caption.
 from __future__ import annotations
 
 import atexit
+import errno
 import inspect
 import json
 import math
@@ -1424,15 +1425,16 @@ def _write_whole(texts: dict[Path, str]) -> None:
     temps = {path: path.with_name(f".{path.name}.tmp") for path in texts}
     try:
         for path, text in texts.items():
+            if path.is_dir():  # the renames below would fail there, after the first had replaced its file
+                raise IsADirectoryError(errno.EISDIR, "a folder, not a file: not written", str(path))
             try:
                 temps[path].write_text(text, encoding="utf-8")
             except OSError as e:
                 if e.filename is not None and e.filename != str(temps[path]):
                     raise
                 raise OSError(e.errno, f"{e.strerror}: not written", str(path)) from e
-    except OSError:
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
-        raise
-    for path, tmp in temps.items():
-        os.replace(tmp, path)

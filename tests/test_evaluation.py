@@ -170,3 +170,11 @@ def test_the_test_results_are_written_whole_or_not_at_all_and_a_failed_write_nam
     # the pair as it was: not the new metrics beside the earlier captions
     assert (metrics.read_text(), path.read_text()) == ("{}\n", "[1]\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test_captions.json", "test_metrics.json"]
+    # a folder in one file's place: neither is replaced (the first was, before the second's rename failed)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(IsADirectoryError):
+        _write_whole({metrics: '{"bleu4": 1}\n', path: "[1, 2, 3]\n"})
+    assert metrics.read_text() == "{}\n" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["test_captions.json", "test_metrics.json"]
+    )

@@ -631,8 +631,25 @@ def test_a_long_annotation_file_name_still_makes_a_cache_file_name(tmp_path):
         (tmp_path / f"{name}-0123456789abcdef.npy.tmp-123456").write_bytes(b"")
 
 
+class _Back:
+    """Wraps _Images.__getitem__: once the last row is loaded, the missing file ``path`` appears (a copy of
+    ``source``), as a drive back during the build."""
+
+    def __init__(self, path: Path, source: Path):
+        self.path, self.source = path, source
+
+    def wrap(self, getitem):
+        def loaded(images, i):
+            out = getitem(images, i)
+            if i == len(images) - 1:
+                self.path.write_bytes(self.source.read_bytes())
+            return out
+
+        return loaded
+
+
 def test_a_row_whose_file_could_not_be_read_is_built_again_once_it_can_and_other_precisions_build(
-    tiny_shapes, tmp_path, capsys
+    tiny_shapes, tmp_path, capsys, monkeypatch
 ):
     """An image unreadable during the build (a drive away) left an empty row for good: the cache was complete, and
     reused without a word. Its file readable again, the cache is built again; an image refused for good (too many
@@ -647,11 +664,20 @@ def test_a_row_whose_file_could_not_be_read_is_built_again_once_it_can_and_other
     cache = FeatureCache(tmp_path / "c", "set-train", paths, enc, EvalTransform(32))
     cache.build(enc, progress=False)
     meta = json.loads(cache.meta_file.read_text())
-    assert (meta["invalid"], meta["unreadable"]) == ([2], [2]) and cache.exists()
+    assert (meta["invalid"], meta["unreadable"]) == ([2], [2]) and cache.exists(recheck=True)
     (images / "later.png").write_bytes((images / "1.png").read_bytes())
     fresh = FeatureCache(tmp_path / "c", "set-train", paths, enc, EvalTransform(32))
     assert fresh.key != cache.key  # the file's size and time are in the key anyway; the old cache is checked too:
-    assert not cache.exists() and "can be now (first: " in capsys.readouterr().out
+    assert not cache.exists(recheck=True) and "can be now (first: " in capsys.readouterr().out
+    # only when deciding to build: an image that came back during the build is no failure of the build
+    assert cache.exists()
+    (images / "later.png").unlink()
+    back = _Back(paths[2], images / "1.png")
+    monkeypatch.setattr(features._Images, "__getitem__", back.wrap(features._Images.__getitem__))
+    cache.file.unlink()
+    cache.build_or_wait(enc, builder=True, barrier=lambda: None, batch_size=1, progress=False)
+    assert cache.exists() and json.loads(cache.meta_file.read_text())["unreadable"] == [2]
+    monkeypatch.undo()
     # refused for its size: a row left empty for good, and another key than the default's
     small = FeatureCache(tmp_path / "c", "set-train", paths[:2], enc, EvalTransform(32), max_pixels=10)
     assert small.key != FeatureCache(tmp_path / "c", "set-train", paths[:2], enc, EvalTransform(32)).key

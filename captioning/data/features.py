@@ -91,6 +91,16 @@ OK, FAILED, UNREADABLE = 0, 1, 2
 PASSING = ("missing", "permission denied", "unreadable")
 
 
+def _opens(path: Path) -> bool:
+    """Whether ``path`` opens for reading now, as the build opens it (``os.access`` disagrees with ``open`` for
+    root, under AppArmor, and for a socket, which it calls readable)."""
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
+
+
 def _allocate(path: Path, shown: Path) -> None:
     """Give the memory-mapped file ``path`` its disk blocks now: it is sparse, and a disk that fills while the
     features are written killed the process with SIGBUS at the write into the map (exit 135, no message). A full
@@ -156,8 +166,9 @@ class FeatureCache:
         self._features: np.ndarray | None = None
         self._valid: np.ndarray | None = None
 
-    def exists(self) -> bool:
-        """True when a complete cache with this key is on disk."""
+    def exists(self, recheck: bool = False) -> bool:
+        """True when a complete cache with this key is on disk; with ``recheck`` (when deciding whether to build it),
+        False also where an image that could not be read at all when it was built can be read now."""
         if not (self.file.is_file() and self.meta_file.is_file()):
             return False
         try:
@@ -176,7 +187,7 @@ class FeatureCache:
             return False
         # images that could not be read at all when it was built: where one can be now, the build's failure was a
         # passing one (a drive away, permissions), and its row, left empty, would stay so for good
-        readable = [i for i in meta.get("unreadable", []) if os.access(self.paths[i], os.R_OK)]
+        readable = [i for i in meta.get("unreadable", []) if recheck and _opens(self.paths[i])]
         if readable:
             print(
                 f"feature cache: {len(readable)} image(s) that could not be read when {self.file.name} was built can "
@@ -286,11 +297,12 @@ class FeatureCache:
         try:
             barrier()
             if builder:
+                # rechecked here only: after a build, an image readable again since it was tried is no failure
                 if held is None:  # another run builds this cache now: wait, then build if it did not
                     with file_lock(lock, wait_message=f"feature cache: waiting for another run building {self.name}"):
-                        if not self.exists():
+                        if not self.exists(recheck=True):
                             self.build(encoder, **build_options)
-                elif not self.exists():
+                elif not self.exists(recheck=True):
                     self.build(encoder, **build_options)
             else:
                 message = f"feature cache: rank {rank} waits for rank 0 to build {self.file}"
