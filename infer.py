@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {target}: cannot write the attention overlay ({e.strerror or e})", file=sys.stderr)
                 unwritten += 1
                 continue
+            except ValueError as e:  # maps that are not weights (a NaN from a broken model): the next image goes on
+                print(f"error: {name}: cannot draw the attention overlay ({e})", file=sys.stderr)
+                unwritten += 1
+                continue
             if (st := _stat(target)) is not None:
                 keep.add((st.st_dev, st.st_ino))
             print(f"  attention overlay: {target}", file=sys.stderr)

@@ -57,14 +57,28 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _draw_word(tag: Image.Image, word: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> None:
-    """``word`` on the label strip ``tag``, cut at its width; with a bitmap font, characters beyond Latin-1 as "?"
-    (they raised UnicodeEncodeError, which stopped infer.py before the next image's caption)."""
+def _draw_word(tag: Image.Image, word: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, note: str = "") -> None:
+    """``word`` and its ``note`` on the label strip ``tag``; a word too long for it is shortened with "…" (cut at
+    the strip's edge, "skateboarder" and "skateboarding" looked the same), the note kept whole. With a bitmap font,
+    characters beyond Latin-1 are drawn as "?" (they raised UnicodeEncodeError, which stopped infer.py before the
+    next image's caption)."""
     draw = ImageDraw.Draw(tag)
+
+    def fits(text: str) -> bool:
+        try:
+            return draw.textlength(text, font=font) <= tag.width - 6
+        except UnicodeEncodeError:
+            return fits(text.encode("latin-1", "replace").decode("latin-1"))
+
+    tail = f" {note}" if note else ""
+    shown = word
+    while len(shown) > 1 and not fits(shown + ("…" if shown != word else "") + tail):
+        shown = shown[:-1]
+    text = (shown if shown == word else shown + "…") + tail
     try:
-        draw.text((4, 2), word, fill=(0, 0, 0), font=font)
+        draw.text((4, 2), text, fill=(0, 0, 0), font=font)
     except UnicodeEncodeError:
-        draw.text((4, 2), word.encode("latin-1", "replace").decode("latin-1"), fill=(0, 0, 0), font=font)
+        draw.text((4, 2), text.encode("latin-1", "replace").decode("latin-1"), fill=(0, 0, 0), font=font)
 
 
 # the most a panel's longer side is of its shorter one: a panorama of 3000x2 px kept its shape as a 224x1
@@ -122,7 +136,7 @@ def heatmap(
     Not min-max scaled: subtracting the minimum stretched a diffuse map (weights between 0.014 and 0.018)
     to the whole colour ramp, so it looked as sharply focused as a peaked one, and drew an exactly uniform
     map as no attention at all (all 0)."""
-    att = torch.as_tensor(attention, dtype=torch.float64).cpu().numpy()  # (h,w)
+    att = torch.as_tensor(attention).detach().to(torch.float64).cpu().numpy()  # (h,w); detached: maps from a graph
     centres = CellCentres.tiling(att.shape) if centres is None else centres
     if centres.grid != att.shape:
         raise ValueError(f"an attention map of {att.shape[0]}x{att.shape[1]} cells with centres for {centres.grid}")
@@ -131,6 +145,12 @@ def heatmap(
     heat = _spread(centres.ys, height) @ att @ _spread(centres.xs, width).T  # (height,h)(h,w)(w,width)
     heat = heat.astype(np.float32)  # (height,width), >= 0 (weights >= 0 of weights >= 0)
     return heat / heat.max() if heat.max() > 0 else heat
+
+
+def _share(weight: float) -> str:
+    """A map's largest weight as a percentage: whole ones, and one decimal below 10% (an 8x8 grid's uniform map
+    is 1.6%)."""
+    return f"{weight:.0%}" if weight >= 0.095 else f"{weight:.1%}"
 
 
 def _label_font(panel_size: int) -> ImageFont.ImageFont:
@@ -154,7 +174,12 @@ def attention_figure(
     word), its cells placed at ``centres`` (a caption's ``centres``; None: cells that tile the image, which is not
     where a strided CNN's cells look). Panels are ``panel_size`` on the image's longer side and keep its aspect
     ratio up to 4:1; each word is written in a strip above its panel (:func:`label_height`), not on it, where it
-    hid the heat of the top-left cells."""
+    hid the heat of the top-left cells.
+
+    Each panel's heat is its own map divided by its own largest weight (:func:`heatmap`; the ramp runs dark blue,
+    blue, cyan, yellow, red, dark red), so a map with 30% of its weight on one cell and one with 90% both show a red
+    spot: the label gives that largest weight beside the word ("dog 30%", the share of the word's attention on its
+    top cell), which says how focused the map is. Weights must be finite and at least 0."""
     for name, value in (("panel_size", panel_size), ("columns", columns)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # 0 columns: a ZeroDivisionError
             raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -176,13 +201,19 @@ def attention_figure(
     strip = label_height(panel_size)
     fig = Image.new("RGB", (cols * (pw + pad) + pad, rows * (strip + ph + pad) + pad), (255, 255, 255))
     font = _label_font(panel_size)
+    maps = torch.as_tensor(attention).detach().to(torch.float64).cpu()  # (T,h,w)
+    for t, w in enumerate(words):  # a NaN ended in an IndexError from the colour ramp; a negative map drew blank
+        if not bool(torch.isfinite(maps[t]).all()) or bool((maps[t] < 0).any()):
+            raise ValueError(f"the attention map of word {t} ({w!r}) has weights that are not finite numbers >= 0")
     base = image.resize((pw, ph), Image.BICUBIC)  # once, not per word
-    panels = [(base, "<image>")]
-    panels += [(overlay(base, attention[t], (pw, ph), centres), w) for t, w in enumerate(words)]
-    for k, (panel, label) in enumerate(panels):
+    panels = [(base, "<image>", "")]
+    panels += [
+        (overlay(base, maps[t], (pw, ph), centres), w, _share(float(maps[t].max()))) for t, w in enumerate(words)
+    ]
+    for k, (panel, label, note) in enumerate(panels):
         x, y = pad + (k % cols) * (pw + pad), pad + (k // cols) * (strip + ph + pad)
-        tag = Image.new("RGB", (pw, strip), (255, 255, 255))  # the word, cut at the panel's width
-        _draw_word(tag, label, font)
+        tag = Image.new("RGB", (pw, strip), (255, 255, 255))  # the word and its map's peak weight
+        _draw_word(tag, label, font, note)
         fig.paste(tag, (x, y))
         fig.paste(panel, (x, y + strip))
     return fig

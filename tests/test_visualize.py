@@ -169,3 +169,47 @@ def test_a_figure_refuses_a_layout_it_cannot_draw_naming_the_option(option, valu
     """columns 0 was a ZeroDivisionError, -1 PIL's "Width and height must be >= 0"."""
     with pytest.raises(ValueError, match=f"{option} must be a whole number of at least 1, got {value}"):
         attention_figure(Image.new("RGB", (32, 32)), ["a"], torch.ones(1, 2, 2) / 4, **{option: value})
+
+
+def _labels(monkeypatch, words, attention, panel_size=224) -> list[str]:
+    """The texts attention_figure writes on its label strips."""
+    from PIL import ImageDraw
+
+    drawn = []
+    real = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(
+        ImageDraw.ImageDraw,
+        "text",
+        lambda self, xy, text, *a, **kw: drawn.append(text) or real(self, xy, text, *a, **kw),
+    )
+    attention_figure(Image.new("RGB", (64, 64)), words, attention, panel_size=panel_size)
+    return drawn
+
+
+def test_each_label_gives_its_maps_peak_weight_and_a_word_too_long_is_shortened_visibly(monkeypatch):
+    """Each panel is scaled to its own peak, so 30% and 90% on one cell both showed a red spot, with nothing to tell
+    them apart; a long word was cut at the strip's edge without a mark ("skateboarder", "skateboarding")."""
+    maps = torch.full((3, 2, 2), 0.25)
+    maps[0] = torch.tensor([[0.9, 0.1 / 3], [0.1 / 3, 0.1 / 3]])
+    maps[1] = torch.tensor([[0.3, 0.7 / 3], [0.7 / 3, 0.7 / 3]])
+    assert _labels(monkeypatch, ["a", "b", "c"], maps) == ["<image>", "a 90%", "b 30%", "c 25%"]
+    monkeypatch.undo()
+    short = _labels(monkeypatch, ["skateboarding"], torch.full((1, 8, 8), 1 / 64), panel_size=64)[1]
+    assert short.endswith("… 1.6%") and short.startswith("s") and len(short) < len("skateboarding 1.6%")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_a_map_that_is_not_weights_is_refused_naming_its_word(bad):
+    """A NaN or inf ended in an IndexError from the colour ramp (stopping infer.py), a negative map drew a blank
+    panel."""
+    maps = torch.full((2, 2, 2), 0.25)
+    maps[1, 0, 1] = bad
+    with pytest.raises(ValueError, match=r"the attention map of word 1 \('dog'\) has weights that are not finite"):
+        attention_figure(Image.new("RGB", (32, 32)), ["a", "dog"], maps)
+
+
+def test_maps_that_require_grad_are_drawn():
+    """Maps straight from a teacher-forced forward (requires_grad) raised "Can't call numpy() on Tensor"."""
+    maps = torch.full((1, 2, 2), 0.25, requires_grad=True)
+    assert attention_figure(Image.new("RGB", (32, 32)), ["a"], maps).mode == "RGB"
+    assert heatmap(maps[0], 8, 8).shape == (8, 8)
