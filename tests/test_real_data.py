@@ -627,3 +627,14 @@ def test_a_data_set_without_a_val_split_says_so_at_set_up_and_fit_tests_its_fina
     assert "no checkpoint has a validation score: testing the final weights" in err
     run = tmp_path / "runs" / "tiny" / "version_0"
     assert (run / "test_metrics.json").is_file() and not (run / "checkpoints" / "best.ckpt").exists()
+
+
+def test_a_karpathy_caption_with_tokens_but_no_words_in_its_raw_text_is_dropped(tmp_path):
+    """Cleaning judged a caption by its tokens alone; scoring reads the raw text, so a validation image was scored
+    against "" and "..." when the file gave tokens beside them."""
+    path = tmp_path / "dataset.json"
+    sentences = [{"raw": "", "tokens": ["a", "dog"]}, {"raw": "...", "tokens": ["a", "cat"]}, {"raw": "A bird."}]
+    train = {"filename": "b.jpg", "split": "train", "sentences": [{"raw": "A dog."}]}
+    path.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "val", "sentences": sentences}, train]}))
+    split, report = clean_records(read_karpathy_json(path), path, check_images=False)
+    assert [r.captions for r in split["val"]] == [["A bird."]] and report.empty_captions == 2

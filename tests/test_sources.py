@@ -494,3 +494,26 @@ def test_a_coco_annotation_file_given_as_karpathy_json_is_named_as_such(tmp_path
     with pytest.raises(ValueError, match=re.escape(f"{path}: a COCO annotation file")) as e:
         read_karpathy_json(path)
     assert "dataset_coco.json" in str(e.value)
+
+
+def test_a_csv_caption_whose_quote_never_closes_is_refused_at_its_line_not_read_into_the_rows_after(tmp_path):
+    """CSV's lenient mode let the open quote run to the end of the file: b.jpg and c.jpg became part of a.jpg's
+    caption, unsaid. Quotes inside a caption, doubled quotes and captions over two lines still read."""
+    bad = tmp_path / "unclosed.csv"
+    bad.write_text('image,caption\na.jpg,"A dog runs\nb.jpg,A cat\nc.jpg,A bird\n')
+    with pytest.raises(InputError, match=rf"^{re.escape(str(bad))}:2: unexpected end of data: a caption in double"):
+        read_captions_file(bad)
+    good = tmp_path / "quotes.csv"
+    good.write_text('image,caption\na.jpg,"A ""big"" dog"\nb.jpg,A 12" pizza\nc.jpg,"two\nlines"\n')
+    assert [(r.image_id, r.captions) for r in read_captions_file(good)] == [
+        ("a.jpg", ['A "big" dog']),
+        ("b.jpg", ['A 12" pizza']),
+        ("c.jpg", ["two\nlines"]),
+    ]
+
+
+def test_a_jsonl_image_name_with_spaces_around_it_is_the_same_image_as_in_csv(tmp_path):
+    """The CSV reader stripped "a.jpg ", the JSONL reader kept it: two images, the second a missing file."""
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"image": "a.jpg ", "caption": "A dog"}\n{"image": "a.jpg", "caption": "A cat"}\n')
+    assert [(r.image_id, r.captions) for r in read_captions_file(path)] == [("a.jpg", ["A dog", "A cat"])]

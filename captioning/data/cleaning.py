@@ -128,7 +128,13 @@ def clean_records(
         if file in kept_files:
             report.duplicate_files += 1
             continue
-        usable = [i for i, t in enumerate(r.tokens) if any(_WORD.search(w) for w in t)]
+        # a word in the tokens and in the raw text, which scoring reads: a Karpathy entry with given tokens and an
+        # empty (or "...") raw was kept, and scored against as a reference
+        usable = [
+            i
+            for i, t in enumerate(r.tokens)
+            if any(_WORD.search(w) for w in t) and any(ch.isalnum() for ch in r.captions[i])
+        ]
         report.empty_captions += len(r.tokens) - len(usable)
         if not usable:
             report.images_without_captions += 1

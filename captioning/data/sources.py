@@ -279,6 +279,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, str, list[str], str | None]]:
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             image = obj.get("image")
+            image = image.strip() if isinstance(image, str) else image  # as the CSV reader: "a.jpg " is a.jpg
             if not isinstance(image, str) or not image:
                 raise InputError(f"{path}:{lineno}: missing or empty 'image'")
             if "captions" in obj and "caption" in obj:
@@ -297,13 +298,40 @@ def _read_jsonl(path: Path) -> list[tuple[int, str, list[str], str | None]]:
     return rows
 
 
+class _StrictRows:
+    """A strict ``csv.reader``'s rows, its ``csv.Error`` raised as InputError naming the line its row starts on."""
+
+    def __init__(self, reader, path: Path):
+        self.reader, self.path = reader, path
+
+    @property
+    def line_num(self) -> int:
+        return self.reader.line_num
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[str]:
+        start = self.reader.line_num + 1
+        try:
+            return next(self.reader)
+        except csv.Error as e:
+            raise InputError(
+                f"{self.path}:{start}: {e}: a caption in double quotes must end with one (a quote inside a caption "
+                'is doubled: "a ""big"" dog")'
+            ) from None
+
+
 def _read_csv(path: Path) -> list[tuple[int, str, list[str], str | None]]:
     """``(line, image, [caption], split)`` per row of a CSV captions file with a header row."""
     rows = []
     # _read_text drops the byte-order mark spreadsheet exports often start with (it would rename 'image');
     # newline="": the csv module finds the line ends itself (a quoted caption may span lines)
     with io.StringIO(_read_text(path), newline="") as f:
-        reader = csv.reader(f)
+        # strict: a quoted caption whose closing quote is missing ran to the end of the file, taking every row after
+        # it into that caption, unsaid; strict mode raises there (a quote inside an unquoted cell, 'a 12" pizza',
+        # and doubled quotes still read as before)
+        reader = _StrictRows(csv.reader(f, strict=True), path)
         header = next(reader, None)
         if header is None:
             raise InputError(f"{path}: empty file, expected a header row with columns 'image' and 'caption'")
