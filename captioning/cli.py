@@ -108,9 +108,8 @@ class RunConfigCallback(SaveConfigCallback):
         if deferred is not None:
             super().setup(*deferred)
         if trainer.is_global_zero:  # a resume's metrics.csv as it was: no longer needed once a loop runs
-            for logger in trainer.loggers:
-                if isinstance(logger, CSVLogger) and logger.log_dir:
-                    _resume_rows_file(Path(logger.log_dir) / "metrics.csv").unlink(missing_ok=True)
+            for path in _metrics_files(trainer):
+                _resume_rows_file(path).unlink(missing_ok=True)
 
     on_sanity_check_start = on_train_start = on_validation_start = on_test_start = _started
 
@@ -136,11 +135,14 @@ class RunConfigCallback(SaveConfigCallback):
 def put_back_resume_rows(trainer: pl.Trainer) -> None:
     """A resume that ran no loop: each CSV logger's ``metrics.csv`` back as it was before the resume (kept aside by
     :func:`_keep_metrics_before` until a loop starts)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, CSVLogger) and logger.log_dir:
-            path = Path(logger.log_dir) / "metrics.csv"
-            if _resume_rows_file(path).is_file():
-                os.replace(_resume_rows_file(path), path)
+    for path in _metrics_files(trainer):
+        if _resume_rows_file(path).is_file():
+            os.replace(_resume_rows_file(path), path)
+
+
+def _metrics_files(trainer: pl.Trainer) -> list[Path]:
+    """The ``metrics.csv`` of each of the trainer's CSV loggers that has a folder."""
+    return [Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, CSVLogger) and lg.log_dir]
 
 
 class CaptionCLI(LightningCLI):

@@ -63,22 +63,15 @@ def _draw_word(tag: Image.Image, word: str, font: ImageFont.ImageFont | ImageFon
     characters beyond Latin-1 are drawn as "?" (they raised UnicodeEncodeError, which stopped infer.py before the
     next image's caption)."""
     draw = ImageDraw.Draw(tag)
-
-    def fits(text: str) -> bool:
-        try:
-            return draw.textlength(text, font=font) <= tag.width - 6
-        except UnicodeEncodeError:
-            return fits(text.encode("latin-1", "replace").decode("latin-1"))
-
-    tail = f" {note}" if note else ""
-    shown = word
-    while len(shown) > 1 and not fits(shown + ("…" if shown != word else "") + tail):
-        shown = shown[:-1]
-    text = (shown if shown == word else shown + "…") + tail
+    tail, mark = (f" {note}" if note else ""), "…"
     try:
-        draw.text((4, 2), text, fill=(0, 0, 0), font=font)
-    except UnicodeEncodeError:
-        draw.text((4, 2), text.encode("latin-1", "replace").decode("latin-1"), fill=(0, 0, 0), font=font)
+        draw.textlength(word + mark + tail, font=font)
+    except UnicodeEncodeError:  # a bitmap font: Latin-1 only, the rest as "?"
+        word, mark, tail = (t.encode("latin-1", "replace").decode("latin-1") for t in (word, mark, tail))
+    shown = word
+    while len(shown) > 1 and draw.textlength(shown + (mark if shown != word else "") + tail, font=font) > tag.width - 6:
+        shown = shown[:-1]
+    draw.text((4, 2), (shown if shown == word else shown + mark) + tail, fill=(0, 0, 0), font=font)
 
 
 # the most a panel's longer side is of its shorter one: a panorama of 3000x2 px kept its shape as a 224x1

@@ -187,7 +187,7 @@ class FeatureCache:
             return False
         # images that could not be read at all when it was built: where one can be now, the build's failure was a
         # passing one (a drive away, permissions), and its row, left empty, would stay so for good
-        readable = [i for i in meta.get("unreadable", []) if recheck and _opens(self.paths[i])]
+        readable = [i for i in meta.get("unreadable", []) if _opens(self.paths[i])] if recheck else []
         if readable:
             print(
                 f"feature cache: {len(readable)} image(s) that could not be read when {self.file.name} was built can "

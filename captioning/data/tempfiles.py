@@ -115,14 +115,19 @@ def remove_orphans(folder: Path, pattern: str) -> list[Path]:
     return removed
 
 
+def _open_lock(path: Path) -> int:
+    """An fd of the lock file ``path``, created (with its folder) if missing."""
+    path = Path(path)
+    make_folder(path.parent)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+
+
 @contextmanager
 def file_lock(path: Path, shared: bool = False, wait_message: str | None = None) -> Iterator[int]:
     """Hold an flock on the lock file ``path`` for the ``with`` block; yields its fd. The file is created
     if missing and never deleted (deleting a lock file lets two processes lock two different files of
     one name). ``wait_message`` is printed when another process holds the lock, before waiting for it."""
-    path = Path(path)
-    make_folder(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock(path)
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         try:
@@ -139,9 +144,7 @@ def file_lock(path: Path, shared: bool = False, wait_message: str | None = None)
 def try_lock(path: Path) -> int | None:
     """An exclusive flock on the lock file ``path`` (created if missing, never deleted) if no other
     process holds it now: its fd, to close when done; None when it is held."""
-    path = Path(path)
-    make_folder(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
